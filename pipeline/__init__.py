@@ -1,0 +1,1 @@
+"""VideoMamba video-text pretraining pipeline."""

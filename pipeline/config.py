@@ -1,0 +1,304 @@
+"""Typed run configuration: dataclasses filled from YAML files and ``key.sub=value`` overrides.
+
+A config file may list other files under ``_base_`` (paths relative to it); they are merged first, in order, and the
+file's own keys win. Command-line overrides win over every file. Every key is checked against the dataclass schema
+before any work starts: an unknown key, a value of the wrong type or a missing required key raises ``ConfigError``
+naming the key, the file (or the command line) it came from, and the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import fsspec
+import yaml
+
+BASE_KEY = "_base_"
+COMMAND_LINE = "the command line"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and where it came from."""
+
+
+# --------------------------------------------------------------------------------------------------- schema sections
+@dataclass
+class ModelConfig:
+    size: Literal["tiny", "small", "middle", "base"] = "tiny"
+    patch_size: int = 16
+    tubelet_size: int = 1
+    depth: Optional[int] = None  # overrides the size's depth (tiny test models)
+    embed_dim: Optional[int] = None  # overrides the size's width
+    drop_path_rate: float = 0.0
+    token_order: Literal["spatial_first", "temporal_first", "st_interleave", "ts_interleave"] = "spatial_first"
+    checkpoint_blocks: int = 0  # activation checkpointing of the first k blocks
+    scan_backend: Literal["auto", "torch", "mamba_ssm", "triton"] = "auto"
+    residual_in_fp32: bool = True
+    pretrained: Optional[str] = None  # an official VideoMamba checkpoint (path or fsspec URL)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard index(es) or brace URL patterns, several joined by ','
+    weights: Optional[list[float]] = None  # mixing weight per entry of `train`
+    num_frames: int = 8
+    img_size: int = 224
+    fps: Optional[float] = None  # resample to this frame rate before segment sampling; None keeps the source's
+    decoder: Literal["auto", "cpu", "dali"] = "auto"
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    epochs: Optional[int] = None  # None streams forever (training is bounded by train.max_steps)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 8  # per rank and micro-step
+    grad_accum: int = 1
+    lr: float = 1.5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    clip_grad: float = 1.0  # 0 turns clipping off
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    ckpt_every: int = 500
+    keep_last: int = 3
+    log_every: int = 1
+    seed: int = 42
+    out: str = "runs/run"
+    nan_policy: Literal["stop", "skip"] = "stop"
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    config: Optional[str] = None  # a user's own DeepSpeed JSON, passed through unchanged
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "ViT-B-16"  # an open_clip model name
+    pretrained: Optional[str] = "openai"  # an open_clip pretrained tag or a checkpoint file
+    img_size: int = 224
+
+
+@dataclass
+class MaskConfig:
+    kind: Literal["random", "tube", "frame_row", "clip_row", "attention"] = "clip_row"
+    ratio: float = 0.8
+
+
+@dataclass
+class AlignLossConfig:
+    kind: Literal["mse", "cosine"] = "mse"
+
+
+@dataclass
+class DistillConfig:
+    enabled: bool = False
+    checkpoint: Optional[str] = None  # the trained smaller VideoMamba that guides the student
+    size: Literal["tiny", "small", "middle", "base"] = "tiny"
+    depth: Optional[int] = None
+    embed_dim: Optional[int] = None
+    weight: float = 1.0
+
+
+@dataclass
+class AlignStageConfig:
+    """Stage 1: masked alignment of the student's visible tokens to a frozen CLIP-ViT."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: AlignLossConfig = field(default_factory=AlignLossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def load_config(schema: type, path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> Any:
+    """Returns an instance of `schema` from the YAML file at `path` (with its `_base_` files) and the overrides."""
+    flat: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        flat.update(_flatten_file(schema, path, seen=()))
+    for item in overrides:
+        key, value = _parse_override(item)
+        flat.update(_flatten(schema, _nest(key, value), COMMAND_LINE, prefix=""))
+    return _build(schema, flat, prefix="")
+
+
+def resolved_dict(cfg: Any) -> dict:
+    """Returns the config as plain data (what `config.yaml` beside a run's outputs holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def write_resolved(cfg: Any, url: str) -> None:
+    """Writes the fully resolved config as YAML to `url` (any fsspec URL)."""
+    with fsspec.open(url, "w") as f:
+        yaml.safe_dump(resolved_dict(cfg), f, sort_keys=False)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"{COMMAND_LINE}: override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{COMMAND_LINE}: override {item!r}: value is not valid YAML ({e})") from None
+    return key.strip(), value
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _flatten_file(schema: type, path: str, seen: tuple[str, ...]) -> dict[str, tuple[Any, str]]:
+    if path in seen:
+        raise ConfigError(f"{path}: `_base_` files include each other in a cycle: {' -> '.join(seen + (path,))}")
+    try:
+        with fsspec.open(path, "r") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        where = f" (a `_base_` of {seen[-1]})" if seen else ""
+        raise ConfigError(f"config file not found: {path}{where}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    flat: dict[str, tuple[Any, str]] = {}
+    bases = raw.pop(BASE_KEY, [])
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = base if "://" in base or os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        flat.update(_flatten_file(schema, os.path.normpath(base_path), seen + (path,)))
+    flat.update(_flatten(schema, raw, path, prefix=""))
+    return flat
+
+
+def _flatten(schema: type, raw: dict, source: str, prefix: str) -> dict[str, tuple[Any, str]]:
+    """Returns {dotted key: (value, source)} for the leaves of `raw`, checking each key against `schema`."""
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    flat: dict[str, tuple[Any, str]] = {}
+    for key, value in raw.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {dotted!r}{_suggestion(schema, prefix, str(key))}")
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted!r} is a section; expected a mapping, got {value!r}")
+            flat.update(_flatten(sub, value, source, prefix=dotted + "."))
+        else:
+            flat[dotted] = (value, source)
+    return flat
+
+
+def _suggestion(schema: type, prefix: str, key: str) -> str:
+    candidates = [prefix + name for name in _all_keys(schema, "")]
+    close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.6)
+    if not close:
+        here = [f.name for f in dataclasses.fields(schema)]
+        close = difflib.get_close_matches(key, here, n=1, cutoff=0.5)
+        close = [prefix + c for c in close]
+    return f" (did you mean {close[0]!r}?)" if close else f"; valid keys here: {', '.join(_all_keys(schema, prefix))}"
+
+
+def _all_keys(schema: type, prefix: str) -> list[str]:
+    hints = typing.get_type_hints(schema)
+    keys = []
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _build(schema: type, flat: dict[str, tuple[Any, str]], prefix: str) -> Any:
+    hints = typing.get_type_hints(schema)
+    kwargs = {}
+    for f in dataclasses.fields(schema):
+        dotted = prefix + f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, flat, dotted + ".")
+        elif dotted in flat:
+            value, source = flat[dotted]
+            kwargs[f.name] = _checked(tp, value, dotted, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {dotted!r}")
+    return schema(**kwargs)
+
+
+def _checked(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Returns `value` converted to `tp` where that is lossless (int → float), else raises naming key and source."""
+    ok, converted = _convert(tp, value)
+    if not ok:
+        raise ConfigError(f"{source}: {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return converted
+
+
+def _convert(tp: Any, value: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return True, value
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            ok, converted = _convert(arg, value)
+            if ok:
+                return True, converted
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        items = [_convert(args[0], v) if args else (True, v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,1 @@
+"""Corpus -> WebDataset shards (manifest readers, Ray writer tasks, shard index, synthetic corpus)."""
