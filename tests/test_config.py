@@ -1,0 +1,99 @@
+"""Config loading: YAML + `_base_` composition + overrides, strict validation with errors that name key and file."""
+import pytest
+import yaml
+
+from pipeline.config import AlignStageConfig, ConfigError, load_config, resolved_dict, write_resolved
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    base = write(tmp_path / "base.yaml", {"model": {"size": "small"}, "train": {"max_steps": 10, "lr": 1e-3}})
+    cfg_file = write(tmp_path / "run.yaml", {"_base_": ["base.yaml"], "train": {"max_steps": 20}})
+    cfg = load_config(AlignStageConfig, cfg_file, ["train.batch_size=4", "data.train=a.json,b.json"])
+    assert cfg.model.size == "small"  # from the base
+    assert cfg.train.max_steps == 20  # the file wins over its base
+    assert cfg.train.lr == 1e-3
+    assert cfg.train.batch_size == 4  # the command line wins over every file
+    assert cfg.data.train == "a.json,b.json"
+    assert cfg.mask.ratio == 0.8  # untouched default
+
+
+def test_override_wins_over_file(tmp_path):
+    cfg_file = write(tmp_path / "run.yaml", {"train": {"max_steps": 20}})
+    assert load_config(AlignStageConfig, cfg_file, ["train.max_steps=7"]).train.max_steps == 7
+
+
+def test_unknown_key_names_file_and_suggests(tmp_path):
+    cfg_file = write(tmp_path / "run.yaml", {"train": {"max_step": 20}})
+    with pytest.raises(ConfigError) as e:
+        load_config(AlignStageConfig, cfg_file)
+    msg = str(e.value)
+    assert "run.yaml" in msg and "'train.max_step'" in msg and "did you mean 'train.max_steps'" in msg
+
+
+def test_unknown_key_in_base_names_the_base_file(tmp_path):
+    write(tmp_path / "base.yaml", {"modle": {"size": "tiny"}})
+    cfg_file = write(tmp_path / "run.yaml", {"_base_": "base.yaml"})
+    with pytest.raises(ConfigError) as e:
+        load_config(AlignStageConfig, cfg_file)
+    assert "base.yaml" in str(e.value) and "'modle'" in str(e.value) and "'model'" in str(e.value)
+
+
+def test_unknown_override_names_command_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(AlignStageConfig, None, ["deepspeed.zero_stag=2"])
+    assert "command line" in str(e.value) and "deepspeed.zero_stage" in str(e.value)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.max_steps=abc", "'train.max_steps' expects int"),
+    ("train.max_steps=1.5", "'train.max_steps' expects int"),
+    ("train.lr=fast", "'train.lr' expects float"),
+    ("deepspeed.zero_stage=4", "one of 0, 1, 2, 3"),
+    ("model.size=huge", "one of 'tiny', 'small', 'middle', 'base'"),
+    ("train.progress=maybe", "'train.progress' expects bool"),
+    ("train.betas=0.9", "a list of float"),
+])
+def test_wrong_type_is_refused(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(AlignStageConfig, None, [override])
+    assert fragment in str(e.value)
+
+
+def test_int_is_accepted_for_float_and_null_for_optional():
+    cfg = load_config(AlignStageConfig, None, ["train.lr=1", "model.depth=null", "data.weights=[1, 2.5]"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.model.depth is None
+    assert cfg.data.weights == [1.0, 2.5]
+
+
+def test_section_given_a_scalar_is_refused(tmp_path):
+    cfg_file = write(tmp_path / "run.yaml", {"train": 5})
+    with pytest.raises(ConfigError, match="'train' is a section"):
+        load_config(AlignStageConfig, cfg_file)
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(AlignStageConfig, None, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="not found: .*nope.yaml"):
+        load_config(AlignStageConfig, str(tmp_path / "nope.yaml"))
+
+
+def test_base_cycle_is_reported(tmp_path):
+    write(tmp_path / "a.yaml", {"_base_": ["b.yaml"]})
+    write(tmp_path / "b.yaml", {"_base_": ["a.yaml"]})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(AlignStageConfig, str(tmp_path / "a.yaml"))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(AlignStageConfig, None, ["train.max_steps=3", "mask.kind=tube"])
+    out = tmp_path / "config.yaml"
+    write_resolved(cfg, str(out))
+    again = load_config(AlignStageConfig, str(out))
+    assert resolved_dict(again) == resolved_dict(cfg)
