@@ -1,0 +1,151 @@
+"""Run the whole pipeline from one config: synthetic corpus -> shards -> teacher -> stage 1 -> (stage 2 -> eval).
+
+Each step writes its outputs under --out and a marker `OUT/steps/<step>.json` when it is complete; running the same
+command again skips complete steps and resumes the training stages from their newest complete checkpoint, so a run
+that was interrupted anywhere continues where it stopped. Delete a step's marker to redo it.
+
+Examples:
+  videomamba run --config configs/demo.yaml --out demo_out
+  videomamba run --config configs/demo.yaml --out demo_out stage1.overrides='[train.max_steps=50]'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from pipeline.config import AlignStageConfig, ConfigError, load_config, write_resolved
+
+
+@dataclass
+class SynthStep:
+    videos: int = 240
+    images: int = 120
+    eval_videos: int = 64
+    seed: int = 0
+    size: int = 64
+    frames: int = 16
+    fps: int = 8
+    codec: str = "h264"
+
+
+@dataclass
+class ShardStep:
+    samples_per_shard: int = 32
+    workers: int = 2
+    ray_address: Optional[str] = None
+
+
+@dataclass
+class TeacherStep:
+    """The demo's teacher: a small open_clip model trained briefly on the synthetic frames, then frozen."""
+
+    steps: int = 300
+    img_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class StageStep:
+    config: str = ""  # the stage's YAML (relative to this file's folder or the working directory)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    synth: SynthStep = field(default_factory=SynthStep)
+    shard: ShardStep = field(default_factory=ShardStep)
+    teacher: TeacherStep = field(default_factory=TeacherStep)
+    stage1: StageStep = field(default_factory=StageStep)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/demo.yaml", help="the run config (default: %(default)s)")
+    parser.add_argument("--out", default="demo_out", help="folder for every step's outputs (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="overrides of the run config, e.g. synth.videos=100 teacher.steps=50")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    config_dir = os.path.dirname(os.path.abspath(args.config))
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "steps"), exist_ok=True)
+    write_resolved(cfg, os.path.join(out, "run_config.yaml"))
+    stage1_cfg = _stage_config(AlignStageConfig, cfg.stage1, config_dir, out, "stage1")  # fail early on bad keys
+    steps: list[tuple[str, Callable[[], dict]]] = [
+        ("synth", lambda: _synth(cfg.synth, out)),
+        ("shard_videos", lambda: _shard(os.path.join(out, "corpus", "videos.jsonl"), os.path.join(out, "shards",
+                                                                                                    "videos"), cfg.shard)),
+        ("shard_images", lambda: _shard(os.path.join(out, "corpus", "images.jsonl"), os.path.join(out, "shards",
+                                                                                                    "images"), cfg.shard)),
+        ("teacher", lambda: _teacher(cfg.teacher, out)),
+        ("stage1", lambda: _stage1(stage1_cfg)),
+    ]
+    for name, step in steps:
+        _run_step(out, name, step)
+    print(f"videomamba run: all steps complete; outputs under {out}")
+    return 0
+
+
+def _run_step(out: str, name: str, step: Callable[[], dict]) -> None:
+    marker = os.path.join(out, "steps", f"{name}.json")
+    if os.path.exists(marker):
+        print(f"[run] {name}: complete (skipping; delete {marker} to redo)")
+        return
+    print(f"[run] {name}: starting", flush=True)
+    start = time.time()
+    result = step() or {}
+    result["seconds"] = round(time.time() - start, 1)
+    tmp = marker + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    os.replace(tmp, marker)
+    print(f"[run] {name}: done in {result['seconds']} s", flush=True)
+
+
+def _stage_config(schema: type, step: StageStep, config_dir: str, out: str, name: str):
+    """Returns the stage's config with the demo's own paths (shards, teacher, run dir) filled in."""
+    if not step.config:
+        raise ConfigError(f"run config: {name}.config must name the stage's YAML file")
+    path = step.config if os.path.isabs(step.config) else os.path.join(config_dir, step.config)
+    if not os.path.exists(path):
+        path = step.config
+    wired = [
+        f"data.train={os.path.join(out, 'shards', 'videos', 'index.json')}",
+        f"teacher.pretrained={os.path.join(out, 'teacher', 'tiny_clip.pt')}",
+        f"train.out={os.path.join(out, name)}",
+    ]
+    return load_config(schema, path, wired + list(step.overrides))
+
+
+def _synth(step: SynthStep, out: str) -> dict:
+    from shards.synth import write_corpus
+
+    return write_corpus(os.path.join(out, "corpus"), videos=step.videos, images=step.images, seed=step.seed,
+                        codec=step.codec, size=step.size, frames=step.frames, fps=step.fps,
+                        eval_videos=step.eval_videos)
+
+
+def _shard(manifest: str, dest: str, step: ShardStep) -> dict:
+    from shards.writer import shard_corpus
+
+    return shard_corpus(manifest, dest, samples_per_shard=step.samples_per_shard, workers=step.workers,
+                        ray_address=step.ray_address)
+
+
+def _teacher(step: TeacherStep, out: str) -> dict:
+    from pipeline.stages.teacher_warmup import train_tiny_clip
+
+    path = train_tiny_clip(os.path.join(out, "corpus", "videos.jsonl"), os.path.join(out, "teacher", "tiny_clip.pt"),
+                           steps=step.steps, img_size=step.img_size, seed=step.seed)
+    return {"checkpoint": str(path)}
+
+
+def _stage1(cfg: AlignStageConfig) -> dict:
+    from pipeline.stages.align import train_align
+
+    return train_align(cfg, resume="auto")
