@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements/lock-cpu.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(BIN)/python -c "import pipeline, torch, open_clip, deepspeed, ray, webdataset, av" 2>/dev/null
+	$(BIN)/python -c "import pipeline, torch, open_clip, deepspeed, ray, webdataset, av"
 	touch $(STAMP)
 
 install: $(STAMP)
