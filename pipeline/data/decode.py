@@ -1,0 +1,306 @@
+"""Decoders: encoded sample bytes + a `ClipPlan` -> CLIP-normalized (3, T, S, S) clips. The only module that talks to
+PyAV, PIL and DALI.
+
+Two implementations of one protocol (`Decoder.decode(samples) -> (video, failures)`):
+- `CpuDecoder`: PyAV (codec threads) for video, PIL for images; runs inside the loader's worker processes, so it is
+  multi-process through the DataLoader.
+- `DaliDecoder`: nvidia-dali. With device "gpu" the bytes are decoded on the GPU (NVDEC, mixed backend), the planned
+  frames picked, cropped, resized, flipped and normalized there, and the batch handed over as a CUDA tensor by a
+  device-to-device copy (never through the host). With device "cpu" the same pipeline runs on DALI's CPU backend,
+  which reads VP8/VP9/MJPEG but not H.264: that is how CI exercises this code path without a GPU.
+Both take the plan computed by the stream (same frames, box and flip), so they agree within their rounding.
+
+`probe` reads a container's header (frame count, rate, size) without decoding; the stream plans with it and counts
+what cannot be read.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.data.transforms import CLIP_MEAN, CLIP_STD, ClipPlan, planned_clip
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class DecodeError(Exception):
+    """A sample that cannot be used; `kind` is the skip counter it goes to (corrupt_video, empty_video, ...)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    frames: int
+    fps: float
+    width: int
+    height: int
+
+
+@dataclass
+class EncodedSample:
+    """One sample as it leaves the stream: its media bytes and the plan of what to take from them."""
+
+    key: str
+    media: str  # "video" | "image"
+    data: bytes
+    plan: ClipPlan
+
+
+class Decoder(Protocol):
+    def decode(self, samples: Sequence[EncodedSample]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        """Returns ((B', 3, T, S, S) clips of the samples that decoded, [(index, skip kind)] of those that did not)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------------------- probing
+def probe(data: bytes, media: str) -> MediaInfo:
+    """Returns the frame count, rate and size of encoded `media` bytes; raises DecodeError for unusable ones."""
+    return _probe_video(data) if media == "video" else _probe_image(data)
+
+
+def _probe_video(data: bytes) -> MediaInfo:
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise DecodeError("wrong_type", "no video stream in the container")
+            stream = container.streams.video[0]
+            frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+            rate = stream.average_rate or stream.guessed_rate or 0
+            width, height = stream.codec_context.width, stream.codec_context.height
+    except DecodeError:
+        raise
+    except Exception as e:  # PyAV raises many kinds (InvalidDataError, ValueError, ...) for a broken container
+        raise DecodeError("corrupt_video", f"unreadable video container: {e}") from None
+    if frames <= 0:
+        raise DecodeError("empty_video", "the video has no frames")
+    if width <= 0 or height <= 0:
+        raise DecodeError("corrupt_video", f"bad frame size {width}x{height}")
+    return MediaInfo(int(frames), float(rate), int(width), int(height))
+
+
+def _probe_image(data: bytes) -> MediaInfo:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception as e:
+        raise DecodeError("corrupt_image", f"unreadable image: {e}") from None
+    return MediaInfo(1, 0.0, int(width), int(height))
+
+
+# ------------------------------------------------------------------------------------------------------ CPU (PyAV)
+def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.ndarray:
+    """Returns the frames at `indices` (in that order, repeats allowed) as (T, H, W, 3) uint8 RGB.
+
+    Decodes sequentially up to the last wanted frame (clips are short; seeking would cost a key frame anyway).
+    """
+    import av
+
+    wanted = set(indices)
+    last = max(indices)
+    kept: dict[int, np.ndarray] = {}
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    kept[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+    except Exception as e:
+        raise DecodeError("corrupt_video", f"video decoding failed: {e}") from None
+    if len(kept) < len(wanted):
+        raise DecodeError("corrupt_video", f"only {len(kept)} of the {len(wanted)} planned frames decoded")
+    return np.stack([kept[i] for i in indices])
+
+
+def image_frames(data: bytes, count: int) -> np.ndarray:
+    """Returns the image as `count` identical frames (T, H, W, 3) uint8 RGB: an image is a 1-frame clip."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except Exception as e:
+        raise DecodeError("corrupt_image", f"image decoding failed: {e}") from None
+    return np.broadcast_to(rgb, (count,) + rgb.shape)
+
+
+class CpuDecoder:
+    """PyAV/PIL decoding and torch transforms on the CPU, one sample at a time (the workers give the parallelism)."""
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+
+    def decode_one(self, sample: EncodedSample) -> torch.Tensor:
+        plan = sample.plan
+        if sample.media == "video":
+            frames = video_frames(sample.data, plan.indices, self.threads)
+        else:
+            frames = image_frames(sample.data, len(plan.indices))
+        return planned_clip(torch.from_numpy(np.ascontiguousarray(frames)), plan)
+
+    def decode(self, samples: Sequence[EncodedSample]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        clips, failures = [], []
+        for i, sample in enumerate(samples):
+            try:
+                clips.append(self.decode_one(sample))
+            except DecodeError as e:
+                failures.append((i, e.kind))
+        return _stacked(clips, samples), failures
+
+
+def _stacked(clips: list[torch.Tensor], samples: Sequence[EncodedSample]) -> torch.Tensor:
+    if clips:
+        return torch.stack(clips)
+    plan = samples[0].plan if samples else ClipPlan((0,), (0, 0, 1, 1), False, 1)
+    return torch.empty((0, 3, len(plan.indices), plan.size, plan.size))
+
+
+# ----------------------------------------------------------------------------------------------------------- DALI
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class DaliDecoder:
+    """DALI pipelines (one for videos, one for images, built on first use) fed through external_source."""
+
+    def __init__(self, device: str = "gpu", max_batch: int = 8, threads: int = 2, device_id: Optional[int] = None):
+        if not dali_available():
+            raise RuntimeError("decoder 'dali' needs nvidia-dali (pip install nvidia-dali-cuda130)")
+        if device not in ("gpu", "cpu"):
+            raise ValueError(f"DALI device must be 'gpu' or 'cpu', got {device!r}")
+        if device == "gpu" and device_id is None:
+            device_id = torch.cuda.current_device()
+        self.device, self.max_batch, self.threads, self.device_id = device, max_batch, threads, device_id
+        self._pipes: dict[tuple[str, int, int], object] = {}
+
+    def decode(self, samples: Sequence[EncodedSample]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        if not samples:
+            return _stacked([], samples), []
+        out: list[Optional[torch.Tensor]] = [None] * len(samples)
+        failures: list[tuple[int, str]] = []
+        for media in ("video", "image"):
+            idx = [i for i, s in enumerate(samples) if s.media == media]
+            for start in range(0, len(idx), self.max_batch):
+                part = idx[start:start + self.max_batch]
+                for i, clip in zip(part, self._decoded_or_none([samples[i] for i in part])):
+                    out[i] = clip
+                    if clip is None:
+                        failures.append((i, "corrupt_" + media))
+        clips = [c for c in out if c is not None]
+        if clips:
+            return torch.stack(clips), sorted(failures)
+        return torch.empty((0, 3, len(samples[0].plan.indices), samples[0].plan.size, samples[0].plan.size),
+                           device=self._torch_device()), sorted(failures)
+
+    def _decoded_or_none(self, samples: list[EncodedSample]) -> list[Optional[torch.Tensor]]:
+        """Decodes the batch; when DALI rejects it, retries sample by sample so one bad sample costs only itself."""
+        try:
+            return list(self._run(samples))
+        except RuntimeError:
+            if len(samples) == 1:
+                return [None]
+        self._pipes.clear()  # a pipeline that raised is not reused
+        clips = []
+        for s in samples:
+            try:
+                clips.append(self._run([s])[0])
+            except RuntimeError:
+                self._pipes.clear()
+                clips.append(None)
+        return clips
+
+    def _run(self, samples: list[EncodedSample]) -> torch.Tensor:
+        media, t, size = samples[0].media, len(samples[0].plan.indices), samples[0].plan.size
+        pipe = self._pipe(media, t, size)
+        pipe.feed_input("encoded", [np.frombuffer(s.data, np.uint8) for s in samples])
+        if media == "video":
+            pipe.feed_input("frames", [np.asarray(s.plan.indices, np.int32) for s in samples])
+        pipe.feed_input("roi_start", [np.asarray(s.plan.box[1::-1], np.float32) for s in samples])  # (y0, x0)
+        pipe.feed_input("roi_end", [np.asarray(s.plan.box[:1:-1], np.float32) for s in samples])  # (y1, x1)
+        pipe.feed_input("mirror", [np.asarray(int(s.plan.flip), np.int32) for s in samples])
+        (batch,) = pipe.run()
+        clips = self._as_torch(batch.as_tensor())
+        if media == "image":  # (B, 3, S, S) -> (B, 3, T, S, S): an image is a 1-frame clip repeated to T
+            clips = clips.unsqueeze(2).expand(-1, -1, t, -1, -1).contiguous()
+        return clips
+
+    def _as_torch(self, tensor) -> torch.Tensor:
+        if self.device == "cpu":
+            return torch.from_numpy(np.array(tensor))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        out = torch.empty(tensor.shape(), dtype=torch.float32, device=self._torch_device())
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))  # device-to-device copy
+        return out
+
+    def _torch_device(self) -> torch.device:
+        return torch.device("cpu") if self.device == "cpu" else torch.device("cuda", self.device_id)
+
+    def _pipe(self, media: str, t: int, size: int):
+        key = (media, t, size)
+        if key not in self._pipes:
+            pipe = _dali_pipeline(media, size, self.device, batch_size=self.max_batch, num_threads=self.threads,
+                                  device_id=self.device_id if self.device == "gpu" else None,
+                                  exec_dynamic=True, prefetch_queue_depth=1)
+            pipe.build()
+            self._pipes[key] = pipe
+        return self._pipes[key]
+
+
+def _dali_pipeline(media: str, size: int, device: str, **pipeline_kwargs):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(**pipeline_kwargs)
+    def pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=False)
+        roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+        roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+        mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+        backend = "mixed" if device == "gpu" else "cpu"
+        if media == "video":
+            frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+            pixels = fn.decoders.video(encoded, device=backend, frames=frames)
+            layout = "CFHW"
+        else:
+            pixels = fn.decoders.image(encoded, device=backend, output_type=types.RGB)
+            layout = "CHW"
+        pixels = fn.resize(pixels, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                           interp_type=types.INTERP_LINEAR, antialias=True)
+        return fn.crop_mirror_normalize(pixels, mirror=mirror, dtype=types.FLOAT, output_layout=layout,
+                                        mean=[255.0 * m for m in CLIP_MEAN], std=[255.0 * s for s in CLIP_STD])
+
+    return pipeline()
+
+
+# ---------------------------------------------------------------------------------------------------------- choice
+def resolved_decoder_name(name: str) -> str:
+    """Returns "dali" or "cpu" for a config's `auto|cpu|dali`: auto picks DALI where DALI and a GPU are present."""
+    if name == "auto":
+        return "dali" if dali_available() and torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "dali"):
+        raise ValueError(f"data.decoder must be auto, cpu or dali, got {name!r}")
+    return name
+
+
+def dali_device() -> str:
+    """Returns where a DALI decoder runs: the GPU where there is one, else DALI's CPU backend (VP8/VP9 only)."""
+    return "gpu" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,314 @@
+"""`build_loader`: the streaming video-text loader the stages train on, with an exact resume position.
+
+Each rank runs `num_workers` DataLoader workers; logical worker w of rank r is slot r * num_workers + w of
+`pipeline.data.stream`. Workers read, plan and (with the CPU decoder) decode and collate whole batches; each batch
+carries its worker's position after it. The DataLoader takes batches from its workers round-robin (skipping workers
+that have finished), so the main process knows, from the batches it has handed out, every worker's position and
+which worker is next. `state_dict()` is those positions; a loader restored from it starts DataLoader worker k as
+logical worker (next + k) % num_workers, so the round-robin continues where it stopped and the batches are exactly
+those an uninterrupted run would have yielded next (same world size and worker count). With another layout see
+`pipeline.data.stream.relayout` for the bound.
+
+With the DALI decoder the workers hand over encoded bytes and plans, and the main process decodes on the GPU.
+Skipped samples are counted by kind in the worker that met them (part of its position); `stats()` sums them.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import ConfigError, DataConfig
+from pipeline.data.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, CpuDecoder, DaliDecoder, DecodeError,
+                                  EncodedSample, dali_device, probe, resolved_decoder_name)
+from pipeline.data.stream import (Corpus, Layout, RawSample, SlotStream, StreamSpec, exclusions_from_state,
+                                  exclusions_to_state, relayout, resolved_corpus, split_sources)
+from pipeline.data.transforms import clip_plan
+
+STATE_VERSION = 1
+ORDER_FIELDS = ("seed", "world_size", "slots_per_rank", "shuffle", "buffer")  # what the sample order depends on
+
+
+# --------------------------------------------------------------------------------------------------- one sample
+def sample_media(raw: RawSample, declared: Optional[str]) -> tuple[str, bytes]:
+    """Returns ("video"|"image", bytes) of a raw sample; raises DecodeError naming what is wrong."""
+    ext = next((e for e in VIDEO_EXTENSIONS if e in raw.files), None)
+    media = "video"
+    if ext is None:
+        ext, media = next((e for e in IMAGE_EXTENSIONS if e in raw.files), None), "image"
+    if ext is None:
+        raise DecodeError("missing_media", f"sample {raw.key} has no video or image file ({sorted(raw.files)})")
+    if declared is not None and media != declared:
+        raise DecodeError("wrong_type", f"sample {raw.key} holds a {ext} in a corpus of {declared}s")
+    return media, raw.files[ext]
+
+
+def sample_captions(raw: RawSample) -> list[str]:
+    """Returns the captions of a raw sample: `{key}.json` "captions", else `{key}.txt`."""
+    if "json" in raw.files:
+        try:
+            meta = json.loads(raw.files["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DecodeError("bad_metadata", f"sample {raw.key}: {raw.key}.json is not JSON ({e})") from None
+        captions = meta.get("captions") if isinstance(meta, dict) else None
+        if isinstance(captions, str):
+            captions = [captions]
+        if captions is not None:
+            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                raise DecodeError("bad_metadata", f"sample {raw.key}: 'captions' is not a list of strings")
+            captions = [c.strip() for c in captions if c.strip()]
+            if captions:
+                return captions
+    if "txt" in raw.files:
+        text = raw.files["txt"].decode("utf-8", errors="replace").strip()
+        if text:
+            return [text]
+    raise DecodeError("missing_caption", f"sample {raw.key} has no caption ({raw.key}.json/.txt)")
+
+
+class SamplePlanner:
+    """Turns raw samples into (EncodedSample, caption, captions), deterministic given the sample and its epoch."""
+
+    def __init__(self, corpora: list[Corpus], seed: int, num_frames: int, img_size: int, fps: Optional[float],
+                 train: bool):
+        self.media = [c.media for c in corpora]
+        self.seed, self.num_frames, self.img_size, self.fps, self.train = seed, num_frames, img_size, fps, train
+
+    def planned(self, raw: RawSample) -> tuple[EncodedSample, str, list[str]]:
+        if raw.files is None:
+            raise DecodeError(raw.problem or "missing_sample", f"sample {raw.index} of shard {raw.shard} unreadable")
+        media, data = sample_media(raw, self.media[raw.corpus])
+        captions = sample_captions(raw)
+        info = probe(data, media)
+        rng = np.random.default_rng([self.seed, raw.corpus, raw.epoch, raw.shard, raw.index, 3])
+        text = captions[int(rng.integers(len(captions)))]
+        plan = clip_plan(info.frames, info.fps, info.width, info.height, self.num_frames, self.img_size, self.train,
+                         self.fps, rng)
+        return EncodedSample(raw.key, media, data, plan), text, captions
+
+
+# ------------------------------------------------------------------------------------------- one worker's batches
+def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, planner: SamplePlanner,
+                 decode_here: bool) -> Iterator[dict]:
+    """Yields the batches of one slot from `state` on, each with the slot's state after it under "state".
+
+    A trailing batch with no samples ("empty") carries the skips met after the last sample, so none go uncounted.
+    """
+    stream = SlotStream(spec, slot, state.get("stream"))
+    skips = Counter(state.get("skips", {}))
+    decoder = CpuDecoder() if decode_here else None
+    items: list[tuple] = []
+    reported = dict(skips)
+    for raw in stream:
+        try:
+            encoded, text, captions = planner.planned(raw)
+            clip = decoder.decode_one(encoded) if decoder else None
+        except DecodeError as e:
+            skips[e.kind] += 1
+            continue
+        items.append((encoded, text, captions, clip))
+        if len(items) == batch_size:
+            yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
+            items, reported = [], dict(skips)
+    if items or dict(skips) != reported:
+        yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
+
+
+def collated(items: list[tuple], state: dict) -> dict:
+    """Returns a batch of (encoded, text, captions, clip or None) items: "video" when the clips were decoded here,
+    else "encoded" (the samples for the main process's decoder); an empty batch only carries its state."""
+    encoded = [i[0] for i in items]
+    batch = {"text": [i[1] for i in items], "captions": [i[2] for i in items], "key": [e.key for e in encoded],
+             "is_image": torch.tensor([e.media == "image" for e in encoded], dtype=torch.bool), "state": state}
+    if not items:
+        return batch
+    if items[0][3] is not None:
+        batch["video"] = torch.stack([i[3] for i in items])
+    else:
+        batch["encoded"] = encoded
+    return batch
+
+
+class WorkerBatches(IterableDataset):
+    """The DataLoader's dataset: worker k plays logical worker (first + k) % n of this rank."""
+
+    def __init__(self, spec: StreamSpec, rank: int, states: list[dict], first: int, batch_size: int,
+                 planner: SamplePlanner, decode_here: bool):
+        self.spec, self.rank, self.states, self.first = spec, rank, states, first
+        self.batch_size, self.planner, self.decode_here = batch_size, planner, decode_here
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        n = len(self.states)
+        logical = (self.first + (info.id if info else 0)) % n
+        slot = self.rank * n + logical
+        for batch in slot_batches(self.spec, slot, self.states[logical], self.batch_size, self.planner,
+                                  self.decode_here):
+            batch["worker"] = logical
+            yield batch
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------------ the loader
+class StreamingLoader:
+    """Iterable of batches with `state_dict()`, `load_state_dict()` and `stats()` (see the module docstring)."""
+
+    def __init__(self, spec: StreamSpec, rank: int, num_workers: int, batch_size: int, planner: SamplePlanner,
+                 decoder: str):
+        self.spec, self.rank, self.num_workers, self.batch_size = spec, rank, num_workers, batch_size
+        self.planner, self.decoder_name = planner, decoder
+        self._dali: Optional[DaliDecoder] = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._slots = [{} for _ in range(self.spec.layout.slots_per_rank)]
+        self._next = 0
+        self._main_skips: Counter = Counter()
+
+    # ------------------------------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[dict]:
+        if self._finished():
+            self._reset()
+        for batch in self._worker_batches():
+            self._slots[batch["worker"]] = batch.pop("state")
+            self._next = (batch.pop("worker") + 1) % len(self._slots)
+            if not batch["key"]:
+                continue
+            if "encoded" in batch:
+                batch = self._decoded(batch)
+            if batch["key"]:
+                yield batch
+
+    def _worker_batches(self) -> Iterator[dict]:
+        dataset = WorkerBatches(self.spec, self.rank, self._slots, self._next, self.batch_size, self.planner,
+                                decode_here=self.decoder_name == "cpu")
+        if self.num_workers == 0:
+            return iter(dataset)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
+                               prefetch_factor=2))
+
+    def _decoded(self, batch: dict) -> dict:
+        """Decodes a batch of encoded samples with DALI in this process, dropping (and counting) failures."""
+        if self._dali is None:
+            self._dali = DaliDecoder(dali_device(), max_batch=self.batch_size)
+        encoded = batch.pop("encoded")
+        video, failures = self._dali.decode(encoded)
+        bad = {i for i, _ in failures}
+        self._main_skips.update(kind for _, kind in failures)
+        keep = [i for i in range(len(encoded)) if i not in bad]
+        return {"video": video, "text": [batch["text"][i] for i in keep],
+                "captions": [batch["captions"][i] for i in keep], "key": [batch["key"][i] for i in keep],
+                "is_image": batch["is_image"][keep]}
+
+    def _finished(self) -> bool:
+        """True when every slot has done its epochs (iterating again then starts over)."""
+        if self.spec.layout.epochs is None or not all(self._slots):
+            return False
+        return all(e >= self.spec.layout.epochs for s in self._slots for e, _ in s["stream"]["corpora"])
+
+    # -------------------------------------------------------------------------------------------- position
+    def stats(self) -> dict[str, int]:
+        """Returns the skipped-sample counts by kind, summed over this rank's workers (consumed batches only)."""
+        total = Counter(self._main_skips)
+        for s in self._slots:
+            total.update(s.get("skips", {}))
+        return dict(sorted(total.items()))
+
+    def rank_state(self) -> dict:
+        return {"rank": self.rank, "next_worker": self._next, "slots": [dict(s) for s in self._slots],
+                "main_skips": dict(self._main_skips)}
+
+    def state_dict(self, gather: bool = True) -> dict:
+        """Returns the position. When torch.distributed is initialized (and `gather`), this is a collective call:
+        every rank's position is gathered, so the state saved by any rank can resume any world size."""
+        ranks = [self.rank_state()]
+        if gather and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and self.spec.layout.world_size > 1:
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, self.rank_state())
+        return {"version": STATE_VERSION, "layout": self.spec.layout.as_dict(),
+                "corpora": [c.fingerprint() for c in self.spec.corpora],
+                "exclusions": exclusions_to_state(self.spec.exclusions), "ranks": ranks}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restores a position: exactly with the same layout, else with `relayout`'s bound (needs every rank's)."""
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {sd.get('version')!r} is not {STATE_VERSION}")
+        fingerprints = [c.fingerprint() for c in self.spec.corpora]
+        if sd["corpora"] != fingerprints:
+            raise ValueError("data state was saved for other shards: data.train (shard names or counts) changed "
+                             f"({sd['corpora']} vs {fingerprints})")
+        old = Layout(**sd["layout"])
+        new = self.spec.layout
+        old_exclusions = exclusions_from_state(sd["exclusions"])
+        if all(getattr(old, f) == getattr(new, f) for f in ORDER_FIELDS):
+            mine = [r for r in sd["ranks"] if r["rank"] == self.rank]
+            if not mine:
+                raise ValueError(f"data state has no position for rank {self.rank}")
+            self.spec.exclusions = old_exclusions
+            self._slots = [dict(s) for s in mine[0]["slots"]]
+            self._next = int(mine[0]["next_worker"])
+            self._main_skips = Counter(mine[0]["main_skips"])
+            return
+        self._relayout(sd, old, old_exclusions)
+
+    def _relayout(self, sd: dict, old: Layout, old_exclusions: list) -> None:
+        ranks = sorted(sd["ranks"], key=lambda r: r["rank"])
+        if [r["rank"] for r in ranks] != list(range(old.world_size)):
+            raise ValueError(f"resuming {old.world_size} ranks x {old.slots_per_rank} workers as "
+                             f"{self.spec.layout.world_size} x {self.spec.layout.slots_per_rank} needs every old "
+                             "rank's position (a state_dict gathered over all ranks)")
+        old_slots = [s.get("stream") or {"corpora": [[0, 0]] * len(self.spec.corpora)}
+                     for r in ranks for s in r["slots"]]
+        exclusions, starts = relayout(self.spec, old, old_exclusions, old_slots)
+        self.spec.exclusions = exclusions
+        self._slots = [{"stream": {"draws": 0, "corpora": [list(p) for p in starts]}, "skips": {}}
+                       for _ in range(self.spec.layout.slots_per_rank)]
+        self._next = 0
+        carried: Counter = Counter()
+        for r in ranks:
+            if r["rank"] % self.spec.layout.world_size == self.rank:
+                carried.update(r["main_skips"])
+                for s in r["slots"]:
+                    carried.update(s.get("skips", {}))
+        self._main_skips = carried
+
+
+# ------------------------------------------------------------------------------------------------------ building
+def corpus_weights(corpora: list[Corpus], weights: Optional[list[float]]) -> list[float]:
+    """Returns the mixing weights: the configured ones, or the corpora's sample counts (= concatenation)."""
+    if weights is None:
+        return [float(c.samples) for c in corpora]
+    if len(weights) != len(corpora):
+        raise ConfigError(f"data.weights has {len(weights)} entries for {len(corpora)} entries of data.train")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"data.weights must be non-negative with a positive sum, got {weights}")
+    return [float(w) for w in weights]
+
+
+def build_loader(data_cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
+                 train: bool = True) -> StreamingLoader:
+    """Returns the loader of this rank (see the module docstring and docs/CONTRACTS.md)."""
+    sources = split_sources(data_cfg.train)
+    if not sources:
+        raise ConfigError("data.train is empty: give a shard index.json or a brace URL pattern")
+    corpora = [resolved_corpus(s) for s in sources]
+    for c in corpora:
+        if c.samples == 0:
+            raise ConfigError(f"data.train: {c.source} has no samples")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    epochs = data_cfg.epochs if data_cfg.epochs is not None or train else 1
+    layout = Layout(seed=seed, world_size=world_size, slots_per_rank=max(1, data_cfg.num_workers), shuffle=train,
+                    buffer=data_cfg.shuffle_buffer, epochs=epochs)
+    spec = StreamSpec(corpora, corpus_weights(corpora, data_cfg.weights), layout)
+    planner = SamplePlanner(corpora, seed, data_cfg.num_frames, data_cfg.img_size, data_cfg.fps, train)
+    decoder = resolved_decoder_name(data_cfg.decoder)
+    return StreamingLoader(spec, rank, data_cfg.num_workers, batch_size, planner, decoder)

@@ -1,0 +1,434 @@
+"""Shards -> raw samples: deterministic sub-streams per (rank, worker) slot with an exact, tiny position.
+
+The order of every slot's samples is a pure function of the shard list (names and sample counts), the seed, the
+epoch and the layout (world size x workers). Shuffling is done on sample *references* (shard, sample index):
+1. Each corpus is cut into units (whole shards; a shard is split into equal sample ranges when there are fewer
+   shards than slots, so every slot has work). Epoch e permutes the units with a generator seeded by (seed, corpus,
+   e); slot s of S takes units[s::S]. Across all slots each sample appears exactly once per epoch.
+2. The slot reads its units in that order (its "read order") and emits them through a shuffle buffer of B
+   references whose random picks come from a generator seeded by (seed, corpus, epoch, slot, S). The emission order
+   is computed up front; the reader holds at most B not-yet-emitted samples' bytes.
+3. Several corpora are mixed by weight: draw d of slot s picks a live corpus with a generator seeded by (seed, slot,
+   S, d). With `epochs` set a corpus leaves the mix after that many epochs; the slot ends when all have left.
+
+A slot's position is therefore `{"draws": d, "corpora": [[epoch, emitted], ...]}`: restoring it recomputes the
+emission order and re-reads only the buffered samples (tar headers of the samples in between are skipped by seeking),
+so the slot yields exactly what it would have yielded next.
+
+Resuming with another layout (`relayout`): the old slots' positions say exactly which references each has emitted;
+they become per-epoch exclusions, and the new layout's slots start the oldest unfinished epoch with those samples
+left out. Bound: no sample is repeated and none is skipped within an epoch (only the samples inside batches that
+were prefetched but not consumed are re-read, as with the same layout); the shuffle order of the rest differs from
+what the old layout would have produced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import braceexpand
+import fsspec
+import numpy as np
+
+from pipeline.config import ConfigError
+
+INDEX_NAME = "index.json"
+MEDIA_KINDS = ("video", "image")
+
+
+# ----------------------------------------------------------------------------------------------------- corpora
+@dataclass(frozen=True)
+class Corpus:
+    """One entry of `data.train`: its shard URLs, their sample counts, and the declared media (None: per sample)."""
+
+    source: str
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    media: Optional[str]
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+    def fingerprint(self) -> str:
+        names = [f"{posixpath.basename(u)}:{n}" for u, n in zip(self.urls, self.counts)]
+        return hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]
+
+
+def split_sources(train: str) -> list[str]:
+    """Returns the entries of a comma-joined `data.train`, leaving commas inside brace patterns alone."""
+    parts, depth, current = [], 0, ""
+    for ch in train:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def resolved_corpus(source: str) -> Corpus:
+    """Returns the corpus of a shard index (`.../index.json`) or a brace URL pattern (its tars are scanned once)."""
+    if source.endswith(".json"):
+        return _indexed_corpus(source)
+    urls = tuple(braceexpand.braceexpand(source))
+    counts = tuple(len(shard_keys(u)) for u in urls)
+    return Corpus(source, urls, counts, None)
+
+
+def _indexed_corpus(source: str) -> Corpus:
+    try:
+        with fsspec.open(source, "r") as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"data.train: shard index not found: {source}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data.train: {source} is not valid JSON ({e})") from None
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and "url" in s for s in shards):
+        raise ConfigError(f"data.train: {source} has no list of shards with a 'url' each under 'shards'")
+    base = source.rsplit("/", 1)[0] if "/" in source else "."
+    urls = tuple(s["url"] if "://" in s["url"] or s["url"].startswith("/") else f"{base}/{s['url']}" for s in shards)
+    counts = tuple(int(s["samples"]) if "samples" in s else len(shard_keys(u)) for s, u in zip(shards, urls))
+    media = index.get("media")
+    if media is not None and media not in MEDIA_KINDS:
+        raise ConfigError(f"data.train: {source}: media must be one of {MEDIA_KINDS}, got {media!r}")
+    return Corpus(source, urls, counts, media)
+
+
+def shard_keys(url: str) -> list[str]:
+    """Returns the sample keys of a tar in order, reading only the member headers."""
+    try:
+        return [key for key, _ in _tar_samples(url, wanted=lambda i: False)]
+    except (OSError, tarfile.TarError) as e:
+        raise ConfigError(f"data.train: cannot read shard {url}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- tar reading
+def sample_key(member_name: str) -> tuple[str, str]:
+    """Returns (key, extension) of a tar member as WebDataset groups them: the extension starts at the first dot
+    of the file name."""
+    directory, name = posixpath.split(member_name)
+    stem, _, ext = name.partition(".")
+    return posixpath.join(directory, stem) if directory else stem, ext.lower()
+
+
+def _tar_samples(url: str, wanted) -> Iterator[tuple[str, Optional[dict[str, bytes]]]]:
+    """Yields (key, files) per sample of a tar in order; files is {extension: bytes} for samples whose index
+    `wanted(i)` accepts, else None (their data is skipped by seeking)."""
+    with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        index, key, files = -1, None, None
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, ext = sample_key(member.name)
+            if k != key:
+                if key is not None:
+                    yield key, files
+                index, key = index + 1, k
+                files = {} if wanted(index) else None
+            if files is not None:
+                files[ext] = tar.extractfile(member).read()
+        if key is not None:
+            yield key, files
+
+
+@dataclass
+class RawSample:
+    """A sample as read from a shard (files is None when it could not be read: `problem` says why)."""
+
+    corpus: int
+    epoch: int
+    shard: int
+    index: int
+    key: str
+    files: Optional[dict[str, bytes]]
+    problem: Optional[str] = None
+
+
+def shard_run_samples(url: str, indices: list[int]) -> Iterator[tuple[int, str, Optional[dict], Optional[str]]]:
+    """Yields (sample index, key, files, problem) for the increasing `indices` of one shard, in that order.
+
+    A sample the tar does not have (short or truncated tar) comes back with problem "missing_sample"; a tar that
+    cannot be opened at all gives "unreadable_shard" for each index not yet yielded.
+    """
+    want = set(indices)
+    pending = iter(indices)
+    nxt = next(pending, None)
+    try:
+        for i, (key, files) in enumerate(_tar_samples(url, wanted=want.__contains__)):
+            if nxt is None:
+                return
+            if i == nxt:
+                yield i, key, files, None
+                nxt = next(pending, None)
+    except (OSError, tarfile.TarError, EOFError):
+        problem = "unreadable_shard"
+    else:
+        problem = "missing_sample"
+    while nxt is not None:
+        yield nxt, "", None, problem
+        nxt = next(pending, None)
+
+
+# ---------------------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """Everything the order of samples depends on besides the shards themselves."""
+
+    seed: int
+    world_size: int
+    slots_per_rank: int  # DataLoader workers per rank (1 when the loader runs in-process)
+    shuffle: bool
+    buffer: int
+    epochs: Optional[int]
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.slots_per_rank
+
+    def as_dict(self) -> dict:
+        return dict(seed=self.seed, world_size=self.world_size, slots_per_rank=self.slots_per_rank,
+                    shuffle=self.shuffle, buffer=self.buffer, epochs=self.epochs)
+
+
+Exclusions = dict[int, dict[int, set[int]]]  # epoch -> shard -> sample indices already emitted elsewhere
+
+
+@dataclass
+class StreamSpec:
+    corpora: list[Corpus]
+    weights: list[float]
+    layout: Layout
+    exclusions: list[Exclusions] = field(default_factory=list)  # per corpus (after a resume with another layout)
+
+    def excluded(self, corpus: int, epoch: int) -> dict[int, set[int]]:
+        return self.exclusions[corpus].get(epoch, {}) if self.exclusions else {}
+
+
+def corpus_units(corpus: Corpus, slots: int) -> list[tuple[int, int, int]]:
+    """Returns the units (shard, first, stop) of a corpus: whole shards, or equal parts when shards < slots."""
+    parts = max(1, math.ceil(slots / max(1, len(corpus.urls))))
+    units = []
+    for shard, n in enumerate(corpus.counts):
+        edges = np.linspace(0, n, parts + 1).round().astype(int)
+        units += [(shard, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return units
+
+
+def read_order(spec: StreamSpec, corpus: int, epoch: int, slot: int, layout: Optional[Layout] = None,
+               excluded: Optional[dict[int, set[int]]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (shard ids, sample indices) that `slot` reads in `epoch` of `corpus`, in reading order."""
+    layout = layout or spec.layout
+    excluded = spec.excluded(corpus, epoch) if excluded is None else excluded
+    units = corpus_units(spec.corpora[corpus], layout.slots)
+    order = np.arange(len(units))
+    if layout.shuffle:
+        order = np.random.default_rng([layout.seed, corpus, epoch]).permutation(len(units))
+    shards, samples = [], []
+    for u in order[slot::layout.slots]:
+        shard, first, stop = units[u]
+        idx = np.arange(first, stop)
+        if shard in excluded:
+            idx = idx[~np.isin(idx, list(excluded[shard]))]
+        shards.append(np.full(len(idx), shard))
+        samples.append(idx)
+    if not shards:
+        return np.zeros(0, int), np.zeros(0, int)
+    return np.concatenate(shards), np.concatenate(samples)
+
+
+def emission_order(n: int, layout: Layout, corpus: int, epoch: int, slot: int) -> np.ndarray:
+    """Returns the order (indices into the read order) in which a shuffle buffer of `layout.buffer` emits n reads."""
+    if not layout.shuffle or layout.buffer <= 1:
+        return np.arange(n)
+    rng = np.random.default_rng([layout.seed, corpus, epoch, slot, layout.slots, 1])
+    picks = rng.random(n)  # one uniform per emission, drawn up front: the pick is floor(u * buffer length)
+    buf: list[int] = []
+    out = np.empty(n, dtype=np.int64)
+    j = 0
+    for i in range(n):
+        buf.append(i)
+        if len(buf) >= layout.buffer:
+            j = _emit(buf, picks, out, j)
+    while buf:
+        j = _emit(buf, picks, out, j)
+    return out
+
+
+def _emit(buf: list[int], picks: np.ndarray, out: np.ndarray, j: int) -> int:
+    k = int(picks[j] * len(buf))
+    buf[k], buf[-1] = buf[-1], buf[k]
+    out[j] = buf.pop()
+    return j + 1
+
+
+# ------------------------------------------------------------------------------------------------- corpus stream
+class CorpusStream:
+    """One corpus as seen by one slot: an endless (or `epochs`-bounded) sequence of RawSamples with position
+    (epoch, emitted-in-epoch)."""
+
+    def __init__(self, spec: StreamSpec, corpus: int, slot: int, epoch: int = 0, pos: int = 0):
+        self.spec, self.corpus, self.slot = spec, corpus, slot
+        self.epoch, self.pos = epoch, pos
+        self._load_epoch()
+
+    @property
+    def exhausted(self) -> bool:
+        epochs = self.spec.layout.epochs
+        return epochs is not None and self.epoch >= epochs
+
+    def position(self) -> list[int]:
+        return [self.epoch, self.pos]
+
+    def next(self) -> Optional[RawSample]:
+        """Returns the next sample, or None once the corpus has done its epochs."""
+        if self.exhausted:
+            return None
+        target = int(self._emit[self.pos])
+        while target not in self._held:
+            read = next(self._reader)
+            self._held[read[0]] = read[1:]
+        shard, index, key, files, problem = self._held.pop(target)
+        sample = RawSample(self.corpus, self.epoch, int(shard), int(index), key, files, problem)
+        self.pos += 1
+        if self.pos >= len(self._emit):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._load_epoch()
+        return sample
+
+    def _load_epoch(self) -> None:
+        """Computes this epoch's orders and opens the reader at the first read still to be emitted, rolling over
+        epochs this slot has nothing left in (a corpus without samples is refused when the stream is built)."""
+        for _ in range(2 + (len(self.spec.exclusions[self.corpus]) if self.spec.exclusions else 0)):
+            if self.exhausted:
+                return
+            self._shards, self._samples = read_order(self.spec, self.corpus, self.epoch, self.slot)
+            self._emit = emission_order(len(self._shards), self.spec.layout, self.corpus, self.epoch, self.slot)
+            if self.pos < len(self._emit):
+                break
+            self.epoch, self.pos = self.epoch + 1, 0
+        else:
+            raise ValueError(f"slot {self.slot} has no samples of {self.spec.corpora[self.corpus].source}")
+        pending = self._emit[self.pos:]
+        self._held: dict[int, tuple] = {}
+        self._reader = self._reads(set(pending.tolist()), int(pending.min()))
+
+    def _reads(self, needed: set[int], start: int) -> Iterator[tuple]:
+        """Yields (read index, shard, sample index, key, files, problem) for the needed reads from `start` on,
+        one tar pass per run of consecutive reads from the same shard."""
+        corpus = self.spec.corpora[self.corpus]
+        i, n = start, len(self._shards)
+        while i < n:
+            shard = int(self._shards[i])
+            j = i
+            while j < n and self._shards[j] == shard and (j == i or self._samples[j] > self._samples[j - 1]):
+                j += 1
+            run = [r for r in range(i, j) if r in needed]
+            if run:
+                by_index = {int(self._samples[r]): r for r in run}
+                for index, key, files, problem in shard_run_samples(corpus.urls[shard], sorted(by_index)):
+                    yield by_index[index], shard, index, key, files, problem
+            i = j
+
+
+# -------------------------------------------------------------------------------------------------- slot stream
+class SlotStream:
+    """The mixed stream of one (rank, worker) slot; `state()` is its exact position."""
+
+    def __init__(self, spec: StreamSpec, slot: int, state: Optional[dict] = None):
+        self.spec, self.slot = spec, slot
+        state = state or {}
+        positions = state.get("corpora") or [[0, 0]] * len(spec.corpora)
+        self.draws = int(state.get("draws", 0))
+        self.streams = [CorpusStream(spec, c, slot, int(e), int(p)) for c, (e, p) in enumerate(positions)]
+
+    def state(self) -> dict:
+        return {"draws": self.draws, "corpora": [s.position() for s in self.streams]}
+
+    def __iter__(self) -> Iterator[RawSample]:
+        while True:
+            live = [c for c, s in enumerate(self.streams) if not s.exhausted]
+            if not live:
+                return
+            c = self._pick(live)
+            self.draws += 1
+            yield self.streams[c].next()
+
+    def _pick(self, live: list[int]) -> int:
+        if len(live) == 1:
+            return live[0]
+        w = np.asarray([self.spec.weights[c] for c in live], dtype=float)
+        u = np.random.default_rng([self.spec.layout.seed, self.slot, self.spec.layout.slots, self.draws, 2]).random()
+        return live[int(np.searchsorted(np.cumsum(w / w.sum()), u, side="right").clip(max=len(live) - 1))]
+
+
+# ---------------------------------------------------------------------------------------------------- relayout
+def emitted_refs(spec: StreamSpec, layout: Layout, corpus: int, slot: int, epoch: int, pos: int,
+                 excluded: dict[int, set[int]]) -> dict[int, set[int]]:
+    """Returns {shard: sample indices} that `slot` of `layout` emitted in `epoch` before position `pos`."""
+    shards, samples = read_order(spec, corpus, epoch, slot, layout, excluded)
+    if pos < len(shards):
+        picked = emission_order(len(shards), layout, corpus, epoch, slot)[:pos]
+        shards, samples = shards[picked], samples[picked]
+    out: dict[int, set[int]] = {}
+    for s, i in zip(shards.tolist(), samples.tolist()):
+        out.setdefault(s, set()).add(i)
+    return out
+
+
+def relayout(spec: StreamSpec, old_layout: Layout, old_exclusions: list[Exclusions],
+             old_slots: list[dict]) -> tuple[list[Exclusions], list[list[int]]]:
+    """Returns (exclusions per corpus, [epoch, 0] start position per corpus) for `spec`'s layout, from the positions
+    of all slots of an old layout (`old_slots[s]` is slot s's state)."""
+    if len(old_slots) != old_layout.slots:
+        raise ValueError(f"resuming with another layout needs the positions of all {old_layout.slots} old slots "
+                         f"(every rank's state), got {len(old_slots)}")
+    exclusions, starts = [], []
+    for c in range(len(spec.corpora)):
+        positions = [tuple(s["corpora"][c]) for s in old_slots]
+        first = min(e for e, _ in positions)
+        old = old_exclusions[c] if old_exclusions else {}
+        excl: Exclusions = {}
+        for slot, (epoch, pos) in enumerate(positions):
+            last = epoch if old_layout.epochs is None else min(epoch, old_layout.epochs)
+            for e in range(first, last + 1):
+                done = emitted_refs(spec, old_layout, c, slot, e, pos if e == epoch else 1 << 62, old.get(e, {}))
+                for shard, idx in done.items():
+                    excl.setdefault(e, {}).setdefault(shard, set()).update(idx)
+        for e, shards in old.items():
+            if e >= first:
+                for shard, idx in shards.items():
+                    excl.setdefault(e, {}).setdefault(shard, set()).update(idx)
+        exclusions.append(excl)
+        starts.append([first, 0])
+    return exclusions, starts
+
+
+def exclusions_to_state(exclusions: list[Exclusions]) -> list[dict]:
+    """Returns JSON-friendly exclusions: {epoch: {shard: [[first, stop), ...]]}} per corpus."""
+    return [{str(e): {str(s): _ranges(sorted(idx)) for s, idx in shards.items()} for e, shards in ex.items()}
+            for ex in exclusions]
+
+
+def exclusions_from_state(raw: list[dict]) -> list[Exclusions]:
+    return [{int(e): {int(s): {i for a, b in rs for i in range(a, b)} for s, rs in shards.items()}
+             for e, shards in ex.items()} for ex in raw]
+
+
+def _ranges(sorted_idx: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in sorted_idx:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out

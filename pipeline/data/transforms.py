@@ -1,0 +1,106 @@
+"""Frame sampling, crops and normalization as the official VideoMamba/UMT recipes do them.
+
+Everything random about a sample is decided here, up front, as a `ClipPlan` (which frames, which box, whether to
+flip), from a generator seeded by the sample's identity. The plan travels with the encoded bytes, so the CPU and the
+DALI decoders apply the very same plan and give the same frames within their rounding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD (the CLIP teacher's normalization)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRAIN_CROP_SCALE = (0.5, 1.0)  # RandomResizedCrop scale of the UMT / VideoMamba multi-modality recipes
+TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """What to take from one decoded clip: source frame indices, a crop box (x0, y0, x1, y1) in source pixels
+    (end exclusive), whether to flip horizontally, and the square output side."""
+
+    indices: tuple[int, ...]
+    box: tuple[int, int, int, int]
+    flip: bool
+    size: int
+
+
+def resampled_frames(num_source: int, source_fps: float, target_fps: float | None) -> np.ndarray:
+    """Returns the source frame index of every frame of the clip re-timed to `target_fps` (all frames when None)."""
+    if target_fps is None or source_fps <= 0 or abs(target_fps - source_fps) < 1e-6:
+        return np.arange(num_source)
+    count = max(1, int(math.floor(num_source * target_fps / source_fps)))
+    return np.minimum(np.round(np.arange(count) * source_fps / target_fps).astype(int), num_source - 1)
+
+
+def segment_frames(num: int, t: int, train: bool, rng: np.random.Generator) -> np.ndarray:
+    """Returns `t` indices into range(num): one per equal segment, random inside it in training, its middle in eval.
+
+    With fewer frames than segments some segments share a frame (as the official samplers pad by repetition).
+    """
+    edges = np.linspace(0, num, t + 1)
+    lo = np.floor(edges[:-1]).astype(int)
+    hi = np.maximum(lo + 1, np.floor(edges[1:]).astype(int))
+    hi = np.minimum(hi, num)
+    lo = np.minimum(lo, hi - 1)
+    if train:
+        return rng.integers(lo, hi)
+    return (lo + hi - 1) // 2
+
+
+def random_resized_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """Returns a crop box as torchvision's RandomResizedCrop picks it (scale and aspect ratio ranges above)."""
+    area = width * height
+    log_ratio = (math.log(TRAIN_CROP_RATIO[0]), math.log(TRAIN_CROP_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*TRAIN_CROP_SCALE)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = int(rng.integers(0, width - w + 1))
+            y0 = int(rng.integers(0, height - h + 1))
+            return x0, y0, x0 + w, y0 + h
+    return centre_box(width, height)
+
+
+def centre_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """Returns the largest centred square: resizing it to the output side is "resize shorter side + centre crop"."""
+    side = min(width, height)
+    x0, y0 = (width - side) // 2, (height - side) // 2
+    return x0, y0, x0 + side, y0 + side
+
+
+def clip_plan(num_frames: int, fps: float, width: int, height: int, t: int, size: int, train: bool,
+              target_fps: float | None, rng: np.random.Generator) -> ClipPlan:
+    """Returns the plan for a clip of `num_frames` frames at `fps` (an image is a 1-frame clip)."""
+    timeline = resampled_frames(num_frames, fps, target_fps)
+    picks = timeline[segment_frames(len(timeline), t, train, rng)]
+    box = random_resized_box(width, height, rng) if train else centre_box(width, height)
+    flip = bool(rng.random() < 0.5) if train else False
+    return ClipPlan(tuple(int(i) for i in picks), box, flip, size)
+
+
+def planned_clip(frames: torch.Tensor, plan: ClipPlan) -> torch.Tensor:
+    """Returns (3, T, S, S) float CLIP-normalized from (T, H, W, 3) uint8 frames already ordered as `plan.indices`."""
+    x0, y0, x1, y1 = plan.box
+    x = frames[:, y0:y1, x0:x1].permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(plan.size, plan.size), mode="bilinear", align_corners=False, antialias=True)
+    if plan.flip:
+        x = x.flip(-1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0
+    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
+
+
+def denormalized(video: torch.Tensor) -> torch.Tensor:
+    """Returns 0-255 pixel values from a CLIP-normalized (..., 3, T, H, W) tensor (for checks and previews)."""
+    mean = torch.tensor(CLIP_MEAN, device=video.device).view(3, 1, 1, 1) * 255.0
+    std = torch.tensor(CLIP_STD, device=video.device).view(3, 1, 1, 1) * 255.0
+    return video * std + mean
