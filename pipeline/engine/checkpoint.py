@@ -1,0 +1,290 @@
+"""Checkpoints that are complete or absent, and the search for the newest complete one.
+
+Layout of `run_dir/checkpoints/`:
+
+    step_00000100/
+        deepspeed/...          DeepSpeed's model and optimizer states (engine.save_checkpoint, every rank's shards)
+        trainer_state.pt       step, LR scheduler, counters (rank 0)
+        rank_00000.pt ...      per rank: the data stream's position and the torch/CUDA/numpy/python RNG states
+        COMPLETE.json          written last: the manifest (every other file with its size, sha256 of small files)
+
+A checkpoint is built in `.tmp-step_00000100/`; once every rank's files are written and flushed, rank 0 writes the
+manifest and renames the directory to `step_00000100/` (one atomic rename on a POSIX file system). A process killed
+at any moment therefore leaves either the previous set of checkpoints or the new one, plus at most a `.tmp-*`
+directory that the next start removes. A published directory whose manifest is missing or does not match the files
+(a disk error, a hand edit, a copy cut short) is refused with a message naming it, and the one before it is used.
+Old checkpoints beyond `keep_last` are first renamed to `.trash-*`, then deleted, so a half-deleted one is never
+mistaken for a checkpoint.
+
+Checkpoints live on a local or shared POSIX file system (every rank writes into the same directory), not on an
+object store: DeepSpeed writes plain files and the publication relies on rename.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE.json"
+DEEPSPEED_TAG = "deepspeed"
+TRAINER_STATE = "trainer_state.pt"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+CHECKSUM_MAX_BYTES = 8 << 20  # files up to this size get a sha256 in the manifest; larger ones are checked by size
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint directory that is incomplete or does not match its manifest; the message names it."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    step: int
+    path: str
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def checkpoints_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def temp_dir_for(root: str, step: int) -> str:
+    return os.path.join(root, TMP_PREFIX + step_dir_name(step))
+
+
+def fresh_temp_dir(root: str, step: int) -> str:
+    """Returns an empty `.tmp-step_*` directory under `root` (an earlier attempt's leftovers are removed)."""
+    path = temp_dir_for(root, step)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+def manifest_of(directory: str, step: int, world_size: int) -> dict:
+    """Returns the manifest of every file under `directory`: relative path -> size (and sha256 when small)."""
+    files = {}
+    for rel in sorted(_relative_files(directory)):
+        full = os.path.join(directory, rel)
+        size = os.path.getsize(full)
+        entry: dict = {"size": size}
+        if size <= CHECKSUM_MAX_BYTES:
+            entry["sha256"] = _sha256(full)
+        files[rel] = entry
+    return {"step": step, "world_size": world_size, "created": time.time(), "files": files}
+
+
+def publish(temp_dir: str, step: int, world_size: int) -> str:
+    """Flushes every file in `temp_dir`, writes its manifest last, renames it to `step_XXXXXXXX`; returns that path."""
+    for rel in _relative_files(temp_dir):
+        _fsync_file(os.path.join(temp_dir, rel))
+    manifest = manifest_of(temp_dir, step, world_size)
+    marker_tmp = os.path.join(temp_dir, MARKER + ".part")
+    with open(marker_tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(marker_tmp, os.path.join(temp_dir, MARKER))
+    final = os.path.join(os.path.dirname(temp_dir), step_dir_name(step))
+    if os.path.exists(final):  # a checkpoint of this step from an earlier attempt: replace it
+        _discard(final)
+    os.rename(temp_dir, final)
+    _fsync_dir(os.path.dirname(final))
+    return final
+
+
+def prune(root: str, keep_last: int) -> list[str]:
+    """Deletes all but the newest `keep_last` published checkpoints (0 keeps all); returns the deleted paths."""
+    if keep_last <= 0:
+        return []
+    old = list_checkpoints(root)[:-keep_last]
+    for ref in old:
+        _discard(ref.path)
+    return [ref.path for ref in old]
+
+
+def clear_leftovers(root: str) -> list[str]:
+    """Removes `.tmp-*` and `.trash-*` directories an interrupted run left under `root`; returns their paths."""
+    if not os.path.isdir(root):
+        return []
+    gone = []
+    for name in sorted(os.listdir(root)):
+        if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            path = os.path.join(root, name)
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    return gone
+
+
+def _discard(path: str) -> None:
+    trash = os.path.join(os.path.dirname(path), TRASH_PREFIX + os.path.basename(path))
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------- finding
+def list_checkpoints(root: str) -> list[CheckpointRef]:
+    """Returns the published checkpoint directories under `root` (verified or not), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    refs = []
+    for name in os.listdir(root):
+        m = STEP_DIR.match(name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            refs.append(CheckpointRef(int(m.group(1)), os.path.join(root, name)))
+    return sorted(refs, key=lambda r: r.step)
+
+
+def verify(path: str) -> dict:
+    """Returns the manifest of the checkpoint at `path`, or raises CorruptCheckpoint saying what is wrong with it."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isdir(path):
+        raise CorruptCheckpoint(f"checkpoint {path}: not a directory")
+    if not os.path.isfile(marker):
+        raise CorruptCheckpoint(f"checkpoint {path}: no {MARKER} (it was never completed)")
+    try:
+        with open(marker) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        step = int(manifest["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"checkpoint {path}: {MARKER} is unreadable ({e})") from None
+    m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if m and int(m.group(1)) != step:
+        raise CorruptCheckpoint(f"checkpoint {path}: {MARKER} says step {step}, the directory name says otherwise")
+    for rel, entry in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise CorruptCheckpoint(f"checkpoint {path}: file {rel} is missing")
+        size = os.path.getsize(full)
+        if size != entry["size"]:
+            raise CorruptCheckpoint(f"checkpoint {path}: file {rel} has {size} bytes, the manifest says {entry['size']}")
+        if "sha256" in entry and _sha256(full) != entry["sha256"]:
+            raise CorruptCheckpoint(f"checkpoint {path}: file {rel} does not match its sha256 in {MARKER}")
+    expected = [TRAINER_STATE] + [rank_file_name(r) for r in range(int(manifest.get("world_size", 1)))]
+    absent = [name for name in expected if name not in files]
+    if absent:
+        raise CorruptCheckpoint(f"checkpoint {path}: the manifest lacks {', '.join(absent)}")
+    return manifest
+
+
+def newest_complete(root: str) -> Optional[CheckpointRef]:
+    """Returns the newest checkpoint under `root` that verifies; each refused one is logged with the reason."""
+    for ref in reversed(list_checkpoints(root)):
+        try:
+            verify(ref.path)
+            return ref
+        except CorruptCheckpoint as e:
+            log.warning("refusing %s; trying the one before it", e)
+    return None
+
+
+def resolve_resume(resume: Optional[str], run_dir: str) -> Optional[CheckpointRef]:
+    """Returns the checkpoint to resume from: None (fresh start), "auto" (newest complete one in the run, if any), a
+    checkpoint directory (must verify) or a run/checkpoints directory (its newest complete one, which must exist)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return newest_complete(checkpoints_root(run_dir))
+    path = os.path.normpath(resume)
+    if os.path.isfile(os.path.join(path, MARKER)) or STEP_DIR.match(os.path.basename(path)):
+        manifest = verify(path)
+        return CheckpointRef(int(manifest["step"]), path)
+    for root in (checkpoints_root(path), path):
+        if list_checkpoints(root):
+            ref = newest_complete(root)
+            if ref is None:
+                raise CorruptCheckpoint(f"--resume {resume}: no checkpoint under {root} is complete")
+            return ref
+    raise FileNotFoundError(f"--resume {resume}: neither a checkpoint directory nor a directory holding checkpoints")
+
+
+# --------------------------------------------------------------------------------------------------- weights
+def model_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Returns the module's weights in checkpoint `path` as one fp32 state dict on the CPU, whatever the ZeRO stage
+    and world size that wrote it (for evaluation and export without a DeepSpeed engine)."""
+    verify(path)
+    ds_dir = os.path.join(path, DEEPSPEED_TAG)
+    if any(name.endswith("optim_states.pt") and name.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_"))
+           for name in os.listdir(ds_dir)):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(path, tag=DEEPSPEED_TAG))
+    states = torch.load(os.path.join(ds_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+# --------------------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    """Returns this process's random number generator states (torch CPU and CUDA, numpy, python)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch (CPU and CUDA), numpy and python's `random`."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------- files
+def _relative_files(directory: str) -> list[str]:
+    out = []
+    for here, _, names in os.walk(directory):
+        for name in names:
+            out.append(os.path.relpath(os.path.join(here, name), directory))
+    return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,79 @@
+"""The DeepSpeed JSON config of a run: built from `train.*` and `deepspeed.zero_stage`, or a user's own file.
+
+A user's file (`deepspeed.config`) is used as written: every key it sets is passed to DeepSpeed unchanged, and the
+`train.*` settings it covers (ZeRO stage, precision, clipping, batch sizes) are not consulted. The engine only adds
+keys the file leaves out that it needs: the batch sizes when the file gives none, `zero_allow_untested_optimizer`
+(our AdamW is a torch optimizer, which ZeRO accepts with that flag) and a quiet `steps_per_print`. The file may not
+define "optimizer" or "scheduler": the engine's AdamW groups, schedule and NaN/inf step skipping depend on its own.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import fsspec
+
+from pipeline.config import ConfigError, DeepSpeedConfig, TrainConfig
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+OWNED_SECTIONS = ("optimizer", "scheduler")
+
+
+def precision_section(precision: str) -> dict:
+    """Returns the DeepSpeed keys that select `precision` (fp32 needs none)."""
+    if precision == "bf16":
+        return {"bf16": {"enabled": True}}
+    if precision == "fp16":
+        return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                         "hysteresis": 2, "min_loss_scale": 1}}
+    return {}
+
+
+def built_config(train: TrainConfig, zero_stage: int) -> dict:
+    """Returns the DeepSpeed config that `train.*` and `deepspeed.zero_stage` describe."""
+    if train.batch_size < 1 or train.grad_accum < 1:
+        raise ConfigError(f"train.batch_size ({train.batch_size}) and train.grad_accum ({train.grad_accum}) "
+                          "must be at least 1")
+    cfg = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": float(train.clip_grad),
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    cfg.update(precision_section(train.precision))
+    return cfg
+
+
+def user_config(path: str) -> dict:
+    """Returns the JSON object in the user's DeepSpeed config file, or raises ConfigError naming the file."""
+    try:
+        with fsspec.open(path, "r") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config: file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"deepspeed.config: {path} must hold a JSON object, got {type(cfg).__name__}")
+    owned = [k for k in OWNED_SECTIONS if k in cfg]
+    if owned:
+        raise ConfigError(f"deepspeed.config: {path} defines {owned}; the engine builds AdamW and the LR schedule "
+                          "from train.* (lr, min_lr, warmup_steps, weight_decay, betas): remove those sections")
+    return cfg
+
+
+def deepspeed_config(train: TrainConfig, ds: Optional[DeepSpeedConfig]) -> dict:
+    """Returns the config dict handed to `deepspeed.initialize`."""
+    ds = ds or DeepSpeedConfig()
+    if ds.config is None:
+        return built_config(train, ds.zero_stage)
+    cfg = user_config(ds.config)
+    if not any(k in cfg for k in BATCH_KEYS):
+        cfg["train_micro_batch_size_per_gpu"] = train.batch_size
+        cfg["gradient_accumulation_steps"] = train.grad_accum
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    cfg.setdefault("steps_per_print", 1 << 30)
+    return cfg

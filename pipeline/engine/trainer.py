@@ -1,0 +1,364 @@
+"""The training loop on DeepSpeed: optimizer steps, NaN/inf policy, metrics, checkpoints and exact resume.
+
+    trainer = Trainer(model, loss_fn, data, train_cfg, ds_cfg, run_dir)
+    summary = trainer.fit(resume="auto")
+
+`loss_fn(model, batch) -> (loss, {name: float})` is called once per micro-batch. `model` is the DeepSpeed engine:
+calling it runs the wrapped module's forward (with ZeRO-3's parameter gathering), any other attribute falls through
+to the module (`model.forward_features(...)`), and `model.module` is the module itself. `batch` is what the data
+yields, with every tensor in it (nested in dicts, lists, tuples) moved to the engine's device and, under bf16/fp16,
+floating tensors cast to that dtype; other values (strings, lists of strings) pass untouched. Every rank must
+return the same names in the dict; the logged values are their means over micro-batches and ranks.
+
+`data` is any iterable with `state_dict()` / `load_state_dict(state)` describing the position of the stream on this
+rank (called at checkpoints and on resume), and optionally `stats()` -> {counter: int} (summed over ranks into the
+metrics). The engine knows nothing about what the batches hold.
+
+Exact resume: a checkpoint holds DeepSpeed's model and optimizer states, the LR scheduler, the step, each rank's data
+position and each rank's RNG states (restored after the data iterator is created, the last thing before the next
+step). A run resumed from step k with the same world size therefore computes the same losses as one that never
+stopped (bit for bit on the CPU in fp32), and its metrics.jsonl is cut back to step k first.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from pipeline.config import DeepSpeedConfig, TrainConfig
+from pipeline.engine import checkpoint as ckpt
+from pipeline.engine import dist
+from pipeline.engine.ds_config import deepspeed_config
+from pipeline.engine.metrics import MetricsLog, ProgressBar, TensorBoardLog
+from pipeline.engine.optim import SkippableAdamW, build_optimizer
+from pipeline.engine.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss was NaN or inf and `train.nan_policy` is `stop`."""
+
+
+class DataExhausted(RuntimeError):
+    """The data iterable ended before `train.max_steps`."""
+
+
+@dataclass
+class FitSummary:
+    start_step: int  # the step the run started from (0, or the checkpoint's)
+    step: int  # the last optimizer step taken
+    resumed_from: Optional[str]
+    last_loss: Optional[float]
+    skipped_steps: int  # non-finite steps skipped, over the whole run (resumed parts included)
+    samples: int  # samples consumed by this call, all ranks together
+    wall_s: float
+    checkpoints: list[str] = field(default_factory=list)  # published by this call
+
+
+@dataclass
+class _StepResult:
+    loss: float  # mean over micro-batches and ranks (NaN/inf when any was)
+    parts: dict[str, float]
+    nonfinite: bool
+    grad_norm: Optional[float] = None
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, data: Iterable, train_cfg: TrainConfig,
+                 ds_cfg: Optional[DeepSpeedConfig] = None, run_dir: Optional[str] = None):
+        for method in ("state_dict", "load_state_dict"):
+            if not callable(getattr(data, method, None)):
+                raise TypeError(f"Trainer: data ({type(data).__name__}) has no {method}(); exact resume needs it")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.data = data
+        self.cfg = train_cfg
+        self.ds_cfg = ds_cfg or DeepSpeedConfig()
+        self.run_dir = run_dir or train_cfg.out
+        self.engine: Any = None  # the DeepSpeed engine, once fit() has built it
+        self.dist: Optional[dist.DistInfo] = None
+
+    # ------------------------------------------------------------------------------------------------ public
+    def fit(self, resume: Optional[str] = None) -> FitSummary:
+        """Trains up to `train.max_steps` optimizer steps; `resume` is None, "auto" or a checkpoint/run path."""
+        started = time.perf_counter()
+        info = self.dist = dist.init_distributed()
+        _quiet_deepspeed()
+        ckpt.seed_everything(self.cfg.seed + info.rank)
+        engine, optimizer, scheduler = self._build(info)
+        ref = self._resume_choice(resume)
+        state = self._restore(ref, engine, optimizer, scheduler) if ref else {"step": 0, "skipped_steps": 0}
+        step, skipped = state["step"], state["skipped_steps"]
+        logs = _RunLogs(self.run_dir, self.cfg, step) if info.is_main else None
+        iterator = iter(self.data)
+        if ref:
+            ckpt.set_rng_state(state["rng"])
+        micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+        samples_per_step = micro * accum * info.world_size
+        summary = FitSummary(start_step=step, step=step, resumed_from=ref.path if ref else None, last_loss=None,
+                             skipped_steps=skipped, samples=0, wall_s=0.0)
+        try:
+            while step < self.cfg.max_steps:
+                t0 = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]
+                result = self._optimizer_step(engine, optimizer, iterator, accum, step + 1)
+                scheduler.step()
+                step += 1
+                skipped += result.nonfinite
+                summary.step, summary.last_loss, summary.skipped_steps = step, result.loss, skipped
+                summary.samples += samples_per_step
+                record = self._record(step, result, lr, samples_per_step / (time.perf_counter() - t0),
+                                      skipped)
+                if logs:
+                    logs.write(step, record)
+                if self._checkpoint_due(step):
+                    summary.checkpoints.append(self._save(engine, scheduler, step, skipped))
+        finally:
+            if logs:
+                logs.close()
+        summary.wall_s = time.perf_counter() - started
+        return summary
+
+    # ------------------------------------------------------------------------------------------------ building
+    def _build(self, info: dist.DistInfo) -> tuple[Any, SkippableAdamW, torch.optim.lr_scheduler.LambdaLR]:
+        import deepspeed
+
+        cfg = self.cfg
+        optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
+        scheduler = build_scheduler(optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        # The scheduler stays ours (stepped once per optimizer step, skipped steps included), so the LR is a
+        # function of the step alone whatever DeepSpeed does with overflowing fp16 steps.
+        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                               config=deepspeed_config(cfg, self.ds_cfg))
+        self.engine = engine
+        if info.is_main:
+            log.info("DeepSpeed: world %d, ZeRO stage %d, micro batch %d, accumulation %d, %s", info.world_size,
+                     engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
+                     engine.gradient_accumulation_steps(), _precision_of(engine))
+        return engine, optimizer, scheduler
+
+    # ------------------------------------------------------------------------------------------------ stepping
+    def _optimizer_step(self, engine: Any, optimizer: SkippableAdamW, iterator, accum: int,
+                        step: int) -> _StepResult:
+        """Runs `accum` micro-batches and one optimizer update (or none, for a skipped non-finite step)."""
+        loss_sum, parts_sum, nonfinite = 0.0, {}, 0
+        for i in range(accum):
+            batch = self._next_batch(iterator, step)
+            loss, parts = self.loss_fn(engine, _to_device(batch, engine.device, _float_dtype_of(engine)))
+            value = float(loss.detach())
+            nonfinite += not math.isfinite(value)
+            loss_sum += value
+            for name, v in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + float(v)
+            if i == accum - 1:
+                result = self._reduced(loss_sum, parts_sum, nonfinite, accum)
+                if result.nonfinite:
+                    self._on_nonfinite(step, value, parts, optimizer)
+            engine.backward(loss)
+            if i == accum - 1:
+                result.grad_norm = _plain_grad_norm(engine)
+            engine.step()
+        if result.grad_norm is None:
+            result.grad_norm = _finite_or_none(engine.get_global_grad_norm())
+        return result
+
+    def _next_batch(self, iterator, step: int):
+        try:
+            batch, ended = next(iterator), 0
+        except StopIteration:
+            batch, ended = None, 1
+        if dist.world_size() > 1:  # every rank must stop together, or the others wait in a collective forever
+            ended = int(dist.all_reduce_sum(torch.tensor([ended], dtype=torch.int64, device=self.dist.device)))
+        if ended:
+            raise DataExhausted(f"the data ran out during step {step} (train.max_steps={self.cfg.max_steps}); "
+                                "lower train.max_steps or let the stream repeat (data.epochs: null)")
+        return batch
+
+    def _reduced(self, loss_sum: float, parts_sum: dict, nonfinite: int, accum: int) -> _StepResult:
+        names = sorted(parts_sum)
+        local = torch.tensor([loss_sum, float(nonfinite)] + [parts_sum[n] for n in names], dtype=torch.float64,
+                             device=self.dist.device)
+        total = dist.all_reduce_sum(local).cpu().tolist()
+        n = accum * dist.world_size()
+        return _StepResult(loss=total[0] / n, parts={k: v / n for k, v in zip(names, total[2:])},
+                           nonfinite=total[1] > 0)
+
+    def _on_nonfinite(self, step: int, value: float, parts: dict, optimizer: SkippableAdamW) -> None:
+        where = f"step {step} (rank {self.dist.rank} last micro-batch loss {value}, parts {parts})"
+        if self.cfg.nan_policy == "stop":
+            raise NonFiniteLoss(f"non-finite loss at {where}; stopping (train.nan_policy=stop). The last complete "
+                                f"checkpoint is under {ckpt.checkpoints_root(self.run_dir)}; "
+                                "train.nan_policy=skip skips such steps instead")
+        if self.dist.is_main:
+            log.warning("non-finite loss at %s: skipping this optimizer update (train.nan_policy=skip)", where)
+        optimizer.skip_next = True
+
+    def _record(self, step: int, result: _StepResult, lr: float, clips_per_s: float,
+                skipped: int) -> dict:
+        record: dict = {"step": step, "loss": result.loss, "lr": lr}
+        record.update(result.parts)
+        record["grad_norm"] = result.grad_norm
+        record["clips_per_s"] = clips_per_s
+        record["skipped"] = result.nonfinite
+        record["skipped_steps"] = skipped
+        record.update(self._data_counters())
+        record["time"] = time.time()
+        return record
+
+    def _data_counters(self) -> dict:
+        stats = getattr(self.data, "stats", None)
+        if not callable(stats):
+            return {}
+        totals: dict[str, int] = {}
+        for counters in dist.all_gather_objects(dict(stats())):
+            for name, n in counters.items():
+                totals[name] = totals.get(name, 0) + int(n)
+        return {f"data/{name}": n for name, n in sorted(totals.items())}
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.ckpt_every
+        return step == self.cfg.max_steps or (every > 0 and step % every == 0)
+
+    def _save(self, engine: Any, scheduler, step: int, skipped: int) -> str:
+        info = self.dist
+        root = ckpt.checkpoints_root(self.run_dir)
+        if info.is_main:
+            ckpt.fresh_temp_dir(root, step)
+        dist.barrier()
+        temp = ckpt.temp_dir_for(root, step)
+        engine.save_checkpoint(temp, tag=ckpt.DEEPSPEED_TAG, save_latest=False)
+        torch.save({"data": self.data.state_dict(), "rng": ckpt.rng_state()},
+                   os.path.join(temp, ckpt.rank_file_name(info.rank)))
+        if info.is_main:
+            torch.save({"step": step, "skipped_steps": skipped, "scheduler": scheduler.state_dict(),
+                        "world_size": info.world_size}, os.path.join(temp, ckpt.TRAINER_STATE))
+        dist.barrier()
+        path = ""
+        if info.is_main:
+            path = ckpt.publish(temp, step, info.world_size)
+            for old in ckpt.prune(root, self.cfg.keep_last):
+                log.info("removed old checkpoint %s (train.keep_last=%d)", old, self.cfg.keep_last)
+        dist.barrier()
+        return dist.broadcast_object(path)
+
+    def _resume_choice(self, resume: Optional[str]) -> Optional[ckpt.CheckpointRef]:
+        """Rank 0 picks the checkpoint (and clears leftovers of a killed run); every rank gets its choice."""
+        choice: Any = None
+        if self.dist.is_main:
+            for gone in ckpt.clear_leftovers(ckpt.checkpoints_root(self.run_dir)):
+                log.info("removed %s left by an interrupted run", gone)
+            try:
+                choice = ckpt.resolve_resume(resume, self.run_dir)
+                if resume is None and ckpt.list_checkpoints(ckpt.checkpoints_root(self.run_dir)):
+                    raise FileExistsError(f"{ckpt.checkpoints_root(self.run_dir)} holds checkpoints of an earlier run:"
+                                          " resume it (--resume auto) or give this run its own train.out")
+            except (ckpt.CorruptCheckpoint, FileNotFoundError, FileExistsError) as e:
+                choice = e
+            if resume == "auto" and choice is None:
+                log.info("resume=auto: no complete checkpoint under %s; starting at step 0", self.run_dir)
+        choice = dist.broadcast_object(choice)
+        if isinstance(choice, Exception):
+            raise choice
+        return choice
+
+    def _restore(self, ref: ckpt.CheckpointRef, engine: Any, optimizer: SkippableAdamW, scheduler) -> dict:
+        """Loads every part of checkpoint `ref`; returns step, skipped_steps and this rank's RNG states."""
+        trainer_state = torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False)
+        saved_world = trainer_state["world_size"]
+        if saved_world != self.dist.world_size:
+            raise RuntimeError(f"checkpoint {ref.path} was written by {saved_world} processes, this run has "
+                               f"{self.dist.world_size}: exact resume needs the same world size")
+        loaded, _ = engine.load_checkpoint(ref.path, tag=ckpt.DEEPSPEED_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ckpt.CorruptCheckpoint(f"checkpoint {ref.path}: DeepSpeed could not load its '{ckpt.DEEPSPEED_TAG}' "
+                                         "states")
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+        rank_state = torch.load(os.path.join(ref.path, ckpt.rank_file_name(self.dist.rank)), weights_only=False)
+        self.data.load_state_dict(rank_state["data"])
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", ref.path, trainer_state["step"])
+        return {"step": trainer_state["step"], "skipped_steps": trainer_state["skipped_steps"],
+                "rng": rank_state["rng"]}
+
+
+class _RunLogs:
+    """Rank 0's outputs: metrics.jsonl, TensorBoard (train.tensorboard) and the progress bar (train.progress)."""
+
+    def __init__(self, run_dir: str, cfg: TrainConfig, start_step: int):
+        self.cfg = cfg
+        self.jsonl = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), keep_through_step=start_step)
+        self.tb = TensorBoardLog(os.path.join(run_dir, "tb"), start_step) if cfg.tensorboard else None
+        self.bar = ProgressBar(cfg.max_steps, start_step) if cfg.progress else None
+
+    def write(self, step: int, record: dict) -> None:
+        self.jsonl.write(record)
+        if step % max(self.cfg.log_every, 1) == 0 or step == self.cfg.max_steps:
+            if self.tb:
+                self.tb.write(step, {k if "/" in k else f"train/{k}": v for k, v in record.items()
+                                     if k not in ("step", "time")})
+            if self.bar:
+                self.bar.update(step, record["loss"], record["clips_per_s"])
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.bar:
+            self.bar.close()
+
+
+def _to_device(batch: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> Any:
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        return batch.to(float_dtype) if float_dtype is not None and batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device, float_dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in batch):
+        return type(batch)(_to_device(v, device, float_dtype) for v in batch)
+    return batch
+
+
+def _float_dtype_of(engine: Any) -> Optional[torch.dtype]:
+    """The dtype DeepSpeed keeps the module in under bf16/fp16 (inputs must match it); None for fp32."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return None
+
+
+def _precision_of(engine: Any) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[_float_dtype_of(engine)]
+
+
+def _plain_grad_norm(engine: Any) -> Optional[float]:
+    """The global gradient norm where DeepSpeed does not report one (no ZeRO, fp32: the gradients are whole and
+    already averaged over ranks on the module after the boundary's backward); None elsewhere."""
+    if engine.zero_optimization_stage() > 0 or _float_dtype_of(engine) is not None:
+        return None
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return _finite_or_none(torch.stack(grads).norm()) if grads else None
+
+
+def _finite_or_none(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs its whole config and every checkpoint file at INFO; keep its warnings and errors."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -1,0 +1,144 @@
+"""A tiny model, loss and resumable data stream for the engine tests; also a script the tests start as a process.
+
+    python tests/engine/toy.py RUN_DIR [--max-steps N] [--ckpt-every K] [--resume auto] [--die-publishing STEP] ...
+
+`--die-publishing STEP` makes the process SIGKILL itself while checkpoint STEP is being published (every file of it
+written, its manifest not yet), the worst moment for a crash. Under torchrun each rank reads its slice of the data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Optional
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `pipeline` importable
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from pipeline.config import DeepSpeedConfig, TrainConfig  # noqa: E402
+
+DIM = 8
+
+
+class ToyData:
+    """Endless stream of regression batches; global batch g is drawn from a generator seeded with (seed, g), and rank
+    r of w gets rows [r*B, (r+1)*B) of it, so 1 process with batch w*B sees exactly what w processes see together.
+    Batches listed in `nan_batches` (global indices) carry NaN inputs. Position = the next global batch index."""
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 7,
+                 nan_batches: tuple[int, ...] = ()):
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.nan_batches = set(nan_batches)
+        self.index = 0
+        self.loaded_state: Optional[dict] = None
+
+    def __iter__(self):
+        while True:
+            yield self._batch(self.index)
+            self.index += 1
+
+    def _batch(self, index: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        n = self.batch_size * self.world_size
+        x = torch.randn(n, DIM, generator=g)
+        y = (x[:, :1] * 0.7 - x[:, 1:2] ** 2 + 0.1 * torch.randn(n, 1, generator=g))
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        x, y = x[rows], y[rows]
+        if index in self.nan_batches:
+            x = torch.full_like(x, float("nan"))
+        return {"x": x, "y": y, "key": [f"s{index}_{i}" for i in range(self.batch_size)]}
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded_state = dict(state)
+        self.index = state["index"]
+
+    def stats(self) -> dict:
+        return {"odd_batches": (self.index + 1) // 2}
+
+
+class ToyMLP(torch.nn.Module):
+    def __init__(self, hidden: int = 16, dropout: float = 0.2):
+        super().__init__()
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, DIM))
+        self.fc1 = torch.nn.Linear(DIM, hidden)
+        self.drop = torch.nn.Dropout(dropout)
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.fc2 = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.drop(torch.nn.functional.gelu(self.fc1(x + self.pos_embed)))))
+
+
+def mse_loss(model, batch: dict):
+    """loss_fn of the contract: the engine calls it with the DeepSpeed engine and a batch already on its device."""
+    assert isinstance(batch["key"][0], str)  # non-tensor values pass through untouched
+    pred = model(batch["x"]).float()
+    loss = torch.nn.functional.mse_loss(pred, batch["y"].float())
+    return loss, {"mae": float((pred.detach() - batch["y"].float()).abs().mean())}
+
+
+def train_config(**overrides) -> TrainConfig:
+    base = dict(max_steps=8, batch_size=4, grad_accum=2, lr=2e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1,
+                clip_grad=1.0, ckpt_every=3, keep_last=2, log_every=1, seed=11, progress=False, tensorboard=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def build(run_dir: str, rank: int = 0, world_size: int = 1, dropout: float = 0.2, nan_batches=(), zero_stage: int = 0,
+          **overrides):
+    """Returns a Trainer over a freshly initialised ToyMLP (same weights for the same seed, on every rank)."""
+    from pipeline.engine import Trainer
+
+    torch.manual_seed(0)
+    cfg = train_config(**overrides)
+    data = ToyData(cfg.batch_size, rank=rank, world_size=world_size, nan_batches=tuple(nan_batches))
+    return Trainer(ToyMLP(dropout=dropout), mse_loss, data, cfg, DeepSpeedConfig(zero_stage=zero_stage), run_dir)
+
+
+def losses(run_dir: str) -> list[float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir")
+    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--ckpt-every", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--die-publishing", type=int, default=None)
+    args = p.parse_args(argv)
+    from pipeline.engine import checkpoint, dist
+
+    if args.die_publishing is not None:
+        real_publish = checkpoint.publish
+
+        def publish_then_die(temp_dir, step, world_size):
+            if step == args.die_publishing:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_publish(temp_dir, step, world_size)
+
+        checkpoint.publish = publish_then_die
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    trainer = build(args.run_dir, rank=rank, world_size=world, dropout=args.dropout, zero_stage=args.zero_stage,
+                    max_steps=args.max_steps, ckpt_every=args.ckpt_every, batch_size=args.batch_size,
+                    grad_accum=args.grad_accum)
+    summary = trainer.fit(resume=args.resume)
+    if dist.rank() == 0:
+        print("SUMMARY", json.dumps({"step": summary.step, "start_step": summary.start_step}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
