@@ -1,11 +1,13 @@
 """Shared fixtures: tiny real media written once, in tmp dirs, with nothing downloaded.
 
 - `make_mp4(path, frames=8, size=32, codec="h264", fps=8)` writes a real mp4 and returns its path. Frame i is a flat
-  grey whose level rises with i (`mp4_frame_level(i, frames)`), so a decoder test can tell which frames it got, with
-  a white square moving left to right. `size` is an int (square) or (width, height), both even.
+  grey of level 30 + 180 * i / (frames - 1) (within a few levels after decoding), so a decoder test can tell which
+  frames it got, with a white square moving left to right across the middle rows (the corners stay grey). `size`
+  is an int (square) or (width, height), both even. `codec` is "h264" or "vp9".
 - `synth_corpus` is the directory of a small synthetic corpus (`shards.synth.write_corpus`), written once per test
-  session: 12 training videos (8 frames, 64 px, h264), 6 images, 8 held-out eval videos; see docs/CONTRACTS.md.
-  Treat it as read-only; copy it before changing anything.
+  session: 12 training videos (8 frames, 64 px, h264, 8 fps), 6 images, 8 held-out eval videos; see
+  docs/CONTRACTS.md. Its settings are in `synth_corpus / "corpus.json"`. Treat it as read-only; copy it first to
+  change anything.
 """
 from __future__ import annotations
 
