@@ -72,7 +72,7 @@ def _probe_video(data: bytes) -> MediaInfo:
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
-                raise DecodeError("wrong_type", "no video stream in the container")
+                raise DecodeError("empty_video", "no video stream in the container")
             stream = container.streams.video[0]
             frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
             rate = stream.average_rate or stream.guessed_rate or 0
