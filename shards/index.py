@@ -111,9 +111,10 @@ def build_index(input_url: str, samples_per_shard: int, plans: Sequence[ShardPla
     return index
 
 
-def _media(kinds: Counter) -> str:
+def _media(kinds: Counter) -> Optional[str]:
+    """Returns "video" or "image" when every sample is of that kind, else None (mixed or empty corpus)."""
     present = [k for k in ("video", "image") if kinds.get(k)]
-    return present[0] if len(present) == 1 else ("mixed" if present else "none")
+    return present[0] if len(present) == 1 else None
 
 
 def all_failures(results: dict[int, ShardResult]) -> list[dict]:
@@ -141,7 +142,8 @@ def summarize(*, input_url: str, out: str, rows: int, plans: Sequence[ShardPlan]
     return {
         "input": input_url, "out": out, "rows": rows,
         "samples": sum(r.entry["samples"] for r in results.values()),
-        "failed_rows": len(failures), "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "failed_rows": len(failures),
+        "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
         "shards": len(plans), "shards_written": len(written), "shards_skipped": len(results) - len(written),
         "shards_failed": len(failed_tasks), "failed_shards": failed_tasks,
         "bytes": sum(r.entry["bytes"] for r in results.values()), "bytes_written": new_bytes,
@@ -162,7 +164,8 @@ def format_summary(s: dict) -> str:
         f"  rows          {s['rows']}",
         f"  samples       {s['samples']} written to {s['shards']} shards "
         f"({s['shards_written']} this run, {s['shards_skipped']} reused from an earlier run)",
-        f"  failed rows   {s['failed_rows']}" + "".join(f"\n    {k:<20} {v}" for k, v in s["failures_by_reason"].items()),
+        f"  failed rows   {s['failed_rows']}" + "".join(f"\n    {reason:<20} {n}"
+                                                    for reason, n in s["failures_by_reason"].items()),
         f"  bytes         {s['bytes'] / 1e6:.2f} MB ({s['bytes_written'] / 1e6:.2f} MB this run)",
         f"  throughput    {s['samples_per_s']} samples/s, {s['mb_per_s']} MB/s over {s['tasks_s']} s of tasks "
         f"({s['workers']} workers on {len(s['nodes'])} node(s)); {s['elapsed_s']} s in all",

@@ -166,7 +166,8 @@ def _video_ext(format_name: str, url_ext: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ processing
-def process_video(data: bytes, opts: ProcessOptions, start: Optional[float], end: Optional[float]) -> tuple[bytes, dict]:
+def process_video(data: bytes, opts: ProcessOptions, start: Optional[float],
+                  end: Optional[float]) -> tuple[bytes, dict]:
     """Returns (mp4 bytes, what was done): frames from `start` to `end` (when opts.clip), at most opts.max_duration
     seconds, resized to opts.short_side and resampled to opts.fps, encoded with opts.codec. No audio."""
     import av
@@ -181,7 +182,7 @@ def process_video(data: bytes, opts: ProcessOptions, start: Optional[float], end
             src_fps = float(stream.average_rate) if stream.average_rate else 25.0
             fps = opts.fps or src_fps
             frames = _frames_between(src, stream, t0, t1)
-            out, n = _encode(frames, fps, opts)
+            out, n = _encode(frames, fps, src_fps, None if t1 is None else t1 - t0, opts)
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -207,8 +208,9 @@ def _frames_between(src, stream, t0: float, t1: Optional[float]):
         yield t - t0, frame
 
 
-def _encode(frames, fps: float, opts: ProcessOptions) -> tuple[bytes, int]:
-    """Encodes the frames at a constant `fps`: output frame k shows the latest source frame at or before k/fps."""
+def _encode(frames, fps: float, src_fps: float, span: Optional[float], opts: ProcessOptions) -> tuple[bytes, int]:
+    """Encodes the frames at a constant `fps`: output frame k shows the latest source frame at or before k/fps, for
+    every k/fps before the clip's end (`span` seconds, or where the last source frame ends)."""
     import av
 
     buf = io.BytesIO()
@@ -216,18 +218,15 @@ def _encode(frames, fps: float, opts: ProcessOptions) -> tuple[bytes, int]:
     with av.open(buf, "w", format="mp4") as dst:
         out = None
         k = 0
-        pending = None  # the latest source frame not yet at a later output time
+        pending, last_t = None, 0.0  # the latest source frame not yet past an output time, and its time
         for t, frame in frames:
             if out is None:
-                w, h = _target_size(frame.width, frame.height, opts.short_side)
-                out = dst.add_stream(opts.codec, rate=rate)
-                out.width, out.height, out.pix_fmt = w, h, "yuv420p"
-                if opts.codec == "libx264":
-                    out.options = {"crf": str(opts.crf), "preset": "veryfast"}
+                out = _video_stream(dst, rate, frame, opts)
             while pending is not None and k / fps < t - 1e-6:
                 k = _emit(dst, out, pending, k)
-            pending = frame
-        if pending is not None:
+            pending, last_t = frame, t
+        end = last_t + 1 / src_fps if span is None else min(span, last_t + 1 / src_fps)
+        while pending is not None and k / fps < end - 1e-6:
             k = _emit(dst, out, pending, k)
         if out is not None:
             for packet in out.encode():
@@ -235,9 +234,20 @@ def _encode(frames, fps: float, opts: ProcessOptions) -> tuple[bytes, int]:
     return buf.getvalue(), k
 
 
+def _video_stream(dst, rate: Fraction, first_frame, opts: ProcessOptions):
+    w, h = _target_size(first_frame.width, first_frame.height, opts.short_side)
+    out = dst.add_stream(opts.codec, rate=rate)
+    out.width, out.height, out.pix_fmt = w, h, "yuv420p"
+    if opts.codec == "libx264":
+        # one thread: each shard task holds one CPU of the cluster, and the output bytes stay reproducible
+        out.options = {"crf": str(opts.crf), "preset": "veryfast", "threads": "1"}
+    return out
+
+
 def _emit(dst, out, frame, k: int) -> int:
     image = frame.reformat(width=out.width, height=out.height, format="yuv420p")
     image.pts = k
+    image.time_base = 1 / out.average_rate  # else it keeps the source stream's, where pts k means k of its ticks
     for packet in out.encode(image):
         dst.mux(packet)
     return k + 1
