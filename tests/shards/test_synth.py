@@ -41,7 +41,7 @@ def parsed_caption(caption: str, motion: bool = True) -> dict:
     """Returns the attributes a caption states, failing when it states none or two values of one attribute."""
     subjects = SUBJECT.findall(caption)
     assert len(subjects) == 1, f"no single 'count colour shape' phrase in {caption!r}"
-    count, adjective, color, shape = subjects[0]
+    count, _speed, color, shape = subjects[0]
     backgrounds = words_in(caption, {b: b for b in BACKGROUNDS})
     assert len(backgrounds) == 1, caption
     out = {"shape": shape, "color": color, "count": COUNT_WORDS[count], "background": backgrounds.pop()}
