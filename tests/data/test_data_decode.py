@@ -1,0 +1,133 @@
+"""Frame sampling, transforms and the two decoders (PyAV on the CPU; DALI's CPU backend on VP9 clips)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import build_loader
+from pipeline.data.decode import CpuDecoder, DecodeError, EncodedSample, dali_available, probe
+from pipeline.data.transforms import (CLIP_MEAN, CLIP_STD, ClipPlan, clip_plan, denormalized, planned_clip,
+                                      random_resized_box, resampled_frames, segment_frames)
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+
+
+def level(i: int, frames: int = 8) -> int:
+    """The grey level of frame i of the session clips (conftest's make_mp4_session)."""
+    return 30 + 200 * i // (frames - 1)
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+def test_training_picks_one_frame_inside_each_equal_segment():
+    rng = np.random.default_rng(0)
+    picks = np.stack([segment_frames(40, 8, True, rng) for _ in range(200)])
+    assert ((picks >= np.arange(8) * 5) & (picks < np.arange(1, 9) * 5)).all()
+    assert all(len(set(picks[:, j])) == 5 for j in range(8))  # every frame of each segment gets picked
+
+
+def test_evaluation_takes_segment_middles_and_short_clips_repeat_frames():
+    rng = np.random.default_rng(0)
+    assert segment_frames(40, 8, False, rng).tolist() == [2, 7, 12, 17, 22, 27, 32, 37]
+    short = segment_frames(3, 8, True, rng)
+    assert len(short) == 8 and set(short.tolist()) == {0, 1, 2} and (np.diff(short) >= 0).all()
+
+
+def test_target_fps_retimes_the_clip_before_sampling():
+    assert resampled_frames(30, 30.0, 10.0).tolist() == list(range(0, 30, 3))
+    assert resampled_frames(10, 5.0, 10.0).tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 8, 8, 8, 9, 9][:20]
+    assert resampled_frames(12, 24.0, None).tolist() == list(range(12))
+
+
+def test_random_resized_crop_boxes_stay_inside_and_follow_the_scale_range():
+    rng = np.random.default_rng(1)
+    boxes = [random_resized_box(64, 48, rng) for _ in range(300)]
+    areas = [(x1 - x0) * (y1 - y0) / (64 * 48) for x0, y0, x1, y1 in boxes]
+    assert all(0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48 for x0, y0, x1, y1 in boxes)
+    assert min(areas) >= 0.45 and max(areas) <= 1.0 and np.std(areas) > 0.05
+
+
+def test_evaluation_plan_is_a_centre_square_without_flip():
+    plan = clip_plan(16, 8.0, 64, 48, 4, 32, False, None, np.random.default_rng(0))
+    assert plan.box == (8, 0, 56, 48) and not plan.flip and plan.indices == (1, 5, 9, 13)
+
+
+def test_planned_clip_normalizes_with_clip_mean_and_std_and_flips():
+    frames = torch.zeros((2, 8, 8, 3), dtype=torch.uint8)
+    frames[..., 0] = 255
+    frames[:, :, :4] = 0
+    clip = planned_clip(frames, ClipPlan((0, 1), (0, 0, 8, 8), False, 8))
+    red = (1.0 - CLIP_MEAN[0]) / CLIP_STD[0]
+    assert clip.shape == (3, 2, 8, 8)
+    assert torch.allclose(clip[0, :, :, 6:], torch.tensor(red), atol=1e-5)
+    flipped = planned_clip(frames, ClipPlan((0, 1), (0, 0, 8, 8), True, 8))
+    assert torch.equal(flipped, clip.flip(-1))
+    assert torch.allclose(denormalized(clip)[0, :, :, 6:], torch.tensor(255.0), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------- PyAV
+def test_cpu_decoder_returns_the_planned_frames_in_order(clip_h264):
+    info = probe(clip_h264, "video")
+    assert (info.frames, info.fps, info.width, info.height) == (8, 8.0, 32, 32)
+    plan = ClipPlan((7, 0, 3, 3), (0, 0, 32, 32), False, 32)
+    clip = CpuDecoder().decode_one(EncodedSample("k", "video", clip_h264, plan))
+    grey = denormalized(clip)[:, :, 24:, :].mean(dim=(0, 2, 3))  # rows below the moving box are flat grey
+    assert torch.allclose(grey, torch.tensor([level(i) for i in (7, 0, 3, 3)], dtype=torch.float32), atol=3)
+
+
+def test_unusable_bytes_raise_the_kind_they_are_counted_under(clip_h264, jpg_bytes):
+    with pytest.raises(DecodeError) as e:
+        probe(b"not an mp4 at all", "video")
+    assert e.value.kind == "corrupt_video"
+    with pytest.raises(DecodeError) as e:
+        probe(clip_h264[:100], "image")
+    assert e.value.kind == "corrupt_image"
+    plan = ClipPlan((0, 7), (0, 0, 32, 32), False, 16)
+    cut = clip_h264[: len(clip_h264) // 2] + bytes(len(clip_h264) // 2)
+    video, failures = CpuDecoder().decode([EncodedSample("a", "video", cut, plan),
+                                           EncodedSample("b", "image", jpg_bytes, plan)])
+    assert failures == [(0, "corrupt_video")] and video.shape == (1, 3, 2, 16, 16)
+
+
+# --------------------------------------------------------------------------------------------------------- DALI
+@needs_dali
+def test_dali_cpu_backend_gives_the_pyav_frames_on_vp9(clip_vp9, jpg_bytes):
+    from pipeline.data.decode import DaliDecoder
+
+    info = probe(clip_vp9, "video")
+    rng = np.random.default_rng(4)
+    samples = [EncodedSample(f"v{i}", "video", clip_vp9,
+                             clip_plan(info.frames, info.fps, 32, 32, 4, 24, True, None, rng)) for i in range(3)]
+    samples.append(EncodedSample("i", "image", jpg_bytes, ClipPlan((0,) * 4, (4, 2, 36, 22), True, 24)))
+    assert any(s.plan.flip for s in samples) and any(not s.plan.flip for s in samples)
+    cpu, cpu_fail = CpuDecoder().decode(samples)
+    dali, dali_fail = DaliDecoder("cpu", max_batch=4).decode(samples)
+    assert cpu_fail == dali_fail == [] and dali.shape == cpu.shape == (4, 3, 4, 24, 24)
+    # Normalized units (0.04 is about 2.7 grey levels). The decoders upsample 4:2:0 chroma differently, so sharp
+    # colour edges differ by up to ~70 levels in a few pixels; flat areas agree within 1. A wrong frame index
+    # (28 levels apart here), box or flip moves the mean far above this.
+    diff = (dali - cpu).abs()
+    assert diff.mean() < 0.04 and diff.flatten().quantile(0.9) < 0.1
+
+
+@needs_dali
+def test_dali_decoder_counts_what_it_cannot_decode(clip_vp9, clip_h264):
+    from pipeline.data.decode import DaliDecoder
+
+    plan = ClipPlan((0, 5), (0, 0, 32, 32), False, 16)
+    samples = [EncodedSample("ok", "video", clip_vp9, plan), EncodedSample("h264", "video", clip_h264, plan)]
+    video, failures = DaliDecoder("cpu", max_batch=2).decode(samples)  # DALI's CPU backend has no H.264
+    assert failures == [(1, "corrupt_video")] and video.shape == (1, 3, 2, 16, 16)
+
+
+@needs_dali
+def test_loader_with_the_dali_decoder_matches_the_cpu_decoder(shard_writer, data_cfg, clip_vp9):
+    index = shard_writer.corpus("w", shards=2, per_shard=3, clip=clip_vp9)
+    batches = {}
+    for decoder in ("cpu", "dali"):
+        loader = build_loader(data_cfg(index, decoder=decoder, epochs=1), 4, rank=0, world_size=1, seed=5)
+        batches[decoder] = list(loader)
+        assert loader.stats() == {}
+    for a, b in zip(batches["cpu"], batches["dali"]):
+        assert a["key"] == b["key"] and a["text"] == b["text"]
+        assert (a["video"] - b["video"]).abs().mean() < 0.04
