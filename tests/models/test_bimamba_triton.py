@@ -1,0 +1,196 @@
+"""The Triton bidirectional scan and mixer against naive fp64 recurrences, on the CPU through TRITON_INTERPRET=1.
+
+The interpreter must be switched on before triton is first imported, so every check runs in a fresh subprocess
+(this file run as a script) and reports relative errors as JSON; the pytest functions assert on them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TOL_FP32 = 1e-5
+TOL_BF16 = 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ references
+def naive_scan(u, dt, A, Bm, Cm, D, z, bias):
+    """One direction, left to right, token by token: (y + D u) * silu(z), all (B, L, E) token-major."""
+    delta = F.softplus(dt + bias)
+    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * Bm[:, t, None, :]
+        ys.append((h * Cm[:, t, None, :]).sum(-1) + D * u[:, t])
+    return torch.stack(ys, 1) * F.silu(z)
+
+
+def naive_bidirectional_scan(u, dt, A, Bm, Cm, D, z, bias):
+    """Direction 0 as is plus direction 1 run on flipped inputs and flipped back (the way mamba-ssm is used)."""
+    forward = naive_scan(u[0], dt[0], A[0], Bm[0], Cm[0], D[0], z, bias[0])
+    flip = lambda t: t.flip(1)  # noqa: E731
+    backward = naive_scan(flip(u[1]), flip(dt[1]), A[1], flip(Bm[1]), flip(Cm[1]), D[1], flip(z), bias[1])
+    return forward + flip(backward)
+
+
+class TinyBiMixer(nn.Module):
+    """The official bimamba v2 parameters (names and shapes) and its plain forward with flipped copies."""
+
+    def __init__(self, d_model: int, d_state: int, expand: int = 2):
+        super().__init__()
+        e, self.n, self.r = expand * d_model, d_state, math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * e, bias=False)
+        for suffix in ("", "_b"):
+            setattr(self, "conv1d" + suffix, nn.Conv1d(e, e, 4, groups=e, bias=True, padding=3))
+            setattr(self, "x_proj" + suffix, nn.Linear(e, self.r + 2 * d_state, bias=False))
+            setattr(self, "dt_proj" + suffix, nn.Linear(self.r, e, bias=True))
+        self.A_log = nn.Parameter(torch.log(torch.rand(e, d_state) * 4 + 0.5))
+        self.A_b_log = nn.Parameter(torch.log(torch.rand(e, d_state) * 4 + 0.5))
+        self.D = nn.Parameter(torch.randn(e))
+        self.D_b = nn.Parameter(torch.randn(e))
+        self.out_proj = nn.Linear(e, d_model, bias=False)
+
+    def forward(self, h):
+        length = h.shape[1]
+        x, z = self.in_proj(h).chunk(2, dim=-1)
+        total = 0
+        for suffix, flip in (("", False), ("_b", True)):
+            xd, zd = (x.flip(1), z.flip(1)) if flip else (x, z)
+            conv = getattr(self, "conv1d" + suffix)
+            u = F.silu(conv(xd.transpose(1, 2))[..., :length]).transpose(1, 2)
+            x_dbl = getattr(self, "x_proj" + suffix)(u)
+            dt_proj = getattr(self, "dt_proj" + suffix)
+            dt = x_dbl[..., :self.r] @ dt_proj.weight.T
+            A = -torch.exp(getattr(self, "A_log" if suffix == "" else "A_b_log"))
+            y = naive_scan(u, dt, A, x_dbl[..., self.r:self.r + self.n], x_dbl[..., self.r + self.n:],
+                           getattr(self, "D" + suffix), zd, dt_proj.bias)
+            total = total + (y.flip(1) if flip else y)
+        return self.out_proj(total)
+
+
+def scan_inputs(b, l, e, n, r, seed, dtype):
+    """Random scan inputs; B and C are strided views into one x_proj-like output, as in the mixer."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x_dbl = rnd(2, b, l, r + 2 * n)
+    return dict(u=rnd(2, b, l, e).to(dtype), delta=(rnd(2, b, l, e) * 0.5 - 1).to(dtype),
+                A=-(torch.rand(2, e, n, generator=g, dtype=torch.float64) * 3 + 0.2),
+                B=x_dbl[..., r:r + n].to(dtype), C=x_dbl[..., r + n:].to(dtype), D=rnd(2, e),
+                z=rnd(b, l, 2 * e)[..., e:].to(dtype), delta_bias=rnd(2, e) * 0.3)
+
+
+def rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------------ checks (subprocess)
+def check_scan(b, l, e, n, seed, dtype_name, block_t, block_e, segments) -> dict:
+    """Output and every input gradient of bidirectional_selective_scan vs the naive fp64 recurrence."""
+    from pipeline.models.ops.bimamba_triton import ScanConfig, bidirectional_selective_scan
+    dtype = getattr(torch, dtype_name)
+    inputs = scan_inputs(b, l, e, n, 3, seed, dtype)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    cfg = ScanConfig(block_t=block_t, block_e=block_e, segments=segments)
+    out = bidirectional_selective_scan(**leaves, cfg=cfg)
+    ref = naive_bidirectional_scan(*(ref_leaves[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
+    dout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    out.backward(dout.to(out.dtype))
+    ref.backward(dout)
+    errors = {"out": rel(out, ref)}
+    errors.update({f"d{k}": rel(leaves[k].grad, ref_leaves[k].grad) for k in leaves})
+    errors["finite"] = bool(torch.isfinite(out).all())
+    return errors
+
+
+def check_mixer(b, l, d_model, n, seed, segments) -> dict:
+    """bimamba_forward on a module with the official parameter names vs its plain fp64 forward: output, input and
+    parameter gradients."""
+    from pipeline.models.ops.bimamba_triton import ScanConfig, bimamba_forward
+    torch.manual_seed(seed)
+    mixer = TinyBiMixer(d_model, n)
+    ref_mixer = TinyBiMixer(d_model, n).double()
+    ref_mixer.load_state_dict(mixer.state_dict())
+    h = torch.randn(b, l, d_model, requires_grad=True)
+    h_ref = h.detach().double().requires_grad_()
+    out = bimamba_forward(mixer, h, ScanConfig(block_t=8, block_e=8, conv_block_t=16, conv_block_e=8,
+                                               segments=segments))
+    ref = ref_mixer(h_ref)
+    dout = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(dout.float())
+    ref.backward(dout)
+    errors = {"out": rel(out, ref), "dh": rel(h.grad, h_ref.grad)}
+    ref_params = dict(ref_mixer.named_parameters())
+    errors.update({f"d{name}": rel(p.grad, ref_params[name].grad) for name, p in mixer.named_parameters()})
+    return errors
+
+
+CHECKS = {"scan": check_scan, "mixer": check_mixer}
+
+
+def run_checks(cases: list) -> list:
+    """Runs [(check name, kwargs), ...] in one interpreter subprocess; returns their error dicts."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, __file__, json.dumps(cases)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_close(errors: dict, tol: float, case) -> None:
+    assert errors.pop("finite", True), f"non-finite output in {case}"
+    bad = {k: v for k, v in errors.items() if not v < tol}  # `not <` also catches NaN
+    assert not bad, f"{case}: relative errors above {tol}: {bad}"
+
+
+# ------------------------------------------------------------------------------------------------ tests
+SCAN_CASES = [
+    # b, l, e, n, seed, dtype, block_t, block_e, segments
+    (2, 37, 12, 4, 0, "float32", 8, 8, 1),   # odd length, channels not a multiple of the block, several chunks
+    (1, 67, 8, 6, 1, "float32", 16, 8, 3),   # states not a power of two; three segments carried by the summaries
+    (2, 1, 8, 4, 2, "float32", 8, 8, 1),     # a single token
+    (1, 45, 8, 8, 3, "float32", 8, 8, 4),    # last segment shorter than the others
+]
+
+
+def test_scan_matches_naive_recurrence_fp32():
+    results = run_checks([("scan", dict(zip(("b", "l", "e", "n", "seed", "dtype_name", "block_t", "block_e",
+                                              "segments"), case))) for case in SCAN_CASES])
+    for case, errors in zip(SCAN_CASES, results):
+        assert_close(errors, TOL_FP32, case)
+
+
+def test_scan_bf16_inputs_within_bf16_tolerance():
+    case = (2, 29, 8, 4, 4, "bfloat16", 8, 8, 2)
+    [errors] = run_checks([("scan", dict(zip(("b", "l", "e", "n", "seed", "dtype_name", "block_t", "block_e",
+                                              "segments"), case)))])
+    assert_close(errors, TOL_BF16, case)
+
+
+def test_mixer_matches_plain_bimamba_forward_and_gradients():
+    cases = [dict(b=2, l=23, d_model=8, n=4, seed=5, segments=1), dict(b=1, l=41, d_model=8, n=4, seed=6, segments=2)]
+    for case, errors in zip(cases, run_checks([("mixer", c) for c in cases])):
+        assert_close(errors, TOL_FP32, case)
+
+
+def test_scan_rejects_mismatched_shapes():
+    code = ("from pipeline.models.ops.bimamba_triton import bidirectional_selective_scan as f; import torch\n"
+            "u = torch.zeros(2, 1, 5, 4)\n"
+            "try:\n    f(u, u, torch.zeros(2, 4, 3), torch.zeros(2, 1, 5, 2), torch.zeros(2, 1, 5, 2), "
+            "torch.zeros(2, 4), u[0], torch.zeros(2, 4))\nexcept ValueError as e:\n    print(e)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "B has shape (2, 1, 5, 2), expected (2, 1, 5, 3)" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(json.dumps([CHECKS[name](**kwargs) for name, kwargs in json.loads(sys.argv[1])]))
