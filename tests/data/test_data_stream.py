@@ -1,0 +1,108 @@
+"""The sample streams without decoding: shard assignment, shuffling, mixing, positions and re-layout."""
+from __future__ import annotations
+
+import collections
+import itertools
+
+import numpy as np
+
+from pipeline.data.stream import (Layout, SlotStream, StreamSpec, emission_order, exclusions_from_state,
+                                  exclusions_to_state, relayout, resolved_corpus, split_sources)
+
+from data_shard_files import tar_bytes
+
+
+def text_corpus(root, name: str, shards: int, per_shard: int):
+    """Writes tars of caption-only samples (the stream never looks inside) and returns the resolved corpus."""
+    root.mkdir(exist_ok=True)
+    for s in range(shards):
+        samples = [(f"{name}{s * per_shard + j:04d}", {"txt": b"x"}) for j in range(per_shard)]
+        (root / f"{name}-{s:06d}.tar").write_bytes(tar_bytes(samples))
+    return resolved_corpus(str(root / f"{name}-{{000000..{shards - 1:06d}}}.tar"))
+
+
+def layout(world: int, workers: int = 1, epochs=None, buffer: int = 8, seed: int = 0) -> Layout:
+    return Layout(seed=seed, world_size=world, slots_per_rank=workers, shuffle=True, buffer=buffer, epochs=epochs)
+
+
+def test_brace_patterns_keep_their_commas():
+    assert split_sources("a/{x,y}-{0..3}.tar, b/index.json") == ["a/{x,y}-{0..3}.tar", "b/index.json"]
+
+
+def test_shuffle_buffer_is_a_permutation_that_stays_within_the_buffer():
+    order = emission_order(500, layout(1, buffer=16), corpus=0, epoch=3, slot=0)
+    assert sorted(order.tolist()) == list(range(500)) and order.tolist() != list(range(500))
+    assert all(order[j] <= j + 15 for j in range(500))  # never more than a buffer ahead of the reader
+
+
+def test_fewer_shards_than_slots_are_split_so_every_slot_reads(tmp_path):
+    corpus = text_corpus(tmp_path / "c", "c", shards=2, per_shard=9)
+    spec = StreamSpec([corpus], [1.0], layout(world=3, workers=2, epochs=1))
+    per_slot = [[s.key for s in SlotStream(spec, slot)] for slot in range(6)]
+    assert all(len(keys) == 3 for keys in per_slot)
+    assert sorted(itertools.chain(*per_slot)) == [f"c{i:04d}" for i in range(18)]
+
+
+def test_epochs_reshuffle_and_each_covers_everything(tmp_path):
+    corpus = text_corpus(tmp_path / "c", "c", shards=4, per_shard=6)
+    spec = StreamSpec([corpus], [1.0], layout(world=1, workers=2, epochs=2))
+    epochs = collections.defaultdict(list)
+    for slot in range(2):
+        for s in SlotStream(spec, slot):
+            epochs[s.epoch].append(s.key)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == [f"c{i:04d}" for i in range(24)]
+    assert epochs[0] != epochs[1]
+
+
+def test_mixing_follows_the_weights(tmp_path):
+    a = text_corpus(tmp_path / "a", "a", shards=2, per_shard=40)
+    b = text_corpus(tmp_path / "b", "b", shards=2, per_shard=40)
+    spec = StreamSpec([a, b], [3.0, 1.0], layout(world=1, workers=1))
+    keys = [s.key for s in itertools.islice(SlotStream(spec, 0), 2000)]
+    share = sum(k.startswith("a") for k in keys) / len(keys)
+    assert abs(share - 0.75) < 0.04  # binomial sd is 0.01
+    assert len(set(keys[:80])) == 80  # endless: each corpus cycles through its epochs
+
+
+def test_a_restored_position_continues_exactly(tmp_path):
+    a = text_corpus(tmp_path / "a", "a", shards=3, per_shard=7)
+    b = text_corpus(tmp_path / "b", "b", shards=2, per_shard=5)
+    spec = StreamSpec([a, b], [1.0, 1.0], layout(world=2, workers=2, buffer=5))
+    straight = [(s.key, s.epoch) for s in itertools.islice(SlotStream(spec, 3), 60)]
+    head_stream = SlotStream(spec, 3)
+    head = [(s.key, s.epoch) for s in itertools.islice(head_stream, 23)]
+    resumed = SlotStream(spec, 3, head_stream.state())
+    tail = [(s.key, s.epoch) for s in itertools.islice(resumed, 37)]
+    assert head + tail == straight
+
+
+def test_relayout_leaves_out_exactly_what_the_old_slots_emitted(tmp_path):
+    corpus = text_corpus(tmp_path / "c", "c", shards=4, per_shard=10)
+    old = StreamSpec([corpus], [1.0], layout(world=2, seed=4))
+    seen = collections.defaultdict(list)  # epoch -> keys
+    states = []
+    for slot, count in ((0, 30), (1, 5)):  # slot 0 is 10 samples into its second epoch, slot 1 still in its first
+        stream = SlotStream(old, slot)
+        for s in itertools.islice(stream, count):
+            seen[s.epoch].append(s.key)
+        states.append(stream.state())
+    new_layout = layout(world=3, seed=4, buffer=3)
+    exclusions, starts = relayout(StreamSpec([corpus], [1.0], new_layout), old.layout, [], states)
+    assert starts == [[0, 0]]
+    exclusions = exclusions_from_state(exclusions_to_state(exclusions))  # survives the state dict
+    new = StreamSpec([corpus], [1.0], new_layout, exclusions)
+    for slot in range(3):
+        for s in SlotStream(new, slot, {"corpora": starts}):
+            if s.epoch >= 2:
+                break
+            seen[s.epoch].append(s.key)
+    everything = [f"c{i:04d}" for i in range(40)]
+    assert sorted(seen[0]) == everything and sorted(seen[1]) == everything
+
+
+def test_positions_depend_on_the_seed(tmp_path):
+    corpus = text_corpus(tmp_path / "c", "c", shards=2, per_shard=10)
+    orders = [[s.key for s in SlotStream(StreamSpec([corpus], [1.0], layout(1, epochs=1, seed=k)), 0)]
+              for k in (0, 0, 1)]
+    assert orders[0] == orders[1] != orders[2]
+    assert np.array_equal(sorted(orders[2]), sorted(orders[0]))
