@@ -25,3 +25,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, peak_lr: float, min_lr: fl
         raise ValueError(f"train.min_lr ({min_lr}) is above train.lr ({peak_lr})")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, peak_lr, min_lr, warmup_steps, max_steps))
+
+
+def move_to_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Sets `scheduler` (and its optimizer's learning rates) to where it is after `step` optimizer steps.
+
+    On resume the LR is recomputed from the step and the current config rather than copied from the checkpoint, so
+    a resumed run with a changed train.max_steps or train.lr follows the schedule that config describes.
+    """
+    scheduler.last_epoch = step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)

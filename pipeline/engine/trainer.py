@@ -14,8 +14,8 @@ return the same names in the dict; the logged values are their means over micro-
 rank (called at checkpoints and on resume), and optionally `stats()` -> {counter: int} (summed over ranks into the
 metrics). The engine knows nothing about what the batches hold.
 
-Exact resume: a checkpoint holds DeepSpeed's model and optimizer states, the LR scheduler, the step, each rank's data
-position and each rank's RNG states (restored after the data iterator is created, the last thing before the next
+Exact resume: a checkpoint holds DeepSpeed's model and optimizer states, the LR scheduler's state (on resume the LR
+is recomputed from the step and the current config), the step, each rank's data position and each rank's RNG states (restored after the data iterator is created, the last thing before the next
 step). A run resumed from step k with the same world size therefore computes the same losses as one that never
 stopped (bit for bit on the CPU in fp32), and its metrics.jsonl is cut back to step k first.
 """
@@ -36,7 +36,7 @@ from pipeline.engine import dist
 from pipeline.engine.ds_config import deepspeed_config
 from pipeline.engine.metrics import MetricsLog, ProgressBar, TensorBoardLog
 from pipeline.engine.optim import SkippableAdamW, build_optimizer
-from pipeline.engine.schedule import build_scheduler
+from pipeline.engine.schedule import build_scheduler, move_to_step
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ class Trainer:
         info = self.dist = dist.init_distributed()
         _quiet_deepspeed()
         ckpt.seed_everything(self.cfg.seed + info.rank)
-        engine, optimizer, scheduler = self._build(info)
         ref = self._resume_choice(resume)
-        state = self._restore(ref, engine, optimizer, scheduler) if ref else {"step": 0, "skipped_steps": 0}
+        engine, optimizer, scheduler = self._build(info)
+        state = self._restore(ref, engine, scheduler) if ref else {"step": 0, "skipped_steps": 0}
         step, skipped = state["step"], state["skipped_steps"]
         logs = _RunLogs(self.run_dir, self.cfg, step) if info.is_main else None
         iterator = iter(self.data)
@@ -270,7 +270,7 @@ class Trainer:
             raise choice
         return choice
 
-    def _restore(self, ref: ckpt.CheckpointRef, engine: Any, optimizer: SkippableAdamW, scheduler) -> dict:
+    def _restore(self, ref: ckpt.CheckpointRef, engine: Any, scheduler) -> dict:
         """Loads every part of checkpoint `ref`; returns step, skipped_steps and this rank's RNG states."""
         trainer_state = torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False)
         saved_world = trainer_state["world_size"]
@@ -282,9 +282,7 @@ class Trainer:
         if loaded is None:
             raise ckpt.CorruptCheckpoint(f"checkpoint {ref.path}: DeepSpeed could not load its '{ckpt.DEEPSPEED_TAG}' "
                                          "states")
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
+        move_to_step(scheduler, trainer_state["step"])
         rank_state = torch.load(os.path.join(ref.path, ckpt.rank_file_name(self.dist.rank)), weights_only=False)
         self.data.load_state_dict(rank_state["data"])
         if self.dist.is_main:

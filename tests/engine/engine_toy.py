@@ -1,6 +1,6 @@
 """A tiny model, loss and resumable data stream for the engine tests; also a script the tests start as a process.
 
-    python tests/engine/toy.py RUN_DIR [--max-steps N] [--ckpt-every K] [--resume auto] [--die-publishing STEP] ...
+    python tests/engine/engine_toy.py RUN_DIR [--max-steps N] [--ckpt-every K] [--resume auto] [--die-publishing STEP] ...
 
 `--die-publishing STEP` makes the process SIGKILL itself while checkpoint STEP is being published (every file of it
 written, its manifest not yet), the worst moment for a crash. Under torchrun each rank reads its slice of the data.
@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -25,32 +26,40 @@ DIM = 8
 
 
 class ToyData:
-    """Endless stream of regression batches; global batch g is drawn from a generator seeded with (seed, g), and rank
-    r of w gets rows [r*B, (r+1)*B) of it, so 1 process with batch w*B sees exactly what w processes see together.
+    """Endless stream of regression batches. Sample i is drawn from a generator seeded with (seed, i); global batch g
+    holds samples [g*B*w, (g+1)*B*w) and rank r of w gets rows [r*B, (r+1)*B) of it, so every split of an optimizer
+    step's samples over micro-batches and ranks (batch B, accumulation A, world w with B*A*w fixed) sees the same set.
     Batches listed in `nan_batches` (global indices) carry NaN inputs. Position = the next global batch index."""
 
+    slow_s = 0.0  # a pause per batch, so that a test can kill a run between two steps
+
     def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 7,
-                 nan_batches: tuple[int, ...] = ()):
+                 nan_batches: tuple[int, ...] = (), limit: Optional[int] = None):
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.nan_batches = set(nan_batches)
+        self.limit = limit  # the stream ends after this many batches (None: never)
         self.index = 0
         self.loaded_state: Optional[dict] = None
 
     def __iter__(self):
-        while True:
-            yield self._batch(self.index)
+        while self.limit is None or self.index < self.limit:
+            # the position moves before the yield: state_dict() between batches names the next one
             self.index += 1
+            time.sleep(self.slow_s)
+            yield self._batch(self.index - 1)
 
     def _batch(self, index: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
-        n = self.batch_size * self.world_size
-        x = torch.randn(n, DIM, generator=g)
-        y = (x[:, :1] * 0.7 - x[:, 1:2] ** 2 + 0.1 * torch.randn(n, 1, generator=g))
-        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        x, y = x[rows], y[rows]
+        first = index * self.batch_size * self.world_size + self.rank * self.batch_size
+        x, y = zip(*(self._sample(first + i) for i in range(self.batch_size)))
+        x, y = torch.stack(x), torch.stack(y)
         if index in self.nan_batches:
             x = torch.full_like(x, float("nan"))
-        return {"x": x, "y": y, "key": [f"s{index}_{i}" for i in range(self.batch_size)]}
+        return {"x": x, "y": y, "key": [f"s{first + i}" for i in range(self.batch_size)]}
+
+    def _sample(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + i)
+        x = torch.randn(DIM, generator=g)
+        return x, x[:1] - x[1:2] + 0.1 * torch.randn(1, generator=g)
 
     def state_dict(self) -> dict:
         return {"index": self.index}
@@ -92,13 +101,14 @@ def train_config(**overrides) -> TrainConfig:
 
 
 def build(run_dir: str, rank: int = 0, world_size: int = 1, dropout: float = 0.2, nan_batches=(), zero_stage: int = 0,
-          **overrides):
+          limit: Optional[int] = None, **overrides):
     """Returns a Trainer over a freshly initialised ToyMLP (same weights for the same seed, on every rank)."""
     from pipeline.engine import Trainer
 
     torch.manual_seed(0)
     cfg = train_config(**overrides)
-    data = ToyData(cfg.batch_size, rank=rank, world_size=world_size, nan_batches=tuple(nan_batches))
+    data = ToyData(cfg.batch_size, rank=rank, world_size=world_size, nan_batches=tuple(nan_batches),
+                    limit=limit)
     return Trainer(ToyMLP(dropout=dropout), mse_loss, data, cfg, DeepSpeedConfig(zero_stage=zero_stage), run_dir)
 
 
@@ -118,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--resume", default=None)
     p.add_argument("--die-publishing", type=int, default=None)
+    p.add_argument("--slow-s", type=float, default=0.0)
     args = p.parse_args(argv)
     from pipeline.engine import checkpoint, dist
 
@@ -134,6 +145,7 @@ def main(argv=None) -> int:
     trainer = build(args.run_dir, rank=rank, world_size=world, dropout=args.dropout, zero_stage=args.zero_stage,
                     max_steps=args.max_steps, ckpt_every=args.ckpt_every, batch_size=args.batch_size,
                     grad_accum=args.grad_accum)
+    trainer.data.slow_s = args.slow_s
     summary = trainer.fit(resume=args.resume)
     if dist.rank() == 0:
         print("SUMMARY", json.dumps({"step": summary.step, "start_step": summary.start_step}), flush=True)

@@ -1,0 +1,172 @@
+"""The trainer on DeepSpeed (CPU, gloo, one process here): metrics, checkpoints, exact resume after SIGKILL, corrupt
+checkpoints, the NaN/inf policy, accumulation and ZeRO stages."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import engine_toy as toy
+from pipeline.engine import CorruptCheckpoint, DataExhausted, NonFiniteLoss, model_state_dict
+from pipeline.engine import checkpoint as ckpt
+from pipeline.engine.metrics import read_records
+from pipeline.engine.schedule import lr_factor
+
+TOY = os.path.join(os.path.dirname(__file__), "engine_toy.py")
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def step_dirs(run_dir):
+    return sorted(os.listdir(ckpt.checkpoints_root(run_dir)))
+
+
+def run_toy_process(run_dir, *args):
+    """Starts engine_toy.py as its own process (the default run: 8 steps, a checkpoint every 3)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # a lone process of its own
+        env.pop(var, None)
+    return subprocess.Popen([sys.executable, TOY, str(run_dir), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of 8 steps (checkpoints at 3, 6, 8; the last 2 kept), with TensorBoard and the bar."""
+    run_dir = str(tmp_path_factory.mktemp("reference"))
+    trainer = toy.build(run_dir, tensorboard=True, progress=True)
+    summary = trainer.fit(resume="auto")
+    return run_dir, trainer, summary
+
+
+def test_uninterrupted_run_writes_metrics_checkpoints_and_tensorboard(reference):
+    run_dir, trainer, summary = reference
+    records = read_records(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 9))
+    cfg = toy.train_config()
+    assert [r["lr"] for r in records] == pytest.approx(
+        [cfg.lr * lr_factor(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) for s in range(8)])
+    for r in records:
+        assert {"loss", "mae", "clips_per_s", "grad_norm", "time", "skipped_steps"} <= set(r)
+        assert r["data/odd_batches"] == r["step"]  # the data's own counters (2 batches per step)
+        assert r["clips_per_s"] > 0 and r["grad_norm"] > 0
+    assert min(r["loss"] for r in records[1:]) < records[0]["loss"] / 2  # it learns something
+    assert step_dirs(run_dir) == ["step_00000006", "step_00000008"]  # keep_last=2
+    assert summary.step == 8 and summary.start_step == 0 and summary.samples == 8 * 4 * 2
+    assert [os.path.basename(p) for p in summary.checkpoints] == ["step_00000003", "step_00000006", "step_00000008"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(run_dir, "tb")))
+
+
+def test_model_state_dict_of_a_checkpoint_is_the_trained_module(reference):
+    run_dir, trainer, _ = reference
+    weights = model_state_dict(os.path.join(ckpt.checkpoints_root(run_dir), "step_00000008"))
+    module = trainer.engine.module.state_dict()
+    assert set(weights) == set(module)
+    assert all(torch.equal(weights[k], module[k]) for k in module)
+
+
+def test_sigkill_at_any_step_then_resume_auto_repeats_the_loss_sequence(tmp_path, reference):
+    ref_dir = reference[0]
+    run_dir = tmp_path / "run"
+    proc = run_toy_process(run_dir, "--slow-s", "0.15")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while len(read_records(str(metrics))) < 4 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    out = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, out
+    logged = len(read_records(str(metrics)))
+    assert 4 <= logged < 8, f"killed after step {logged}, not mid-run"
+    assert ckpt.newest_complete(ckpt.checkpoints_root(str(run_dir))).step in (3, 6)
+    summary = toy.build(str(run_dir)).fit(resume="auto")
+    assert summary.start_step in (3, 6) and summary.step == 8
+    assert toy.losses(str(run_dir)) == toy.losses(ref_dir)  # exactly: CPU, fp32, same world size
+    assert [r["step"] for r in read_records(str(metrics))] == list(range(1, 9))
+
+
+def test_killed_while_publishing_a_checkpoint_resumes_from_the_one_before(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = run_toy_process(run_dir, "--die-publishing", "6")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == -signal.SIGKILL, out
+    assert step_dirs(str(run_dir)) == [".tmp-step_00000006", "step_00000003"]  # written aside, never published
+    summary = toy.build(str(run_dir)).fit(resume="auto")
+    assert summary.start_step == 3 and summary.resumed_from.endswith("step_00000003")
+    assert toy.losses(str(run_dir)) == toy.losses(reference[0])
+    assert step_dirs(str(run_dir)) == ["step_00000006", "step_00000008"]  # the leftover is gone
+
+
+def test_corrupt_newest_checkpoint_is_refused_and_the_previous_one_used(tmp_path, reference, caplog):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference[0], run_dir)
+    corrupt = os.path.join(ckpt.checkpoints_root(run_dir), "step_00000008")
+    with open(os.path.join(corrupt, ckpt.rank_file_name(0)), "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    with pytest.raises(CorruptCheckpoint, match="step_00000008.*sha256"):  # asked for by name: refused outright
+        toy.build(run_dir).fit(resume=corrupt)
+    with caplog.at_level("WARNING"):
+        summary = toy.build(run_dir).fit(resume="auto")
+    assert "step_00000008" in caplog.text and "refusing" in caplog.text
+    assert summary.start_step == 6
+    assert toy.losses(run_dir) == toy.losses(reference[0])
+    ckpt.verify(corrupt)  # step 8 was written anew
+
+
+def test_fresh_start_in_a_run_directory_with_checkpoints_is_refused(tmp_path, reference):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference[0], run_dir)
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        toy.build(run_dir).fit(resume=None)
+
+
+def test_nan_loss_skip_policy_skips_the_update_and_goes_on(tmp_path):
+    run_dir = str(tmp_path)
+    # global batch 4 is the first micro-batch of step 3 (2 micro-batches per step)
+    summary = toy.build(run_dir, nan_batches=(4,), nan_policy="skip", max_steps=4, ckpt_every=1,
+                        keep_last=0).fit()
+    records = read_records(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["skipped"] for r in records] == [False, False, True, False]
+    assert records[2]["loss"] is None and records[3]["loss"] is not None
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1] and summary.skipped_steps == 1
+    weights = [model_state_dict(os.path.join(ckpt.checkpoints_root(run_dir), d)) for d in step_dirs(run_dir)]
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # step 3 changed nothing
+    assert not all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # step 4 trained again
+
+
+def test_nan_loss_stop_policy_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 3 .*nan_policy=stop"):
+        toy.build(str(tmp_path), nan_batches=(5,), nan_policy="stop", max_steps=4).fit()
+    assert [r["step"] for r in read_records(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+
+
+def test_data_running_out_is_reported(tmp_path):
+    with pytest.raises(DataExhausted, match="during step 2"):
+        toy.build(str(tmp_path), limit=3, max_steps=4).fit()
+
+
+def test_accumulation_and_zero_stages_match_one_big_batch(tmp_path):
+    """Without dropout: 2 micro-batches of 4 = 1 batch of 8, under ZeRO 0 to 3 (fp32 rounding apart)."""
+    def run(name, **kw):
+        toy.build(str(tmp_path / name), dropout=0.0, max_steps=4, ckpt_every=0, **kw).fit()
+        return toy.losses(str(tmp_path / name))
+
+    big = run("big", batch_size=8, grad_accum=1)
+    for stage in (0, 1, 2, 3):
+        assert run(f"z{stage}", batch_size=4, grad_accum=2, zero_stage=stage) == pytest.approx(big, rel=1e-5), stage
+    z3 = model_state_dict(os.path.join(ckpt.checkpoints_root(str(tmp_path / "z3")), "step_00000004"))
+    z0 = model_state_dict(os.path.join(ckpt.checkpoints_root(str(tmp_path / "z0")), "step_00000004"))
+    assert all(torch.allclose(z3[k], z0[k], atol=1e-5) for k in z0)
+
+
+def test_bf16_trains(tmp_path):
+    toy.build(str(tmp_path), precision="bf16", zero_stage=2, max_steps=6, ckpt_every=0).fit()
+    records = read_records(str(tmp_path / "metrics.jsonl"))
+    assert all(r["loss"] is not None for r in records)
+    assert min(r["loss"] for r in records[1:]) < records[0]["loss"]
+    assert json.load(open(os.path.join(ckpt.checkpoints_root(str(tmp_path)), "step_00000006", ckpt.MARKER)))
