@@ -96,13 +96,14 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
                  decode_here: bool) -> Iterator[dict]:
     """Yields the batches of one slot from `state` on, each with the slot's state after it under "state".
 
-    A trailing batch with no samples ("empty") carries the skips met after the last sample, so none go uncounted.
+    A trailing batch without samples carries the state when the last batch did not (skips met after its last
+    sample, or a slot that had nothing to read), so no skip goes uncounted and a finished slot is known as such.
     """
     stream = SlotStream(spec, slot, state.get("stream"))
     skips = Counter(state.get("skips", {}))
     decoder = CpuDecoder() if decode_here else None
     items: list[tuple] = []
-    reported = dict(skips)
+    reported: Optional[dict] = None
     for raw in stream:
         try:
             encoded, text, captions = planner.planned(raw)
@@ -114,7 +115,7 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
         if len(items) == batch_size:
             yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
             items, reported = [], dict(skips)
-    if items or dict(skips) != reported:
+    if items or dict(skips) != reported:  # (reported is None when no batch was yielded at all)
         yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
 
 

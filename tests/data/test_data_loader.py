@@ -139,3 +139,49 @@ def test_config_errors_name_the_problem(shard_writer, data_cfg, tmp_path):
         build_loader(data_cfg(str(tmp_path / "nothere/index.json")), 2, 0, 1, seed=0)
     with pytest.raises(ConfigError, match="data.train is empty"):
         build_loader(data_cfg(""), 2, 0, 1, seed=0)
+
+
+def test_an_evaluation_loader_gives_the_same_pass_each_time(shard_writer, data_cfg):
+    v = shard_writer.corpus("v", shards=1, per_shard=1)  # one sample for two workers: one of them has nothing
+    loader = build_loader(data_cfg(v, num_workers=2), 2, rank=0, world_size=1, seed=0, train=False)
+    first, second = list(loader), list(loader)
+    assert [b["key"] for b in first] == [b["key"] for b in second] == [["v0000"]]
+    assert torch.equal(first[0]["video"], second[0]["video"])
+
+
+def test_auto_picks_the_cpu_decoder_without_a_gpu():
+    from pipeline.data.decode import resolved_decoder_name
+
+    assert resolved_decoder_name("auto") == ("dali" if torch.cuda.is_available() and _dali() else "cpu")
+    with pytest.raises(ValueError, match="data.decoder"):
+        resolved_decoder_name("gpu")
+
+
+def _dali() -> bool:
+    from pipeline.data.decode import dali_available
+
+    return dali_available()
+
+
+def _gathered_state(rank: int, index: str, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    from pipeline.config import DataConfig
+
+    cfg = DataConfig(train=index, num_frames=2, img_size=16, decoder="cpu", num_workers=0, shuffle_buffer=4)
+    loader = build_loader(cfg, 2, rank=rank, world_size=2, seed=0)
+    next(iter(loader))
+    state = loader.state_dict()
+    torch.save(state, f"{out}/state{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_state_dict_gathers_every_rank_under_torch_distributed(shard_writer, tmp_path):
+    import torch.multiprocessing as mp
+
+    v = shard_writer.corpus("v", shards=4, per_shard=2)
+    mp.spawn(_gathered_state, args=(v, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
+    states = [torch.load(tmp_path / f"state{r}.pt") for r in range(2)]
+    assert states[0] == states[1] and [r["rank"] for r in states[0]["ranks"]] == [0, 1]
+    assert all(r["slots"][0]["stream"]["draws"] == 2 for r in states[0]["ranks"])
