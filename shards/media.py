@@ -239,8 +239,10 @@ def _video_stream(dst, rate: Fraction, first_frame, opts: ProcessOptions):
     out = dst.add_stream(opts.codec, rate=rate)
     out.width, out.height, out.pix_fmt = w, h, "yuv420p"
     if opts.codec == "libx264":
-        # one thread: each shard task holds one CPU of the cluster, and the output bytes stay reproducible
-        out.options = {"crf": str(opts.crf), "preset": "veryfast", "threads": "1"}
+        # One thread: each shard task holds one CPU of the cluster. No macroblock-tree rate control: with it this
+        # x264 build gives different bytes for the same frames from run to run when other threads are busy, and
+        # a resumed job must rebuild a shard byte for byte.
+        out.options = {"crf": str(opts.crf), "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
     return out
 
 
