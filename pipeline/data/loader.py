@@ -11,6 +11,10 @@ those an uninterrupted run would have yielded next (same world size and worker c
 
 With the DALI decoder the workers hand over encoded bytes and plans, and the main process decodes on the GPU.
 Skipped samples are counted by kind in the worker that met them (part of its position); `stats()` sums them.
+Kinds: corrupt_video, corrupt_image, empty_video (no video stream or no frames), missing_caption (no usable
+`{key}.json` "captions" nor `{key}.txt`), bad_metadata (`{key}.json` not JSON, or "captions" not strings),
+missing_media (no video/image file), wrong_type (an image in a video corpus or the reverse), missing_sample and
+unreadable_shard (a tar shorter than its index says, or one that cannot be opened).
 """
 from __future__ import annotations
 
@@ -198,7 +202,7 @@ class StreamingLoader:
     def _decoded(self, batch: dict) -> dict:
         """Decodes a batch of encoded samples with DALI in this process, dropping (and counting) failures."""
         if self._dali is None:
-            self._dali = DaliDecoder(dali_device(), max_batch=self.batch_size)
+            self._dali = DaliDecoder(dali_device(), max_batch=self.batch_size, threads=4)
         encoded = batch.pop("encoded")
         video, failures = self._dali.decode(encoded)
         bad = {i for i, _ in failures}

@@ -69,6 +69,18 @@ def test_resume_yields_exactly_what_an_uninterrupted_run_yields(shard_writer, da
         assert torch.equal(a["video"], b["video"])  # same frames, same crops and flips
 
 
+def test_resume_is_exact_after_one_worker_has_finished_its_epochs(shard_writer, data_cfg):
+    v = shard_writer.corpus("v", shards=3, per_shard=4)  # worker 0 reads two shards, worker 1 one
+    cfg = data_cfg(v, num_workers=2, epochs=1)
+    straight = [b["key"] for b in build_loader(cfg, 2, rank=0, world_size=1, seed=2)]
+    assert len(straight) == 6
+    first = build_loader(cfg, 2, rank=0, world_size=1, seed=2)
+    head = [b["key"] for b in batches_after(first, 5)]  # worker 1 is done after batch 4
+    resumed = build_loader(cfg, 2, rank=0, world_size=1, seed=2)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [b["key"] for b in resumed] == straight
+
+
 def test_resume_with_another_world_size_repeats_and_skips_nothing(shard_writer, data_cfg):
     v = shard_writer.corpus("v", shards=6, per_shard=4)
     old_cfg = data_cfg(v, num_workers=2, epochs=1)
