@@ -279,12 +279,14 @@ class CorpusStream:
     def __init__(self, spec: StreamSpec, corpus: int, slot: int, epoch: int = 0, pos: int = 0):
         self.spec, self.corpus, self.slot = spec, corpus, slot
         self.epoch, self.pos = epoch, pos
+        # a corpus with fewer samples than there are slots leaves some slots without a unit in every epoch
+        self.idle = slot >= len(corpus_units(spec.corpora[corpus], spec.layout.slots))
         self._load_epoch()
 
     @property
     def exhausted(self) -> bool:
         epochs = self.spec.layout.epochs
-        return epochs is not None and self.epoch >= epochs
+        return self.idle or (epochs is not None and self.epoch >= epochs)
 
     def position(self) -> list[int]:
         return [self.epoch, self.pos]

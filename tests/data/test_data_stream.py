@@ -43,6 +43,15 @@ def test_fewer_shards_than_slots_are_split_so_every_slot_reads(tmp_path):
     assert sorted(itertools.chain(*per_slot)) == [f"c{i:04d}" for i in range(18)]
 
 
+def test_slots_left_without_a_unit_end_at_once_in_an_endless_stream(tmp_path):
+    corpus = text_corpus(tmp_path / "c", "c", shards=1, per_shard=2)  # two one-sample units for three slots
+    spec = StreamSpec([corpus], [1.0], layout(world=1, workers=3))
+    assert list(SlotStream(spec, 2)) == []
+    firsts = [list(itertools.islice(SlotStream(spec, slot), 4)) for slot in (0, 1)]
+    for epoch in range(4):
+        assert sorted(samples[epoch].key for samples in firsts) == ["c0000", "c0001"]
+
+
 def test_epochs_reshuffle_and_each_covers_everything(tmp_path):
     corpus = text_corpus(tmp_path / "c", "c", shards=4, per_shard=6)
     spec = StreamSpec([corpus], [1.0], layout(world=1, workers=2, epochs=2))
