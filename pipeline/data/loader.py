@@ -100,14 +100,13 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
                  decode_here: bool) -> Iterator[dict]:
     """Yields the batches of one slot from `state` on, each with the slot's state after it under "state".
 
-    A trailing batch without samples carries the state when the last batch did not (skips met after its last
-    sample, or a slot that had nothing to read), so no skip goes uncounted and a finished slot is known as such.
+    The last batch (without samples when the stream ended on a full batch) has "done" in its state, and carries
+    the skips met after the last sample, so no skip goes uncounted and the main process knows the slot finished.
     """
     stream = SlotStream(spec, slot, state.get("stream"))
     skips = Counter(state.get("skips", {}))
     decoder = CpuDecoder() if decode_here else None
     items: list[tuple] = []
-    reported: Optional[dict] = None
     for raw in stream:
         try:
             encoded, text, captions = planner.planned(raw)
@@ -118,9 +117,8 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
         items.append((encoded, text, captions, clip))
         if len(items) == batch_size:
             yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
-            items, reported = [], dict(skips)
-    if items or dict(skips) != reported:  # (reported is None when no batch was yielded at all)
-        yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
+            items = []
+    yield collated(items, {"stream": stream.state(), "skips": dict(skips), "done": True})
 
 
 def collated(items: list[tuple], state: dict) -> dict:
@@ -214,9 +212,7 @@ class StreamingLoader:
 
     def _finished(self) -> bool:
         """True when every slot has done its epochs (iterating again then starts over)."""
-        if self.spec.layout.epochs is None or not all(self._slots):
-            return False
-        return all(e >= self.spec.layout.epochs for s in self._slots for e, _ in s["stream"]["corpora"])
+        return all(s.get("done") for s in self._slots)
 
     # -------------------------------------------------------------------------------------------- position
     def stats(self) -> dict[str, int]:
