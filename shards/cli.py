@@ -17,9 +17,9 @@ OUT/{prefix}-000000.tar holds rows [0, N), and so on. Beside the shards:
 
 Bad input never stops the job: a missing, unreadable, empty or corrupt file (PyAV must decode a frame, PIL must load
 an image), an empty caption or an unreachable URL is recorded in failures.jsonl and the rest goes on (exit 0).
-Reads are retried with exponential backoff (--retries, --retry-backoff) before a failure counts. By default the
-original media bytes are stored; --clip, --max-duration, --short-side and --fps re-encode videos (H.264 mp4, PyAV)
-and --short-side also resizes images (jpg).
+Reads and writes are retried with exponential backoff (--retries, --retry-backoff) before a failure counts.
+By default the original media bytes are stored; --clip, --max-duration, --short-side and --fps re-encode videos
+(H.264 mp4, PyAV) and --short-side also resizes images (jpg).
 
 Every shard is written under a temporary name and appears under its final name only when complete; a run that is
 stopped and started again with the same command skips the complete shards and ends with the same shards and index

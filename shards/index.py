@@ -11,12 +11,13 @@ import json
 import re
 from collections import Counter
 from dataclasses import asdict
+from functools import partial
 from typing import Iterable, Optional, Sequence
 
 from fsspec.core import url_to_fs
 
 from shards.manifest import ManifestRow
-from shards.media import ProcessOptions
+from shards.media import ProcessOptions, RetryPolicy, retried
 from shards.writer import ShardPlan, ShardResult
 
 LAYOUT_VERSION = 1  # bump when the sample layout changes, so that old shards are not reused
@@ -56,7 +57,7 @@ def completed_shards(out: str, plans: Sequence[ShardPlan]) -> dict[int, ShardRes
     raw = fs.cat(list(paths), on_error="return") if paths else {}
     done = {}
     for path, plan in paths.items():
-        record = _parsed(raw.get(path) if path in raw else raw.get(_strip(fs, path)))
+        record = _parsed(raw.get(path))
         if record is None or record.get("fingerprint") != plan.fingerprint:
             continue
         if record["entry"].get("bytes") != sizes[plan.name]:
@@ -91,10 +92,6 @@ def _base(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _strip(fs, path: str) -> str:
-    return fs._strip_protocol(path)
-
-
 # --------------------------------------------------------------------------------------------------- output files
 def build_index(input_url: str, samples_per_shard: int, plans: Sequence[ShardPlan],
                 results: dict[int, ShardResult]) -> dict:
@@ -121,13 +118,15 @@ def all_failures(results: dict[int, ShardResult]) -> list[dict]:
     return sorted((f for r in results.values() for f in r.failures), key=lambda f: f["row"])
 
 
-def write_outputs(out: str, index: dict, failures: list[dict], summary: dict) -> None:
-    """Writes index.json, failures.jsonl and summary.json beside the shards (each written whole in one put)."""
+def write_outputs(out: str, index: dict, failures: list[dict], summary: dict, retry: RetryPolicy) -> None:
+    """Writes failures.jsonl, summary.json and, last, index.json beside the shards (each whole, in one put)."""
     fs, out_dir = url_to_fs(out)
     base = out_dir.rstrip("/")
-    fs.pipe_file(f"{base}/{FAILURES}", "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures).encode())
-    fs.pipe_file(f"{base}/{SUMMARY}", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
-    fs.pipe_file(f"{base}/{INDEX}", (json.dumps(index, indent=1, sort_keys=True) + "\n").encode())
+    files = {FAILURES: "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures),
+             SUMMARY: json.dumps(summary, indent=2, sort_keys=True) + "\n",
+             INDEX: json.dumps(index, indent=1, sort_keys=True) + "\n"}
+    for name, text in files.items():
+        retried(partial(fs.pipe_file, f"{base}/{name}", text.encode()), retry)
 
 
 def summarize(*, input_url: str, out: str, rows: int, plans: Sequence[ShardPlan], results: dict[int, ShardResult],

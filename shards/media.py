@@ -10,9 +10,11 @@ import io
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from fsspec.core import url_to_fs
+
+T = TypeVar("T")
 
 # Errors that retrying cannot fix; everything else that a read raises (timeouts, refused connections, throttling,
 # 5xx responses) is treated as transient and retried with exponential backoff before it counts as a failure.
@@ -75,22 +77,36 @@ class ProcessOptions:
 
 
 # --------------------------------------------------------------------------------------------------------- reading
-def read_bytes(url: str, retry: RetryPolicy = RetryPolicy(), sleep: Callable[[float], None] = time.sleep) -> bytes:
-    """Returns the whole object at `url`; raises MediaError once a permanent error or the last retry fails."""
+def retried(fn: Callable[[], T], retry: RetryPolicy, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Returns fn(), calling it again after a transient error (anything not in PERMANENT_READ_ERRORS) with
+    exponential backoff; a permanent error, or the transient one of the last try, propagates."""
     delay = retry.backoff_s
     for attempt in range(1, retry.attempts + 1):
         try:
-            fs, path = url_to_fs(url)
-            return fs.cat_file(path)
-        except tuple(PERMANENT_READ_ERRORS) as e:
-            reason = next(r for cls, r in PERMANENT_READ_ERRORS.items() if isinstance(e, cls))
-            raise MediaError(reason, f"{url}: {type(e).__name__}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - anything else is a storage/network hiccup worth another try
+            return fn()
+        except tuple(PERMANENT_READ_ERRORS):
+            raise
+        except Exception:  # noqa: BLE001 - anything else is a storage/network hiccup worth another try
             if attempt == retry.attempts:
-                raise MediaError("unreachable", f"{url}: {type(e).__name__}: {e} (after {attempt} tries)") from None
+                raise
             sleep(delay)
             delay = min(delay * 2, retry.max_backoff_s)
-    raise AssertionError("unreachable code")
+    raise AssertionError("retry.attempts must be at least 1")
+
+
+def read_bytes(url: str, retry: RetryPolicy = RetryPolicy(), sleep: Callable[[float], None] = time.sleep) -> bytes:
+    """Returns the whole object at `url`; raises MediaError once a permanent error or the last retry fails."""
+    def cat() -> bytes:
+        fs, path = url_to_fs(url)
+        return fs.cat_file(path)
+
+    try:
+        return retried(cat, retry, sleep)
+    except tuple(PERMANENT_READ_ERRORS) as e:
+        reason = next(r for cls, r in PERMANENT_READ_ERRORS.items() if isinstance(e, cls))
+        raise MediaError(reason, f"{url}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise MediaError("unreachable", f"{url}: {type(e).__name__}: {e} (after {retry.attempts} tries)") from None
 
 
 # ------------------------------------------------------------------------------------------------------ validation

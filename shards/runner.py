@@ -20,8 +20,7 @@ from shards.index import all_failures, build_index, completed_shards, plan_shard
     summarize, write_outputs
 from shards.manifest import read_manifest
 from shards.media import ProcessOptions, RetryPolicy
-from shards.writer import ShardOptions, ShardPlan, ShardResult, is_process_local, prefetch, publish_from_driver, \
-    write_shard
+from shards.writer import ShardOptions, ShardPlan, ShardResult, prefetch, publish_from_driver, write_shard
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def shard_corpus(cfg: ShardJobConfig) -> JobOutcome:
     summary = summarize(input_url=manifest.url, out=out, rows=len(manifest.rows), plans=plans, results=results,
                         written=[p.index for p in todo if p.index in results], failed_tasks=failed,
                         elapsed_s=elapsed, tasks_s=tasks_s, workers=workers, nodes=nodes)
-    write_outputs(out, index, failures, summary)
+    write_outputs(out, index, failures, summary, cfg.retry)
     return JobOutcome(summary, index, failures)
 
 

@@ -17,6 +17,7 @@ import os
 import tarfile
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Optional, Union
 
 from fsspec.core import url_to_fs
@@ -24,7 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from shards.manifest import ManifestRow, extension, media_kind
 from shards.media import MediaError, MediaInfo, ProcessOptions, RetryPolicy, process_image, process_video, \
-    read_bytes, validate
+    read_bytes, retried, validate
 
 PROCESS_LOCAL_PROTOCOLS = ("memory",)  # filesystems that live inside one process: the driver does their I/O
 TAR_MTIME = 0  # fixed member times keep the tar bytes reproducible
@@ -108,8 +109,8 @@ def write_shard(plan: ShardPlan, opts: ShardOptions, prefetched: Optional[Prefet
         if local_out:
             os.replace(tmp, final)
         else:
-            fs.put_file(tmp, final)
-        write_sidecar(fs, f"{out_dir.rstrip('/')}/{plan.sidecar}", result)
+            retried(partial(fs.put_file, tmp, final), opts.retry)
+        retried(partial(write_sidecar, fs, f"{out_dir.rstrip('/')}/{plan.sidecar}", result), opts.retry)
         return result
     finally:
         if os.path.exists(tmp):

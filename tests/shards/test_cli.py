@@ -112,5 +112,6 @@ def test_killed_run_resumes_to_the_same_shards_and_index(tmp_path, make_mp4):
         assert (out / name).read_text() == (tmp_path / "ref" / name).read_text()
     index = json.loads((out / "index.json").read_text())
     assert index["samples"] == 20 and len(index["shards"]) == 21
-    assert [json.loads(line)["reason"] for line in (out / "failures.jsonl").read_text().splitlines()] == ["missing_file"]
+    reasons = [json.loads(line)["reason"] for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert reasons == ["missing_file"]
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref"))  # no temporaries left over

@@ -50,8 +50,8 @@ def ray_cluster(s3_endpoint):
 
 
 def job(manifest, out, **kw) -> ShardJobConfig:
-    return ShardJobConfig(input=str(manifest), out=str(out), samples_per_shard=kw.pop("n", 4), retry=FAST,
-                          progress=False, **kw)
+    kw.setdefault("progress", False)
+    return ShardJobConfig(input=str(manifest), out=str(out), samples_per_shard=kw.pop("n", 4), retry=FAST, **kw)
 
 
 def read_text(url: str) -> str:
@@ -95,12 +95,14 @@ def test_rerun_reuses_complete_shards_and_redoes_damaged_ones(ray_cluster, mixed
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
 
 
-def test_processing_options_reencode_inside_the_tasks(ray_cluster, mixed_corpus, tmp_path):
+def test_processing_options_reencode_inside_the_tasks(ray_cluster, mixed_corpus, tmp_path, capsys):
     import av
 
     process = ProcessOptions(short_side=16, max_duration=0.5)
-    outcome = shard_corpus(job(mixed_corpus, tmp_path / "out", n=12, process=process))
+    outcome = shard_corpus(job(mixed_corpus, tmp_path / "out", n=12, process=process, progress=True))
     assert outcome.summary["samples"] == 6
+    bar = capsys.readouterr().err
+    assert "12/12" in bar and "shards 1/1" in bar and "MB/s" in bar
     for sample in wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False):
         meta = json.loads(sample["json"])
         if "mp4" in sample:

@@ -49,15 +49,16 @@ def test_parquet_with_list_captions(tmp_path):
 
 
 def test_bad_rows_stay_rows_with_a_reason(tmp_path):
-    (tmp_path / "m.jsonl").write_text('{"path": "a.mp4", "caption": "ok"}\n{oops\n[1, 2]\n{"path": "", "caption": "x"}\n')
+    lines = ['{"path": "a.mp4", "caption": "ok"}', "{oops", "[1, 2]", '{"path": "", "caption": "x"}']
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
     m = read_manifest(str(tmp_path / "m.jsonl"))
     assert [r.error[0] if r.error else None for r in m.rows] == [None, "bad_manifest_row", "bad_manifest_row",
                                                                  "missing_media_field"]
 
 
 def test_keys_are_webdataset_safe_and_unique(tmp_path):
-    rows = [{"key": "clip.v1/a", "path": "a.mp4", "caption": "x"}, {"key": "clip.v1/a", "path": "b.mp4", "caption": "y"},
-            {"path": "c.mp4", "caption": "z"}]
+    rows = [{"key": "clip.v1/a", "path": "a.mp4", "caption": "x"},
+            {"key": "clip.v1/a", "path": "b.mp4", "caption": "y"}, {"path": "c.mp4", "caption": "z"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     keys = [r.key for r in read_manifest(str(tmp_path / "m.jsonl")).rows]
     assert keys == ["clip_v1_a", "clip_v1_a-r1", "000000002"]
