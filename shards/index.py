@@ -49,6 +49,7 @@ def fingerprint(rows: Iterable[ManifestRow], process: ProcessOptions) -> str:
 def completed_shards(out: str, plans: Sequence[ShardPlan]) -> dict[int, ShardResult]:
     """Returns {shard index: result} for the plans whose shard an earlier run finished."""
     fs, out_dir = url_to_fs(out)
+    fs.invalidate_cache(out_dir)  # other processes (the tasks, an earlier run) wrote there since any cached listing
     if not fs.exists(out_dir):
         return {}
     sizes = {_base(p["name"]): p.get("size") for p in fs.ls(out_dir, detail=True)}
@@ -69,6 +70,7 @@ def completed_shards(out: str, plans: Sequence[ShardPlan]) -> dict[int, ShardRes
 def remove_stale_temporaries(out: str) -> int:
     """Removes temporary tars that a killed run left in a local output folder; returns how many."""
     fs, out_dir = url_to_fs(out)
+    fs.invalidate_cache(out_dir)
     if not fs.exists(out_dir):
         return 0
     stale = [p for p in fs.ls(out_dir, detail=False) if re.match(r"^\..+\.tmp-", _base(p))]

@@ -15,7 +15,7 @@ import webdataset as wds
 
 from shards.media import ProcessOptions, RetryPolicy
 from shards.runner import ShardJobConfig, shard_corpus
-from tests.shards.conftest import MIXED_ROWS, closed_port, expected_failures
+from tests.shards.conftest import MIXED_ROWS, closed_port, expected_failures, write_jpg
 
 FAST = RetryPolicy(attempts=2, backoff_s=0.01)
 GOOD_KEYS = [key for key, _, _, reason in MIXED_ROWS if not reason]
@@ -112,6 +112,19 @@ def test_processing_options_reencode_inside_the_tasks(ray_cluster, mixed_corpus,
             assert meta["processing"]["frames"] == 4
         else:
             assert min(wds.autodecode.imagehandler("pil")("jpg", sample["jpg"]).size) == 16
+
+
+def test_folder_of_media_with_sidecar_captions(ray_cluster, tmp_path, make_mp4):
+    make_mp4(tmp_path / "media" / "a.mp4")
+    (tmp_path / "media" / "a.txt").write_text("a clip\nthe same clip\n")
+    write_jpg(tmp_path / "media" / "b" / "c.jpg", "red")
+    (tmp_path / "media" / "b" / "c.txt").write_text("a red picture\n")
+    write_jpg(tmp_path / "media" / "d.jpg", "blue")  # no sidecar
+    outcome = shard_corpus(job(tmp_path / "media", tmp_path / "out"))
+    assert outcome.index["samples"] == 2 and [f["reason"] for f in outcome.failures] == ["empty_caption"]
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False))
+    assert [(s["__key__"], s["txt"]) for s in samples] == [("a", b"a clip"), ("b_c", b"a red picture")]
+    assert json.loads(samples[0]["json"])["captions"] == ["a clip", "the same clip"]
 
 
 def test_memory_urls_for_manifest_media_and_output(ray_cluster, mixed_corpus):
