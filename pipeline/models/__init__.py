@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pipeline.models.mamba import BidirectionalMamba, choose_backend
-from pipeline.models.selective_scan import selective_scan, selective_scan_ref
 from pipeline.models.videomamba import (SIZES, VideoMamba, VideoMambaOutput, build_videomamba,
                                         load_official_checkpoint)
 
@@ -22,4 +21,4 @@ def build_from_config(model_cfg, num_frames: int, img_size: int, num_classes: in
 
 
 __all__ = ["BidirectionalMamba", "SIZES", "VideoMamba", "VideoMambaOutput", "build_from_config", "build_videomamba",
-           "choose_backend", "load_official_checkpoint", "selective_scan", "selective_scan_ref"]
+           "choose_backend", "load_official_checkpoint"]

@@ -299,12 +299,17 @@ def load_official_checkpoint(model: VideoMamba, path_or_url: str) -> list[str]:
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        detail = [f"missing keys: {missing}" if missing else "", f"unexpected keys: {unexpected}" if unexpected else "",
-                  "shape mismatches: " + ", ".join(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                                                   for k in wrong) if wrong else ""]
+        mismatches = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong]
+        detail = [f"missing keys: {_capped(missing)}" if missing else "",
+                  f"unexpected keys: {_capped(unexpected)}" if unexpected else "",
+                  f"shape mismatches: {_capped(mismatches)}" if wrong else ""]
         raise ValueError(f"{path_or_url}: not a checkpoint of this VideoMamba: " + "; ".join(d for d in detail if d))
     model.load_state_dict(state, strict=True)
     return notes
+
+
+def _capped(items: list[str], limit: int = 8) -> str:
+    return str(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _read_state_dict(path_or_url: str) -> dict[str, Tensor]:
