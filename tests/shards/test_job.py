@@ -95,6 +95,20 @@ def test_rerun_reuses_complete_shards_and_redoes_damaged_ones(ray_cluster, mixed
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
 
 
+def test_a_shard_that_cannot_be_written_fails_alone_and_a_rerun_retries_it(ray_cluster, mixed_corpus, tmp_path):
+    out = tmp_path / "out"
+    (out / "shard-000001.tar").mkdir(parents=True)  # the rename onto the final name fails
+    broken = shard_corpus(job(mixed_corpus, out))
+    assert not broken.ok and broken.summary["shards_failed"] == 1
+    assert "IsADirectoryError" in broken.summary["failed_shards"]["shard-000001.tar"]
+    assert broken.index["incomplete"] == ["shard-000001.tar"]
+    assert [e["url"] for e in broken.index["shards"]] == ["shard-000000.tar", "shard-000002.tar"]
+    (out / "shard-000001.tar").rmdir()
+    fixed = shard_corpus(job(mixed_corpus, out))
+    assert fixed.ok and (fixed.summary["shards_written"], fixed.summary["shards_skipped"]) == (1, 2)
+    assert "incomplete" not in fixed.index and len(fixed.index["shards"]) == 3
+
+
 def test_processing_options_reencode_inside_the_tasks(ray_cluster, mixed_corpus, tmp_path, capsys):
     import av
 
