@@ -8,6 +8,7 @@ and at most `workers` run at once.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 import logging
 import os
 import sys
@@ -155,12 +156,12 @@ def _run_tasks(todo: Sequence[ShardPlan], opts: ShardOptions, workers: int, resu
 
     remote = ray.remote(shard_task).options(num_cpus=1, scheduling_strategy="SPREAD")
     opts_ref = ray.put(opts)
-    queue = list(todo)
+    queue = deque(todo)
     running: dict = {}
     try:
         while queue or running:
             while queue and len(running) < workers:
-                plan = queue.pop(0)
+                plan = queue.popleft()
                 running[remote.remote(plan, opts_ref, prefetch(plan, opts.retry))] = plan
             ready, _ = ray.wait(list(running), num_returns=1)
             plan = running.pop(ready[0])
