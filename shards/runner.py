@@ -8,11 +8,11 @@ and at most `workers` run at once.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 import logging
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
