@@ -115,6 +115,7 @@ class DistillConfig:
 class AlignStageConfig:
     """Stage 1: masked alignment of the student's visible tokens to a frozen CLIP-ViT."""
 
+    stage: Literal["align"] = "align"  # what `videomamba pretrain` dispatches on
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
