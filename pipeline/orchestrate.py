@@ -131,10 +131,13 @@ def _synth(step: SynthStep, out: str) -> dict:
 
 
 def _shard(manifest: str, dest: str, step: ShardStep) -> dict:
-    from shards.writer import shard_corpus
+    from shards.runner import ShardJobConfig, shard_corpus
 
-    return shard_corpus(manifest, dest, samples_per_shard=step.samples_per_shard, workers=step.workers,
-                        ray_address=step.ray_address)
+    outcome = shard_corpus(ShardJobConfig(input=manifest, out=dest, samples_per_shard=step.samples_per_shard,
+                                          workers=step.workers, ray_address=step.ray_address))
+    if not outcome.ok:
+        raise RuntimeError(f"sharding {manifest} left incomplete shards; see {dest}/summary.json and run again")
+    return outcome.summary
 
 
 def _teacher(step: TeacherStep, out: str) -> dict:
