@@ -32,10 +32,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pipeline.models.ops.bimamba_triton import ScanConfig, bidirectional_selective_scan, bimamba_forward  # noqa: E402
 from test_bimamba_triton import TinyBiMixer, naive_bidirectional_scan, rel, scan_inputs  # noqa: E402
 
+STACK_CONFIG = [ScanConfig()]  # replaced by the fastest configuration of the scan sweep
 BANDWIDTH = 3.0e12  # bytes/s, a device-to-device copy on the lent H100 (/work/shared/GPU.md)
 SCAN_SHAPES = [(8, 1152, 1569, 16), (1, 384, 12545, 16)]
-CONFIGS = [ScanConfig(block_t=32, block_e=16, num_warps=4), ScanConfig(block_t=32, block_e=8, num_warps=4),
-           ScanConfig(block_t=64, block_e=16, num_warps=8), ScanConfig(block_t=16, block_e=32, num_warps=4)]
+CONFIGS = [ScanConfig(block_t=t, block_e=e, num_warps=w)
+           for t, e, w in ((32, 8, 4), (32, 8, 2), (16, 8, 2), (32, 8, 1), (32, 4, 1), (16, 4, 1), (32, 2, 1),
+                           (64, 2, 1))]
 
 
 def mamba_scan_fn():
@@ -150,7 +152,7 @@ def time_scan(ssf, shape, dtype=torch.bfloat16) -> list:
         except Exception as exc:  # a tile that does not fit: report and go on
             print(f"{name} at {shape}: {exc!r}"[:400])
             continue
-        rows.append(dict(shape=shape, impl=name, fwd_ms=fwd, fwdbwd_ms=fb, floor_fwd_ms=floor_f,
+        rows.append(dict(shape=shape, impl=name, cfg=cfg, fwd_ms=fwd, fwdbwd_ms=fb, floor_fwd_ms=floor_f,
                          floor_fwdbwd_ms=floor_fb))
     if ssf is not None:
         per_dir = mamba_views(inputs)
@@ -185,10 +187,11 @@ class MambaMixer(nn.Module):
         self.D, self.D_b = nn.Parameter(torch.ones(e)), nn.Parameter(torch.ones(e))
         self.out_proj = nn.Linear(e, d_model, bias=False)
         self.plain = None  # set to mamba-ssm's selective_scan_fn to run the plain construction
+        self.cfg = STACK_CONFIG[0]
 
     def forward(self, h):
         if self.plain is None:
-            return bimamba_forward(self, h)
+            return bimamba_forward(self, h, self.cfg)
         return plain_bimamba(self, h, self.plain)
 
 
@@ -288,6 +291,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--mamba-only", action="store_true", help="only the mamba-ssm checks and timings")
+    parser.add_argument("--skip-checks", action="store_true", help="no correctness checks before the sweep")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -307,8 +311,9 @@ def main() -> int:
                                                                       ScanConfig(), 5)
         checks["mamba bf16 (2,1001,128,16)"] = lambda: check_vs_mamba(ssf, 2, 1001, 128, 16, torch.bfloat16,
                                                                       ScanConfig(), 6)
+    if args.mamba_only or args.skip_checks:
+        checks = {k: v for k, v in checks.items() if k.startswith("mamba") and args.mamba_only}
     if args.mamba_only:
-        checks = {k: v for k, v in checks.items() if k.startswith("mamba")}
         CONFIGS.clear()
     for name, fn in checks.items():
         errors = fn()
@@ -321,6 +326,15 @@ def main() -> int:
         for r in rows:
             print(f"[{time.time() - t0:5.0f}s] scan {shape} {r['impl']}: fwd {r['fwd_ms']:.3f} ms, fwd+bwd "
                   f"{r['fwdbwd_ms']:.3f} ms (floor {r['floor_fwd_ms']:.3f} / {r['floor_fwdbwd_ms']:.3f})", flush=True)
+    fastest = [r for r in results["scan"] if r["impl"].startswith("triton")]
+    if fastest:
+        best = min(fastest[-len(CONFIGS):], key=lambda r: r["fwdbwd_ms"])
+        STACK_CONFIG[0] = best["cfg"]
+        print(f"stack config: {best['impl']}")
+        results["correctness"]["best config naive bf16"] = check_vs_naive(2, 130, 64, 16, torch.bfloat16, best["cfg"], 7)
+        results["correctness"]["best config naive fp32 3 seg"] = check_vs_naive(1, 301, 48, 16, torch.float32,
+                                                                         ScanConfig(**{**best["cfg"].__dict__, "segments": 3}), 8)
+        print({k: max(v.values()) for k, v in results["correctness"].items()})
     stacks = {} if args.mamba_only else {"ViT-Ti SDPA": AttentionBlock, "BiMamba-Ti fused": MambaBlock}
     if ssf is not None:
         def plain_block():
@@ -336,7 +350,7 @@ def main() -> int:
                   f"{r['graphed_ms_per_clip']:.2f} graphed, "
                   f"{r['clips_per_s']:.1f} clips/s, peak {r['peak_gib']:.2f} GiB", flush=True)
     with open(os.path.join(args.out, "fused.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(results, f, indent=1, default=str)
     print("\n| scan shape | impl | fwd ms | fwd+bwd ms | floor fwd / fwd+bwd ms | fwd+bwd / floor |")
     for r in results["scan"]:
         print(f"| {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['floor_fwd_ms']:.3f} / "

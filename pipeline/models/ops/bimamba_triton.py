@@ -130,8 +130,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, out_ptr, a_ptr, d_ptr, bias_pt
     rows = tl.arange(0, BLOCK_T)
     seg_lo = pid_s * SEG_LEN
     seg_hi = tl.minimum(seg_lo + SEG_LEN, L)
-    for i in tl.static_range(2):
-        d: tl.constexpr = 1 - i  # right-to-left first: it leaves its y in `out` for the left-to-right pass
+    for d in tl.static_range(1, -1, -1):  # right-to-left first: it leaves its y in `out` for the left-to-right pass
         A = tl.load(a_ptr + d * E * N + p_en, mask=m_en, other=0.0)
         Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
         bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
@@ -197,8 +196,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, a_ptr, d_ptr, bias_p
     rows = tl.arange(0, BLOCK_T)
     seg_lo = pid_s * SEG_LEN
     seg_hi = tl.minimum(seg_lo + SEG_LEN, L)
-    for i in tl.static_range(2):
-        d: tl.constexpr = 1 - i  # right-to-left first: it leaves its part of dz for the left-to-right pass
+    for d in tl.static_range(1, -1, -1):  # right-to-left first: it leaves its part of dz for the other pass
         A = tl.load(a_ptr + d * E * N + p_en, mask=m_en, other=0.0)
         Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
         bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
