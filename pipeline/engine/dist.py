@@ -53,12 +53,14 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    # Under Ray each worker may see only its own GPU (CUDA_VISIBLE_DEVICES), whatever its local rank.
+    gpu = local_rank % torch.cuda.device_count() if cuda else 0
     if cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(gpu)
     import deepspeed  # noqa: E402  (after DS_ACCELERATOR is settled)
 
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = torch.device("cuda", gpu) if cuda else torch.device("cpu")
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device)
 
 
@@ -72,6 +74,14 @@ def _init_torch_group(backend: str, timeout: timedelta) -> None:
         raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but the launcher variables {missing} are not set; "
                            "start the job with torchrun, the deepspeed launcher or the Ray orchestrator")
     tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def shutdown() -> None:
+    """Waits for every rank, then closes the process group: call it once before a process of a multi-rank job
+    exits (a rank leaving while the others still talk over gloo/NCCL can abort them, or itself)."""
+    if tdist.is_initialized():
+        barrier()
+        tdist.destroy_process_group()
 
 
 def rank() -> int:

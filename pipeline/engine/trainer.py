@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from pipeline.config import DeepSpeedConfig, TrainConfig
+from pipeline.config import ConfigError, DeepSpeedConfig, TrainConfig
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine import dist
 from pipeline.engine.ds_config import deepspeed_config
@@ -74,6 +74,10 @@ class _StepResult:
 class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, data: Iterable, train_cfg: TrainConfig,
                  ds_cfg: Optional[DeepSpeedConfig] = None, run_dir: Optional[str] = None):
+        run_dir = run_dir or train_cfg.out
+        if "://" in run_dir:
+            raise ConfigError(f"train.out: {run_dir} is a URL; checkpoints need a local or shared file system path "
+                              "(every rank writes into it and publication is a rename)")
         for method in ("state_dict", "load_state_dict"):
             if not callable(getattr(data, method, None)):
                 raise TypeError(f"Trainer: data ({type(data).__name__}) has no {method}(); exact resume needs it")
@@ -82,7 +86,7 @@ class Trainer:
         self.data = data
         self.cfg = train_cfg
         self.ds_cfg = ds_cfg or DeepSpeedConfig()
-        self.run_dir = run_dir or train_cfg.out
+        self.run_dir = run_dir
         self.engine: Any = None  # the DeepSpeed engine, once fit() has built it
         self.dist: Optional[dist.DistInfo] = None
 
@@ -161,7 +165,7 @@ class Trainer:
             if i == accum - 1:
                 result = self._reduced(loss_sum, parts_sum, nonfinite, accum)
                 if result.nonfinite:
-                    self._on_nonfinite(step, value, parts, optimizer)
+                    self._on_nonfinite(step, result, optimizer)
             engine.backward(loss)
             if i == accum - 1:
                 result.grad_norm = _plain_grad_norm(engine)
@@ -191,8 +195,8 @@ class Trainer:
         return _StepResult(loss=total[0] / n, parts={k: v / n for k, v in zip(names, total[2:])},
                            nonfinite=total[1] > 0)
 
-    def _on_nonfinite(self, step: int, value: float, parts: dict, optimizer: SkippableAdamW) -> None:
-        where = f"step {step} (rank {self.dist.rank} last micro-batch loss {value}, parts {parts})"
+    def _on_nonfinite(self, step: int, result: _StepResult, optimizer: SkippableAdamW) -> None:
+        where = f"step {step} (loss over all ranks and micro-batches: {result.loss}, parts {result.parts})"
         if self.cfg.nan_policy == "stop":
             raise NonFiniteLoss(f"non-finite loss at {where}; stopping (train.nan_policy=stop). The last complete "
                                 f"checkpoint is under {ckpt.checkpoints_root(self.run_dir)}; "
@@ -209,7 +213,8 @@ class Trainer:
         record["clips_per_s"] = clips_per_s
         record["skipped"] = result.nonfinite
         record["skipped_steps"] = skipped
-        record.update(self._data_counters())
+        if step % max(self.cfg.log_every, 1) == 0 or step == self.cfg.max_steps:
+            record.update(self._data_counters())  # a collective over ranks: only on logging steps
         record["time"] = time.time()
         return record
 
@@ -258,11 +263,11 @@ class Trainer:
                 log.info("removed %s left by an interrupted run", gone)
             try:
                 choice = ckpt.resolve_resume(resume, self.run_dir)
-                if resume is None and ckpt.list_checkpoints(ckpt.checkpoints_root(self.run_dir)):
-                    raise FileExistsError(f"{ckpt.checkpoints_root(self.run_dir)} holds checkpoints of an earlier run:"
-                                          " resume it (--resume auto) or give this run its own train.out")
-            except (ckpt.CorruptCheckpoint, FileNotFoundError, FileExistsError) as e:
-                choice = e
+            except (ckpt.CorruptCheckpoint, FileNotFoundError) as e:  # a path asked for by name that cannot be used
+                choice = ConfigError(f"resume={resume!r}: {e}")
+            if resume is None and ckpt.list_checkpoints(ckpt.checkpoints_root(self.run_dir)):
+                choice = ConfigError(f"{ckpt.checkpoints_root(self.run_dir)} holds checkpoints of an earlier run: "
+                                     "resume it (--resume auto) or give this run its own train.out")
             if resume == "auto" and choice is None:
                 log.info("resume=auto: no complete checkpoint under %s; starting at step 0", self.run_dir)
         choice = dist.broadcast_object(choice)
@@ -275,8 +280,8 @@ class Trainer:
         trainer_state = torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False)
         saved_world = trainer_state["world_size"]
         if saved_world != self.dist.world_size:
-            raise RuntimeError(f"checkpoint {ref.path} was written by {saved_world} processes, this run has "
-                               f"{self.dist.world_size}: exact resume needs the same world size")
+            raise ConfigError(f"checkpoint {ref.path} was written by {saved_world} processes, this run has "
+                              f"{self.dist.world_size}: exact resume needs the same world size")
         loaded, _ = engine.load_checkpoint(ref.path, tag=ckpt.DEEPSPEED_TAG, load_optimizer_states=True,
                                            load_lr_scheduler_states=False)
         if loaded is None:

@@ -112,6 +112,20 @@ def build(run_dir: str, rank: int = 0, world_size: int = 1, dropout: float = 0.2
     return Trainer(ToyMLP(dropout=dropout), mse_loss, data, cfg, DeepSpeedConfig(zero_stage=zero_stage), run_dir)
 
 
+def gather_check() -> dict:
+    """all_gather_with_grad on this rank: the gathered rows and whether the gradient reaching `x` is the sum over
+    ranks of each rank's loss gradient (every rank computes the same loss here, so world_size * weights)."""
+    from pipeline.engine import dist
+
+    r, w = dist.rank(), dist.world_size()
+    x = torch.full((2, 3), float(r + 1), requires_grad=True)
+    y = dist.all_gather_with_grad(x)
+    weights = torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape)
+    (y * weights).sum().backward()
+    return {"rank": r, "rows": y[:, 0].tolist(), "grad_ok": torch.equal(x.grad, w * weights[2 * r:2 * r + 2]),
+            "no_grad_rows": dist.gather_no_grad(x)[:, 0].tolist()}
+
+
 def losses(run_dir: str) -> list[float]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f]
@@ -129,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", default=None)
     p.add_argument("--die-publishing", type=int, default=None)
     p.add_argument("--slow-s", type=float, default=0.0)
+    p.add_argument("--check-gather", action="store_true")
     args = p.parse_args(argv)
     from pipeline.engine import checkpoint, dist
 
@@ -147,8 +162,12 @@ def main(argv=None) -> int:
                     grad_accum=args.grad_accum)
     trainer.data.slow_s = args.slow_s
     summary = trainer.fit(resume=args.resume)
+    if args.check_gather:  # one file per rank: lines printed by two processes may interleave
+        with open(os.path.join(args.run_dir, f"gather_rank{dist.rank()}.json"), "w") as f:
+            json.dump(gather_check(), f)
     if dist.rank() == 0:
         print("SUMMARY", json.dumps({"step": summary.step, "start_step": summary.start_step}), flush=True)
+    dist.shutdown()
     return 0
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import engine_toy as toy
-from pipeline.engine import CorruptCheckpoint, DataExhausted, NonFiniteLoss, model_state_dict
+from pipeline.config import ConfigError, DeepSpeedConfig
+from pipeline.engine import DataExhausted, NonFiniteLoss, model_state_dict
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.metrics import read_records
 from pipeline.engine.schedule import lr_factor
@@ -108,7 +109,7 @@ def test_corrupt_newest_checkpoint_is_refused_and_the_previous_one_used(tmp_path
     with open(os.path.join(corrupt, ckpt.rank_file_name(0)), "r+b") as f:
         f.seek(100)
         f.write(b"\x00garbage\x00")
-    with pytest.raises(CorruptCheckpoint, match="step_00000008.*sha256"):  # asked for by name: refused outright
+    with pytest.raises(ConfigError, match="step_00000008.*sha256"):  # asked for by name: refused outright
         toy.build(run_dir).fit(resume=corrupt)
     with caplog.at_level("WARNING"):
         summary = toy.build(run_dir).fit(resume="auto")
@@ -121,15 +122,16 @@ def test_corrupt_newest_checkpoint_is_refused_and_the_previous_one_used(tmp_path
 def test_fresh_start_in_a_run_directory_with_checkpoints_is_refused(tmp_path, reference):
     run_dir = str(tmp_path / "run")
     shutil.copytree(reference[0], run_dir)
-    with pytest.raises(FileExistsError, match="--resume auto"):
+    with pytest.raises(ConfigError, match="--resume auto"):
         toy.build(run_dir).fit(resume=None)
 
 
-def test_nan_loss_skip_policy_skips_the_update_and_goes_on(tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nan_loss_skip_policy_skips_the_update_and_goes_on(tmp_path, zero_stage):
     run_dir = str(tmp_path)
     # global batch 4 is the first micro-batch of step 3 (2 micro-batches per step)
-    summary = toy.build(run_dir, nan_batches=(4,), nan_policy="skip", max_steps=4, ckpt_every=1,
-                        keep_last=0).fit()
+    summary = toy.build(run_dir, nan_batches=(4,), nan_policy="skip", max_steps=4, ckpt_every=1, keep_last=0,
+                        zero_stage=zero_stage).fit()
     records = read_records(os.path.join(run_dir, "metrics.jsonl"))
     assert [r["skipped"] for r in records] == [False, False, True, False]
     assert records[2]["loss"] is None and records[3]["loss"] is not None
@@ -170,3 +172,18 @@ def test_bf16_trains(tmp_path):
     assert all(r["loss"] is not None for r in records)
     assert min(r["loss"] for r in records[1:]) < records[0]["loss"]
     assert json.load(open(os.path.join(ckpt.checkpoints_root(str(tmp_path)), "step_00000006", ckpt.MARKER)))
+
+
+def test_user_deepspeed_json_drives_the_engine(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 1}}))
+    trainer = toy.build(str(tmp_path / "run"), max_steps=2, ckpt_every=0, grad_accum=4)
+    trainer.ds_cfg = DeepSpeedConfig(zero_stage=0, config=str(path))
+    summary = trainer.fit()
+    assert trainer.engine.zero_optimization_stage() == 1  # the file's stage, not deepspeed.zero_stage
+    assert trainer.engine.gradient_accumulation_steps() == 1 and summary.samples == 2 * 8  # its batch, not train.*
+
+
+def test_url_run_directory_is_refused():
+    with pytest.raises(ConfigError, match="train.out: s3://bucket/run is a URL"):
+        toy.build("s3://bucket/run")

@@ -1,0 +1,70 @@
+"""Two processes on the CPU (torchrun, gloo): ZeRO-2 matches one process with the same global batch; the gather
+with gradient used by contrastive losses; a checkpoint of 2 ranks refuses a resume by 1."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import engine_toy as toy
+from pipeline.config import ConfigError
+from pipeline.engine import model_state_dict
+from pipeline.engine import checkpoint as ckpt
+
+TOY = os.path.join(os.path.dirname(__file__), "engine_toy.py")
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+STEPS = 5
+
+
+def torchrun(run_dir, *args, nproc=2):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TOY,
+           str(run_dir), *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("zero2_x2")
+    proc = torchrun(run_dir, "--zero-stage", 2, "--batch-size", 2, "--grad-accum", 2, "--dropout", 0,
+                    "--max-steps", STEPS, "--ckpt-every", 0, "--check-gather")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    gathers = [json.load(open(run_dir / f"gather_rank{r}.json")) for r in (0, 1)]
+    return str(run_dir), gathers
+
+
+def test_zero2_on_two_processes_matches_one_process_with_the_same_global_batch(two_ranks, tmp_path):
+    run_dir, _ = two_ranks
+    one = str(tmp_path / "one")
+    toy.build(one, dropout=0.0, zero_stage=2, batch_size=4, grad_accum=2, max_steps=STEPS, ckpt_every=0).fit()
+    assert toy.losses(run_dir) == pytest.approx(toy.losses(one), rel=1e-5)
+    last = f"step_{STEPS:08d}"
+    two_w = model_state_dict(os.path.join(ckpt.checkpoints_root(run_dir), last))
+    one_w = model_state_dict(os.path.join(ckpt.checkpoints_root(one), last))
+    assert all(torch.allclose(two_w[k], one_w[k], atol=1e-5) for k in one_w)
+
+
+def test_each_rank_saves_its_own_data_position(two_ranks):
+    path = os.path.join(ckpt.checkpoints_root(two_ranks[0]), f"step_{STEPS:08d}")
+    assert ckpt.verify(path)["world_size"] == 2
+    for rank in (0, 1):
+        state = torch.load(os.path.join(path, ckpt.rank_file_name(rank)), weights_only=False)
+        assert state["data"] == {"index": STEPS * 2}  # 2 micro-batches per step on every rank
+    assert any(name.startswith("zero_pp_rank_1") for name in os.listdir(os.path.join(path, ckpt.DEEPSPEED_TAG)))
+
+
+def test_resume_with_another_world_size_is_refused(two_ranks):
+    with pytest.raises(ConfigError, match="written by 2 processes, this run has 1"):
+        toy.build(two_ranks[0], dropout=0.0, zero_stage=2, batch_size=4, max_steps=STEPS + 2).fit(resume="auto")
+
+
+def test_all_gather_with_grad_concatenates_ranks_and_sums_gradients(two_ranks):
+    gathers = two_ranks[1]
+    assert [g["rank"] for g in gathers] == [0, 1]
+    for g in gathers:
+        assert g["rows"] == [1.0, 1.0, 2.0, 2.0] and g["no_grad_rows"] == [1.0, 1.0, 2.0, 2.0]
+        assert g["grad_ok"]
