@@ -1,0 +1,77 @@
+"""Stage 1: masked alignment of a VideoMamba student to a frozen CLIP-ViT teacher (UMT's first stage).
+
+Wires the parts: the student (backbone + projection head, one module so DeepSpeed trains all of it), the frozen
+teacher (kept outside the DeepSpeed module, run under no_grad), the optional self-distillation guide, the stream of
+shards and the objective (`pipeline.losses.MaskedAlignment`), and hands them to the engine.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import AlignStageConfig, ConfigError, write_resolved
+from pipeline.data import build_loader
+from pipeline.engine import Trainer
+from pipeline.engine import dist
+from pipeline.losses import AlignmentHead, MaskedAlignment
+from pipeline.masking import masked_count
+from pipeline.models import build_from_config
+from pipeline.models.distill import DistillHead, build_guide, final_features
+from pipeline.models.teacher import build_teacher, check_teacher_grid
+
+
+class AlignStudent(nn.Module):
+    """The trained module: the backbone and its heads. `forward(video, mask)` returns the visible tokens projected
+    to the teacher's width (B, N_visible, C), and the distillation features (B, 1 + N_visible, C_guide) or None."""
+
+    def __init__(self, backbone: nn.Module, teacher_dim: int, guide_dim: Optional[int] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.align_head = AlignmentHead(backbone.embed_dim, teacher_dim)
+        self.distill_head = DistillHead(backbone.embed_dim, guide_dim) if guide_dim else None
+
+    def forward(self, video: Tensor, mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        out = self.backbone.forward_features(video, mask=mask)
+        distilled = self.distill_head(final_features(out)) if self.distill_head is not None else None
+        return self.align_head(out.tokens), distilled
+
+
+def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
+    """Runs stage 1 as `cfg` says (resume: None, "auto" or a checkpoint path); returns a summary of the run."""
+    _check_config(cfg)
+    teacher = build_teacher(cfg.teacher)
+    check_teacher_grid(teacher, cfg.data.img_size, cfg.model.patch_size)
+    info = dist.init_distributed()
+    if info.is_main:
+        os.makedirs(cfg.train.out, exist_ok=True)
+        write_resolved(cfg, os.path.join(cfg.train.out, "config.yaml"))
+    torch.manual_seed(cfg.train.seed)  # the same initial student on every rank and every run
+    backbone = build_from_config(cfg.model, cfg.data.num_frames, cfg.data.img_size)
+    guide = build_guide(cfg.distill, cfg.data.num_frames, cfg.data.img_size, cfg.model.scan_backend)
+    student = AlignStudent(backbone, teacher.width, guide.embed_dim if guide is not None else None)
+    objective = MaskedAlignment(teacher, backbone.patch_grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.kind,
+                                cfg.model.tubelet_size, guide, cfg.distill.weight)
+    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed)
+    summary = Trainer(student, objective, data, cfg.train, cfg.deepspeed, cfg.train.out).fit(resume)
+    return {"run_dir": cfg.train.out, "start_step": summary.start_step, "step": summary.step,
+            "last_loss": summary.last_loss, "resumed_from": summary.resumed_from,
+            "checkpoints": summary.checkpoints, "samples": summary.samples, "wall_s": round(summary.wall_s, 1)}
+
+
+def _check_config(cfg: AlignStageConfig) -> None:
+    """Raises ConfigError, before any work, for a teacher resolution that is not the student's or a mask that cannot
+    be made on the student's token grid."""
+    if cfg.teacher.img_size != cfg.data.img_size:
+        raise ConfigError(f"teacher.img_size={cfg.teacher.img_size} differs from data.img_size={cfg.data.img_size}: "
+                          f"the teacher's targets are per patch, so it must see the student's frames; set "
+                          f"teacher.img_size={cfg.data.img_size}")
+    grid = (cfg.data.num_frames // cfg.model.tubelet_size, cfg.data.img_size // cfg.model.patch_size,
+            cfg.data.img_size // cfg.model.patch_size)
+    try:
+        masked_count(cfg.mask.kind, cfg.mask.ratio, grid)
+    except ValueError as e:
+        raise ConfigError(f"mask.ratio={cfg.mask.ratio} / mask.kind={cfg.mask.kind!r} on a {grid} token grid: "
+                          f"{e}") from None

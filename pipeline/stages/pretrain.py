@@ -1,0 +1,102 @@
+"""Pretrain a VideoMamba: stage 1, masked alignment of the visible tokens to a frozen CLIP-ViT teacher, on DeepSpeed.
+
+The config's top-level `stage` picks the stage (`align`, the default). Any key can be overridden as key.sub=value
+(values are YAML). Runs single-process, or under torchrun / the deepspeed launcher (one process per GPU; the engine
+reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+
+Main keys:
+  model.size            tiny | small | middle | base  (model.depth / model.embed_dim override the size's)
+  data.train            shard index.json(s) or brace URL patterns, several joined by ','
+  data.num_frames       frames per clip              data.img_size   frame side in pixels (a multiple of 16)
+  train.max_steps       optimizer steps              train.batch_size   clips per process and micro-step
+  train.ckpt_every      steps between checkpoints    train.seed         train.out   the run directory
+  deepspeed.zero_stage  0 | 1 | 2 | 3                deepspeed.config   your own DeepSpeed JSON (used as is)
+  teacher.model         an open_clip model name      teacher.pretrained  a pretrained tag or a checkpoint file
+  mask.kind             clip_row | frame_row | tube | random | attention     mask.ratio (0.8)
+  loss.kind             mse | cosine                 distill.enabled, distill.checkpoint (self-distillation)
+
+Writes train.out/config.yaml (the resolved config), train.out/metrics.jsonl (one line per optimizer step: step,
+loss, align, lr, ...), TensorBoard events under train.out/tb and complete checkpoints under train.out/checkpoints/.
+
+Examples:
+  videomamba pretrain --config configs/stage1_align.yaml data.train=shards/index.json train.out=runs/s1
+  videomamba pretrain --config configs/stage1_align.yaml --resume auto train.out=runs/s1
+  torchrun --nproc-per-node 8 -m pipeline.cli pretrain --config configs/stage1_align.yaml deepspeed.zero_stage=2
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+import fsspec
+import yaml
+
+from pipeline.config import BASE_KEY, AlignStageConfig, ConfigError, load_config
+
+# stage name -> (config schema, "module:function" that trains it and returns a summary dict)
+STAGES = {"align": (AlignStageConfig, "pipeline.stages.align:train_align")}
+DEFAULT_STAGE = "align"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="the stage's YAML config (path or URL)")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue from the newest complete checkpoint under train.out (auto) or from PATH")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. "
+                        "train.max_steps=100 model.size=small")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:  # our own progress at INFO; libraries (open_clip, DeepSpeed) warnings only
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("pipeline").setLevel(logging.INFO)
+    stage = stage_name(args.config, args.overrides)
+    schema, target = STAGES[stage]
+    cfg = load_config(schema, args.config, args.overrides)
+    module_name, function = target.split(":")
+    train = getattr(importlib.import_module(module_name), function)
+    summary = train(cfg, resume=args.resume)
+    from pipeline.engine import dist
+
+    if dist.rank() == 0:
+        print(f"videomamba pretrain: stage {stage} done: " + json.dumps(summary, default=str))
+    dist.shutdown()
+    return 0
+
+
+def stage_name(path: str, overrides: Sequence[str]) -> str:
+    """Returns the stage a config runs: a `stage=` override, else the `stage` key of the file or its bases."""
+    name: Optional[str] = None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "stage":
+            name = str(yaml.safe_load(value))
+    name = name or _stage_in_file(path, depth=0) or DEFAULT_STAGE
+    if name not in STAGES:
+        raise ConfigError(f"stage {name!r} (from {path} or the command line) is not one of {', '.join(STAGES)}")
+    return name
+
+
+def _stage_in_file(path: str, depth: int) -> Optional[str]:
+    """Returns the `stage` key of a YAML file, else of its `_base_` files (the last one that sets it)."""
+    if depth > 16:
+        return None  # a cycle: load_config reports it
+    try:
+        with fsspec.open(path, "r") as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # load_config reports the problem with the file
+    if not isinstance(raw, dict):
+        return None
+    if "stage" in raw:
+        return str(raw["stage"])
+    bases = raw.get(BASE_KEY, [])
+    found = None
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = base if "://" in base or os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        found = _stage_in_file(base_path, depth + 1) or found
+    return found
