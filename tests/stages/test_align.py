@@ -1,0 +1,145 @@
+"""Stage 1 end to end on the CPU: `videomamba pretrain` on tiny real shards of synthetic mp4s, a tiny VideoMamba and
+a tiny open_clip teacher loaded from a checkpoint file; the loss falls, the run directory has what the CLI contract
+lists, and `--resume auto` continues from the last checkpoint."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import AlignStageConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+TEACHER = "stage-test-vit"
+TEACHER_CONFIG = {
+    "embed_dim": 48,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_shards(corpus: Path, out: Path, per_shard: int = 4) -> str:
+    """Writes the corpus's training clips as WebDataset tars ({key}.mp4/.txt/.json) with an index.json."""
+    records = [json.loads(line) for line in (corpus / "videos.jsonl").read_text().splitlines() if line.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for first in range(0, len(records), per_shard):
+        name = f"synth-{first // per_shard:06d}.tar"
+        with tarfile.open(out / name, "w") as tar:
+            for r in records[first:first + per_shard]:
+                files = {"mp4": (corpus / r["path"]).read_bytes(), "txt": r["captions"][0].encode(),
+                         "json": json.dumps({"captions": r["captions"]}).encode()}
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{r['key']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        entries.append({"url": name, "samples": len(records[first:first + per_shard])})
+    (out / "index.json").write_text(json.dumps({"shards": entries, "media": "video"}))
+    return str(out / "index.json")
+
+
+@pytest.fixture(scope="module")
+def shards(synth_corpus, tmp_path_factory):
+    return write_shards(Path(synth_corpus), tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A tiny open_clip model saved as open_clip does, its config JSON beside it."""
+    folder = tmp_path_factory.mktemp("teacher")
+    (folder / f"{TEACHER}.json").write_text(json.dumps(TEACHER_CONFIG))
+    open_clip.add_model_config(folder / f"{TEACHER}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(TEACHER, pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, folder / "teacher.pt")
+    return str(folder / "teacher.pt")
+
+
+def stage_args(shards, teacher_file, out, steps, extra=()):
+    return ["pretrain", "--config", str(REPO / "configs" / "stage1_align.yaml"),
+            f"data.train={shards}", f"teacher.model={TEACHER}", f"teacher.pretrained={teacher_file}",
+            "teacher.img_size=64", "data.img_size=64", "data.num_frames=4", "data.num_workers=1",
+            "model.depth=2", "model.embed_dim=64", "model.scan_backend=torch", "model.drop_path_rate=0.0",
+            f"train.max_steps={steps}", "train.batch_size=4", "train.lr=2.0e-3", "train.warmup_steps=5",
+            "train.ckpt_every=20", "train.progress=false", "train.tensorboard=false", f"train.out={out}", *extra]
+
+
+def run_cli(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_aligns_writes_the_run_directory_and_resumes(shards, teacher_file, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli(stage_args(shards, teacher_file, out, steps=40))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    losses = [r["align"] for r in records]
+    assert all(r["loss"] == pytest.approx(r["align"]) for r in records)
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["stage"] == "align" and resolved["train"]["max_steps"] == 40
+    assert resolved["teacher"]["pretrained"] == teacher_file and resolved["mask"]["kind"] == "clip_row"
+    assert load_config(AlignStageConfig, str(out / "config.yaml")).model.depth == 2  # loads back as a config
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000020", "step_00000040"]
+    assert all((out / "checkpoints" / c / "COMPLETE.json").exists() for c in checkpoints)
+
+    again = run_cli(stage_args(shards, teacher_file, out, steps=45) + ["--resume", "auto"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert '"start_step": 40' in again.stdout
+    assert [r["step"] for r in metrics(out)] == list(range(1, 46))
+
+
+def test_pretrain_help_lists_the_main_keys(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for key in ("--config", "--resume", "model.size", "data.train", "data.num_frames", "data.img_size",
+                "train.max_steps", "train.batch_size", "train.ckpt_every", "train.seed", "train.out",
+                "deepspeed.zero_stage", "teacher.pretrained", "mask.kind"):
+        assert key in text, key
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["train.max_step=3"], "did you mean 'train.max_steps'"),
+    (["mask.kind=diagonal"], "mask.kind"),
+    (["teacher.img_size=224"], "set teacher.img_size=64"),
+    (["mask.kind=clip_row", "mask.ratio=0.9"], "masks all 4 rows"),
+    (["stage=video_text"], "stage 'video_text'"),
+])
+def test_bad_configs_exit_2_naming_the_problem(shards, teacher_file, tmp_path, capsys, extra, message):
+    assert main(stage_args(shards, teacher_file, tmp_path / "run", steps=2, extra=extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_teacher_patch_size_other_than_the_students_is_refused(shards, tmp_path, capsys):
+    folder = tmp_path / "teacher32"
+    folder.mkdir()
+    config = json.loads(json.dumps(TEACHER_CONFIG))
+    config["vision_cfg"]["patch_size"] = 32
+    (folder / "vit-p32.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / "vit-p32.json")
+    torch.save(open_clip.create_model("vit-p32").state_dict(), folder / "teacher.pt")
+    args = stage_args(shards, str(folder / "teacher.pt"), tmp_path / "run", steps=2, extra=["teacher.model=vit-p32"])
+    assert main(args) == 2
+    assert "grid does not match" in capsys.readouterr().err
