@@ -143,3 +143,17 @@ def test_teacher_patch_size_other_than_the_students_is_refused(shards, tmp_path,
     args = stage_args(shards, str(folder / "teacher.pt"), tmp_path / "run", steps=2, extra=["teacher.model=vit-p32"])
     assert main(args) == 2
     assert "grid does not match" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun_with_two_processes(shards, teacher_file, tmp_path):
+    out = tmp_path / "run"
+    args = stage_args(shards, teacher_file, out, steps=6, extra=["deepspeed.zero_stage=2", "train.ckpt_every=3"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "pipeline.cli", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7))
+    for step in ("step_00000003", "step_00000006"):
+        assert {"rank_00000.pt", "rank_00001.pt", "COMPLETE.json"} <= set(os.listdir(out / "checkpoints" / step))
