@@ -9,6 +9,7 @@ DeepSpeed is imported, so DeepSpeed picks its CPU accelerator instead of probing
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -78,8 +79,11 @@ def _init_torch_group(backend: str, timeout: timedelta) -> None:
 
 def shutdown() -> None:
     """Waits for every rank, then closes the process group: call it once before a process of a multi-rank job
-    exits (a rank leaving while the others still talk over gloo/NCCL can abort them, or itself)."""
+    exits, after dropping the Trainer. Collective handles still alive when the interpreter tears down (a DeepSpeed
+    engine's, say) or a rank leaving while the others still talk can abort the process (SIGABRT, "terminate called
+    without an active exception"); collecting garbage first frees the handles of engines no longer referenced."""
     if tdist.is_initialized():
+        gc.collect()
         barrier()
         tdist.destroy_process_group()
 

@@ -301,6 +301,7 @@ class _RunLogs:
 
     def __init__(self, run_dir: str, cfg: TrainConfig, start_step: int):
         self.cfg = cfg
+        self.start_step, self.started = start_step, time.perf_counter()
         self.jsonl = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), keep_through_step=start_step)
         self.tb = TensorBoardLog(os.path.join(run_dir, "tb"), start_step) if cfg.tensorboard else None
         self.bar = ProgressBar(cfg.max_steps, start_step) if cfg.progress else None
@@ -313,6 +314,10 @@ class _RunLogs:
                                      if k not in ("step", "time")})
             if self.bar:
                 self.bar.update(step, record["loss"], record["clips_per_s"])
+            else:  # no bar (batch jobs): one log line per logging step instead
+                per_step = (time.perf_counter() - self.started) / max(step - self.start_step, 1)
+                log.info("step %d/%d loss %s clips/s %.1f eta %s", step, self.cfg.max_steps, record["loss"],
+                         record["clips_per_s"], _hms(per_step * (self.cfg.max_steps - step)))
 
     def close(self) -> None:
         self.jsonl.close()
@@ -320,6 +325,11 @@ class _RunLogs:
             self.tb.close()
         if self.bar:
             self.bar.close()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _to_device(batch: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> Any:

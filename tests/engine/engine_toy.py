@@ -167,6 +167,7 @@ def main(argv=None) -> int:
             json.dump(gather_check(), f)
     if dist.rank() == 0:
         print("SUMMARY", json.dumps({"step": summary.step, "start_step": summary.start_step}), flush=True)
+    del trainer
     dist.shutdown()
     return 0
 

@@ -174,12 +174,15 @@ def test_bf16_trains(tmp_path):
     assert json.load(open(os.path.join(ckpt.checkpoints_root(str(tmp_path)), "step_00000006", ckpt.MARKER)))
 
 
-def test_user_deepspeed_json_drives_the_engine(tmp_path):
+def test_user_deepspeed_json_drives_the_engine(tmp_path, caplog):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 1}}))
     trainer = toy.build(str(tmp_path / "run"), max_steps=2, ckpt_every=0, grad_accum=4)
     trainer.ds_cfg = DeepSpeedConfig(zero_stage=0, config=str(path))
-    summary = trainer.fit()
+    with caplog.at_level("INFO", logger="pipeline.engine"):
+        summary = trainer.fit()
+    assert "ZeRO stage 1, micro batch 8, accumulation 1, fp32" in caplog.text
+    assert "step 2/2 loss" in caplog.text and "eta 0:00:00" in caplog.text  # progress=False: log lines instead
     assert trainer.engine.zero_optimization_stage() == 1  # the file's stage, not deepspeed.zero_stage
     assert trainer.engine.gradient_accumulation_steps() == 1 and summary.samples == 2 * 8  # its batch, not train.*
 
