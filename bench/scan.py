@@ -5,7 +5,9 @@
 On the CPU it compares this project's chunked pure-PyTorch scan with the `mambapy` package's parallel (Blelloch)
 scan; on the GPU the pure-PyTorch scan with mamba-ssm's CUDA kernel. Every backend computes the same thing (the
 full selective scan with softplus(dt + bias), D skip and silu(z) gate; d_state 16) on the same random inputs, and
-the table also reports each backend's largest relative difference from the first one.
+the table also reports each backend's largest relative difference from the first one. The backends take turns
+step by step (a shared machine's load then falls on all of them alike); each cell is the median of the timed
+steps after warmup; peak memory (CUDA) is torch.cuda.max_memory_allocated over a backend's steps.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,40 +79,44 @@ def backends_for(device: str) -> dict[str, Callable]:
     return found
 
 
-def measure(fn: Callable, inputs: list[torch.Tensor], device: str, warmup: int, repeats: int
-            ) -> tuple[float, Optional[float], torch.Tensor]:
-    """Returns (median seconds of forward+backward, peak MiB on CUDA or None, the output)."""
-    times = []
-    out = None
-    for i in range(warmup + repeats):
-        for x in inputs:
-            x.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        out = fn(*inputs)
-        out.float().square().sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return statistics.median(times), peak, out.detach().float()
+def step(fn: Callable, inputs: list[torch.Tensor], device: str) -> tuple[float, torch.Tensor]:
+    """Returns (seconds of one forward+backward, the output)."""
+    for x in inputs:
+        x.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*inputs)
+    out.float().square().sum().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out.detach().float()
 
 
 def run(device: str, lengths: list[int], dim: int, batch: int, warmup: int, repeats: int) -> str:
-    dtype = torch.float32
+    """The backends take turns step by step, so load from other processes falls on all of them alike."""
     rows = ["| length | backend | fwd+bwd ms | tokens/s | peak MiB | max rel. diff vs first |",
             "|---:|---|---:|---:|---:|---:|"]
+    backends = backends_for(device)
     for length in lengths:
-        reference = None
-        for name, fn in backends_for(device).items():
-            inputs = scan_inputs(batch, dim, length, device, dtype)
-            seconds, peak, out = measure(fn, inputs, device, warmup, repeats)
-            diff = 0.0 if reference is None else ((out - reference).abs().max() / reference.abs().max()).item()
-            reference = out if reference is None else reference
-            peak_text = f"{peak:.0f}" if peak is not None else "-"
+        inputs = {name: scan_inputs(batch, dim, length, device, torch.float32) for name in backends}
+        times: dict[str, list[float]] = {name: [] for name in backends}
+        peaks: dict[str, float] = {name: 0.0 for name in backends}
+        outputs = {}
+        for i in range(warmup + repeats):
+            for name, fn in backends.items():
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                seconds, outputs[name] = step(fn, inputs[name], device)
+                if device == "cuda":
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**20)
+                if i >= warmup:
+                    times[name].append(seconds)
+        reference = outputs[next(iter(backends))]
+        for name in backends:
+            seconds = statistics.median(times[name])
+            diff = ((outputs[name] - reference).abs().max() / reference.abs().max()).item()
+            peak_text = f"{peaks[name]:.0f}" if device == "cuda" else "-"
             rows.append(f"| {length} | {name} | {seconds * 1e3:.1f} | {batch * length / seconds:,.0f} | "
                         f"{peak_text} | {diff:.1e} |")
     return "\n".join(rows)
@@ -125,6 +131,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=384, help="inner width d (VideoMamba-Ti: 2 x 192)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on a shared machine, spinning OpenMP threads cost more than they "
+                             "give)")
     parser.add_argument("--quick", action="store_true", help="one short length, few repeats (a smoke run)")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
@@ -134,7 +143,7 @@ def main(argv=None) -> int:
     if args.quick:
         lengths = lengths[:1]
     if not gpu:
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        torch.set_num_threads(args.threads)
     print(f"selective scan fwd+bwd, device {args.device}, batch {batch}, d {args.dim}, d_state {D_STATE}, fp32, "
           f"median of {repeats}")
     print(run(args.device, lengths, args.dim, batch, warmup, repeats))

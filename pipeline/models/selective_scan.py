@@ -8,8 +8,8 @@ Shapes as mamba-ssm: u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_b
 Backends: "mamba_ssm" (the stock CUDA kernel, imported lazily and only for CUDA tensors) and "torch" (this file's
 chunked pure-PyTorch scan, the one for the CPU and for CUDA without mamba-ssm); "auto" picks the first that works.
 
-How the torch scan works: the sequence is cut into chunks of `CHUNK` tokens. Inside a chunk, the per-token decays
-and inputs (chunk, d, n) are combined with a Hillis-Steele doubling scan (log2(CHUNK) vectorised steps that multiply
+How the torch scan works: the sequence is cut into chunks of `CHUNK` tokens (one chunk when it is short).
+Inside a chunk, the per-token decays and inputs (chunk, d, n) are combined with a Hillis-Steele doubling scan (log2(CHUNK) vectorised steps that multiply
 decays in (0, 1], so nothing overflows), the state entering the chunk is added through the chunk's prefix decay
 products, and the state leaving it is carried to the next chunk. The state is kept in fp32. Only the states at chunk
 boundaries are saved for the backward pass, which recomputes each chunk and runs the adjoint (reverse) scan the same
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CHUNK = 64
+CHUNK = 32
 SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
 
 
@@ -102,18 +102,31 @@ def _discretised_dt(delta: Tensor, delta_bias: Optional[Tensor], softplus: bool)
     return F.softplus(dt) if softplus else dt
 
 
-def _doubling_scan_(a: Tensor, x: Tensor, reverse: bool = False) -> None:
-    """In place along dim 1: x becomes the scan of x_t = a_t x_{t-1} + x_t (zero initial state) and a the prefix
-    products of a. With `reverse`, the scan runs from the end: x_t = a_t x_{t+1} + x_t."""
+def _chunk_length(length: int) -> int:
+    """Tokens per chunk: CHUNK, or the whole sequence when it is short (per-op overhead dominates there)."""
+    return length if length <= 2 * CHUNK else CHUNK
+
+
+def _doubling_scan(a: Tensor, x: Tensor, reverse: bool = False, products: bool = True) -> tuple[Tensor, Tensor]:
+    """Returns (prefix products of a, scan of x_t = a_t x_{t-1} + x_t with zero initial state) along dim 1, by
+    log2(length) doubling steps that ping-pong between two buffers (a and x are overwritten). With `reverse` the scan
+    runs from the end (x_t = a_t x_{t+1} + x_t); without `products` the returned products are not complete."""
+    a_next, x_next = torch.empty_like(a), torch.empty_like(x)
     k, length = 1, x.shape[1]
     while k < length:
         if reverse:
-            x[:, :-k] += a[:, :-k] * x[:, k:]
-            a[:, :-k] = a[:, :-k] * a[:, k:]
+            target, source, kept = slice(0, length - k), slice(k, length), slice(length - k, length)
         else:
-            x[:, k:] += a[:, k:] * x[:, :-k]
-            a[:, k:] = a[:, k:] * a[:, :-k]
+            target, source, kept = slice(k, length), slice(0, length - k), slice(0, k)
+        torch.addcmul(x[:, target], a[:, target], x[:, source], out=x_next[:, target])
+        x_next[:, kept] = x[:, kept]
+        x, x_next = x_next, x
+        if products or 2 * k < length:
+            torch.mul(a[:, target], a[:, source], out=a_next[:, target])
+            a_next[:, kept] = a[:, kept]
+            a, a_next = a_next, a
         k *= 2
+    return a, x
 
 
 def _chunk_terms(dt: Tensor, u: Tensor, Bc: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,9 +139,8 @@ def _chunk_terms(dt: Tensor, u: Tensor, Bc: Tensor, A: Tensor) -> tuple[Tensor, 
 
 def _chunk_states(decay: Tensor, inputs: Tensor, h0: Tensor) -> Tensor:
     """Returns the states (b, k, d, n) of one chunk entered with state h0 (b, d, n); decay and inputs are consumed."""
-    _doubling_scan_(decay, inputs)
-    inputs += decay * h0[:, None]
-    return inputs
+    products, states = _doubling_scan(decay, inputs)
+    return states.addcmul_(products, h0[:, None])
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -142,64 +154,73 @@ class _ChunkedScan(torch.autograd.Function):
             h = ut.new_zeros(b, d, A.shape[1])
             y = ut.new_empty(b, l, d)
             entering = []
-            for s in range(0, l, CHUNK):
-                e = min(s + CHUNK, l)
+            chunk = _chunk_length(l)
+            for s in range(0, l, chunk):
+                e = min(s + chunk, l)
                 entering.append(h)
-                states = _chunk_states(*_chunk_terms(dt[:, s:e], ut[:, s:e], Bt[:, s:e], A32), h)
-                y[:, s:e] = torch.matmul(states, Ct[:, s:e, :, None]).squeeze(-1)
+                decay, inputs = _chunk_terms(dt[:, s:e], ut[:, s:e], Bt[:, s:e], A32)
+                decay_kept = decay.clone() if chunk >= l else None
+                states = _chunk_states(decay, inputs, h)
+                y[:, s:e] = (states * Ct[:, s:e, None, :]).sum(-1)
                 h = states[:, -1].clone()
             y = y.transpose(1, 2)
             if D is not None:
                 y = y + D.float()[:, None] * u.float()
             out = y * F.silu(z.float()) if z is not None else y
+        # a single chunk's decays and states are kept (at most 2 * CHUNK tokens), so backward need not recompute them
+        kept = (decay_kept, states) if chunk >= l else ()
         ctx.delta_softplus = delta_softplus
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(entering))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(entering),
+                              y if z is not None else None, *kept)
         return out.to(u.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, entering = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, entering, y, *kept = ctx.saved_tensors
         with torch.autocast(u.device.type, enabled=False):
             grads = _chunked_scan_backward(dout.float(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
-                                           entering)
+                                           entering, y, kept)
         return (*grads, None)
 
 
-def _chunked_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, entering):
+def _chunked_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, entering, y, kept):
     """Returns the gradients of (u, delta, A, B, C, D, z, delta_bias), recomputing each chunk from its saved
-    entering state and running the adjoint recurrence G_t = C_t dy_t + a_{t+1} G_{t+1} backwards over the chunks."""
+    entering state (or taking `kept` (decays, states) of a single chunk) and running the adjoint recurrence
+    G_t = C_t dy_t + a_{t+1} G_{t+1} backwards over the chunks; y is the ungated output (for dz)."""
     dt = _discretised_dt(delta, delta_bias, softplus).transpose(1, 2)  # (b, l, d)
     ut = u.float().transpose(1, 2)
     Bt, Ct, A32 = B.float().transpose(1, 2), C.float().transpose(1, 2), A.float()
     b, l, d = ut.shape
     dy = dout * F.silu(z.float()) if z is not None else dout
     dyt = dy.transpose(1, 2)
-    y_ssm = ut.new_empty(b, l, d) if z is not None else None
     du, ddt = torch.zeros_like(ut), torch.zeros_like(ut)
     dB, dC = torch.zeros_like(Bt), torch.zeros_like(Ct)
     dA = torch.zeros_like(A32)
     carry = ut.new_zeros(b, d, A.shape[1])  # a_{t+1} G_{t+1} for the last token of the chunk being processed
-    for c, s in reversed(list(enumerate(range(0, l, CHUNK)))):
-        e = min(s + CHUNK, l)
+    chunk = _chunk_length(l)
+    for c, s in reversed(list(enumerate(range(0, l, chunk)))):
+        e = min(s + chunk, l)
         dt_c, u_c, B_c, C_c, dy_c = dt[:, s:e], ut[:, s:e], Bt[:, s:e], Ct[:, s:e], dyt[:, s:e]
-        decay, inputs = _chunk_terms(dt_c, u_c, B_c, A32)
-        states = _chunk_states(decay.clone(), inputs, entering[c])
-        if y_ssm is not None:
-            y_ssm[:, s:e] = torch.matmul(states, C_c[:, :, :, None]).squeeze(-1)
-        dC[:, s:e] = torch.matmul(dy_c[:, :, None, :], states).squeeze(2)
+        if kept:
+            decay, states = kept
+        else:
+            decay, inputs = _chunk_terms(dt_c, u_c, B_c, A32)
+            states = _chunk_states(decay.clone(), inputs, entering[c])
+        dC[:, s:e] = (dy_c[..., None] * states).sum(2)
         adj = dy_c[..., None] * C_c[:, :, None, :]  # (b, k, d, n): dL/dh_t from y_t
         adj[:, -1] += carry
         coeff = torch.ones_like(decay)
         coeff[:, :-1] = decay[:, 1:]
-        _doubling_scan_(coeff, adj, reverse=True)
+        _, adj = _doubling_scan(coeff, adj, reverse=True, products=False)
         carry = decay[:, 0] * adj[:, 0]
-        previous = torch.cat([entering[c][:, None], states[:, :-1]], dim=1)
-        d_decay = adj * previous * decay  # dL/d(dt A) elementwise
-        dA += torch.einsum("bkdn,bkd->dn", d_decay, dt_c)
-        g_b = torch.matmul(adj, B_c[..., None]).squeeze(-1)  # sum_n G B: (b, k, d)
+        d_decay = adj * decay  # dL/d(dt A) = G_t h_{t-1} exp(dt A), elementwise
+        d_decay[:, 1:] *= states[:, :-1]
+        d_decay[:, 0] *= entering[c]
+        dA += (d_decay * dt_c[..., None]).sum((0, 1))
+        g_b = (adj * B_c[:, :, None, :]).sum(-1)  # sum_n G B: (b, k, d)
         ddt[:, s:e] = g_b * u_c + (d_decay * A32).sum(-1)
         du[:, s:e] = g_b * dt_c
-        dB[:, s:e] = torch.matmul((dt_c * u_c)[:, :, None, :], adj).squeeze(2)
+        dB[:, s:e] = ((dt_c * u_c)[..., None] * adj).sum(2)
     du = du.transpose(1, 2)
     ddt = ddt.transpose(1, 2)
     dD = dz = None
@@ -207,7 +228,6 @@ def _chunked_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, 
         du = du + dy * D.float()[:, None]
         dD = (dy * u.float()).sum((0, 2))
     if z is not None:
-        y = y_ssm.transpose(1, 2) + (D.float()[:, None] * u.float() if D is not None else 0.0)
         sig = torch.sigmoid(z.float())
         dz = dout * y * sig * (1 + z.float() * (1 - sig))
     if softplus:
