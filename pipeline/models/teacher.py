@@ -113,19 +113,25 @@ def build_teacher(teacher_cfg: TeacherConfig) -> ClipTeacher:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise ConfigError(f"teacher.pretrained={pretrained!r} is neither a checkpoint file nor a pretrained tag of "
                           f"open_clip model {name!r} (tags: {', '.join(tags) or 'none'})")
+    # OpenAI's weights were trained with QuickGELU; open_clip only warns when the built-in config says GELU
+    quick_gelu = bool(checkpoint is None and open_clip.pretrained.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
     try:
         model = open_clip.create_model(name, pretrained=checkpoint or pretrained,
-                                       force_image_size=teacher_cfg.img_size)
-    except RuntimeError as e:
+                                       force_image_size=teacher_cfg.img_size, force_quick_gelu=quick_gelu)
+    except Exception as e:
         if checkpoint is not None:
             raise ConfigError(f"teacher.pretrained={pretrained!r}: cannot load it into open_clip model {name!r}: "
-                              f"{e}") from None
+                              f"{_first_line(e)}") from None
+        if not isinstance(e, RuntimeError):
+            raise
+        file_name = f"{name}{'-quickgelu' if quick_gelu else ''}"
         raise ConfigError(
             f"teacher.pretrained={pretrained!r}: the weights of open_clip model {name!r} with tag {pretrained!r} "
             f"could not be downloaded or found in the hub cache ({_first_line(e)}). Without hub access, save them on "
-            f"a machine that has it (model = open_clip.create_model({name!r}, pretrained={pretrained!r}); "
+            f"a machine that has it (model = open_clip.create_model({file_name!r}, pretrained={pretrained!r}); "
             f"torch.save(model.state_dict(), 'teacher.pt')), copy the file here and set "
-            f"teacher.pretrained=/path/to/teacher.pt (or point HF_HUB_CACHE at a cache that holds it)") from None
+            f"teacher.pretrained=/path/to/teacher.pt teacher.model={file_name} (or point HF_HUB_CACHE at a cache "
+            f"that holds it)") from None
     return ClipTeacher(model.visual, name)
 
 

@@ -108,8 +108,9 @@ def train_tiny_clip(videos_jsonl: str, out_file: str, steps: int = 300, img_size
     with fsspec.open(os.path.splitext(out_file)[0] + "_metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"[teacher] loss {metrics['loss_first10']:.3f} -> {metrics['loss_last10']:.3f}; image->text top-1 "
-          f"train {metrics['train']['top1']:.2f}, held-out {metrics['held_out']['top1']:.2f} (chance "
-          f"{metrics['held_out']['chance']:.2f}); saved {out_file}", flush=True)
+          f"train {metrics['train']['top1']:.2f} (chance {metrics['train']['chance']:.3f}), held-out "
+          f"{metrics['held_out']['top1']:.2f} (chance {metrics['held_out']['chance']:.3f}); saved {out_file}",
+          flush=True)
     return out_file
 
 

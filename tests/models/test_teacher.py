@@ -131,3 +131,15 @@ def test_checkpoint_from_an_fsspec_url_loads(checkpoint):
     teacher = build_teacher(TeacherConfig(model=NAME, pretrained="memory://teachers/teacher.pt", img_size=32))
     frames = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(teacher(frames).tokens, _teacher(checkpoint)(frames).tokens)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_named(checkpoint, tmp_path):
+    (tmp_path / f"{NAME}.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="garbage.pt'.*cannot load it"):
+        build_teacher(TeacherConfig(model=NAME, pretrained=str(tmp_path / "garbage.pt"), img_size=32))
+    wider = {**CONFIG, "vision_cfg": {**CONFIG["vision_cfg"], "width": 96}}
+    (tmp_path / f"{NAME}.json").write_text(json.dumps(wider))
+    (tmp_path / "teacher.pt").write_bytes(checkpoint[0].read_bytes())
+    with pytest.raises(ConfigError, match="cannot load it into open_clip model"):
+        build_teacher(TeacherConfig(model=NAME, pretrained=str(tmp_path / "teacher.pt"), img_size=32))
