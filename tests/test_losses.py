@@ -103,7 +103,16 @@ def test_objective_aligns_the_visible_tokens_to_the_teachers(teacher, clips, kin
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_objective_loss_falls_on_synthetic_clips(teacher, clips):
+@pytest.fixture
+def one_thread():
+    """Tiny models run many times faster on one thread on a shared, busy CPU (OpenMP threads spin-wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_objective_loss_falls_on_synthetic_clips(teacher, clips, one_thread):
     """Item 8: a tiny student learns the teacher's patch features of clips it sees a quarter of (random masks)."""
     student = _student(teacher.width)
     objective = MaskedAlignment(teacher, student.backbone.patch_grid, "random", 0.75)
