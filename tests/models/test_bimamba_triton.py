@@ -133,7 +133,26 @@ def check_mixer(b, l, d_model, n, seed, segments) -> dict:
     return errors
 
 
-CHECKS = {"scan": check_scan, "mixer": check_mixer}
+def check_backbone_mixer(b, l, d_model, seed) -> dict:
+    """The backbone's BidirectionalMamba with backend "triton" vs the same module with backend "torch"."""
+    from pipeline.models.mamba import BidirectionalMamba
+    torch.manual_seed(seed)
+    mixer = BidirectionalMamba(d_model, d_state=4, backend="torch")
+    h = torch.randn(b, l, d_model, requires_grad=True)
+    dout = torch.randn(b, l, d_model)
+    results = {}
+    for backend in ("torch", "triton"):
+        mixer.backend = backend
+        mixer.zero_grad()
+        h.grad = None
+        out = mixer(h)
+        out.backward(dout)
+        results[backend] = [out.detach(), h.grad.clone()] + [p.grad.clone() for p in mixer.parameters()]
+    names = ["out", "dh"] + [f"d{n}" for n, _ in mixer.named_parameters()]
+    return {n: rel(t, r) for n, t, r in zip(names, results["triton"], results["torch"])}
+
+
+CHECKS = {"scan": check_scan, "mixer": check_mixer, "backbone": check_backbone_mixer}
 
 
 def run_checks(cases: list) -> list:
@@ -179,6 +198,12 @@ def test_mixer_matches_plain_bimamba_forward_and_gradients():
     cases = [dict(b=2, l=23, d_model=8, n=4, seed=5, segments=1), dict(b=1, l=41, d_model=8, n=4, seed=6, segments=2)]
     for case, errors in zip(cases, run_checks([("mixer", c) for c in cases])):
         assert_close(errors, TOL_FP32, case)
+
+
+def test_backbone_triton_backend_matches_its_torch_backend():
+    case = dict(b=2, l=33, d_model=16, seed=7)
+    [errors] = run_checks([("backbone", case)])
+    assert_close(errors, TOL_FP32, case)
 
 
 def test_scan_rejects_mismatched_shapes():
