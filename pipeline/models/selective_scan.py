@@ -8,12 +8,13 @@ Shapes as mamba-ssm: u, delta, z (b, d, l); A (d, n); B, C (b, n, l); D, delta_b
 Backends: "mamba_ssm" (the stock CUDA kernel, imported lazily and only for CUDA tensors) and "torch" (this file's
 chunked pure-PyTorch scan, the one for the CPU and for CUDA without mamba-ssm); "auto" picks the first that works.
 
-How the torch scan works: the sequence is cut into chunks of `CHUNK` tokens (one chunk when it is short).
-Inside a chunk, the per-token decays and inputs (chunk, d, n) are combined with a Hillis-Steele doubling scan (log2(CHUNK) vectorised steps that multiply
-decays in (0, 1], so nothing overflows), the state entering the chunk is added through the chunk's prefix decay
-products, and the state leaving it is carried to the next chunk. The state is kept in fp32. Only the states at chunk
-boundaries are saved for the backward pass, which recomputes each chunk and runs the adjoint (reverse) scan the same
-way, so memory stays O(b * d * n * (l / CHUNK + CHUNK)) instead of O(b * d * n * l).
+How the torch scan works: the sequence is cut into chunks of CHUNK tokens (CHUNK_CUDA on CUDA; a sequence of at
+most two chunks is one chunk). Inside a chunk, the per-token decays and inputs (chunk, d, n) are combined with a
+Hillis-Steele doubling scan (log2(chunk) vectorised steps that multiply decays in (0, 1], so nothing overflows), the
+state entering the chunk is added through the chunk's prefix decay products, and the state leaving it is carried to
+the next chunk. The state is kept in fp32. Only the states at chunk boundaries are saved for the backward pass, which
+recomputes each chunk and runs the adjoint (reverse) scan the same way, so memory stays O(b d n (l / chunk + chunk))
+instead of O(b d n l). No Python loop runs over tokens: the loops run over chunks and doubling steps.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CHUNK = 32
+CHUNK = 32  # tokens per chunk on the CPU (cache-sized chunk tensors)
+CHUNK_CUDA = 256  # on CUDA, longer chunks: fewer kernel launches, and the GPU has parallelism to spare
 SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
 
 
@@ -102,9 +104,11 @@ def _discretised_dt(delta: Tensor, delta_bias: Optional[Tensor], softplus: bool)
     return F.softplus(dt) if softplus else dt
 
 
-def _chunk_length(length: int) -> int:
-    """Tokens per chunk: CHUNK, or the whole sequence when it is short (per-op overhead dominates there)."""
-    return length if length <= 2 * CHUNK else CHUNK
+def _chunk_length(length: int, device: torch.device) -> int:
+    """Tokens per chunk: CHUNK (CHUNK_CUDA on CUDA), or the whole sequence when it is at most twice that (per-op
+    overhead dominates there)."""
+    chunk = CHUNK_CUDA if device.type == "cuda" else CHUNK
+    return length if length <= 2 * chunk else chunk
 
 
 def _doubling_scan(a: Tensor, x: Tensor, reverse: bool = False, products: bool = True) -> tuple[Tensor, Tensor]:
@@ -154,7 +158,7 @@ class _ChunkedScan(torch.autograd.Function):
             h = ut.new_zeros(b, d, A.shape[1])
             y = ut.new_empty(b, l, d)
             entering = []
-            chunk = _chunk_length(l)
+            chunk = _chunk_length(l, u.device)
             for s in range(0, l, chunk):
                 e = min(s + chunk, l)
                 entering.append(h)
@@ -197,7 +201,7 @@ def _chunked_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus, 
     dB, dC = torch.zeros_like(Bt), torch.zeros_like(Ct)
     dA = torch.zeros_like(A32)
     carry = ut.new_zeros(b, d, A.shape[1])  # a_{t+1} G_{t+1} for the last token of the chunk being processed
-    chunk = _chunk_length(l)
+    chunk = _chunk_length(l, u.device)
     for c, s in reversed(list(enumerate(range(0, l, chunk)))):
         e = min(s + chunk, l)
         dt_c, u_c, B_c, C_c, dy_c = dt[:, s:e], ut[:, s:e], Bt[:, s:e], Ct[:, s:e], dyt[:, s:e]
