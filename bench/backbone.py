@@ -119,7 +119,8 @@ def measure(forward: Callable, model: nn.Module, batch: int, frames: int, img_si
 
 def run(device: str, sizes: list[str], frame_counts: list[int], img_size: int, batch: int, backends: list[str],
         warmup: int, repeats: int) -> str:
-    rows = ["| model | backend | frames | tokens | clips/s | ms/step | peak MiB |", "|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| model | backend | frames | tokens | clips/s | ms/step | peak MiB |",
+            "|---|---|---:|---:|---:|---:|---:|"]
     for size in sizes:
         depth, width = SIZES[size]
         label = {"tiny": "Ti", "small": "S", "middle": "M", "base": "B"}[size]

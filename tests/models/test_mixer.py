@@ -1,24 +1,11 @@
 """The bidirectional Mamba mixer: official parameter layout, bidirectionality, and its forward against a naive one."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.models.mamba import BidirectionalMamba, choose_backend
 from pipeline.models.selective_scan import selective_scan_ref
-
-
-def official_mixer_shapes(d_model, d_state=16, d_conv=4, expand=2):
-    """The parameter shapes of the official `Mamba(bimamba=True)` (mamba_simple.py), derived by hand."""
-    e, r = expand * d_model, math.ceil(d_model / 16)
-    shapes = {"in_proj.weight": (2 * e, d_model), "out_proj.weight": (d_model, e),
-              "A_log": (e, d_state), "A_b_log": (e, d_state), "D": (e,), "D_b": (e,)}
-    for s in ("", "_b"):
-        shapes.update({f"conv1d{s}.weight": (e, 1, d_conv), f"conv1d{s}.bias": (e,),
-                       f"x_proj{s}.weight": (r + 2 * d_state, e), f"dt_proj{s}.weight": (e, r),
-                       f"dt_proj{s}.bias": (e,)})
-    return shapes
+from tests.models.official_layout import official_mixer_shapes
 
 
 def naive_mixer(m: BidirectionalMamba, h: torch.Tensor) -> torch.Tensor:

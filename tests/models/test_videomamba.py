@@ -5,24 +5,9 @@ import pytest
 import torch
 
 from pipeline.models import build_videomamba
-from tests.models.test_mixer import official_mixer_shapes
+from tests.models.official_layout import official_state_shapes
 
 TINY = dict(depth=2, embed_dim=64)
-
-
-def official_state_shapes(depth, width, num_frames=8, img_size=224, patch=16, tubelet=1, num_classes=1000):
-    """The state-dict shapes of the official VisionMamba (video_sm/models/videomamba.py), derived by hand."""
-    grid = img_size // patch
-    shapes = {"cls_token": (1, 1, width), "pos_embed": (1, grid * grid + 1, width),
-              "temporal_pos_embedding": (1, num_frames // tubelet, width),
-              "patch_embed.proj.weight": (width, 3, tubelet, patch, patch), "patch_embed.proj.bias": (width,),
-              "norm_f.weight": (width,)}
-    for i in range(depth):
-        shapes[f"layers.{i}.norm.weight"] = (width,)
-        shapes.update({f"layers.{i}.mixer.{k}": v for k, v in official_mixer_shapes(width).items()})
-    if num_classes:
-        shapes.update({"head.weight": (num_classes, width), "head.bias": (num_classes,)})
-    return shapes
 
 
 # the model zoo's rounded counts (videomamba/image_sm/MODEL_ZOO.md: Ti 7M, S 26M, M 74M)
