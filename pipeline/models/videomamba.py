@@ -164,17 +164,10 @@ class VideoMamba(nn.Module):
     def forward_features(self, x: Tensor, mask: Optional[Tensor] = None,
                          return_layers: Sequence[int] = ()) -> VideoMambaOutput:
         """x (B, 3, T, H, W); mask (B, T'*H'*W') bool, True = dropped, the same count in every row; return_layers:
-        block indices (negative ones count from the end) whose output stream is returned normed by norm_f."""
-        tokens = self.patch_embed(x)  # (B, D, T', H', W')
-        B, D, T, H, W = tokens.shape
-        spatial, temporal = self._position_embeddings(T, H, W)
-        tokens = tokens.flatten(3).permute(0, 2, 3, 1) + spatial[:, None, 1:] + temporal[:, :, None]
-        tokens = tokens.reshape(B, T * H * W, D)
-        visible = _visible_index(mask, B, T * H * W, tokens.device)
-        if visible is not None:
-            tokens = tokens.gather(1, visible[..., None].expand(-1, -1, D))
-        cls = (self.cls_token + spatial[:, :1]).expand(B, -1, -1)
-        stream = self.pos_drop(torch.cat([cls, tokens], dim=1))
+        block indices (negative ones count from the end) whose output stream (residual + block output, without drop
+        path) is returned normed by the shared norm_f (as the official pretraining model's intermediate features)."""
+        stream, visible, (T, H, W) = self._embedded_tokens(x, mask)
+        B = stream.shape[0]
         wanted = self._layer_indices(return_layers)
         to_temporal = _order_index(visible, B, T, H, W, stream.device) if "temporal_first" in self.block_orders() \
             else None
@@ -198,6 +191,20 @@ class VideoMamba(nn.Module):
         if current == "temporal_first":
             out = _reorder(out, from_temporal)
         return VideoMambaOutput(cls=out[:, 0], tokens=out[:, 1:], layers=[layers[i] for i in wanted])
+
+    def _embedded_tokens(self, x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], tuple]:
+        """Returns ([cls] + the visible patch tokens with position embeddings (B, 1 + N_visible, D) in spatial-first
+        order, the canonical indices of the visible tokens (B, N_visible) or None without a mask, the patch grid)."""
+        tokens = self.patch_embed(x)  # (B, D, T', H', W')
+        B, D, T, H, W = tokens.shape
+        spatial, temporal = self._position_embeddings(T, H, W)
+        tokens = tokens.flatten(3).permute(0, 2, 3, 1) + spatial[:, None, 1:] + temporal[:, :, None]
+        tokens = tokens.reshape(B, T * H * W, D)
+        visible = _visible_index(mask, B, T * H * W, tokens.device)
+        if visible is not None:
+            tokens = tokens.gather(1, visible[..., None].expand(-1, -1, D))
+        cls = (self.cls_token + spatial[:, :1]).expand(B, -1, -1)
+        return self.pos_drop(torch.cat([cls, tokens], dim=1)), visible, (T, H, W)
 
     def _layer_indices(self, requested: Sequence[int]) -> list[int]:
         depth = len(self.layers)
