@@ -114,7 +114,8 @@ def build_teacher(teacher_cfg: TeacherConfig) -> ClipTeacher:
         raise ConfigError(f"teacher.pretrained={pretrained!r} is neither a checkpoint file nor a pretrained tag of "
                           f"open_clip model {name!r} (tags: {', '.join(tags) or 'none'})")
     # OpenAI's weights were trained with QuickGELU; open_clip only warns when the built-in config says GELU
-    quick_gelu = bool(checkpoint is None and open_clip.pretrained.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
+    tag_cfg = open_clip.pretrained.get_pretrained_cfg(name, pretrained) if checkpoint is None else {}
+    quick_gelu = bool(tag_cfg.get("quick_gelu"))
     try:
         model = open_clip.create_model(name, pretrained=checkpoint or pretrained,
                                        force_image_size=teacher_cfg.img_size, force_quick_gelu=quick_gelu)
