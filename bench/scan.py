@@ -1,6 +1,7 @@
 """Selective-scan backends: forward+backward time and peak memory of one scan against the sequence length.
 
-    python bench/scan.py [--device cpu|cuda] [--lengths 197 785 1569 ...] [--dim 384] [--batch 2] [--quick]
+    python bench/scan.py [--device cpu|cuda] [--lengths 197 785 1569 ...] [--dim 384] [--batch 2] [--dtype bf16]
+                         [--quick]
 
 On the CPU it compares this project's chunked pure-PyTorch scan with the `mambapy` package's parallel (Blelloch)
 scan; on the GPU the pure-PyTorch scan with mamba-ssm's CUDA kernel. Every backend computes the same thing (the
@@ -93,13 +94,14 @@ def step(fn: Callable, inputs: list[torch.Tensor], device: str) -> tuple[float, 
     return time.perf_counter() - start, out.detach().float()
 
 
-def run(device: str, lengths: list[int], dim: int, batch: int, warmup: int, repeats: int) -> str:
+def run(device: str, lengths: list[int], dim: int, batch: int, warmup: int, repeats: int,
+        dtype: torch.dtype) -> str:
     """The backends take turns step by step, so load from other processes falls on all of them alike."""
     rows = ["| length | backend | fwd+bwd ms | tokens/s | peak MiB | max rel. diff vs first |",
             "|---:|---|---:|---:|---:|---:|"]
     backends = backends_for(device)
     for length in lengths:
-        inputs = {name: scan_inputs(batch, dim, length, device, torch.float32) for name in backends}
+        inputs = {name: scan_inputs(batch, dim, length, device, dtype) for name in backends}
         times: dict[str, list[float]] = {name: [] for name in backends}
         peaks: dict[str, float] = {name: 0.0 for name in backends}
         outputs = {}
@@ -130,6 +132,9 @@ def main(argv=None) -> int:
                              "1/4/8 frames of 7x7 + [cls] on the CPU)")
     parser.add_argument("--dim", type=int, default=384, help="inner width d (VideoMamba-Ti: 2 x 192)")
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="dtype of u, delta, B, C, z (A, D, bias stay fp32; the state is fp32 in every backend); "
+                             "default bf16 on the GPU, fp32 on the CPU")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: on a shared machine, spinning OpenMP threads cost more than they "
@@ -144,9 +149,11 @@ def main(argv=None) -> int:
         lengths = lengths[:1]
     if not gpu:
         torch.set_num_threads(args.threads)
-    print(f"selective scan fwd+bwd, device {args.device}, batch {batch}, d {args.dim}, d_state {D_STATE}, fp32, "
-          f"median of {repeats}")
-    print(run(args.device, lengths, args.dim, batch, warmup, repeats))
+    dtype_name = args.dtype or ("bf16" if gpu else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    print(f"selective scan fwd+bwd, device {args.device}, batch {batch}, d {args.dim}, d_state {D_STATE}, "
+          f"{dtype_name}, median of {repeats}")
+    print(run(args.device, lengths, args.dim, batch, warmup, repeats, dtype))
     return 0
 
 
