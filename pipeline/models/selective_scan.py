@@ -14,7 +14,7 @@ Hillis-Steele doubling scan (log2(chunk) vectorised steps that multiply decays i
 state entering the chunk is added through the chunk's prefix decay products, and the state leaving it is carried to
 the next chunk. The state is kept in fp32. Only the states at chunk boundaries are saved for the backward pass, which
 recomputes each chunk and runs the adjoint (reverse) scan the same way, so memory stays O(b d n (l / chunk + chunk))
-instead of O(b d n l). No Python loop runs over tokens: the loops run over chunks and doubling steps.
+instead of O(b d n l) (sequences of at most KEEP_TOKENS keep their states instead: no recomputation, bounded size). No Python loop runs over tokens: the loops run over chunks and doubling steps.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from torch import Tensor
 
 CHUNK = 32  # tokens per chunk on the CPU (cache-sized chunk tensors)
 CHUNK_CUDA = 256  # on CUDA, longer chunks: fewer kernel launches, and the GPU has parallelism to spare
+KEEP_TOKENS = 64  # up to this length (one chunk) forward keeps the (b, l, d, n) states for backward
 SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
 
 
@@ -159,11 +160,12 @@ class _ChunkedScan(torch.autograd.Function):
             y = ut.new_empty(b, l, d)
             entering = []
             chunk = _chunk_length(l, u.device)
+            keep = chunk >= l and l <= KEEP_TOKENS
             for s in range(0, l, chunk):
                 e = min(s + chunk, l)
                 entering.append(h)
                 decay, inputs = _chunk_terms(dt[:, s:e], ut[:, s:e], Bt[:, s:e], A32)
-                decay_kept = decay.clone() if chunk >= l else None
+                decay_kept = decay.clone() if keep else None
                 states = _chunk_states(decay, inputs, h)
                 y[:, s:e] = (states * Ct[:, s:e, None, :]).sum(-1)
                 h = states[:, -1].clone()
@@ -171,8 +173,8 @@ class _ChunkedScan(torch.autograd.Function):
             if D is not None:
                 y = y + D.float()[:, None] * u.float()
             out = y * F.silu(z.float()) if z is not None else y
-        # a single chunk's decays and states are kept (at most 2 * CHUNK tokens), so backward need not recompute them
-        kept = (decay_kept, states) if chunk >= l else ()
+        # a short single chunk's decays and states are kept, so backward need not recompute them
+        kept = (decay_kept, states) if keep else ()
         ctx.delta_softplus = delta_softplus
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(entering),
                               y if z is not None else None, *kept)
