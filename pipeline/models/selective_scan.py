@@ -14,7 +14,8 @@ Hillis-Steele doubling scan (log2(chunk) vectorised steps that multiply decays i
 state entering the chunk is added through the chunk's prefix decay products, and the state leaving it is carried to
 the next chunk. The state is kept in fp32. Only the states at chunk boundaries are saved for the backward pass, which
 recomputes each chunk and runs the adjoint (reverse) scan the same way, so memory stays O(b d n (l / chunk + chunk))
-instead of O(b d n l) (sequences of at most KEEP_TOKENS keep their states instead: no recomputation, bounded size). No Python loop runs over tokens: the loops run over chunks and doubling steps.
+instead of O(b d n l); a sequence of at most KEEP_TOKENS keeps its states instead (no recomputation, bounded size).
+No Python loop runs over tokens: the loops run over chunks and doubling steps.
 """
 from __future__ import annotations
 
