@@ -110,10 +110,10 @@ def test_torch_backend_on_cuda_matches_reference():
 def test_backward_keeps_chunk_boundary_states_not_every_state():
     """Memory: for a long sequence the saved tensors are the inputs, the ungated output and one state per chunk,
     not the (b, d, l, n) states of every token."""
-    b, d, l, n = 1, 8, 20 * ss.CHUNK, 16
+    b, d, l, n = 1, 64, 20 * ss.CHUNK, 16
     args = scan_args(b, d, l, n)
     out = ss.selective_scan(*args, delta_softplus=True, backend="torch")
     saved = sum(t.numel() for t in out.grad_fn.saved_tensors if t is not None)
     inputs = sum(a.numel() for a in args if a is not None)
     assert saved <= inputs + b * d * l + 20 * b * d * n
-    assert saved < b * d * l * n / 4
+    assert saved < b * d * l * n / 2
