@@ -11,6 +11,7 @@ Backends of the forward pass (`backend`): "torch" (pipeline.models.selective_sca
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from typing import Optional
@@ -117,7 +118,14 @@ class BidirectionalMamba(nn.Module):
         return run(xz, "", self.out_proj.bias) + run(xz.flip(-1), "_b", None).flip(1)
 
 
+@functools.lru_cache(maxsize=None)
 def _causal_conv1d_importable() -> bool:
-    """mamba-ssm's fused path needs the causal-conv1d package; without it the mamba_ssm backend runs the conv in
-    PyTorch and calls selective_scan_fn per direction."""
-    return importlib.util.find_spec("causal_conv1d") is not None
+    """mamba-ssm's fused path needs the causal-conv1d package; without it (or with a build that does not load) the
+    mamba_ssm backend runs the conv in PyTorch and calls selective_scan_fn once per direction."""
+    if importlib.util.find_spec("causal_conv1d") is None:
+        return False
+    try:
+        import causal_conv1d  # noqa: F401
+    except Exception:  # a wheel built for another torch/CUDA fails with ImportError, OSError or RuntimeError
+        return False
+    return True
