@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.models.selective_scan import mamba_ssm_importable, selective_scan
+from pipeline.models.selective_scan import mamba_ssm_importable, resolve_scan_backend, selective_scan
 
 MIXER_BACKENDS = ("auto", "torch", "mamba_ssm", "triton")
 
@@ -78,8 +78,10 @@ class BidirectionalMamba(nn.Module):
             from pipeline.models.ops.bimamba_triton import bimamba_forward
             return bimamba_forward(self, hidden_states)
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
-        if backend == "mamba_ssm" and _causal_conv1d_importable():
-            return self._fused_mamba_ssm(xz)
+        if backend == "mamba_ssm":
+            resolve_scan_backend(backend, xz.device)  # a clear error off CUDA or without mamba-ssm
+            if _causal_conv1d_importable():
+                return self._fused_mamba_ssm(xz)
         y = self._direction(xz, "", backend) + self._direction(xz.flip(-1), "_b", backend).flip(-1)
         return self.out_proj(y.transpose(1, 2))
 
