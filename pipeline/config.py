@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,19 @@ COMMAND_LINE = "the command line"
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and where it came from."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; users mean a float (as YAML 1.2 and Python read it)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def yaml_load(stream: Any) -> Any:
+    """Returns the YAML document in `stream` (a string or file), reading `1e-3` as a float."""
+    return yaml.load(stream, Loader=_Loader)
 
 
 # --------------------------------------------------------------------------------------------------- schema sections
@@ -154,7 +168,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"{COMMAND_LINE}: override {item!r} is not of the form key.sub=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{COMMAND_LINE}: override {item!r}: value is not valid YAML ({e})") from None
     return key.strip(), value
@@ -175,7 +189,7 @@ def _flatten_file(schema: type, path: str, seen: tuple[str, ...]) -> dict[str, t
         raise ConfigError(f"{path}: `_base_` files include each other in a cycle: {' -> '.join(seen + (path,))}")
     try:
         with fsspec.open(path, "r") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml_load(f) or {}
     except FileNotFoundError:
         where = f" (a `_base_` of {seen[-1]})" if seen else ""
         raise ConfigError(f"config file not found: {path}{where}") from None

@@ -71,6 +71,14 @@ def test_int_is_accepted_for_float_and_null_for_optional():
     assert cfg.data.weights == [1.0, 2.5]
 
 
+def test_exponent_notation_is_a_float(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("train:\n  min_lr: 1e-6\n")
+    cfg = load_config(AlignStageConfig, str(cfg_file), ["train.lr=1e-3", "train.weight_decay=-2.5E+0"])
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay) == (1e-3, 1e-6, -2.5)
+    assert load_config(AlignStageConfig, None, ["train.out=1e3run"]).train.out == "1e3run"
+
+
 def test_section_given_a_scalar_is_refused(tmp_path):
     cfg_file = write(tmp_path / "run.yaml", {"train": 5})
     with pytest.raises(ConfigError, match="'train' is a section"):

@@ -195,7 +195,10 @@ class StreamingLoader:
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-                               prefetch_factor=2))
+                               prefetch_factor=2,
+                               # the workers' base seed must not come from the global RNG: the DataLoader starts on
+                               # the first batch, after a resumed trainer restored that RNG, and would shift it
+                               generator=torch.Generator()))
 
     def _decoded(self, batch: dict) -> dict:
         """Decodes a batch of encoded samples with DALI in this process, dropping (and counting) failures."""

@@ -92,7 +92,8 @@ class Block(nn.Module):
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         if self.residual_in_fp32:
             residual = residual.float()
-        return self.mixer(self.norm(residual)), residual
+        # the norm runs in the module's dtype (bf16 under DeepSpeed's bf16) while the residual stream stays fp32
+        return self.mixer(self.norm(residual.to(dtype=self.norm.weight.dtype))), residual
 
 
 class VideoMamba(nn.Module):

@@ -155,6 +155,18 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_bf16_weights_with_fp32_residual_run():
+    """DeepSpeed's bf16 casts the module itself; the fp32 residual stream must meet bf16 norms and mixers."""
+    model = build_videomamba("tiny", num_frames=2, img_size=32, residual_in_fp32=True, **TINY)
+    x = torch.randn(2, 3, 2, 32, 32)
+    ref = model.forward_features(x).cls
+    out = model.to(torch.bfloat16).forward_features(x.to(torch.bfloat16)).cls
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()) < 0.05
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_input_of_another_grid_interpolates_position_embeddings():
     model = build_videomamba("tiny", num_frames=4, img_size=32, **TINY).eval()
     out = model.forward_features(torch.randn(1, 3, 2, 64, 64))
