@@ -154,7 +154,8 @@ def _run_tasks(todo: Sequence[ShardPlan], opts: ShardOptions, workers: int, resu
     """Runs one task per plan, at most `workers` at a time, filling `results`, `failed` and `nodes`."""
     import ray
 
-    remote = ray.remote(shard_task).options(num_cpus=1, scheduling_strategy="SPREAD")
+    remote = ray.remote(num_cpus=1)(shard_task)
+    placements = _round_robin_placements()
     opts_ref = ray.put(opts)
     queue = deque(todo)
     running: dict = {}
@@ -162,7 +163,8 @@ def _run_tasks(todo: Sequence[ShardPlan], opts: ShardOptions, workers: int, resu
         while queue or running:
             while queue and len(running) < workers:
                 plan = queue.popleft()
-                running[remote.remote(plan, opts_ref, prefetch(plan, opts.retry))] = plan
+                task = remote.options(scheduling_strategy=next(placements))
+                running[task.remote(plan, opts_ref, prefetch(plan, opts.retry))] = plan
             ready, _ = ray.wait(list(running), num_returns=1)
             plan = running.pop(ready[0])
             try:
@@ -178,6 +180,23 @@ def _run_tasks(todo: Sequence[ShardPlan], opts: ShardOptions, workers: int, resu
             bar.update(plan, result)
     finally:
         bar.close()
+
+
+def _round_robin_placements():
+    """Yields scheduling strategies that place successive tasks on the cluster's CPU nodes in turn.
+
+    Ray's "SPREAD" is a preference that short tasks often defeat (they finish before the next is placed, and all land
+    on the driver's node); a soft node affinity spreads them for certain and still falls back to any node when the
+    chosen one is gone."""
+    import itertools
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    if not nodes:
+        return itertools.repeat("SPREAD")
+    return (NodeAffinitySchedulingStrategy(node_id, soft=True) for node_id in itertools.cycle(nodes))
 
 
 class _Progress:

@@ -12,7 +12,10 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert "synth" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+BUILT = sorted(set(SUBCOMMANDS) - {"eval"})  # `eval` (zero-shot retrieval) arrives with its own issue
+
+
+@pytest.mark.parametrize("name", BUILT)
 def test_every_subcommand_has_a_teaching_help(name, capsys):
     with pytest.raises(SystemExit) as e:
         main([name, "--help"])
@@ -20,6 +23,11 @@ def test_every_subcommand_has_a_teaching_help(name, capsys):
     out = capsys.readouterr().out
     assert "not available in this build" not in out, f"`videomamba {name}` has no module yet"
     assert len(out.splitlines()) > 5  # options with explanations, not a bare usage line
+
+
+def test_a_subcommand_not_built_yet_says_so_and_exits_2(capsys):
+    assert main(["eval"]) == 2
+    assert "videomamba eval: not available in this build" in capsys.readouterr().err
 
 
 def test_bad_run_config_exits_2_naming_the_key(tmp_path, capsys):
