@@ -2,9 +2,8 @@
 a tiny open_clip teacher loaded from a checkpoint file; the loss falls, the run directory has what the CLI contract
 lists, and `--resume auto` continues from the last checkpoint exactly.
 
-The runs read the shards in the main process (data.num_workers=0): with loader workers, torch's DataLoader starts
-them lazily, on the first batch, and draws its base seed from the global RNG after the engine has restored it, which
-shifts the masks of a resumed run (reported to the data/engine owners).
+The runs read the shards in a DataLoader worker (data.num_workers=1): the loader starts its workers on the first
+batch, after a resumed engine restored the global RNG, so this also checks that starting them leaves that RNG alone.
 """
 import io
 import json
@@ -73,7 +72,7 @@ def teacher_file(tmp_path_factory):
 def stage_args(shards, teacher_file, out, steps, extra=()):
     return ["pretrain", "--config", str(REPO / "configs" / "stage1_align.yaml"),
             f"data.train={shards}", f"teacher.model={TEACHER}", f"teacher.pretrained={teacher_file}",
-            "teacher.img_size=64", "data.img_size=64", "data.num_frames=4", "data.num_workers=0",
+            "teacher.img_size=64", "data.img_size=64", "data.num_frames=4", "data.num_workers=1",
             "model.depth=2", "model.embed_dim=64", "model.scan_backend=torch", "model.drop_path_rate=0.0",
             f"train.max_steps={steps}", "train.batch_size=4", "train.lr=2.0e-3", "train.warmup_steps=5",
             "train.ckpt_every=20", "train.progress=false", "train.tensorboard=false", f"train.out={out}", *extra]
