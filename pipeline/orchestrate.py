@@ -1,6 +1,6 @@
 """Run the whole pipeline from one config: synthetic corpus -> shards -> teacher -> stage 1 -> (stage 2 -> eval).
 
-Each step writes its outputs under --out and a marker `OUT/steps/<step>.json` when it is complete; running the same
+Each step writes its outputs under --out (corpus/, shards/, teacher/, stage1/, report.md) and a marker `OUT/steps/<step>.json` when it is complete; running the same
 command again skips complete steps and resumes the training stages from their newest complete checkpoint, so a run
 that was interrupted anywhere continues where it stopped. Delete a step's marker to redo it.
 
@@ -87,8 +87,41 @@ def run(args: argparse.Namespace) -> int:
     ]
     for name, step in steps:
         _run_step(out, name, step)
+    table = report(out)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
     print(f"videomamba run: all steps complete; outputs under {out}")
     return 0
+
+
+def report(out: str) -> str:
+    """Returns a markdown table of what each step produced, from the steps' markers and the runs' metrics."""
+    def marker(name: str) -> dict:
+        with open(os.path.join(out, "steps", f"{name}.json")) as f:
+            return json.load(f)
+
+    rows = []
+    synth = marker("synth")
+    rows.append(("synth", f"{synth.get('videos')} videos, {synth.get('images')} images, "
+                          f"{synth.get('eval_videos')} held-out eval videos", synth["seconds"]))
+    for name in ("shard_videos", "shard_images"):
+        m = marker(name)
+        rows.append((name, f"{m['samples']} samples in {m['shards']} shards, {m['failed_rows']} failed rows",
+                     m["seconds"]))
+    with open(os.path.join(out, "teacher", "tiny_clip_metrics.json")) as f:
+        t = json.load(f)
+    rows.append(("teacher", f"contrastive loss {t['loss_first10']:.2f} -> {t['loss_last10']:.2f}; image->text top-1 "
+                            f"held-out {t['held_out']['top1']:.2f} (chance {t['held_out']['chance']:.2f})",
+                 marker("teacher")["seconds"]))
+    stage1 = marker("stage1")
+    with open(os.path.join(stage1["run_dir"], "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    k = max(1, min(10, len(losses) // 4))
+    rows.append(("stage1", f"{len(losses)} steps; alignment loss {sum(losses[:k]) / k:.3f} -> "
+                           f"{sum(losses[-k:]) / k:.3f} (mean of first/last {k})", stage1["seconds"]))
+    lines = ["| step | result | seconds |", "|---|---|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
 
 
 def _run_step(out: str, name: str, step: Callable[[], dict]) -> None:
