@@ -1,12 +1,12 @@
 """Streaming data: clips/s that `build_loader` delivers, by decoder, at T frames and S x S pixels.
 
     python bench/data.py [--decoder cpu dali] [--device cpu|cuda] [--frames 8 16] [--size 224] [--workers W]
-                         [--clips N] [--step-clips-per-s X] [--quick]
+                         [--clips N] [--dali BATCHxTHREADSxPIPELINES ...] [--step-clips-per-s X] [--quick]
 
 It writes a small corpus of real clips (PyAV; H.264, or VP9 where DALI must run on its CPU backend) into WebDataset
 shards in a temporary folder and times the training loader over it end to end: tar reading, planning, decoding the
 T planned frames, random resized crop, flip, CLIP normalization and batching (DALI on the GPU hands CUDA tensors
-over; the time includes a synchronize). Before timing DALI it decodes one sample with both decoders under the same
+over; the time includes a synchronize; --dali lists the `DaliSettings` to time, default the loader's). Before timing DALI it decodes one sample with both decoders under the same
 plan and prints their max / mean difference (normalized units and grey levels): DALI's mixed (GPU) decoder on
 H.264 with --device cuda, its CPU backend on VP9 otherwise.
 
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data import build_loader  # noqa: E402
 from pipeline.data.decode import CpuDecoder, DaliDecoder, EncodedSample, dali_available, probe  # noqa: E402
+from pipeline.data.loader import DaliSettings, default_dali_settings  # noqa: E402
 from pipeline.data.transforms import CLIP_STD, clip_plan  # noqa: E402
 from shards.synth import encode_mp4  # noqa: E402
 
@@ -70,11 +71,17 @@ def write_corpus(root: str, distinct: int, samples: int, frames: int, width: int
     return index, clips[0]
 
 
-def clips_per_second(cfg: DataConfig, batch_size: int, clips: int, cuda: bool) -> float:
-    """Returns clips/s over `clips` clips after two warm-up batches (worker start-up and DALI build excluded)."""
-    loader = iter(build_loader(cfg, batch_size, rank=0, world_size=1, seed=0, train=True))
-    for _ in range(2):
-        next(loader)
+def clips_per_second(cfg: DataConfig, batch_size: int, clips: int, cuda: bool,
+                     dali: Optional[DaliSettings] = None) -> float:
+    """Returns clips/s over `clips` clips after a warm-up (worker start-up, DALI build and filling DALI's groups in
+    flight excluded: at least 2 batches and 2 groups per pipeline, so the timed span starts in the steady state)."""
+    built = build_loader(cfg, batch_size, rank=0, world_size=1, seed=0, train=True)
+    if dali is not None:
+        built.dali = dali
+    warmup = max(2 * batch_size, 2 * dali.batch * dali.pipelines if dali else 0)
+    loader, seen = iter(built), 0
+    while seen < warmup:
+        seen += len(next(loader)["key"])
     if cuda:
         torch.cuda.synchronize()
     start, done = time.perf_counter(), 0
@@ -92,9 +99,18 @@ def decoder_difference(clip: bytes, frames: int, size: int, device: str) -> tupl
                      np.random.default_rng(0))
     sample = EncodedSample("check", "video", clip, plan)
     cpu = CpuDecoder().decode([sample])[0]
-    dali = DaliDecoder(device, max_batch=1).decode([sample])[0].cpu()
+    dali = DaliDecoder(device, max_batch=1, threads=1).decode([sample])[0].cpu()
     diff = (dali - cpu).abs()
     return diff.max().item(), diff.mean().item()
+
+
+def dali_settings(text: str) -> DaliSettings:
+    """Parses BATCHxTHREADSxPIPELINES (e.g. 32x8x2) for --dali."""
+    try:
+        batch, threads, pipelines = (int(v) for v in text.lower().split("x"))
+        return DaliSettings(batch, threads, pipelines)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dali takes BATCHxTHREADSxPIPELINES such as 32x8x2, got {text!r}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -110,6 +126,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--source", default="340x256x90@30", help="source clips: WIDTHxHEIGHTxFRAMES@FPS")
     parser.add_argument("--step-clips-per-s", type=float, default=None,
                         help="clips/s a training step consumes, to print each row's multiple of it")
+    parser.add_argument("--dali", nargs="+", type=dali_settings, default=[default_dali_settings()],
+                        help="DALI settings to time, each BATCHxTHREADSxPIPELINES (default: the loader's)")
     parser.add_argument("--quick", action="store_true", help="16 clips, 8 frames, 2 workers (a smoke run)")
     args = parser.parse_args(argv)
     decoders = args.decoder or (["cpu", "dali"] if dali_available() else ["cpu"])
@@ -137,16 +155,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"DALI ({'mixed' if cuda else 'cpu'}, {codec}) vs PyAV, same sample and plan, T={t}: "
                       f"max |diff| {worst:.3f} (~{worst * grey:.0f} grey levels), mean {mean:.4f} "
                       f"(~{mean * grey:.1f} grey levels)")
-        rows = ["| decoder | device | frames | size | workers | clips/s |" + (" x step |" if args.step_clips_per_s
-                                                                               else ""),
-                "|---|---|---:|---:|---:|---:|" + ("---:|" if args.step_clips_per_s else "")]
-        for decoder in decoders:
+        rows = ["| decoder | device | DALI batch x threads x pipelines | frames | size | workers | clips/s |"
+                + (" x step |" if args.step_clips_per_s else ""),
+                "|---|---|---|---:|---:|---:|---:|" + ("---:|" if args.step_clips_per_s else "")]
+        runs = [(d, s) for d in decoders for s in (args.dali if d == "dali" else [None])]
+        for decoder, dali in runs:
             for t in frames_list:
                 cfg = DataConfig(train=index, num_frames=t, img_size=args.size, decoder=decoder, num_workers=workers,
                                  shuffle_buffer=16)
-                rate = clips_per_second(cfg, args.batch_size, clips, cuda and decoder == "dali")
+                rate = clips_per_second(cfg, args.batch_size, clips, cuda and decoder == "dali", dali)
                 where = ("gpu" if cuda else "cpu backend") if decoder == "dali" else "cpu"
-                row = f"| {decoder} | {where} | {t} | {args.size} | {workers} | {rate:.1f} |"
+                how = f"{dali.batch} x {dali.threads} x {dali.pipelines}" if dali else "-"
+                row = f"| {decoder} | {where} | {how} | {t} | {args.size} | {workers} | {rate:.1f} |"
                 if args.step_clips_per_s:
                     row += f" {rate / args.step_clips_per_s:.1f} |"
                 rows.append(row)

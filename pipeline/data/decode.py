@@ -180,9 +180,17 @@ def dali_available() -> bool:
 
 
 class DaliDecoder:
-    """DALI pipelines (one for videos, one for images, built on first use) fed through external_source."""
+    """DALI pipelines (one for videos, one for images, built on first use) fed through external_source.
 
-    def __init__(self, device: str = "gpu", max_batch: int = 8, threads: int = 2, device_id: Optional[int] = None):
+    Throughput comes from concurrency: DALI's video decoder decodes the samples of one run in parallel, one sample
+    per thread of its pool, and each thread works through its clip frame by frame (NVDEC decode, colour conversion,
+    a stream synchronize) up to the last planned frame. So a run should hold many samples (`max_batch`, several
+    training batches: see `pipeline.data.loader.DaliSettings`) and the pool many threads; the threads mostly wait
+    on the GPU, so they are not pinned to cores (`affine=False`), where they would fight the DataLoader workers.
+    `decode` is synchronous; the loader overlaps several decoders in background threads.
+    """
+
+    def __init__(self, device: str = "gpu", max_batch: int = 32, threads: int = 8, device_id: Optional[int] = None):
         if not dali_available():
             raise RuntimeError("decoder 'dali' needs nvidia-dali (pip install nvidia-dali-cuda130)")
         if device not in ("gpu", "cpu"):
@@ -278,7 +286,7 @@ def _dali_pipeline(media: str, size: int, device: str, **pipeline_kwargs):
         backend = "mixed" if device == "gpu" else "cpu"
         if media == "video":
             frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-            pixels = fn.decoders.video(encoded, device=backend, frames=frames)
+            pixels = fn.decoders.video(encoded, device=backend, frames=frames, affine=False)
             layout = "CFHW"
         else:
             pixels = fn.decoders.image(encoded, device=backend, output_type=types.RGB)

@@ -9,7 +9,10 @@ logical worker (next + k) % num_workers, so the round-robin continues where it s
 those an uninterrupted run would have yielded next (same world size and worker count). With another layout see
 `pipeline.data.stream.relayout` for the bound.
 
-With the DALI decoder the workers hand over encoded bytes and plans, and the main process decodes on the GPU.
+With the DALI decoder the workers hand over encoded bytes and plans, and the main process decodes on the GPU:
+background threads decode groups of consecutive batches (`DaliSettings`) while the training step runs, and the
+batches are handed out in their original order; a batch's position (and the skips DALI met in it) counts only when
+the batch is handed out, so prefetching changes neither the resume position nor `stats()`.
 Skipped samples are counted by kind in the worker that met them (part of its position); `stats()` sums them.
 Kinds: corrupt_video, corrupt_image, empty_video (no video stream or no frames), missing_caption (no usable
 `{key}.json` "captions" nor `{key}.txt`), bad_metadata (`{key}.json` not JSON, or "captions" not strings),
@@ -19,8 +22,12 @@ unreadable_shard (a tar shorter than its index says, or one that cannot be opene
 from __future__ import annotations
 
 import json
-from collections import Counter
-from typing import Iterator, Optional
+import os
+import queue
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -159,15 +166,74 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+# ------------------------------------------------------------------------------------------------- DALI decoding
+@dataclass(frozen=True)
+class DaliSettings:
+    """How the main process drives DALI. Its video decoder is fast only with many clips in flight: each clip is
+    decoded by one thread, frame by frame with a synchronize per frame, so one small synchronous run per training
+    batch (8 clips, a few threads) leaves NVDEC idle most of the time. Hence: `batch` samples per DALI run (whole
+    training batches are grouped up to it), `threads` per pipeline, and `pipelines` decoders running concurrently
+    in background threads (each with its own CUDA stream and thread pool), so one group's slowest clip does not
+    stall the next group, and decoding overlaps the training step."""
+
+    batch: int = 32
+    threads: int = 8
+    pipelines: int = 2
+
+    def __post_init__(self):
+        if self.batch < 1 or self.threads < 1 or self.pipelines < 1:
+            raise ValueError(f"DALI settings must be positive, got {self}")
+
+
+def default_dali_settings() -> DaliSettings:
+    return DaliSettings(threads=max(1, min(DaliSettings.threads, os.cpu_count() or 1)))
+
+
+def batch_groups(batches: Iterable[dict], samples: int) -> Iterator[list[dict]]:
+    """Yields consecutive worker batches in groups holding at least `samples` encoded samples (the last group may
+    hold fewer); batches without samples ride along in their place."""
+    group, count = [], 0
+    for batch in batches:
+        group.append(batch)
+        count += len(batch.get("encoded", ()))
+        if count >= samples:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
+
+
+def split_decoded(group: list[dict], video: Optional[torch.Tensor], failures: list[tuple[int, str]]) -> list[dict]:
+    """Returns the group's batches with "encoded" replaced by their rows of `video` (the clips of the samples that
+    decoded, in order) and "decode_skips" (the kinds of those that did not); other fields follow the kept samples."""
+    failed = dict(failures)
+    out, first, row = [], 0, 0
+    for batch in group:
+        encoded = batch.pop("encoded", None)
+        if encoded is None:
+            out.append(batch)
+            continue
+        keep = [i for i in range(len(encoded)) if first + i not in failed]
+        kinds = [failed[first + i] for i in range(len(encoded)) if first + i in failed]
+        first += len(encoded)
+        out.append({"video": video[row:row + len(keep)], "text": [batch["text"][i] for i in keep],
+                    "captions": [batch["captions"][i] for i in keep], "key": [batch["key"][i] for i in keep],
+                    "is_image": batch["is_image"][keep], "state": batch["state"], "worker": batch["worker"],
+                    "decode_skips": kinds})
+        row += len(keep)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ the loader
 class StreamingLoader:
     """Iterable of batches with `state_dict()`, `load_state_dict()` and `stats()` (see the module docstring)."""
 
     def __init__(self, spec: StreamSpec, rank: int, num_workers: int, batch_size: int, planner: SamplePlanner,
-                 decoder: str):
+                 decoder: str, dali: Optional[DaliSettings] = None):
         self.spec, self.rank, self.num_workers, self.batch_size = spec, rank, num_workers, batch_size
         self.planner, self.decoder_name = planner, decoder
-        self._dali: Optional[DaliDecoder] = None
+        self.dali = dali or default_dali_settings()
+        self._dali_decoders: list[DaliDecoder] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -179,13 +245,13 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[dict]:
         if self._finished():
             self._reset()
-        for batch in self._worker_batches():
+        batches = self._worker_batches()
+        if self.decoder_name != "cpu":
+            batches = self._dali_decoded(batches)
+        for batch in batches:  # the position moves only here, as each batch is handed out
             self._slots[batch["worker"]] = batch.pop("state")
             self._next = (batch.pop("worker") + 1) % len(self._slots)
-            if not batch["key"]:
-                continue
-            if "encoded" in batch:
-                batch = self._decoded(batch)
+            self._main_skips.update(batch.pop("decode_skips", ()))
             if batch["key"]:
                 yield batch
 
@@ -200,18 +266,46 @@ class StreamingLoader:
                                # the first batch, after a resumed trainer restored that RNG, and would shift it
                                generator=torch.Generator()))
 
-    def _decoded(self, batch: dict) -> dict:
-        """Decodes a batch of encoded samples with DALI in this process, dropping (and counting) failures."""
-        if self._dali is None:
-            self._dali = DaliDecoder(dali_device(), max_batch=self.batch_size, threads=4)
-        encoded = batch.pop("encoded")
-        video, failures = self._dali.decode(encoded)
-        bad = {i for i, _ in failures}
-        self._main_skips.update(kind for _, kind in failures)
-        keep = [i for i in range(len(encoded)) if i not in bad]
-        return {"video": video, "text": [batch["text"][i] for i in keep],
-                "captions": [batch["captions"][i] for i in keep], "key": [batch["key"][i] for i in keep],
-                "is_image": batch["is_image"][keep]}
+    def _dali_decoded(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Yields `batches` in order with their samples decoded by DALI: groups of batches are decoded by
+        `self.dali.pipelines` decoders in background threads, up to one group more than decoders in flight."""
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for decoder in self._decoders():
+            free.put(decoder)
+
+        def decoded(group: list[dict]) -> list[dict]:
+            encoded = [s for batch in group for s in batch.get("encoded", ())]
+            if not encoded:
+                return group
+            decoder = free.get()
+            try:
+                video, failures = decoder.decode(encoded)
+                if video.is_cuda:  # ready before it leaves this thread, whatever stream the consumer uses
+                    torch.cuda.current_stream(video.device).synchronize()
+            finally:
+                free.put(decoder)
+            return split_decoded(group, video, failures)
+
+        pending: deque = deque()
+        pool = ThreadPoolExecutor(self.dali.pipelines, thread_name_prefix="dali-decode")
+        try:
+            for group in batch_groups(batches, self.dali.batch):
+                pending.append(pool.submit(decoded, group))
+                if len(pending) > self.dali.pipelines:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:  # the consumer stopped early: drop what was prefetched (its position never counted)
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+
+    def _decoders(self) -> list[DaliDecoder]:
+        """Returns the DALI decoders, built once per loader (a DALI pipeline takes a while to build)."""
+        while len(self._dali_decoders) < self.dali.pipelines:
+            self._dali_decoders.append(DaliDecoder(dali_device(), max_batch=self.dali.batch,
+                                                   threads=self.dali.threads))
+        return self._dali_decoders[:self.dali.pipelines]
 
     def _finished(self) -> bool:
         """True when every slot has done its epochs (iterating again then starts over)."""
