@@ -8,15 +8,22 @@
   session: 12 training videos (8 frames, 64 px, h264, 8 fps), 6 images, 8 held-out eval videos; see
   docs/CONTRACTS.md. Its settings are in `synth_corpus / "corpus.json"`. Treat it as read-only; copy it first to
   change anything.
+- `tiny_clip(folder, name, image_size=32, embed_dim=48, patch_size=16)` registers a tiny open_clip CLIP config (its
+  `<name>.json` written in `folder`, as open_clip keeps custom configs beside checkpoints) and returns the model,
+  seeded, with random weights: a real open_clip model for loading-path tests, never presented as a trained teacher.
+- `one_thread` runs a test's torch work on one thread: on a shared 2-core machine two OpenMP threads spin against
+  other processes and make tiny models many times slower; one thread is fast under any load.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import pytest
+import torch
 
 from shards.synth import encode_mp4
 
@@ -67,3 +74,32 @@ def synth_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_corpus")
     write_corpus(str(out), workers=1, progress=False, **SYNTH_CORPUS)
     return out
+
+
+def tiny_clip_config(image_size: int = 32, embed_dim: int = 48, patch_size: int = 16) -> dict:
+    """Returns an open_clip model config of a 2-layer ViT and a 1-layer text tower."""
+    return {"embed_dim": embed_dim,
+            "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "head_width": 16,
+                           "patch_size": patch_size},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def tiny_clip(folder: Union[str, os.PathLike], name: str, **config):
+    """Writes `folder/<name>.json` (a `tiny_clip_config(**config)`), registers it with open_clip and returns the model
+    created from it with seed 0."""
+    import open_clip
+
+    path = Path(folder) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(tiny_clip_config(**config)))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return open_clip.create_model(name, pretrained=None)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

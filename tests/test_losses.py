@@ -1,9 +1,7 @@
 """Stage-1 losses: alignment values and gradients, target selection, and the whole objective learning on synthetic
 clips with a real tiny open_clip teacher and a real tiny VideoMamba student."""
-import json
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 
@@ -12,22 +10,14 @@ from pipeline.models import build_videomamba
 from pipeline.models.distill import FrozenGuide
 from pipeline.models.teacher import ClipTeacher
 from pipeline.stages.align import AlignStudent
+from tests.conftest import tiny_clip
 
 TEACHER = "test-losses-vit"
-TEACHER_CONFIG = {
-    "embed_dim": 40,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / f"{TEACHER}.json"
-    path.write_text(json.dumps(TEACHER_CONFIG))
-    open_clip.add_model_config(path)
-    torch.manual_seed(0)
-    return ClipTeacher(open_clip.create_model(TEACHER, pretrained=None).visual, TEACHER)
+    return ClipTeacher(tiny_clip(tmp_path_factory.mktemp("cfg"), TEACHER, embed_dim=40).visual, TEACHER)
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +92,6 @@ def test_objective_aligns_the_visible_tokens_to_the_teachers(teacher, clips, kin
     assert all(p.grad is not None for p in student.align_head.parameters())
     assert all(p.grad is None for p in teacher.parameters())
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run many times faster on one thread on a shared, busy CPU (OpenMP threads spin-wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_objective_loss_falls_on_synthetic_clips(teacher, clips, one_thread):

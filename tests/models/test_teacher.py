@@ -1,29 +1,22 @@
 """The frozen open_clip teacher: loading through open_clip's API, per-patch targets, [cls] attention, clear errors."""
 import json
 
-import open_clip
 import pytest
 import torch
 
 from pipeline.config import ConfigError, TeacherConfig
 from pipeline.models.teacher import build_teacher, check_teacher_grid
+from tests.conftest import tiny_clip, tiny_clip_config
 
 NAME = "test-teacher-vit"
-CONFIG = {
-    "embed_dim": 48,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+CONFIG = tiny_clip_config()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny CLIP saved by the test as a plain open_clip state dict, with its config JSON beside it."""
     folder = tmp_path_factory.mktemp("teacher")
-    (folder / f"{NAME}.json").write_text(json.dumps(CONFIG))
-    open_clip.add_model_config(folder / f"{NAME}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(NAME, pretrained=None)
+    model = tiny_clip(folder, NAME)
     torch.save(model.state_dict(), folder / "teacher.pt")
     return folder / "teacher.pt", model
 

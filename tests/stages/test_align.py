@@ -15,21 +15,16 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 import yaml
 
 from pipeline.cli import main
 from pipeline.config import AlignStageConfig, load_config
+from tests.conftest import tiny_clip
 
 REPO = Path(__file__).resolve().parents[2]
 TEACHER = "stage-test-vit"
-TEACHER_CONFIG = {
-    "embed_dim": 48,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 def write_shards(corpus: Path, out: Path, per_shard: int = 4) -> str:
@@ -61,10 +56,7 @@ def shards(synth_corpus, tmp_path_factory):
 def teacher_file(tmp_path_factory):
     """A tiny open_clip model saved as open_clip does, its config JSON beside it."""
     folder = tmp_path_factory.mktemp("teacher")
-    (folder / f"{TEACHER}.json").write_text(json.dumps(TEACHER_CONFIG))
-    open_clip.add_model_config(folder / f"{TEACHER}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TEACHER, pretrained=None)
+    model = tiny_clip(folder, TEACHER, image_size=64)
     torch.save({"state_dict": model.state_dict()}, folder / "teacher.pt")
     return str(folder / "teacher.pt")
 
@@ -143,12 +135,7 @@ def test_bad_configs_exit_2_naming_the_problem(shards, teacher_file, tmp_path, c
 
 def test_teacher_patch_size_other_than_the_students_is_refused(shards, tmp_path, capsys):
     folder = tmp_path / "teacher32"
-    folder.mkdir()
-    config = json.loads(json.dumps(TEACHER_CONFIG))
-    config["vision_cfg"]["patch_size"] = 32
-    (folder / "vit-p32.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder / "vit-p32.json")
-    torch.save(open_clip.create_model("vit-p32").state_dict(), folder / "teacher.pt")
+    torch.save(tiny_clip(folder, "vit-p32", image_size=64, patch_size=32).state_dict(), folder / "teacher.pt")
     args = stage_args(shards, str(folder / "teacher.pt"), tmp_path / "run", steps=2, extra=["teacher.model=vit-p32"])
     assert main(args) == 2
     assert "grid does not match" in capsys.readouterr().err
