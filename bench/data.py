@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data import build_loader  # noqa: E402
-from pipeline.data.decode import CpuDecoder, DaliDecoder, EncodedSample, dali_available, probe  # noqa: E402
+from pipeline.data.decode import (CpuDecoder, DaliDecoder, EncodedSample, dali_available, nvdec_ready,  # noqa: E402
+                                  probe)
 from pipeline.data.loader import DaliSettings, default_dali_settings  # noqa: E402
 from pipeline.data.transforms import CLIP_STD, clip_plan  # noqa: E402
 from shards.synth import encode_mp4  # noqa: E402
@@ -99,7 +100,8 @@ def decoder_difference(clip: bytes, frames: int, size: int, device: str) -> tupl
                      np.random.default_rng(0))
     sample = EncodedSample("check", "video", clip, plan)
     cpu = CpuDecoder().decode([sample])[0]
-    dali = DaliDecoder(device, max_batch=1, threads=1).decode([sample])[0].cpu()
+    dali_sample = EncodedSample("check", "video", nvdec_ready(clip), plan)  # as the loader hands it to DALI
+    dali = DaliDecoder(device, max_batch=1, threads=1).decode([dali_sample])[0].cpu()
     diff = (dali - cpu).abs()
     return diff.max().item(), diff.mean().item()
 

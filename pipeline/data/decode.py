@@ -171,6 +171,39 @@ def _stacked(clips: list[torch.Tensor], samples: Sequence[EncodedSample]) -> tor
 
 
 # ----------------------------------------------------------------------------------------------------------- DALI
+def nvdec_ready(data: bytes) -> bytes:
+    """Returns the video with the H.264 SPS frame cropping removed (a remux through FFmpeg's h264_metadata
+    bitstream filter, no decoding); other codecs, uncropped streams and anything PyAV cannot remux come back as is.
+
+    Why: an H.264 frame whose width or height is not a multiple of 16 is coded larger and cropped by the SPS
+    (340x256 is coded 352x256). DALI's video decoder caches NVDEC decoders by coded size but files them under the
+    cropped size, so such clips never find a cached decoder and each one creates a new NVDEC decoder, serialized in
+    the driver (~70 ms per clip on an H100, whatever the threads: ~11 clips/s). Uncropped, the decoder is reused.
+    The container still gives the display size, and DALI converts only that top-left area, so the frames and the
+    planned boxes are unchanged.
+    """
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as source:
+            stream = source.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if stream.codec_context.name != "h264" or (width % 16 == 0 and height % 16 == 0):
+                return data
+            out = io.BytesIO()
+            with av.open(out, "w", format="mp4") as target:
+                copy = target.add_stream_from_template(stream)
+                bsf = av.bitstream.BitStreamFilterContext(
+                    "h264_metadata=crop_left=0:crop_right=0:crop_top=0:crop_bottom=0", stream, copy)
+                for packet in source.demux(stream):
+                    for filtered in bsf.filter(packet if packet.size else None):
+                        filtered.stream = copy
+                        target.mux(filtered)
+        return out.getvalue()
+    except Exception:  # not remuxable: DALI decodes (or rejects) the original
+        return data
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401

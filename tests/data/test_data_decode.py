@@ -1,12 +1,15 @@
 """Frame sampling, transforms and the two decoders (PyAV on the CPU; DALI's CPU backend on VP9 clips)."""
 from __future__ import annotations
 
+import io
+
+import av
 import numpy as np
 import pytest
 import torch
 
 from pipeline.data import build_loader
-from pipeline.data.decode import CpuDecoder, DecodeError, EncodedSample, dali_available, probe
+from pipeline.data.decode import CpuDecoder, DecodeError, EncodedSample, dali_available, nvdec_ready, probe
 from pipeline.data.transforms import (CLIP_MEAN, CLIP_STD, ClipPlan, clip_plan, denormalized, planned_clip,
                                       random_resized_box, resampled_frames, segment_frames)
 
@@ -90,6 +93,30 @@ def test_unusable_bytes_raise_the_kind_they_are_counted_under(clip_h264, jpg_byt
 
 
 # --------------------------------------------------------------------------------------------------------- DALI
+def frames_at_coded_size(data: bytes) -> np.ndarray:
+    """Decodes with the SPS's own size (a bare H.264 decoder: FFmpeg's demuxer would crop to the container's)."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        decoder = av.CodecContext.create("h264", "r")
+        decoder.extradata = stream.codec_context.extradata
+        frames = [f for packet in container.demux(stream) for f in decoder.decode(packet)]
+    return np.stack([f.to_ndarray(format="rgb24") for f in frames])
+
+
+def test_nvdec_ready_drops_the_sps_crop_and_keeps_every_pixel():
+    from shards.synth import encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 256, (6, 40, 50, 3), dtype=np.uint8)
+    cropped = encode_mp4(frames)  # coded as 64x48 macroblocks, cropped to 50x40 by the SPS
+    ready = nvdec_ready(cropped)
+    before, after = frames_at_coded_size(cropped), frames_at_coded_size(ready)
+    assert before.shape == (6, 40, 50, 3) and after.shape == (6, 48, 64, 3)
+    assert np.array_equal(after[:, :40, :50], before)  # a remux: the same coded pixels
+    assert probe(ready, "video").width == 50  # the container still gives the display size
+    uncropped = encode_mp4(frames[:, :32, :48])
+    assert nvdec_ready(uncropped) is uncropped and nvdec_ready(b"not a video") == b"not a video"
+
+
 @needs_dali
 def test_dali_cpu_backend_gives_the_pyav_frames_on_vp9(clip_vp9, jpg_bytes):
     from pipeline.data.decode import DaliDecoder
