@@ -86,7 +86,7 @@ class MaskedAlignment:
         parts = {"align": float(align.detach())}
         loss = align
         if self.guide is not None:
-            self.guide.to(video.device)
+            self.guide.to(device=video.device, dtype=video.dtype)  # bf16/fp16 batches: the guide runs in kind
             distill = distillation_loss(distilled, self.guide(video, mask=mask))
             parts["distill"] = float(distill.detach())
             loss = loss + self.distill_weight * distill

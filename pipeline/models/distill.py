@@ -6,7 +6,7 @@ their mean squared distance per token (= 2 - 2 cos). The stages switch it on wit
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -62,14 +62,18 @@ def distillation_loss(student_feats: Tensor, teacher_feats: Tensor, head: Option
     return (s - t).square().sum(-1).mean()
 
 
-def build_guide(cfg: DistillConfig, num_frames: int, img_size: int,
-                scan_backend: str = "auto") -> Optional[FrozenGuide]:
-    """Returns the frozen guide that `cfg` describes (its checkpoint loaded), or None when distillation is off."""
+def build_guide(cfg: DistillConfig, num_frames: int, img_size: int, patch_size: int = 16, tubelet_size: int = 1,
+                scan_backend: str = "auto",
+                weights: Union[str, dict[str, Tensor], None] = None) -> Optional[FrozenGuide]:
+    """Returns the frozen guide that `cfg` describes, on the student's token grid (frames, size, patch, tubelet) so
+    that the student's mask fits it, or None when distillation is off. Its weights come from `weights` (a state
+    dict already read, e.g. a stage-1 run's) or else from the file `cfg.checkpoint` (an official checkpoint)."""
     if not cfg.enabled:
         return None
     if not cfg.checkpoint:
         raise ConfigError("distill.enabled is true but distill.checkpoint (the trained smaller VideoMamba) is not set")
     model = build_videomamba(cfg.size, num_frames=num_frames, img_size=img_size, depth=cfg.depth,
-                             embed_dim=cfg.embed_dim, scan_backend=scan_backend)
-    load_official_checkpoint(model, cfg.checkpoint)
+                             embed_dim=cfg.embed_dim, patch_size=patch_size, tubelet_size=tubelet_size,
+                             scan_backend=scan_backend)
+    load_official_checkpoint(model, cfg.checkpoint if weights is None else weights)
     return FrozenGuide(model)

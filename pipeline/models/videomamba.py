@@ -16,7 +16,7 @@ import io
 import math
 import pickle
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import fsspec
 import torch
@@ -293,14 +293,17 @@ _WRAPPERS = ("model", "module", "state_dict", "model_state")
 _PREFIXES = ("module.", "backbone.", "encoder.", "vision_encoder.")
 
 
-def load_official_checkpoint(model: VideoMamba, path_or_url: str) -> list[str]:
-    """Loads an official VideoMamba image or video checkpoint (any fsspec URL) into `model` with strict=True after
-    adapting it: wrappers ({"model": sd}, {"module": sd}) and prefixes (module., backbone., encoder.,
-    vision_encoder.) are removed, a 2D patch kernel (image model) is inflated to the tubelet (centre frame, as the
-    official code), the spatial and temporal position embeddings are interpolated to the model's grid (a missing
-    temporal one, as in image checkpoints, starts at zero), and a head that the model lacks or whose class count
-    differs is left out (the model keeps its own). Returns the list of adaptations made, one line each."""
-    state = _read_state_dict(path_or_url)
+def load_official_checkpoint(model: VideoMamba, source: Union[str, dict[str, Tensor]]) -> list[str]:
+    """Loads an official VideoMamba image, video or masked-pretraining checkpoint (a file at any fsspec URL, or a
+    state dict already read) into `model` with strict=True after adapting it: wrappers ({"model": sd},
+    {"module": sd}) and prefixes (module., backbone., encoder., vision_encoder.) are removed, a 2D patch kernel
+    (image model) is inflated to the tubelet (centre frame, as the official code), the spatial and temporal position
+    embeddings are interpolated to the model's grid (a missing temporal one, as in image checkpoints, starts at
+    zero), a pretraining model's final `norm` is taken as `norm_f` and its CLIP decoder left out, and a head that the
+    model lacks or whose class count differs is left out (the model keeps its own). Returns the list of adaptations
+    made, one line each."""
+    path_or_url = source if isinstance(source, str) else "the given state dict"
+    state = _read_state_dict(source) if isinstance(source, str) else _unwrapped(source, path_or_url)
     state, notes = adapt_state_dict(model, state)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -327,12 +330,18 @@ def _read_state_dict(path_or_url: str) -> dict[str, Tensor]:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # official training checkpoints also pickle their argparse.Namespace
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    return _unwrapped(obj, path_or_url)
+
+
+def _unwrapped(obj, name: str) -> dict[str, Tensor]:
+    """Returns the model's tensors in a checkpoint object: out of a wrapper dict, and out of a prefix when the
+    model's keys carry one (a stage-1 run's state dict keeps its backbone under "backbone.")."""
     for key in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path_or_url}: no state dict found (expected tensors, or one under "
+        raise ValueError(f"{name}: no state dict found (expected tensors, or one under "
                          f"{' / '.join(repr(k) for k in _WRAPPERS)})")
     for prefix in _PREFIXES:
         inner = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
@@ -365,6 +374,16 @@ def adapt_state_dict(model: VideoMamba, state: dict[str, Tensor]) -> tuple[dict[
     elif temporal is not None and temporal.shape[1] != t:
         state["temporal_pos_embedding"] = interpolate_temporal_pos_embed(temporal, t)
         notes.append(f"temporal_pos_embedding: {temporal.shape[1]} -> {t} (linear)")
+    if "norm.weight" in state and "norm_f.weight" not in state and "norm_f.weight" in own:
+        for part in ("weight", "bias"):
+            if f"norm.{part}" in state:
+                state[f"norm_f.{part}"] = state.pop(f"norm.{part}")
+        notes.append("norm: the masked-pretraining model's final norm, loaded as norm_f")
+    decoder = [k for k in state if k.startswith("clip_decoder.")]
+    for k in decoder:
+        del state[k]
+    if decoder:
+        notes.append(f"clip_decoder: the pretraining model's CLIP decoder ({len(decoder)} tensors) left out")
     head_keys = [k for k in state if k.startswith("head.")]
     if head_keys and any(k not in own or own[k].shape != state[k].shape for k in head_keys):
         for k in head_keys:

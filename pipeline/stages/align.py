@@ -16,6 +16,7 @@ from pipeline.config import AlignStageConfig, ConfigError, write_resolved
 from pipeline.data import build_loader
 from pipeline.engine import Trainer
 from pipeline.engine import dist
+from pipeline.engine.checkpoint import CorruptCheckpoint, model_state_dict, resolve_resume
 from pipeline.losses import AlignmentHead, MaskedAlignment
 from pipeline.masking import masked_count
 from pipeline.models import build_from_config
@@ -50,7 +51,8 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
         write_resolved(cfg, os.path.join(cfg.train.out, "config.yaml"))
     torch.manual_seed(cfg.train.seed)  # the same initial student on every rank and every run
     backbone = build_from_config(cfg.model, cfg.data.num_frames, cfg.data.img_size)
-    guide = build_guide(cfg.distill, cfg.data.num_frames, cfg.data.img_size, cfg.model.scan_backend)
+    guide = build_guide(cfg.distill, cfg.data.num_frames, cfg.data.img_size, cfg.model.patch_size,
+                        cfg.model.tubelet_size, cfg.model.scan_backend, weights=_guide_weights(cfg.distill.checkpoint))
     student = AlignStudent(backbone, teacher.width, guide.embed_dim if guide is not None else None)
     objective = MaskedAlignment(teacher, backbone.patch_grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.kind,
                                 cfg.model.tubelet_size, guide, cfg.distill.weight)
@@ -59,6 +61,20 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
     return {"run_dir": cfg.train.out, "start_step": summary.start_step, "step": summary.step,
             "last_loss": summary.last_loss, "resumed_from": summary.resumed_from,
             "checkpoints": summary.checkpoints, "samples": summary.samples, "wall_s": round(summary.wall_s, 1)}
+
+
+def _guide_weights(checkpoint: Optional[str]) -> Optional[dict[str, Tensor]]:
+    """A stage-1 run (its folder, its checkpoints/ folder or one checkpoint) as the distillation guide: the newest
+    complete checkpoint's weights, whatever ZeRO stage wrote them (loading picks the backbone's out). None for a
+    file or URL, which is read as an official checkpoint."""
+    if not checkpoint or not os.path.isdir(checkpoint):
+        return None
+    try:
+        ref = resolve_resume(checkpoint, checkpoint)
+    except (CorruptCheckpoint, FileNotFoundError) as e:
+        raise ConfigError(f"distill.checkpoint={checkpoint} is a folder but not a usable stage-1 run or checkpoint "
+                          f"({e})") from None
+    return model_state_dict(ref.path)
 
 
 def _check_config(cfg: AlignStageConfig) -> None:

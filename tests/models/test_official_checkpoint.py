@@ -98,3 +98,26 @@ def test_build_from_config_loads_the_pretrained_checkpoint(tmp_path):
     model = build_from_config(cfg, num_frames=2, img_size=32)
     assert model.token_order == "temporal_first" and model.checkpoint_blocks == 1 and len(model.layers) == 2
     assert states_equal(model.state_dict(), src.state_dict())
+
+
+def test_masked_pretraining_checkpoint_loads_its_backbone(tmp_path):
+    """videomamba_pretrain.py's layout: the final norm is `norm`, and a CLIP decoder sits beside the backbone."""
+    src = build_videomamba("tiny", num_frames=2, img_size=32, **TINY)
+    sd = src.state_dict()
+    sd["norm.weight"] = sd.pop("norm_f.weight")
+    sd.update({"clip_decoder.0.head.weight": torch.randn(8, 64), "clip_decoder.0.norm.weight": torch.ones(8)})
+    dst = build_videomamba("tiny", num_frames=2, img_size=32, **TINY)
+    notes = load_official_checkpoint(dst, save({"model": sd}, str(tmp_path / "pretrain.pth")))
+    assert any(n.startswith("norm:") for n in notes) and any("clip_decoder" in n and "2 tensors" in n for n in notes)
+    assert states_equal(dst.state_dict(), src.state_dict())
+
+
+def test_a_state_dict_in_memory_loads_like_a_file():
+    """A stage-1 run's weights, as pipeline.engine.checkpoint.model_state_dict gives them: heads beside the backbone."""
+    src = build_videomamba("tiny", num_frames=2, img_size=32, **TINY)
+    run_weights = {**{f"backbone.{k}": v for k, v in src.state_dict().items()},
+                   "align_head.proj.weight": torch.zeros(8, 64)}
+    dst = build_videomamba("tiny", num_frames=2, img_size=32, **TINY)
+    assert load_official_checkpoint(dst, run_weights) == [] and states_equal(dst.state_dict(), src.state_dict())
+    with pytest.raises(ValueError, match="the given state dict: no state dict found"):
+        load_official_checkpoint(dst, {"model": {"a": 1}})

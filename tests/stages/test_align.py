@@ -109,6 +109,27 @@ def test_pretrain_aligns_writes_the_run_directory_and_resumes(shards, teacher_fi
     assert [r["loss"] for r in metrics(copy)] == [r["loss"] for r in records]
 
 
+def test_a_stage1_run_guides_a_wider_student_by_self_distillation(shards, teacher_file, tmp_path):
+    """The paper's self-distillation: a small trained run (its folder as distill.checkpoint) guides a wider student
+    with tubelets of 2 frames, in bf16 (the guide follows the batch's dtype and the student's token grid)."""
+    tubelets = ["model.tubelet_size=2"]
+    guide = run_cli(stage_args(shards, teacher_file, tmp_path / "guide", steps=4,
+                               extra=tubelets + ["model.embed_dim=32", "train.ckpt_every=4"]))
+    assert guide.returncode == 0, guide.stderr[-3000:]
+    student = tmp_path / "student"
+    done = run_cli(stage_args(shards, teacher_file, student, steps=4, extra=tubelets + [
+        "train.precision=bf16", "distill.enabled=true", f"distill.checkpoint={tmp_path / 'guide'}",
+        "distill.depth=2", "distill.embed_dim=32", "distill.weight=0.5"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = metrics(student)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["distill"] > 0 and r["loss"] == pytest.approx(r["align"] + 0.5 * r["distill"], rel=2e-2)
+               for r in records)
+    not_a_run = run_cli(stage_args(shards, teacher_file, tmp_path / "x", steps=1, extra=[
+        "distill.enabled=true", f"distill.checkpoint={tmp_path}", "distill.depth=2", "distill.embed_dim=32"]))
+    assert not_a_run.returncode == 2 and "not a usable stage-1 run" in not_a_run.stderr
+
+
 def test_pretrain_help_lists_the_main_keys(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["pretrain", "--help"])
