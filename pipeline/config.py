@@ -214,7 +214,9 @@ def _flatten(schema: type, raw: dict, source: str, prefix: str) -> dict[str, tup
     for key, value in raw.items():
         dotted = prefix + str(key)
         if key not in names:
-            raise ConfigError(f"{source}: unknown key {dotted!r}{_suggestion(schema, prefix, str(key))}")
+            typed = _leaf_paths(value, dotted) if isinstance(value, dict) and value else [dotted]
+            shown = typed[0] if len(typed) == 1 else dotted
+            raise ConfigError(f"{source}: unknown key {shown!r}{_suggestion(schema, prefix, typed)}")
         sub = hints[key]
         if dataclasses.is_dataclass(sub):
             if not isinstance(value, dict):
@@ -225,14 +227,29 @@ def _flatten(schema: type, raw: dict, source: str, prefix: str) -> dict[str, tup
     return flat
 
 
-def _suggestion(schema: type, prefix: str, key: str) -> str:
-    candidates = [prefix + name for name in _all_keys(schema, "")]
-    close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.6)
-    if not close:
-        here = [f.name for f in dataclasses.fields(schema)]
-        close = difflib.get_close_matches(key, here, n=1, cutoff=0.5)
-        close = [prefix + c for c in close]
-    return f" (did you mean {close[0]!r}?)" if close else f"; valid keys here: {', '.join(_all_keys(schema, prefix))}"
+def _suggestion(schema: type, prefix: str, typed: list[str]) -> str:
+    """Returns ' (did you mean ...?)' for the closest valid key to a typed one, or the valid keys of the section.
+    `typed` holds the full dotted keys as written, so a mistyped section (`trian.max_steps`) is matched by what
+    lies under it (`train.max_steps`), not by its name alone."""
+    candidates = _all_keys(schema, prefix)
+    for key in typed:
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        if not close:
+            name = key[len(prefix):].split(".")[0]
+            here = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(schema)], n=1, cutoff=0.5)
+            close = [prefix + c for c in here]
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return f"; valid keys here: {', '.join(candidates)}"
+
+
+def _leaf_paths(raw: dict, prefix: str) -> list[str]:
+    """The dotted keys of the leaves under a mapping (a section as the user wrote it)."""
+    paths = []
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}"
+        paths += _leaf_paths(value, dotted) if isinstance(value, dict) and value else [dotted]
+    return paths
 
 
 def _all_keys(schema: type, prefix: str) -> list[str]:

@@ -40,13 +40,25 @@ def test_unknown_key_in_base_names_the_base_file(tmp_path):
     cfg_file = write(tmp_path / "run.yaml", {"_base_": "base.yaml"})
     with pytest.raises(ConfigError) as e:
         load_config(AlignStageConfig, cfg_file)
-    assert "base.yaml" in str(e.value) and "'modle'" in str(e.value) and "'model'" in str(e.value)
+    assert "base.yaml" in str(e.value) and "'modle.size'" in str(e.value) and "'model.size'" in str(e.value)
 
 
 def test_unknown_override_names_command_line():
     with pytest.raises(ConfigError) as e:
         load_config(AlignStageConfig, None, ["deepspeed.zero_stag=2"])
     assert "command line" in str(e.value) and "deepspeed.zero_stage" in str(e.value)
+
+
+@pytest.mark.parametrize("override, suggested", [
+    ("trian.max_steps=3", "train.max_steps"),
+    ("deepseed.zero_stage=2", "deepspeed.zero_stage"),
+    ("modle.sise=tiny", "model.size"),
+])
+def test_a_mistyped_section_is_matched_by_the_key_under_it(override, suggested):
+    with pytest.raises(ConfigError) as e:
+        load_config(AlignStageConfig, None, [override])
+    typed = override.split("=")[0]
+    assert f"unknown key '{typed}' (did you mean '{suggested}'?)" in str(e.value)
 
 
 @pytest.mark.parametrize("override, fragment", [

@@ -16,7 +16,9 @@ from pipeline.config import AlignStageConfig, ConfigError, write_resolved
 from pipeline.data import build_loader
 from pipeline.engine import Trainer
 from pipeline.engine import dist
+from pipeline.data.stream import split_sources
 from pipeline.engine.checkpoint import CorruptCheckpoint, model_state_dict, resolve_resume
+from pipeline.engine.ds_config import user_config
 from pipeline.losses import AlignmentHead, MaskedAlignment
 from pipeline.masking import masked_count
 from pipeline.models import build_from_config
@@ -78,8 +80,13 @@ def _guide_weights(checkpoint: Optional[str]) -> Optional[dict[str, Tensor]]:
 
 
 def _check_config(cfg: AlignStageConfig) -> None:
-    """Raises ConfigError, before any work, for a teacher resolution that is not the student's or a mask that cannot
-    be made on the student's token grid."""
+    """Raises ConfigError, before any work, for missing training data, an unusable DeepSpeed file, a teacher
+    resolution that is not the student's or a mask that cannot be made on the student's token grid."""
+    if not split_sources(cfg.data.train):
+        raise ConfigError("data.train is empty: give a shard index (.../index.json, as `videomamba shard` writes it) "
+                          "or brace URL patterns of tars, several joined by ','")
+    if cfg.deepspeed.config is not None:
+        user_config(cfg.deepspeed.config)
     if cfg.teacher.img_size != cfg.data.img_size:
         raise ConfigError(f"teacher.img_size={cfg.teacher.img_size} differs from data.img_size={cfg.data.img_size}: "
                           f"the teacher's targets are per patch, so it must see the student's frames; set "

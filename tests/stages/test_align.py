@@ -147,6 +147,8 @@ def test_pretrain_help_lists_the_main_keys(capsys):
     (["teacher.img_size=224"], "set teacher.img_size=64"),
     (["mask.kind=clip_row", "mask.ratio=0.9"], "masks all 4 rows"),
     (["stage=video_text"], "stage 'video_text'"),
+    (["data.train="], "data.train is empty"),
+    (["deepspeed.config=/nonexistent/ds.json"], "deepspeed.config: file not found: /nonexistent/ds.json"),
 ])
 def test_bad_configs_exit_2_naming_the_problem(shards, teacher_file, tmp_path, capsys, extra, message):
     assert main(stage_args(shards, teacher_file, tmp_path / "run", steps=2, extra=extra)) == 2
