@@ -1,12 +1,15 @@
 """AdamW with decoupled weight decay off for norms, biases and embeddings, and a step that can be skipped.
 
-DeepSpeed wraps the optimizer we hand it (ZeRO partitions its parameter groups, bf16 keeps fp32 master weights) but
-always ends in this optimizer's `step()`; making that one call a no-op therefore skips an update under every ZeRO
-stage and precision alike, leaving weights and Adam moments untouched (the trainer's NaN/inf `skip` policy).
+DeepSpeed wraps the optimizer we hand it (ZeRO partitions its parameter groups, bf16 keeps fp32 master weights) and
+ends in this optimizer's `step()`: once, or once per parameter group (ZeRO 1/2), or not at all when its own overflow
+check already skipped the update. So the trainer's NaN/inf `skip` policy holds `skipping` on around exactly one
+`engine.step()`: every `step()` call inside it is a no-op, under every ZeRO stage and precision alike, weights and
+Adam moments stay untouched, and nothing is left over for the next update.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -15,14 +18,22 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "temporal_pos_embedding", "embedding
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """torch AdamW whose next `step()` does nothing when `skip_next` is set (the flag clears itself)."""
+    """torch AdamW whose `step()` does nothing inside `skipped(True)`."""
 
-    skip_next: bool = False
+    skipping: bool = False
+
+    @contextmanager
+    def skipped(self, skip: bool) -> Iterator[None]:
+        """With skip, every `step()` inside the block is a no-op; the flag is off again after it, whatever happens."""
+        self.skipping = skip
+        try:
+            yield
+        finally:
+            self.skipping = False
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.skip_next:
-            self.skip_next = False
+        if self.skipping:
             return None
         return super().step(closure)
 

@@ -162,14 +162,16 @@ class Trainer:
             loss_sum += value
             for name, v in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + float(v)
-            if i == accum - 1:
+            last = i == accum - 1
+            if last:
                 result = self._reduced(loss_sum, parts_sum, nonfinite, accum)
                 if result.nonfinite:
-                    self._on_nonfinite(step, result, optimizer)
+                    self._on_nonfinite(step, result)
             engine.backward(loss)
-            if i == accum - 1:
+            if last:
                 result.grad_norm = _plain_grad_norm(engine)
-            engine.step()
+            with optimizer.skipped(last and result.nonfinite):  # the update happens (or not) in this step()
+                engine.step()
         if result.grad_norm is None:
             result.grad_norm = _finite_or_none(engine.get_global_grad_norm())
         return result
@@ -195,7 +197,7 @@ class Trainer:
         return _StepResult(loss=total[0] / n, parts={k: v / n for k, v in zip(names, total[2:])},
                            nonfinite=total[1] > 0)
 
-    def _on_nonfinite(self, step: int, result: _StepResult, optimizer: SkippableAdamW) -> None:
+    def _on_nonfinite(self, step: int, result: _StepResult) -> None:
         where = f"step {step} (loss over all ranks and micro-batches: {result.loss}, parts {result.parts})"
         if self.cfg.nan_policy == "stop":
             raise NonFiniteLoss(f"non-finite loss at {where}; stopping (train.nan_policy=stop). The last complete "
@@ -203,7 +205,6 @@ class Trainer:
                                 "train.nan_policy=skip skips such steps instead")
         if self.dist.is_main:
             log.warning("non-finite loss at %s: skipping this optimizer update (train.nan_policy=skip)", where)
-        optimizer.skip_next = True
 
     def _record(self, step: int, result: _StepResult, lr: float, clips_per_s: float,
                 skipped: int) -> dict:

@@ -34,17 +34,21 @@ def test_no_weight_decay_for_norms_biases_embeddings_and_tokens():
         ["cls_token", "temporal_pos_embedding", "token_embedding.weight", "proj.bias", "norm.weight", "norm.bias"])
 
 
-def test_skippable_adamw_skips_exactly_one_step():
+def test_skippable_adamw_skips_every_step_inside_the_block_and_nothing_after():
     m = torch.nn.Linear(3, 1)
     opt = build_optimizer(m, lr=0.1, weight_decay=0.1, betas=[0.9, 0.99])
     assert isinstance(opt, SkippableAdamW) and opt.param_groups[0]["betas"] == (0.9, 0.99)
     m(torch.ones(2, 3)).sum().backward()
     before = m.weight.detach().clone()
-    opt.skip_next = True
-    opt.step()
+    with opt.skipped(True):
+        opt.step()
+        opt.step()  # ZeRO 1/2 call step() once per parameter group
     assert torch.equal(m.weight, before) and not opt.state  # no update, no moments
-    opt.step()
-    assert not torch.equal(m.weight, before) and not opt.skip_next
+    with pytest.raises(RuntimeError), opt.skipped(True):
+        raise RuntimeError("a failed engine.step()")
+    with opt.skipped(False):
+        opt.step()
+    assert not torch.equal(m.weight, before) and not opt.skipping
     with pytest.raises(ValueError, match="betas"):
         build_optimizer(m, 0.1, 0.0, [0.9])
 
