@@ -63,6 +63,19 @@ def test_damaged_checkpoint_is_refused_naming_it(tmp_path, damage, message):
     assert path in str(e.value)
 
 
+def test_a_flipped_byte_inside_a_large_shard_is_caught(tmp_path):
+    """Model and optimizer shards of real models are hundreds of MB: they are hashed too, not checked by size."""
+    path = fake_checkpoint(str(tmp_path), 1, payload=os.urandom(20 << 20))
+    weights = os.path.join(path, "deepspeed", "mp_rank_00_model_states.pt")
+    with open(weights, "r+b") as f:
+        f.seek(10 << 20)
+        byte = f.read(1)
+        f.seek(10 << 20)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(ckpt.CorruptCheckpoint, match="mp_rank_00_model_states.pt does not match its sha256"):
+        ckpt.verify(path)
+
+
 def test_newest_complete_skips_a_corrupt_newer_one(tmp_path, caplog):
     root = str(tmp_path)
     for step in (2, 4, 6):
