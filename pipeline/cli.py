@@ -55,6 +55,20 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def without_local_rank(argv: list[str]) -> list[str]:
+    """Drops the `--local_rank N` that the deepspeed launcher puts before the subcommand (it also sets LOCAL_RANK,
+    which the engine reads)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
 def _import_subcommand(module_name: str):
     try:
         return importlib.import_module(module_name)
@@ -65,7 +79,7 @@ def _import_subcommand(module_name: str):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = without_local_rank(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pipeline.cli import SUBCOMMANDS, build_parser, main
+from pipeline.cli import SUBCOMMANDS, build_parser, main, without_local_rank
 
 
 def test_no_command_prints_help_and_exits_2(capsys):
@@ -42,3 +42,10 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "pretrain" in out.stdout
     assert build_parser().prog == "videomamba"
+
+
+def test_the_deepspeed_launchers_local_rank_is_accepted(capsys):
+    assert without_local_rank(["--local_rank", "1", "pretrain", "--local-rank=3", "x=1"]) == ["pretrain", "x=1"]
+    with pytest.raises(SystemExit) as e:
+        main(["--local_rank=0", "pretrain", "--help"])
+    assert e.value.code == 0 and "--config" in capsys.readouterr().out

@@ -143,6 +143,11 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, self.ds_cfg))
         self.engine = engine
+        if engine.train_micro_batch_size_per_gpu() != cfg.batch_size:
+            raise ConfigError(f"deepspeed.config ({self.ds_cfg.config}) makes the micro batch "
+                              f"{engine.train_micro_batch_size_per_gpu()} per process, but the data yields "
+                              f"train.batch_size={cfg.batch_size} samples per micro-step: set train.batch_size="
+                              f"{engine.train_micro_batch_size_per_gpu()} (or change the file's batch keys)")
         if info.is_main:
             log.info("DeepSpeed: world %d, ZeRO stage %d, micro batch %d, accumulation %d, %s", info.world_size,
                      engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),

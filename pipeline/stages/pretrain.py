@@ -30,6 +30,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 from typing import Optional, Sequence
 
 import fsspec
@@ -59,9 +60,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(schema, args.config, args.overrides)
     module_name, function = target.split(":")
     train = getattr(importlib.import_module(module_name), function)
-    summary = train(cfg, resume=args.resume)
     from pipeline.engine import dist
+    from pipeline.engine.trainer import DataExhausted, NonFiniteLoss
 
+    try:
+        summary = train(cfg, resume=args.resume)
+    except (NonFiniteLoss, DataExhausted) as e:  # the run stopped as configured: a message, not a traceback
+        print(f"videomamba pretrain: stage {stage} stopped: {e}", file=sys.stderr)
+        return 1
     if dist.rank() == 0:
         print(f"videomamba pretrain: stage {stage} done: " + json.dumps(summary, default=str))
     dist.shutdown()

@@ -179,7 +179,7 @@ def test_bf16_trains(tmp_path):
 def test_user_deepspeed_json_drives_the_engine(tmp_path, caplog):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 1}}))
-    trainer = toy.build(str(tmp_path / "run"), max_steps=2, ckpt_every=0, grad_accum=4)
+    trainer = toy.build(str(tmp_path / "run"), max_steps=2, ckpt_every=0, grad_accum=4, batch_size=8)
     trainer.ds_cfg = DeepSpeedConfig(zero_stage=0, config=str(path))
     with caplog.at_level("INFO", logger="pipeline.engine"):
         summary = trainer.fit()
@@ -187,6 +187,15 @@ def test_user_deepspeed_json_drives_the_engine(tmp_path, caplog):
     assert "step 2/2 loss" in caplog.text and "eta 0:00:00" in caplog.text  # progress=False: log lines instead
     assert trainer.engine.zero_optimization_stage() == 1  # the file's stage, not deepspeed.zero_stage
     assert trainer.engine.gradient_accumulation_steps() == 1 and summary.samples == 2 * 8  # its batch, not train.*
+
+
+def test_user_deepspeed_json_whose_micro_batch_is_not_the_datas_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16}))
+    trainer = toy.build(str(tmp_path / "run"), max_steps=1, batch_size=4)
+    trainer.ds_cfg = DeepSpeedConfig(config=str(path))
+    with pytest.raises(ConfigError, match="micro batch 16 per process, but the data yields train.batch_size=4"):
+        trainer.fit()
 
 
 def test_url_run_directory_is_refused():

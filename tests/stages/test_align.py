@@ -130,6 +130,13 @@ def test_a_stage1_run_guides_a_wider_student_by_self_distillation(shards, teache
     assert not_a_run.returncode == 2 and "not a usable stage-1 run" in not_a_run.stderr
 
 
+def test_a_run_that_stops_as_configured_exits_1_with_a_message(shards, teacher_file, tmp_path):
+    done = run_cli(stage_args(shards, teacher_file, tmp_path / "run", steps=50, extra=["data.epochs=1"]))
+    assert done.returncode == 1
+    assert "videomamba pretrain: stage align stopped: the data ran out during step" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_pretrain_help_lists_the_main_keys(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["pretrain", "--help"])
