@@ -9,10 +9,14 @@ DEMO_OUT ?= demo_out
 
 .PHONY: demo test test-fast bench install clean
 
-# Installs from the lock (requirements/lock-cpu.txt): torch 2.14.1 and torchvision 0.29.1 come from this machine's
-# wheel store (pip's find-links); nothing is resolved anew, so a fresh machine gets the same set every time.
+# Installs from the lock (requirements/lock-cpu.txt), so a fresh machine gets the same set every time. torch 2.14.1
+# and torchvision 0.29.1 (the pair open_clip's torchvision needs) are taken from this machine's wheel store alone
+# (TORCH_INDEX): if they are not there the install stops, instead of downloading a multi-GB torch build.
+TORCH_INDEX ?= file:///opt/pypi-more/simple
 $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --index-url $(TORCH_INDEX) \
+		$$(grep -E '^(torch|torchvision)==' requirements/lock-cpu.txt) 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements/lock-cpu.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -c "import pipeline, torch, open_clip, deepspeed, ray, webdataset, av"
