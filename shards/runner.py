@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -98,6 +99,21 @@ def _check(cfg: ShardJobConfig) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
     _check_codec(cfg.process.codec)
+    if cfg.ray_address and cfg.ray_address != "auto":
+        _check_reachable(cfg.ray_address)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raises ConfigError when nothing listens at a HOST:PORT Ray address (ray.init would wait for minutes)."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: expected auto or HOST:PORT (the head node's GCS, e.g. "
+                          "10.0.0.1:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"--ray-address {address}: nothing answers there ({e}); start the head node with "
+                          "`ray start --head` or give the right address") from None
 
 
 def _check_codec(codec: str) -> None:

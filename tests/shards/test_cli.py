@@ -43,6 +43,20 @@ def test_bad_command_lines_exit_2_and_name_the_problem(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_a_ray_address_where_nothing_listens_exits_2_at_once(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "m.csv").write_text("video,caption\na.mp4,hello\n")
+    args = ["shard", "--input", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--ray-address"]
+    assert main(args + [f"127.0.0.1:{port}"]) == 2
+    assert f"--ray-address 127.0.0.1:{port}: nothing answers there" in capsys.readouterr().err
+    assert main(args + ["head-node"]) == 2
+    assert "expected auto or HOST:PORT" in capsys.readouterr().err
+
+
 def write_corpus(root: Path, make_mp4, videos: int) -> Path:
     rows = []
     for i in range(videos):
