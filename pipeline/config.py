@@ -48,7 +48,7 @@ class ModelConfig:
     tubelet_size: int = 1
     depth: Optional[int] = None  # overrides the size's depth (tiny test models)
     embed_dim: Optional[int] = None  # overrides the size's width
-    drop_path_rate: float = 0.0
+    drop_path_rate: Optional[float] = None  # None: the size's (Ti 0.1, S 0.15, M 0.4, B 0.4)
     token_order: Literal["spatial_first", "temporal_first", "st_interleave", "ts_interleave"] = "spatial_first"
     checkpoint_blocks: int = 0  # activation checkpointing of the first k blocks
     scan_backend: Literal["auto", "torch", "mamba_ssm", "triton"] = "auto"

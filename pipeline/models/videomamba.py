@@ -29,6 +29,8 @@ from pipeline.models.mamba import BidirectionalMamba
 
 # size -> (depth, width); d_state 16 and expand 2 for all
 SIZES = {"tiny": (24, 192), "small": (24, 384), "middle": (32, 576), "base": (24, 768)}
+# Drop-path rate of each size when the config leaves it unset (the official pretraining recipes' values)
+SIZE_DROP_PATH = {"tiny": 0.1, "small": 0.15, "middle": 0.4, "base": 0.4}
 TOKEN_ORDERS = ("spatial_first", "temporal_first", "st_interleave", "ts_interleave")
 
 

@@ -180,3 +180,16 @@ def test_drop_path_is_active_in_training_only():
     assert torch.equal(model.forward_features(x).tokens, model.forward_features(x).tokens)
     model.train()
     assert not torch.equal(model.forward_features(x).tokens, model.forward_features(x).tokens)
+
+
+@pytest.mark.parametrize("size, rate", [("tiny", 0.1), ("middle", 0.4)])
+def test_model_size_from_the_command_line_brings_its_drop_path_rate(size, rate):
+    from pipeline.config import AlignStageConfig, load_config
+    from pipeline.models import build_from_config
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    cfg = load_config(AlignStageConfig, str(repo / "configs" / "stage1_align.yaml"),
+                      [f"model.size={size}", "model.depth=2", "model.embed_dim=32"])
+    assert build_from_config(cfg.model, num_frames=2, img_size=32).drop_path.p == rate
+    cfg.model.drop_path_rate = 0.0  # an explicit rate wins
+    assert build_from_config(cfg.model, num_frames=2, img_size=32).drop_path.p == 0.0
