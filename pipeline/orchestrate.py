@@ -1,4 +1,5 @@
 """Run the whole pipeline from one config: synthetic corpus -> shards -> teacher -> stage 1 -> (stage 2 -> eval).
+(`train_on_ray` below is the other job of this module: a training stage in Ray Train workers.)
 
 Each step writes its outputs under --out (corpus/, shards/, teacher/, stage1/, report.md) and a marker `OUT/steps/<step>.json` when it is complete; running the same
 command again skips complete steps and resumes the training stages from their newest complete checkpoint, so a run
@@ -11,6 +12,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import time
@@ -185,3 +187,58 @@ def _stage1(cfg: AlignStageConfig) -> dict:
     from pipeline.stages.align import train_align
 
     return train_align(cfg, resume="auto")
+
+
+# ------------------------------------------------------------------------------------------- training on Ray Train
+def train_on_ray(target: str, cfg, resume: Optional[str], workers: int, address: Optional[str] = None,
+                 use_gpu: Optional[bool] = None, max_failures: int = 0) -> dict:
+    """Runs a training stage (`target` = "module:function", called as function(cfg, resume=...)) in `workers` Ray
+    Train workers that form one process group (NCCL on GPUs, gloo on CPUs), on the cluster at `address` or on a local
+    one; returns rank 0's summary. use_gpu None: GPUs when the cluster has one per worker. With max_failures > 0 Ray
+    restarts the workers after a failure (a lost node, a killed process) and they resume from the newest complete
+    checkpoint, which needs resume="auto"."""
+    if max_failures and resume != "auto":
+        raise ConfigError("--ray-max-failures: restarted workers continue from the newest checkpoint; add "
+                          "--resume auto")
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from shards.runner import check_reachable, ray_connection
+
+    if address and address != "auto":
+        check_reachable(address)
+    storage = os.path.abspath(os.path.join(cfg.train.out, "ray"))
+    summary_file = os.path.join(storage, "summary.json")
+    if os.path.exists(summary_file):
+        os.remove(summary_file)
+    with ray_connection(address, workers):
+        import ray
+
+        gpu = use_gpu if use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= workers
+        trainer = TorchTrainer(
+            _ray_train_worker, train_loop_config={"target": target, "cfg": cfg, "resume": resume,
+                                                  "summary_file": summary_file},
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
+            run_config=RunConfig(name="ray_train", storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if gpu else "cpu"}}))
+        trainer.fit()
+    with open(summary_file) as f:
+        return json.load(f)
+
+
+def _ray_train_worker(config: dict) -> None:
+    """One Ray Train worker: the stage in the process group Ray made (the engine joins it as it is); rank 0 leaves
+    the stage's summary in a file for the driver (train.out sits on a file system every node shares)."""
+    import gc
+
+    import ray.train
+
+    module, function = config["target"].split(":")
+    summary = getattr(importlib.import_module(module), function)(config["cfg"], resume=config["resume"])
+    gc.collect()  # free the DeepSpeed engine's collective handles before Ray closes the group
+    if ray.train.get_context().get_world_rank() == 0:
+        os.makedirs(os.path.dirname(config["summary_file"]), exist_ok=True)
+        with open(config["summary_file"], "w") as f:
+            json.dump(summary, f, default=str)

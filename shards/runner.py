@@ -69,7 +69,7 @@ def shard_corpus(cfg: ShardJobConfig) -> JobOutcome:
     workers = cfg.workers or os.cpu_count() or 1
     tasks_s = 0.0
     if todo:
-        with _ray_connection(cfg.ray_address, cfg.workers) as cluster_cpus:
+        with ray_connection(cfg.ray_address, cfg.workers) as cluster_cpus:
             workers = cfg.workers or cluster_cpus
             tasks_started = time.perf_counter()
             _run_tasks(todo, opts, workers, results, failed, nodes,
@@ -100,10 +100,10 @@ def _check(cfg: ShardJobConfig) -> None:
             raise ConfigError(f"{name} must be positive, got {value}")
     _check_codec(cfg.process.codec)
     if cfg.ray_address and cfg.ray_address != "auto":
-        _check_reachable(cfg.ray_address)
+        check_reachable(cfg.ray_address)
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Raises ConfigError when nothing listens at a HOST:PORT Ray address (ray.init would wait for minutes)."""
     host, sep, port = address.split("://", 1)[-1].rpartition(":")
     if not sep or not port.isdigit():
@@ -137,8 +137,9 @@ def _make_out_dir(out: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------------- Ray
 @contextlib.contextmanager
-def _ray_connection(address: Optional[str], workers: Optional[int]) -> Iterator[int]:
-    """Yields the cluster's CPU count, connecting first unless this process is connected already."""
+def ray_connection(address: Optional[str], workers: Optional[int]) -> Iterator[int]:
+    """Yields the cluster's CPU count, connecting first unless this process is connected already: to the cluster at
+    `address` ("auto" or HOST:PORT), or to a local one started with `workers` CPUs (all of them when None)."""
     import ray
 
     if ray.is_initialized():

@@ -22,6 +22,8 @@ Examples:
   videomamba pretrain --config configs/stage1_align.yaml data.train=shards/index.json train.out=runs/s1
   videomamba pretrain --config configs/stage1_align.yaml --resume auto train.out=runs/s1
   torchrun --nproc-per-node 8 -m pipeline.cli pretrain --config configs/stage1_align.yaml deepspeed.zero_stage=2
+  videomamba pretrain --config configs/stage1_align.yaml --ray-workers 16 --ray-address auto --resume auto \
+      --ray-max-failures 3           (16 workers on a running Ray cluster, restarted after faults)
 """
 from __future__ import annotations
 
@@ -47,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the stage's YAML config (path or URL)")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue from the newest complete checkpoint under train.out (auto) or from PATH")
+    ray = parser.add_argument_group("training workers on Ray Train (instead of torchrun / the deepspeed launcher)")
+    ray.add_argument("--ray-workers", type=int, default=0, metavar="N",
+                     help="run the stage in N Ray Train workers (one process per GPU, or per CPU slot)")
+    ray.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                     help="the Ray cluster to run on (default: a local one started for the job)")
+    ray.add_argument("--ray-gpu", choices=["auto", "yes", "no"], default="auto",
+                     help="one GPU per worker (auto: when the cluster has enough)")
+    ray.add_argument("--ray-max-failures", type=int, default=0, metavar="K",
+                     help="restart the workers up to K times after a failure; they resume from the newest complete "
+                          "checkpoint (needs --resume auto)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. "
                         "train.max_steps=100 model.size=small")
 
@@ -64,7 +76,13 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.engine.trainer import DataExhausted, NonFiniteLoss
 
     try:
-        summary = train(cfg, resume=args.resume)
+        if args.ray_workers:
+            from pipeline.orchestrate import train_on_ray
+
+            summary = train_on_ray(target, cfg, args.resume, args.ray_workers, args.ray_address,
+                                   {"auto": None, "yes": True, "no": False}[args.ray_gpu], args.ray_max_failures)
+        else:
+            summary = train(cfg, resume=args.resume)
     except (NonFiniteLoss, DataExhausted) as e:  # the run stopped as configured: a message, not a traceback
         print(f"videomamba pretrain: stage {stage} stopped: {e}", file=sys.stderr)
         return 1

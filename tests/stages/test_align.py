@@ -171,15 +171,46 @@ def test_teacher_patch_size_other_than_the_students_is_refused(shards, tmp_path,
     assert "grid does not match" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_pretrain_under_torchrun_with_two_processes(shards, teacher_file, tmp_path):
-    out = tmp_path / "run"
-    args = stage_args(shards, teacher_file, out, steps=6, extra=["deepspeed.zero_stage=2", "train.ckpt_every=3"])
+TWO_PROCESS_RUN = ["deepspeed.zero_stage=2", "train.ckpt_every=3"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(shards, teacher_file, tmp_path_factory):
+    """Stage 1 under torchrun with 2 CPU processes, ZeRO-2, 6 steps: its run directory and completed process."""
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    args = stage_args(shards, teacher_file, out, steps=6, extra=TWO_PROCESS_RUN)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "pipeline.cli", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return out, done
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun_with_two_processes(torchrun_run):
+    out, done = torchrun_run
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in metrics(out)] == list(range(1, 7))
     for step in ("step_00000003", "step_00000006"):
         assert {"rank_00000.pt", "rank_00001.pt", "COMPLETE.json"} <= set(os.listdir(out / "checkpoints" / step))
+
+
+@pytest.mark.slow
+def test_pretrain_in_two_ray_train_workers_repeats_the_torchrun_run(shards, teacher_file, tmp_path, torchrun_run):
+    """`--ray-workers 2`: a local Ray cluster, Ray Train's gloo process group, the same engine: the same losses as
+    the torchrun run of the same config, and the same checkpoints."""
+    out = tmp_path / "run"
+    done = run_cli(stage_args(shards, teacher_file, out, steps=6, extra=TWO_PROCESS_RUN) + ["--ray-workers", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"step": 6' in done.stdout and f'"run_dir": "{out}"' in done.stdout
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(torchrun_run[0])]
+    for step in ("step_00000003", "step_00000006"):
+        assert {"rank_00000.pt", "rank_00001.pt", "COMPLETE.json"} <= set(os.listdir(out / "checkpoints" / step))
+
+
+def test_ray_restarts_need_resume_auto(shards, teacher_file, tmp_path, capsys):
+    args = stage_args(shards, teacher_file, tmp_path / "run", steps=2) + ["--ray-workers", "2",
+                                                                         "--ray-max-failures", "2"]
+    assert main(args) == 2
+    assert "--ray-max-failures: restarted workers continue from the newest checkpoint; add --resume auto" in \
+        capsys.readouterr().err
