@@ -17,7 +17,9 @@ Skipped samples are counted by kind in the worker that met them (part of its pos
 Kinds: corrupt_video, corrupt_image, empty_video (no video stream or no frames), missing_caption (no usable
 `{key}.json` "captions" nor `{key}.txt`), bad_metadata (`{key}.json` not JSON, or "captions" not strings),
 missing_media (no video/image file), wrong_type (an image in a video corpus or the reverse), missing_sample and
-unreadable_shard (a tar shorter than its index says, or one that cannot be opened).
+unreadable_shard (a tar shorter than its index says, or one that cannot be opened; logged with the shard's URL).
+A reader that goes through a whole epoch of its shards without one usable sample raises NoUsableSamples naming
+them: an endless stream would otherwise wait forever for a batch that cannot come.
 """
 from __future__ import annotations
 
@@ -114,6 +116,7 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
     skips = Counter(state.get("skips", {}))
     decoder = CpuDecoder() if decode_here else None
     items: list[tuple] = []
+    usable_at = epochs_of(stream)  # the corpora's epochs when the last usable sample came (or at the start)
     for raw in stream:
         try:
             encoded, text, captions = planner.planned(raw)
@@ -122,12 +125,26 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
                 encoded.data = nvdec_ready(encoded.data)
         except DecodeError as e:
             skips[e.kind] += 1
+            if all(now > then + 1 for now, then in zip(epochs_of(stream), usable_at)):
+                raise NoUsableSamples(f"data.train: a whole epoch of this reader's shards ({spec.describe(slot)}) "
+                                      f"gave no usable sample (skipped so far: {dict(skips)}); check that the tars "
+                                      f"the index lists exist and hold the media the corpus declares") from None
             continue
+        usable_at = epochs_of(stream)
         items.append((encoded, text, captions, clip))
         if len(items) == batch_size:
             yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
             items = []
     yield collated(items, {"stream": stream.state(), "skips": dict(skips), "done": True})
+
+
+class NoUsableSamples(RuntimeError):
+    """A reader went through a whole epoch of its shards without one sample it could use (an endless stream would
+    otherwise wait forever for its first batch)."""
+
+
+def epochs_of(stream: SlotStream) -> list[int]:
+    return [epoch for epoch, _ in stream.state()["corpora"]]
 
 
 def collated(items: list[tuple], state: dict) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import posixpath
 import tarfile
@@ -36,6 +37,8 @@ import fsspec
 import numpy as np
 
 from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 MEDIA_KINDS = ("video", "image")
@@ -170,10 +173,15 @@ def shard_run_samples(url: str, indices: list[int]) -> Iterator[tuple[int, str, 
             if i == nxt:
                 yield i, key, files, None
                 nxt = next(pending, None)
-    except (OSError, tarfile.TarError, EOFError):
+    except (OSError, tarfile.TarError, EOFError) as e:
         problem = "unreadable_shard"
+        log.warning("shard %s cannot be read (%s: %s); its remaining samples are counted as unreadable_shard", url,
+                    type(e).__name__, e)
     else:
         problem = "missing_sample"
+        if nxt is not None:
+            log.warning("shard %s ends before sample %d (fewer samples than its index says); the rest are counted "
+                        "as missing_sample", url, nxt)
     while nxt is not None:
         yield nxt, "", None, problem
         nxt = next(pending, None)
@@ -212,6 +220,15 @@ class StreamSpec:
 
     def excluded(self, corpus: int, epoch: int) -> dict[int, set[int]]:
         return self.exclusions[corpus].get(epoch, {}) if self.exclusions else {}
+
+    def describe(self, slot: int, limit: int = 4) -> str:
+        """Names the shards that `slot` reads in its first epoch (for messages)."""
+        urls: list[str] = []
+        for c, corpus in enumerate(self.corpora):
+            shards, _ = read_order(self, c, 0, slot)
+            urls += [corpus.urls[s] for s in dict.fromkeys(shards.tolist())]
+        more = f" and {len(urls) - limit} more" if len(urls) > limit else ""
+        return f"reader {slot} of {self.layout.slots}: {', '.join(urls[:limit])}{more}"
 
 
 def corpus_units(corpus: Corpus, slots: int) -> list[tuple[int, int, int]]:

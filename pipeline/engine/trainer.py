@@ -18,6 +18,11 @@ Exact resume: a checkpoint holds DeepSpeed's model and optimizer states, the LR 
 is recomputed from the step and the current config), the step, each rank's data position and each rank's RNG states (restored after the data iterator is created, the last thing before the next
 step). A run resumed from step k with the same world size therefore computes the same losses as one that never
 stopped (bit for bit on the CPU in fp32), and its metrics.jsonl is cut back to step k first.
+
+Resume with another world size (a node lost, or added): the module gets the checkpoint's consolidated fp32 weights
+before DeepSpeed partitions them anew (any ZeRO stage on either side), the step, LR schedule and data position carry
+over (the data stream re-deals the epoch's unread samples over the new layout, see pipeline.data.stream), and Adam's
+moments start again; a warning says so. Not exact, but nothing is lost or repeated.
 """
 from __future__ import annotations
 
@@ -98,12 +103,15 @@ class Trainer:
         _quiet_deepspeed()
         ckpt.seed_everything(self.cfg.seed + info.rank)
         ref = self._resume_choice(resume)
+        saved_world = _saved_world_size(ref) if ref else info.world_size
+        if saved_world != info.world_size:  # before DeepSpeed: it partitions these weights for the new world
+            self._load_consolidated_weights(ref, saved_world)
         engine, optimizer, scheduler = self._build(info)
-        state = self._restore(ref, engine, scheduler) if ref else {"step": 0, "skipped_steps": 0}
+        state = self._restore(ref, engine, scheduler, saved_world) if ref else {"step": 0, "skipped_steps": 0}
         step, skipped = state["step"], state["skipped_steps"]
         logs = _RunLogs(self.run_dir, self.cfg, step) if info.is_main else None
         iterator = iter(self.data)
-        if ref:
+        if ref and state["rng"] is not None:
             ckpt.set_rng_state(state["rng"])
         micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
         samples_per_step = micro * accum * info.world_size
@@ -281,25 +289,44 @@ class Trainer:
             raise choice
         return choice
 
-    def _restore(self, ref: ckpt.CheckpointRef, engine: Any, scheduler) -> dict:
-        """Loads every part of checkpoint `ref`; returns step, skipped_steps and this rank's RNG states."""
+    def _load_consolidated_weights(self, ref: ckpt.CheckpointRef, saved_world: int) -> None:
+        """Resuming with another world size: the module gets the checkpoint's fp32 weights (any ZeRO stage), the
+        optimizer starts with fresh Adam moments; step, LR schedule and data position carry over (`_restore`)."""
+        if self.dist.is_main:
+            log.warning("checkpoint %s was written by %d processes, this run has %d: resuming with the same weights, "
+                        "step, LR schedule and data position (the data stream re-deals the unread samples of the "
+                        "epoch), but with fresh Adam moments; exact resume needs the same world size", ref.path,
+                        saved_world, self.dist.world_size)
+        self.model.load_state_dict(ckpt.model_state_dict(ref.path))
+
+    def _restore(self, ref: ckpt.CheckpointRef, engine: Any, scheduler, saved_world: int) -> dict:
+        """Loads every part of checkpoint `ref`; returns step, skipped_steps and this rank's RNG states (None for a
+        rank the checkpoint's world did not have). Another world size loads no DeepSpeed states (the weights came
+        in before the engine was built) and takes the data position from a rank file, which holds every rank's."""
         trainer_state = torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False)
-        saved_world = trainer_state["world_size"]
-        if saved_world != self.dist.world_size:
-            raise ConfigError(f"checkpoint {ref.path} was written by {saved_world} processes, this run has "
-                              f"{self.dist.world_size}: exact resume needs the same world size")
-        loaded, _ = engine.load_checkpoint(ref.path, tag=ckpt.DEEPSPEED_TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
-        if loaded is None:
-            raise ckpt.CorruptCheckpoint(f"checkpoint {ref.path}: DeepSpeed could not load its '{ckpt.DEEPSPEED_TAG}' "
-                                         "states")
+        same_world = saved_world == self.dist.world_size
+        if same_world:
+            loaded, _ = engine.load_checkpoint(ref.path, tag=ckpt.DEEPSPEED_TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+            if loaded is None:
+                raise ckpt.CorruptCheckpoint(f"checkpoint {ref.path}: DeepSpeed could not load its "
+                                             f"'{ckpt.DEEPSPEED_TAG}' states")
         move_to_step(scheduler, trainer_state["step"])
-        rank_state = torch.load(os.path.join(ref.path, ckpt.rank_file_name(self.dist.rank)), weights_only=False)
-        self.data.load_state_dict(rank_state["data"])
+        own = self.dist.rank < saved_world
+        rank_file = os.path.join(ref.path, ckpt.rank_file_name(self.dist.rank if own else 0))
+        rank_state = torch.load(rank_file, weights_only=False)
+        try:
+            self.data.load_state_dict(rank_state["data"])
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {ref.path}: the data position cannot be restored: {e}") from None
         if self.dist.is_main:
             log.info("resumed from %s at step %d", ref.path, trainer_state["step"])
         return {"step": trainer_state["step"], "skipped_steps": trainer_state["skipped_steps"],
-                "rng": rank_state["rng"]}
+                "rng": rank_state["rng"] if same_world else None}
+
+
+def _saved_world_size(ref: ckpt.CheckpointRef) -> int:
+    return int(torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False)["world_size"])
 
 
 class _RunLogs:

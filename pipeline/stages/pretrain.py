@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(schema, args.config, args.overrides)
     module_name, function = target.split(":")
     train = getattr(importlib.import_module(module_name), function)
+    from pipeline.data.loader import NoUsableSamples
     from pipeline.engine import dist
     from pipeline.engine.trainer import DataExhausted, NonFiniteLoss
 
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                                    {"auto": None, "yes": True, "no": False}[args.ray_gpu], args.ray_max_failures)
         else:
             summary = train(cfg, resume=args.resume)
-    except (NonFiniteLoss, DataExhausted) as e:  # the run stopped as configured: a message, not a traceback
+    except (NonFiniteLoss, DataExhausted, NoUsableSamples) as e:  # a stop with a message, not a traceback
         print(f"videomamba pretrain: stage {stage} stopped: {e}", file=sys.stderr)
         return 1
     if dist.rank() == 0:

@@ -132,6 +132,33 @@ def test_a_truncated_shard_costs_only_its_missing_samples(shard_writer, data_cfg
     assert set(loader.stats()) <= {"unreadable_shard", "missing_sample", "corrupt_video", "missing_caption"}
 
 
+def test_shards_missing_from_disk_are_named_and_an_endless_stream_stops_instead_of_waiting(
+        shard_writer, data_cfg, tmp_path, caplog):
+    """An index copied without its tars: every read fails. Each shard is logged by name; a reader that meets a whole
+    epoch with no usable sample raises (an endless stream would otherwise never yield its first batch)."""
+    from pipeline.data.loader import NoUsableSamples
+
+    v = shard_writer.corpus("v", shards=2, per_shard=3)
+    for tar in (tmp_path / "v").glob("*.tar"):
+        tar.unlink()
+    loader = build_loader(data_cfg(v, epochs=None), 4, rank=0, world_size=1, seed=0)
+    with caplog.at_level("WARNING", logger="pipeline.data"), pytest.raises(NoUsableSamples) as e:
+        next(iter(loader))
+    assert "gave no usable sample" in str(e.value) and "v-000000.tar" in str(e.value)
+    assert "'unreadable_shard': " in str(e.value)
+    assert "v-000001.tar cannot be read" in caplog.text
+
+
+def test_one_bad_corpus_among_good_ones_only_costs_its_samples(shard_writer, data_cfg, tmp_path):
+    good = shard_writer.corpus("g", shards=2, per_shard=3)
+    bad = shard_writer.corpus("b", shards=1, per_shard=3)
+    (tmp_path / "b" / "b-000000.tar").unlink()
+    loader = build_loader(data_cfg(f"{good},{bad}", epochs=None), 4, rank=0, world_size=1, seed=0)
+    batches = iter(loader)
+    keys = [k for _ in range(6) for k in next(batches)["key"]]
+    assert len(keys) == 24 and {k[0] for k in keys} == {"g"} and loader.stats()["unreadable_shard"] > 0
+
+
 def test_brace_patterns_and_memory_filesystem(clip_h264, data_cfg):
     import fsspec
 

@@ -1,7 +1,8 @@
 """Two processes on the CPU (torchrun, gloo): ZeRO-2 matches one process with the same global batch; the gather
-with gradient used by contrastive losses; a checkpoint of 2 ranks refuses a resume by 1."""
+with gradient used by contrastive losses; a checkpoint of 2 ranks resumed by 1."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 import engine_toy as toy
-from pipeline.config import ConfigError
 from pipeline.engine import model_state_dict
 from pipeline.engine import checkpoint as ckpt
 
@@ -57,9 +57,23 @@ def test_each_rank_saves_its_own_data_position(two_ranks):
     assert any(name.startswith("zero_pp_rank_1") for name in os.listdir(os.path.join(path, ckpt.DEEPSPEED_TAG)))
 
 
-def test_resume_with_another_world_size_is_refused(two_ranks):
-    with pytest.raises(ConfigError, match="written by 2 processes, this run has 1"):
-        toy.build(two_ranks[0], dropout=0.0, zero_stage=2, batch_size=4, max_steps=STEPS + 2).fit(resume="auto")
+def test_resume_by_another_world_size_carries_weights_step_and_data_position(two_ranks, tmp_path, caplog):
+    """A 2-rank ZeRO-2 checkpoint resumed by 1 process (a node lost): the consolidated weights, the step and the data
+    position carry over, with a warning that Adam's moments start again; then training goes on."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(two_ranks[0], run_dir)
+    path = os.path.join(ckpt.checkpoints_root(run_dir), f"step_{STEPS:08d}")
+    saved = model_state_dict(path)
+    trainer = toy.build(run_dir, dropout=0.0, zero_stage=2, batch_size=4, max_steps=STEPS)
+    with caplog.at_level("WARNING", logger="pipeline.engine"):
+        summary = trainer.fit(resume="auto")
+    assert summary.start_step == STEPS and "written by 2 processes, this run has 1" in caplog.text
+    assert all(torch.equal(trainer.engine.module.state_dict()[k], saved[k]) for k in saved)
+    assert trainer.data.loaded_state == {"index": STEPS * 2}
+    summary = toy.build(run_dir, dropout=0.0, zero_stage=2, batch_size=4, max_steps=STEPS + 2).fit(resume="auto")
+    assert summary.step == STEPS + 2 and [r["step"] for r in map(json.loads, open(os.path.join(run_dir,
+                                                                  "metrics.jsonl")))] == list(range(1, STEPS + 3))
+    assert ckpt.verify(os.path.join(ckpt.checkpoints_root(run_dir), f"step_{STEPS + 2:08d}"))["world_size"] == 1
 
 
 def test_all_gather_with_grad_concatenates_ranks_and_sums_gradients(two_ranks):

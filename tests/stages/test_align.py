@@ -208,6 +208,20 @@ def test_pretrain_in_two_ray_train_workers_repeats_the_torchrun_run(shards, teac
         assert {"rank_00000.pt", "rank_00001.pt", "COMPLETE.json"} <= set(os.listdir(out / "checkpoints" / step))
 
 
+@pytest.mark.slow
+def test_a_two_process_run_resumes_in_one_process(shards, teacher_file, tmp_path, torchrun_run):
+    """A node lost: the 2-process run's step-3 checkpoint continues in 1 process (weights, step, and the data
+    stream re-dealt over the new layout without repeating a sample of the epoch)."""
+    copy = tmp_path / "resumed"
+    shutil.copytree(torchrun_run[0], copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000006")
+    done = run_cli(stage_args(shards, teacher_file, copy, steps=6, extra=TWO_PROCESS_RUN) + ["--resume", "auto"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"start_step": 3' in done.stdout and "written by 2 processes, this run has 1" in done.stderr
+    records = metrics(copy)
+    assert [r["step"] for r in records] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in records)
+
+
 def test_ray_restarts_need_resume_auto(shards, teacher_file, tmp_path, capsys):
     args = stage_args(shards, teacher_file, tmp_path / "run", steps=2) + ["--ray-workers", "2",
                                                                          "--ray-max-failures", "2"]
