@@ -10,8 +10,9 @@ over; the time includes a synchronize; --dali lists the `DaliSettings` to time, 
 plan and prints their max / mean difference (normalized units and grey levels): DALI's mixed (GPU) decoder on
 H.264 with --device cuda, its CPU backend on VP9 otherwise.
 
-With --step-clips-per-s (the clips/s one training step consumes, from bench/train_step.py on the same machine) the
-table also gives each row's multiple of it; the goal for DALI on one H100 is at least 3x VideoMamba-M's.
+With --step-clips-per-s (the clips/s one training step consumes: bench/backbone.py's clips/s for the model, frames
+and device at hand) the table also gives each row's multiple of it; the goal for DALI on one GPU is at least 3x
+what a VideoMamba-M step consumes.
 """
 from __future__ import annotations
 
