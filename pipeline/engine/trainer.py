@@ -103,11 +103,11 @@ class Trainer:
         _quiet_deepspeed()
         ckpt.seed_everything(self.cfg.seed + info.rank)
         ref = self._resume_choice(resume)
-        saved_world = _saved_world_size(ref) if ref else info.world_size
-        if saved_world != info.world_size:  # before DeepSpeed: it partitions these weights for the new world
-            self._load_consolidated_weights(ref, saved_world)
+        trainer_state = torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False) if ref else None
+        if ref and trainer_state["world_size"] != info.world_size:  # before DeepSpeed partitions them anew
+            self._load_consolidated_weights(ref, trainer_state["world_size"])
         engine, optimizer, scheduler = self._build(info)
-        state = self._restore(ref, engine, scheduler, saved_world) if ref else {"step": 0, "skipped_steps": 0}
+        state = self._restore(ref, trainer_state, engine, scheduler) if ref else {"step": 0, "skipped_steps": 0}
         step, skipped = state["step"], state["skipped_steps"]
         logs = _RunLogs(self.run_dir, self.cfg, step) if info.is_main else None
         iterator = iter(self.data)
@@ -299,11 +299,11 @@ class Trainer:
                         saved_world, self.dist.world_size)
         self.model.load_state_dict(ckpt.model_state_dict(ref.path))
 
-    def _restore(self, ref: ckpt.CheckpointRef, engine: Any, scheduler, saved_world: int) -> dict:
-        """Loads every part of checkpoint `ref`; returns step, skipped_steps and this rank's RNG states (None for a
-        rank the checkpoint's world did not have). Another world size loads no DeepSpeed states (the weights came
-        in before the engine was built) and takes the data position from a rank file, which holds every rank's."""
-        trainer_state = torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False)
+    def _restore(self, ref: ckpt.CheckpointRef, trainer_state: dict, engine: Any, scheduler) -> dict:
+        """Loads every part of checkpoint `ref`; returns step, skipped_steps and this rank's RNG states (None with
+        another world size). Another world size loads no DeepSpeed states (the weights came in before the engine
+        was built) and may take the data position from another rank's file: each holds every rank's."""
+        saved_world = trainer_state["world_size"]
         same_world = saved_world == self.dist.world_size
         if same_world:
             loaded, _ = engine.load_checkpoint(ref.path, tag=ckpt.DEEPSPEED_TAG, load_optimizer_states=True,
@@ -312,9 +312,8 @@ class Trainer:
                 raise ckpt.CorruptCheckpoint(f"checkpoint {ref.path}: DeepSpeed could not load its "
                                              f"'{ckpt.DEEPSPEED_TAG}' states")
         move_to_step(scheduler, trainer_state["step"])
-        own = self.dist.rank < saved_world
-        rank_file = os.path.join(ref.path, ckpt.rank_file_name(self.dist.rank if own else 0))
-        rank_state = torch.load(rank_file, weights_only=False)
+        rank = self.dist.rank if self.dist.rank < saved_world else 0
+        rank_state = torch.load(os.path.join(ref.path, ckpt.rank_file_name(rank)), weights_only=False)
         try:
             self.data.load_state_dict(rank_state["data"])
         except ValueError as e:
@@ -323,10 +322,6 @@ class Trainer:
             log.info("resumed from %s at step %d", ref.path, trainer_state["step"])
         return {"step": trainer_state["step"], "skipped_steps": trainer_state["skipped_steps"],
                 "rng": rank_state["rng"] if same_world else None}
-
-
-def _saved_world_size(ref: ckpt.CheckpointRef) -> int:
-    return int(torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False)["world_size"])
 
 
 class _RunLogs:
