@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from pipeline.config import AlignStageConfig, ConfigError, write_resolved
 from pipeline.data import build_loader
+from pipeline.data.stream import split_sources
 from pipeline.engine import Trainer
 from pipeline.engine import dist
-from pipeline.data.stream import split_sources
 from pipeline.engine.checkpoint import CorruptCheckpoint, model_state_dict, resolve_resume
 from pipeline.engine.ds_config import user_config
 from pipeline.losses import AlignmentHead, MaskedAlignment
