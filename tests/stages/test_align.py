@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,46 @@ def test_a_two_process_run_resumes_in_one_process(shards, teacher_file, tmp_path
     assert '"start_step": 3' in done.stdout and "written by 2 processes, this run has 1" in done.stderr
     records = metrics(copy)
     assert [r["step"] for r in records] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in records)
+
+
+@pytest.mark.slow
+def test_ray_restarts_a_killed_worker_and_the_run_goes_on_exactly(shards, teacher_file, tmp_path):
+    """--ray-max-failures: one of 2 Ray Train workers is killed with SIGKILL after the step-10 checkpoint; Ray starts
+    the workers again, they resume from the newest checkpoint, and the steps they repeat give the same losses."""
+    import psutil
+
+    out = tmp_path / "run"
+    args = stage_args(shards, teacher_file, out, steps=30, extra=["deepspeed.zero_stage=2", "train.ckpt_every=5"])
+    args += ["--ray-workers", "2", "--ray-max-failures", "1", "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and not ((out / "checkpoints" / "step_00000010").exists()
+                                           and len(_complete_lines(out / "metrics.jsonl")) >= 12):
+            assert time.time() < deadline, "no step-10 checkpoint and step 12 within 300 s"
+            time.sleep(0.1)
+        before = {r["step"]: r["loss"] for r in map(json.loads, _complete_lines(out / "metrics.jsonl"))}
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(
+            p.info["cmdline"] or [])]
+        assert workers, "no Ray Train worker process found"
+        workers[-1].kill()
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    resumed = int(output.split('"resumed_from": "')[1].split('"')[0].rsplit("_", 1)[1])
+    assert resumed >= 10 and max(before) > resumed and '"step": 30' in output  # some steps were done twice
+    after = {r["step"]: r["loss"] for r in metrics(out)}
+    assert sorted(after) == list(range(1, 31))
+    assert all(after[step] == loss for step, loss in before.items()), (before, after)
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The lines of a file being written that are complete (the last one may be cut)."""
+    text = path.read_text() if path.exists() else ""
+    return [line for line in text.split("\n")[:-1] if line.strip()]
 
 
 def test_ray_restarts_need_resume_auto(shards, teacher_file, tmp_path, capsys):
