@@ -116,7 +116,7 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
     skips = Counter(state.get("skips", {}))
     decoder = CpuDecoder() if decode_here else None
     items: list[tuple] = []
-    usable_at = epochs_of(stream)  # the corpora's epochs when the last usable sample came (or at the start)
+    skipping_since: Optional[list[int]] = None  # the corpora's epochs at the first skip after a usable sample
     for raw in stream:
         try:
             encoded, text, captions = planner.planned(raw)
@@ -125,12 +125,13 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
                 encoded.data = nvdec_ready(encoded.data)
         except DecodeError as e:
             skips[e.kind] += 1
-            if all(now > then + 1 for now, then in zip(epochs_of(stream), usable_at)):
+            skipping_since = skipping_since or epochs_of(stream)
+            if all(now > then + 1 for now, then in zip(epochs_of(stream), skipping_since)):
                 raise NoUsableSamples(f"data.train: a whole epoch of this reader's shards ({spec.describe(slot)}) "
                                       f"gave no usable sample (skipped so far: {dict(skips)}); check that the tars "
                                       f"the index lists exist and hold the media the corpus declares") from None
             continue
-        usable_at = epochs_of(stream)
+        skipping_since = None
         items.append((encoded, text, captions, clip))
         if len(items) == batch_size:
             yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
