@@ -1,8 +1,9 @@
 """Pretrain a VideoMamba: stage 1, masked alignment of the visible tokens to a frozen CLIP-ViT teacher, on DeepSpeed.
 
 The config's top-level `stage` picks the stage (`align`, the default). Any key can be overridden as key.sub=value
-(values are YAML). Runs single-process, or under torchrun / the deepspeed launcher (one process per GPU; the engine
-reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+(values are YAML). Runs single-process, under torchrun / the deepspeed launcher (one process per GPU; the engine
+reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or in Ray Train workers on a Ray cluster (--ray-workers). With
+--resume auto a run continues from its newest complete checkpoint, also with another number of processes.
 
 Main keys:
   model.size            tiny | small | middle | base  (model.depth / model.embed_dim override the size's)
