@@ -107,33 +107,52 @@ def build_teacher(teacher_cfg: TeacherConfig) -> ClipTeacher:
     if not pretrained:
         raise ConfigError(f"teacher.pretrained is empty: the teacher {name!r} needs weights (an open_clip pretrained "
                           "tag or a checkpoint file); random weights give meaningless targets")
-    checkpoint = _local_checkpoint(pretrained)
-    _register_model_config(name, pretrained, checkpoint)
+    model = create_open_clip(name, pretrained, teacher_cfg.img_size)
+    return ClipTeacher(model.visual, name)
+
+
+@dataclass(frozen=True)
+class OpenClipKeys:
+    """How the caller's config names the model and its weights (what the error messages tell the user to set)."""
+
+    model: str = "teacher.model"
+    weights: str = "teacher.pretrained"
+
+
+def create_open_clip(name: str, pretrained: str, img_size: int, keys: OpenClipKeys = OpenClipKeys()) -> nn.Module:
+    """Returns the whole open_clip model `name` (both towers) with the weights of `pretrained` (a pretrained tag, a
+    checkpoint file or fsspec URL, with ``<name>.json`` beside it for a custom model) at `img_size` pixels.
+
+    Raises ConfigError naming `keys` when the weights cannot be had (an unknown name or tag, a missing file, a tag
+    that cannot be downloaded), with how to provide a file instead.
+    """
+    checkpoint = _local_checkpoint(pretrained, keys)
+    _register_model_config(name, pretrained, checkpoint, keys)
     if checkpoint is None and not open_clip.pretrained.is_pretrained_cfg(name, pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ConfigError(f"teacher.pretrained={pretrained!r} is neither a checkpoint file nor a pretrained tag of "
+        raise ConfigError(f"{keys.weights}={pretrained!r} is neither a checkpoint file nor a pretrained tag of "
                           f"open_clip model {name!r} (tags: {', '.join(tags) or 'none'})")
     # OpenAI's weights were trained with QuickGELU; open_clip only warns when the built-in config says GELU
     tag_cfg = open_clip.pretrained.get_pretrained_cfg(name, pretrained) if checkpoint is None else {}
     quick_gelu = bool(tag_cfg.get("quick_gelu"))
     try:
         model = open_clip.create_model(name, pretrained=checkpoint or pretrained,
-                                       force_image_size=teacher_cfg.img_size, force_quick_gelu=quick_gelu)
+                                       force_image_size=img_size, force_quick_gelu=quick_gelu)
     except Exception as e:
         if checkpoint is not None:
-            raise ConfigError(f"teacher.pretrained={pretrained!r}: cannot load it into open_clip model {name!r}: "
+            raise ConfigError(f"{keys.weights}={pretrained!r}: cannot load it into open_clip model {name!r}: "
                               f"{_first_line(e)}") from None
         if not isinstance(e, RuntimeError):
             raise
         file_name = f"{name}{'-quickgelu' if quick_gelu else ''}"
         raise ConfigError(
-            f"teacher.pretrained={pretrained!r}: the weights of open_clip model {name!r} with tag {pretrained!r} "
+            f"{keys.weights}={pretrained!r}: the weights of open_clip model {name!r} with tag {pretrained!r} "
             f"could not be downloaded or found in the hub cache ({_first_line(e)}). Without hub access, save them on "
             f"a machine that has it (model = open_clip.create_model({file_name!r}, pretrained={pretrained!r}); "
             f"torch.save(model.state_dict(), 'teacher.pt')), copy the file here and set "
-            f"teacher.pretrained=/path/to/teacher.pt teacher.model={file_name} (or point HF_HUB_CACHE at a cache "
+            f"{keys.weights}=/path/to/teacher.pt {keys.model}={file_name} (or point HF_HUB_CACHE at a cache "
             f"that holds it)") from None
-    return ClipTeacher(model.visual, name)
+    return model
 
 
 def check_teacher_grid(teacher: ClipTeacher, img_size: int, patch_size: int) -> None:
@@ -164,21 +183,21 @@ def _cls_attention(block: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor
     return probs[:, :, 0, 1:].mean(dim=1)
 
 
-def _local_checkpoint(pretrained: str) -> Optional[str]:
+def _local_checkpoint(pretrained: str, keys: OpenClipKeys) -> Optional[str]:
     """Returns a local path for a checkpoint file or fsspec URL (remote files are cached locally), else None."""
     if "://" in pretrained:
         fs, path = fsspec.core.url_to_fs(pretrained)
         if not fs.exists(path):
-            raise ConfigError(f"teacher.pretrained={pretrained!r}: no such file")
+            raise ConfigError(f"{keys.weights}={pretrained!r}: no such file")
         return fsspec.open_local(f"simplecache::{pretrained}")
     if os.path.isfile(pretrained):
         return pretrained
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise ConfigError(f"teacher.pretrained={pretrained!r}: no such checkpoint file")
+        raise ConfigError(f"{keys.weights}={pretrained!r}: no such checkpoint file")
     return None
 
 
-def _register_model_config(name: str, pretrained: str, checkpoint: Optional[str]) -> None:
+def _register_model_config(name: str, pretrained: str, checkpoint: Optional[str], keys: OpenClipKeys) -> None:
     """Registers `<name>.json` beside the checkpoint (local or any fsspec URL) with open_clip, if there is one; it
     wins over a built-in config of that name. Raises ConfigError when there is none and open_clip does not know `name`.
     """
@@ -190,7 +209,7 @@ def _register_model_config(name: str, pretrained: str, checkpoint: Optional[str]
             open_clip.add_model_config(os.path.join(folder, f"{name}.json"))
     elif name not in open_clip.list_models():
         where = f" and there is no {beside}" if checkpoint is not None else ""
-        raise ConfigError(f"teacher.model={name!r} is not an open_clip model{where} (a custom model's config JSON, "
+        raise ConfigError(f"{keys.model}={name!r} is not an open_clip model{where} (a custom model's config JSON, "
                           f"named after the model, goes beside its checkpoint)")
 
 
