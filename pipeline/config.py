@@ -140,6 +140,34 @@ class AlignStageConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
+@dataclass
+class RetrievalModelConfig:
+    kind: Literal["open_clip"] = "open_clip"  # open_clip: an image CLIP, frame features mean-pooled (meanP)
+    name: str = "ViT-B-16"  # the open_clip model name; its weights come from `videomamba eval --checkpoint`
+
+
+@dataclass
+class RetrievalDataConfig:
+    num_frames: int = 8  # frames per video: the middle frame of each of T equal segments
+    img_size: int = 224  # frame side after resize + centre crop
+
+
+@dataclass
+class RetrievalEvalConfig:
+    batch_size: int = 16  # videos (and texts) encoded per forward
+    rerank_k: int = 128  # top-k candidates re-ranked by the model's matching head, when it has one; 0: never
+    num_workers: int = 2  # decoding processes
+
+
+@dataclass
+class RetrievalConfig:
+    """`videomamba eval`: zero-shot text-video retrieval of a video-text model."""
+
+    model: RetrievalModelConfig = field(default_factory=RetrievalModelConfig)
+    data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
+    eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+
+
 # ------------------------------------------------------------------------------------------------------ loading
 def load_config(schema: type, path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> Any:
     """Returns an instance of `schema` from the YAML file at `path` (with its `_base_` files) and the overrides."""

@@ -12,10 +12,7 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert "synth" in capsys.readouterr().out
 
 
-BUILT = sorted(set(SUBCOMMANDS) - {"eval"})  # `eval` (zero-shot retrieval) arrives with its own issue
-
-
-@pytest.mark.parametrize("name", BUILT)
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
 def test_every_subcommand_has_a_teaching_help(name, capsys):
     with pytest.raises(SystemExit) as e:
         main([name, "--help"])
@@ -25,9 +22,17 @@ def test_every_subcommand_has_a_teaching_help(name, capsys):
     assert len(out.splitlines()) > 5  # options with explanations, not a bare usage line
 
 
-def test_a_subcommand_not_built_yet_says_so_and_exits_2(capsys):
+def test_a_subcommand_whose_module_is_missing_says_so_and_exits_2(monkeypatch, capsys):
+    monkeypatch.setitem(SUBCOMMANDS, "eval", ("pipeline.stages.no_such_module", "zero-shot retrieval"))
     assert main(["eval"]) == 2
     assert "videomamba eval: not available in this build" in capsys.readouterr().err
+
+
+def test_eval_without_its_required_options_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--config", "configs/eval_retrieval.yaml"])
+    assert e.value.code == 2
+    assert "--checkpoint" in capsys.readouterr().err
 
 
 def test_bad_run_config_exits_2_naming_the_key(tmp_path, capsys):

@@ -1,0 +1,133 @@
+"""`videomamba eval` end to end: a tiny open_clip model saved as a file, a tiny synthetic corpus with a corrupt and a
+missing video added to its annotations, the three output files, the printed table, and exit 2 for bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.config import RetrievalConfig
+from pipeline.eval.annotations import read_annotations
+from pipeline.stages.retrieval import retrieval_result
+from pipeline.stages.teacher_warmup import save_open_clip
+from tests.conftest import tiny_clip, tiny_clip_config
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "eval-clip"
+OVERRIDES = [f"model.name={NAME}", "data.num_frames=2", "data.img_size=32", "eval.batch_size=4", "eval.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A corpus with 5 eval videos (plus broken.mp4, not a video, and gone.mp4, absent) and a saved tiny CLIP."""
+    from shards.synth import write_corpus
+
+    root = tmp_path_factory.mktemp("retrieval")
+    write_corpus(str(root / "corpus"), videos=1, images=0, seed=3, size=32, frames=8, fps=8, eval_videos=5,
+                 workers=1, progress=False)
+    eval_dir = root / "corpus" / "eval"
+    (eval_dir / "videos" / "broken.mp4").write_bytes(b"not an mp4 at all" * 10)
+    entries = json.loads((eval_dir / "msrvtt_test.json").read_text())
+    entries += [{"video": "broken.mp4", "caption": "a broken clip"}, {"video": "gone.mp4", "caption": "a lost clip"}]
+    (root / "with_bad.json").write_text(json.dumps(entries))
+    model = tiny_clip(root / "model", NAME, image_size=32)
+    checkpoint = save_open_clip(model, NAME, tiny_clip_config(image_size=32), str(root / "model" / "clip.pt"))
+    return {"root": root, "videos": eval_dir / "videos", "checkpoint": checkpoint, "good": eval_dir / "msrvtt_test.json",
+            "msvd": eval_dir / "msvd_test.json", "with_bad": root / "with_bad.json"}
+
+
+def eval_command(setup, out, dataset="msrvtt", annotations=None, *extra):
+    return [sys.executable, "-m", "pipeline.cli", "eval", "--config", str(REPO / "configs" / "eval_retrieval.yaml"),
+            "--checkpoint", setup["checkpoint"], "--dataset", dataset,
+            "--annotations", str(annotations or setup["with_bad"]), "--videos", str(setup["videos"]),
+            "--out", str(out), *OVERRIDES, *extra]
+
+
+def test_eval_writes_json_md_png_and_prints_the_table_counting_bad_videos(setup, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(eval_command(setup, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    result = json.loads((out / "retrieval_msrvtt.json").read_text())
+    assert result["counts"] == {"videos": 7, "texts": 7, "videos_evaluated": 5, "texts_evaluated": 5,
+                                "videos_skipped": 2}
+    skipped = {s["video"]: s for s in result["skipped"]}
+    assert skipped["gone.mp4"]["kind"] == "missing" and skipped["broken.mp4"]["kind"] == "corrupt_video"
+    for direction in ("text_to_video", "video_to_text"):
+        m = result["metrics"][direction]
+        assert m["queries"] == 5 and m["R@5"] == m["R@10"] == 1.0  # 5 candidates: every rank is within 5
+        assert 0.0 <= m["R@1"] <= 1.0 and 1 <= m["MdR"] <= 5 and 1 <= m["MnR"] <= 5
+    assert result["chance_r1"] == pytest.approx(0.2)
+    assert result["rerank"] == {"k": 128, "applied": False, "why": "the model has no video-text matching head"}
+    assert result["config"]["model"]["name"] == NAME and result["config"]["data"]["num_frames"] == 2
+
+    table = (out / "retrieval_msrvtt.md").read_text()
+    assert "| text→video |" in table and "| video→text |" in table and "2 videos skipped" in table
+    assert "- broken.mp4: corrupt_video" in table and "- gone.mp4: missing" in table
+    assert table.strip() in done.stdout
+    with Image.open(out / "retrieval_msrvtt.png") as chart:
+        assert chart.format == "PNG" and chart.size == (480, 260)
+
+
+def test_msvd_format_counts_every_caption_as_a_query(setup, tmp_path, one_thread):
+    code = main(eval_command(setup, tmp_path, "msvd", setup["msvd"], "--no-progress")[3:])
+    assert code == 0
+    result = json.loads((tmp_path / "retrieval_msvd.json").read_text())
+    captions = sum(len(e["caption"]) for e in json.loads(setup["msvd"].read_text()))
+    assert result["counts"]["texts_evaluated"] == captions > 5
+    assert result["metrics"]["text_to_video"]["queries"] == captions
+    assert result["metrics"]["video_to_text"]["queries"] == 5
+
+
+class _MatchingClip:
+    """A small real model with a matching head: videos are their mean colour, every text the same vector (so all
+    texts rank the videos alike and only one of the 5 finds its video first), and the head knows each text's video
+    (a perfect judge), so re-ranking the top 5 of 5 must give R@1 = 1 both ways."""
+
+    def __init__(self, texts_video):
+        self.texts_video = torch.as_tensor(texts_video)
+
+    def encode_videos(self, clips):
+        return torch.nn.functional.normalize(clips.mean(dim=(2, 3, 4))[:, :3], dim=-1)
+
+    def encode_texts(self, texts):
+        return torch.nn.functional.normalize(torch.ones(len(texts), 3), dim=-1)
+
+    def match_score(self, text_indices, video_indices):
+        return (self.texts_video[text_indices] == video_indices).float() * 10
+
+
+def test_a_matching_head_re_ranks_the_top_k(setup, one_thread):
+    ann = read_annotations(str(setup["good"]), "msrvtt")
+    cfg = RetrievalConfig()
+    cfg.data.num_frames, cfg.data.img_size, cfg.eval.num_workers, cfg.eval.rerank_k = 2, 32, 0, 5
+    result = retrieval_result(_MatchingClip(ann.text_video), cfg, ann, str(setup["videos"]), progress=False)
+    assert result["rerank"] == {"k": 5, "applied": True}
+    assert result["metrics"]["text_to_video"]["R@1"] == 0.2  # one video is everyone's first
+    assert result["reranked_metrics"]["text_to_video"]["R@1"] == 1.0
+    assert result["reranked_metrics"]["video_to_text"]["R@1"] == 1.0
+
+
+@pytest.mark.parametrize("change,message", [
+    (("--dataset", "youcook"), "--dataset 'youcook' is not one of msrvtt"),
+    (("--annotations", "/nonexistent/ann.json"), "annotations file not found: /nonexistent/ann.json"),
+    (("--videos", "/nonexistent/videos"), "--videos /nonexistent/videos: no such folder"),
+    (("--checkpoint", "/nonexistent/clip.pt"), "--checkpoint='/nonexistent/clip.pt': no such checkpoint file"),
+])
+def test_bad_input_exits_2_naming_it(setup, tmp_path, capsys, change, message):
+    argv = eval_command(setup, tmp_path)[3:]
+    argv[argv.index(change[0]) + 1] = change[1]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "retrieval_msrvtt.json").exists()
+
+
+def test_bad_config_value_exits_2(setup, tmp_path, capsys):
+    assert main(eval_command(setup, tmp_path)[3:] + ["eval.batch_size=0"]) == 2
+    assert "eval.batch_size=0: must be at least 1" in capsys.readouterr().err
