@@ -1,7 +1,8 @@
-"""Run the whole pipeline from one config: synthetic corpus -> shards -> teacher -> stage 1 -> (stage 2 -> eval).
+"""Run the whole pipeline from one config: synthetic corpus -> shards -> teacher -> teacher's zero-shot retrieval ->
+stage 1 -> (stage 2 -> eval).
 (`train_on_ray` below is the other job of this module: a training stage in Ray Train workers.)
 
-Each step writes its outputs under --out (corpus/, shards/, teacher/, stage1/, report.md) and a marker `OUT/steps/<step>.json` when it is complete; running the same
+Each step writes its outputs under --out (corpus/, shards/, teacher/, eval/, stage1/, report.md) and a marker `OUT/steps/<step>.json` when it is complete; running the same
 command again skips complete steps and resumes the training stages from their newest complete checkpoint, so a run
 that was interrupted anywhere continues where it stopped. Delete a step's marker to redo it.
 
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from pipeline.config import AlignStageConfig, ConfigError, load_config, write_resolved
+from pipeline.config import AlignStageConfig, ConfigError, RetrievalConfig, load_config, write_resolved
 
 
 @dataclass
@@ -61,7 +62,12 @@ class RunConfig:
     synth: SynthStep = field(default_factory=SynthStep)
     shard: ShardStep = field(default_factory=ShardStep)
     teacher: TeacherStep = field(default_factory=TeacherStep)
+    eval_teacher: StageStep = field(default_factory=StageStep)  # the eval YAML; model and img_size are the teacher's
     stage1: StageStep = field(default_factory=StageStep)
+
+
+# the held-out annotation files the demo evaluates on: (dataset name, file under corpus/eval/)
+DEMO_EVAL_SETS = (("msrvtt", "msrvtt_test.json"), ("msvd", "msvd_test.json"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(os.path.join(out, "steps"), exist_ok=True)
     write_resolved(cfg, os.path.join(out, "run_config.yaml"))
     stage1_cfg = _stage_config(AlignStageConfig, cfg.stage1, config_dir, out, "stage1")  # fail early on bad keys
+    eval_cfg = _eval_config(cfg.eval_teacher, config_dir, cfg.teacher.img_size)
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("synth", lambda: _synth(cfg.synth, out)),
         ("shard_videos", lambda: _shard(os.path.join(out, "corpus", "videos.jsonl"), os.path.join(out, "shards",
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         ("shard_images", lambda: _shard(os.path.join(out, "corpus", "images.jsonl"), os.path.join(out, "shards",
                                                                                                     "images"), cfg.shard)),
         ("teacher", lambda: _teacher(cfg.teacher, out)),
+        ("eval_teacher", lambda: _eval_teacher(eval_cfg, out)),
         ("stage1", lambda: _stage1(stage1_cfg)),
     ]
     for name, step in steps:
@@ -116,6 +124,7 @@ def report(out: str) -> str:
     rows.append(("teacher", f"contrastive loss {t['loss_first10']:.2f} -> {t['loss_last10']:.2f}; image->text top-1 "
                             f"held-out {t['held_out']['top1']:.2f} (chance {t['held_out']['chance']:.2f})",
                  marker("teacher")["seconds"]))
+    rows.append(("eval_teacher", _eval_summary(marker("eval_teacher")), marker("eval_teacher")["seconds"]))
     stage1 = marker("stage1")
     with open(os.path.join(stage1["run_dir"], "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f]
@@ -124,6 +133,17 @@ def report(out: str) -> str:
                            f"{sum(losses[-k:]) / k:.3f} (mean of first/last {k})", stage1["seconds"]))
     lines = ["| step | result | seconds |", "|---|---|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def _eval_summary(results: dict) -> str:
+    """Returns the report's text for the teacher's retrieval: R@1/5/10 both ways in the MSRVTT format (with chance
+    level), R@1 both ways in the MSVD format (every caption a query)."""
+    msrvtt, msvd = results["msrvtt"], results["msvd"]
+    t2v, v2t = msrvtt["text_to_video"], msrvtt["video_to_text"]
+    return (f"zero-shot (CLIP meanP) T2V R@1 {t2v['R@1']:.2f} / R@5 {t2v['R@5']:.2f} / R@10 {t2v['R@10']:.2f}, "
+            f"V2T R@1 {v2t['R@1']:.2f} (MSRVTT format, {msrvtt['videos']} videos; chance 1/{msrvtt['videos']}); "
+            f"MSVD format ({msvd['texts']} captions): T2V R@1 {msvd['text_to_video']['R@1']:.2f}, "
+            f"V2T R@1 {msvd['video_to_text']['R@1']:.2f}")
 
 
 def _run_step(out: str, name: str, step: Callable[[], dict]) -> None:
@@ -157,6 +177,19 @@ def _stage_config(schema: type, step: StageStep, config_dir: str, out: str, name
     return load_config(schema, path, wired + list(step.overrides))
 
 
+def _eval_config(step: StageStep, config_dir: str, img_size: int) -> RetrievalConfig:
+    """Returns the retrieval config of the teacher's evaluation: the step's YAML, the tiny CLIP at the teacher's size."""
+    if not step.config:
+        raise ConfigError("run config: eval_teacher.config must name the eval YAML file")
+    path = step.config if os.path.isabs(step.config) else os.path.join(config_dir, step.config)
+    if not os.path.exists(path):
+        path = step.config
+    from pipeline.stages.teacher_warmup import TINY_CLIP_NAME
+
+    wired = ["model.kind=open_clip", f"model.name={TINY_CLIP_NAME}", f"data.img_size={img_size}"]
+    return load_config(RetrievalConfig, path, wired + list(step.overrides))
+
+
 def _synth(step: SynthStep, out: str) -> dict:
     from shards.synth import write_corpus
 
@@ -181,6 +214,25 @@ def _teacher(step: TeacherStep, out: str) -> dict:
     path = train_tiny_clip(os.path.join(out, "corpus", "videos.jsonl"), os.path.join(out, "teacher", "tiny_clip.pt"),
                            steps=step.steps, img_size=step.img_size, seed=step.seed)
     return {"checkpoint": str(path)}
+
+
+def _eval_teacher(cfg: RetrievalConfig, out: str) -> dict:
+    """Evaluates the teacher on the held-out videos in each annotation format; returns per format the counts and
+    metrics (the full results are OUT/eval/retrieval_<dataset>.json/.md/.png)."""
+    from pipeline.stages.retrieval import evaluate_retrieval, result_markdown
+
+    folder = os.path.join(out, "corpus", "eval")
+    results = {}
+    for dataset, file_name in DEMO_EVAL_SETS:
+        result = evaluate_retrieval(cfg, os.path.join(out, "teacher", "tiny_clip.pt"), dataset,
+                                    os.path.join(folder, file_name), os.path.join(folder, "videos"),
+                                    os.path.join(out, "eval"))
+        print(result_markdown(result), flush=True)
+        counts = result["counts"]
+        results[dataset] = {"videos": counts["videos_evaluated"], "texts": counts["texts_evaluated"],
+                            "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"],
+                            **result["metrics"], "json": result["outputs"]["json"]}
+    return results
 
 
 def _stage1(cfg: AlignStageConfig) -> dict:

@@ -26,17 +26,23 @@ def test_run_goes_end_to_end_then_skips_complete_steps(tmp_path):
     out = tmp_path / "demo"
     first = run(out)
     assert first.returncode == 0, first.stderr[-3000:]
-    for step in ("synth", "shard_videos", "shard_images", "teacher", "stage1"):
+    for step in ("synth", "shard_videos", "shard_images", "teacher", "eval_teacher", "stage1"):
         assert (out / "steps" / f"{step}.json").exists(), step
     index = json.loads((out / "shards" / "videos" / "index.json").read_text())
     assert sum(s["samples"] for s in index["shards"]) == 24
     assert (out / "teacher" / "tiny_clip.pt").exists()
     metrics = [json.loads(line) for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for dataset in ("msrvtt", "msvd"):
+        assert all((out / "eval" / f"retrieval_{dataset}.{ext}").exists() for ext in ("json", "md", "png")), dataset
+    msrvtt = json.loads((out / "eval" / "retrieval_msrvtt.json").read_text())
+    assert msrvtt["counts"]["videos_evaluated"] == 8 and msrvtt["config"]["model"]["name"] == "tiny-clip"
     report = (out / "report.md").read_text()
     assert "| stage1 | 4 steps; alignment loss" in report and report in first.stdout
+    assert "| eval_teacher | zero-shot (CLIP meanP) T2V R@1 " in report
+    assert "(MSRVTT format, 8 videos; chance 1/8)" in report
 
     second = run(out)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("complete (skipping") == 5
+    assert second.stdout.count("complete (skipping") == 6
     assert (out / "report.md").read_text() == report
