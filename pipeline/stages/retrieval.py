@@ -147,7 +147,7 @@ def rerank_outcome(model: VideoTextModel, similarity: torch.Tensor, text_video: 
     if match is None or k == 0:
         why = "eval.rerank_k is 0" if k == 0 else "the model has no video-text matching head"
         return {"rerank": {"k": k, "applied": False, "why": why}}
-    t2v = reranked(similarity, k, lambda q, c: match(q, c))
+    t2v = reranked(similarity, k, match)
     v2t = reranked(similarity.T, k, lambda q, c: match(c, q))
     t2v_metrics = retrieval_metrics(t2v, text_video)["text_to_video"]
     v2t_metrics = retrieval_metrics(v2t.T, text_video)["video_to_text"]
