@@ -71,6 +71,8 @@ def _probe_video(data: bytes) -> MediaInfo:
 
     try:
         with av.open(io.BytesIO(data)) as container:
+            if container.format.name.endswith("_pipe") or container.format.name == "image2":
+                raise DecodeError("wrong_type", f"a still image ({container.format.name}) where a video belongs")
             if not container.streams.video:
                 raise DecodeError("empty_video", "no video stream in the container")
             stream = container.streams.video[0]

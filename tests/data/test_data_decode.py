@@ -85,6 +85,9 @@ def test_unusable_bytes_raise_the_kind_they_are_counted_under(clip_h264, jpg_byt
     with pytest.raises(DecodeError) as e:
         probe(clip_h264[:100], "image")
     assert e.value.kind == "corrupt_image"
+    with pytest.raises(DecodeError) as e:  # a jpg saved as {key}.mp4: PyAV would read it as a 1-frame video
+        probe(jpg_bytes, "video")
+    assert e.value.kind == "wrong_type"
     plan = ClipPlan((0, 7), (0, 0, 32, 32), False, 16)
     cut = clip_h264[: len(clip_h264) // 2] + bytes(len(clip_h264) // 2)
     video, failures = CpuDecoder().decode([EncodedSample("a", "video", cut, plan),
