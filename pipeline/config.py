@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import types
@@ -178,6 +179,18 @@ def load_config(schema: type, path: Optional[str] = None, overrides: typing.Sequ
         key, value = _parse_override(item)
         flat.update(_flatten(schema, _nest(key, value), COMMAND_LINE, prefix=""))
     return _build(schema, flat, prefix="")
+
+
+def read_json(url: str, what: str, label: str = "", error: type[ConfigError] = ConfigError) -> Any:
+    """Returns the JSON value in the file at `url` (any fsspec URL). A missing file raises `error`
+    "{label}{what} not found: {url}", a file that is not JSON "{label}{url}: not valid JSON (...)"."""
+    try:
+        with fsspec.open(url, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{label}{what} not found: {url}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{label}{url}: not valid JSON ({e})") from None
 
 
 def resolved_dict(cfg: Any) -> dict:

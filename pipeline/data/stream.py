@@ -24,7 +24,6 @@ what the old layout would have produced.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import posixpath
@@ -36,7 +35,7 @@ import braceexpand
 import fsspec
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +87,7 @@ def resolved_corpus(source: str) -> Corpus:
 
 
 def _indexed_corpus(source: str) -> Corpus:
-    try:
-        with fsspec.open(source, "r") as f:
-            index = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"data.train: shard index not found: {source}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"data.train: {source} is not valid JSON ({e})") from None
+    index = read_json(source, "shard index", label="data.train: ")
     shards = index.get("shards") if isinstance(index, dict) else None
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "url" in s for s in shards):
         raise ConfigError(f"data.train: {source} has no list of shards with a 'url' each under 'shards'")

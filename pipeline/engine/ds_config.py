@@ -8,12 +8,9 @@ define "optimizer" or "scheduler": the engine's AdamW groups, schedule and NaN/i
 """
 from __future__ import annotations
 
-import json
 from typing import Optional
 
-import fsspec
-
-from pipeline.config import ConfigError, DeepSpeedConfig, TrainConfig
+from pipeline.config import ConfigError, DeepSpeedConfig, TrainConfig, read_json
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 OWNED_SECTIONS = ("optimizer", "scheduler")
@@ -49,13 +46,7 @@ def built_config(train: TrainConfig, zero_stage: int) -> dict:
 
 def user_config(path: str) -> dict:
     """Returns the JSON object in the user's DeepSpeed config file, or raises ConfigError naming the file."""
-    try:
-        with fsspec.open(path, "r") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"deepspeed.config: file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({e})") from None
+    cfg = read_json(path, "file", label="deepspeed.config: ")
     if not isinstance(cfg, dict):
         raise ConfigError(f"deepspeed.config: {path} must hold a JSON object, got {type(cfg).__name__}")
     owned = [k for k in OWNED_SECTIONS if k in cfg]

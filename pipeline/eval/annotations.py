@@ -10,13 +10,10 @@ matrix once). Extra fields (UMT's "duration", ...) are ignored.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, read_json
 
 DATASETS = ("msrvtt", "didemo", "anet", "lsmdc", "msvd", "synthetic")
 PARAGRAPH_DATASETS = ("didemo", "anet")
@@ -58,13 +55,7 @@ def read_annotations(url: str, dataset: str) -> RetrievalAnnotations:
 
 
 def _json_list(url: str) -> list:
-    try:
-        with fsspec.open(url, "r") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise AnnotationError(f"annotations file not found: {url}") from None
-    except json.JSONDecodeError as e:
-        raise AnnotationError(f"{url}: not valid JSON: {e}") from None
+    raw = read_json(url, "annotations file", error=AnnotationError)
     if not isinstance(raw, list):
         raise AnnotationError(f"{url}: expected a JSON list of {{\"video\", \"caption\"}} entries, got "
                               f"{type(raw).__name__}")
