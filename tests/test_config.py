@@ -11,7 +11,7 @@ def write(path, data):
 
 
 def test_defaults_then_file_then_overrides(tmp_path):
-    base = write(tmp_path / "base.yaml", {"model": {"size": "small"}, "train": {"max_steps": 10, "lr": 1e-3}})
+    write(tmp_path / "base.yaml", {"model": {"size": "small"}, "train": {"max_steps": 10, "lr": 1e-3}})
     cfg_file = write(tmp_path / "run.yaml", {"_base_": ["base.yaml"], "train": {"max_steps": 20}})
     cfg = load_config(AlignStageConfig, cfg_file, ["train.batch_size=4", "data.train=a.json,b.json"])
     assert cfg.model.size == "small"  # from the base

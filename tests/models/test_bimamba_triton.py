@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
