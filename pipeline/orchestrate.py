@@ -162,13 +162,17 @@ def _run_step(out: str, name: str, step: Callable[[], dict]) -> None:
     print(f"[run] {name}: done in {result['seconds']} s", flush=True)
 
 
+def _step_yaml(step: StageStep, config_dir: str, name: str) -> str:
+    """Returns the path of a step's YAML: relative to the run config's folder when it is there, else as given."""
+    if not step.config:
+        raise ConfigError(f"run config: {name}.config must name the step's YAML file")
+    path = step.config if os.path.isabs(step.config) else os.path.join(config_dir, step.config)
+    return path if os.path.exists(path) else step.config
+
+
 def _stage_config(schema: type, step: StageStep, config_dir: str, out: str, name: str):
     """Returns the stage's config with the demo's own paths (shards, teacher, run dir) filled in."""
-    if not step.config:
-        raise ConfigError(f"run config: {name}.config must name the stage's YAML file")
-    path = step.config if os.path.isabs(step.config) else os.path.join(config_dir, step.config)
-    if not os.path.exists(path):
-        path = step.config
+    path = _step_yaml(step, config_dir, name)
     wired = [
         f"data.train={os.path.join(out, 'shards', 'videos', 'index.json')}",
         f"teacher.pretrained={os.path.join(out, 'teacher', 'tiny_clip.pt')}",
@@ -179,11 +183,7 @@ def _stage_config(schema: type, step: StageStep, config_dir: str, out: str, name
 
 def _eval_config(step: StageStep, config_dir: str, img_size: int) -> RetrievalConfig:
     """Returns the retrieval config of the teacher's evaluation: the step's YAML, the tiny CLIP at the teacher's size."""
-    if not step.config:
-        raise ConfigError("run config: eval_teacher.config must name the eval YAML file")
-    path = step.config if os.path.isabs(step.config) else os.path.join(config_dir, step.config)
-    if not os.path.exists(path):
-        path = step.config
+    path = _step_yaml(step, config_dir, "eval_teacher")
     from pipeline.stages.teacher_warmup import TINY_CLIP_NAME
 
     wired = ["model.kind=open_clip", f"model.name={TINY_CLIP_NAME}", f"data.img_size={img_size}"]
