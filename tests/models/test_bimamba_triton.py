@@ -176,6 +176,7 @@ SCAN_CASES = [
     (1, 67, 8, 6, 1, "float32", 16, 8, 3),   # states not a power of two; three segments carried by the summaries
     (2, 1, 8, 4, 2, "float32", 8, 8, 1),     # a single token
     (1, 45, 8, 8, 3, "float32", 8, 8, 4),    # last segment shorter than the others
+    (2, 29, 40, 16, 8, "float32", 2, 32, 3),  # 16 states, 32 channels a block: dB, dC by the lane reduce-scatter
 ]
 
 

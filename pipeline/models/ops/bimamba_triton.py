@@ -27,6 +27,7 @@ into segments. A summary pass of the same kernels gives each segment's local fin
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,42 +43,23 @@ CONV_WIDTH = 4
 @dataclass(frozen=True)
 class ScanConfig:
     """Tile sizes of the kernels; `segments` = 0 lets `segment_count` choose."""
-    block_t: int = 16  # the fastest fwd+bwd of the sweep on the H100 (bench/NOTES.md)
-    block_e: int = 8
-    num_warps: int = 2
+    block_t: int = 2  # the fastest fwd+bwd of the sweep on the H200 (bench/NOTES.md)
+    block_e: int = 32
+    num_warps: int = 1
+    keep_decay: bool = False
+    prefetch: bool = True
     conv_block_t: int = 64
     conv_block_e: int = 64
     segments: int = 0
-    target_programs: int = 512
+    target_programs: int = 2048
 
 
 DEFAULT_CONFIG = ScanConfig()
 
 
 # ------------------------------------------------------------------------------------------------ Triton helpers
-@triton.jit
-def _ssm_combine(a1, b1, a2, b2):
-    """(decay, state) of two consecutive steps: h = a2 (a1 h0 + b1) + b2."""
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _adjoint_combine(f1, g1, a1, f2, g2, a2):
-    """Reverse scan of lam_s = w_s + a_{s+1} lam_{s+1}: (f1, g1, a1) aggregates the later steps, (f2, g2, a2) is the
-    earlier one; lam = f + g * mu_in, where mu_in = a lam of the step after the range, and a is the decay of the
-    range's last step (the one the next earlier step needs)."""
-    return f2 + g2 * a1 * f1, g2 * a1 * g1, a2
-
-
-@triton.jit
-def _chunk_tokens(direction: tl.constexpr, seg_lo, seg_hi, chunk, BLOCK_T: tl.constexpr):
-    """Token indices (in memory order) of the chunk-th chunk of a segment, in direction's scan order."""
-    r = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    if direction == 0:
-        t = seg_lo + r
-    else:
-        t = seg_hi - 1 - r
-    return t, r < seg_hi - seg_lo
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -91,178 +73,323 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _load_chunk(u_ptr, dt_ptr, b_ptr, c_ptr, bias, t, valid, offs_e, mask_e, offs_n, mask_n, s_ul, s_bl, s_bn):
-    """u, softplus(dt + bias), dt + bias (T, E) and B, C (T, N) of one chunk in fp32; padding rows give delta = 0."""
-    m_te = valid[:, None] & mask_e[None, :]
-    m_tn = valid[:, None] & mask_n[None, :]
-    p_te = t[:, None] * s_ul + offs_e[None, :]
-    p_tn = t[:, None] * s_bl + offs_n[None, :] * s_bn
-    u = tl.load(u_ptr + p_te, mask=m_te, other=0.0).to(tl.float32)
-    pre = tl.load(dt_ptr + p_te, mask=m_te, other=0.0).to(tl.float32) + bias[None, :]
-    delta = tl.where(m_te, _softplus(pre), 0.0)
-    bm = tl.load(b_ptr + p_tn, mask=m_tn, other=0.0).to(tl.float32)
-    cm = tl.load(c_ptr + p_tn, mask=m_tn, other=0.0).to(tl.float32)
-    return u, delta, pre, bm, cm
+def _program_geometry(E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which (channel block, segment, direction, batch row) this program scans, and where its segment lies:
+    `first` is the segment's first token in the direction's scan order, `step` +1 or -1, `slot` its index among
+    all (direction, batch row, segment) triples; masks and offsets of its (state, channel) tiles."""
+    pid_e, pid_s, pid_db = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_seg = tl.num_programs(1)
+    d = pid_db // B_rows
+    b = pid_db % B_rows
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    seg_lo = pid_s * SEG_LEN
+    seg_n = tl.minimum(SEG_LEN, L - seg_lo)
+    first = tl.where(d == 0, seg_lo, seg_lo + seg_n - 1)
+    step = 1 - 2 * d
+    slot = (d * B_rows + b) * n_seg + pid_s
+    mask_e, mask_n = offs_e < E, offs_n < N
+    m_ne = mask_n[:, None] & mask_e[None, :]
+    # (state, channel) offsets into an (E, N) array. s_an (= 1, never specialized) hides the states' contiguity
+    # from Triton, so these tiles get the plain layout (lanes along channels, states in registers) that the
+    # per-token row vectors share, and no per-token layout conversion is needed.
+    p_ne = offs_n[:, None] * s_an + offs_e[None, :] * N
+    return d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot
 
 
 @triton.jit
-def _row(x, rows, which):
-    """x[which] of a (T, E, N) tile as (E, N)."""
-    return tl.sum(tl.where((rows == which)[:, None, None], x, 0.0), axis=0)
+def _load_row(ptr, t, offs, stride, mask):
+    return tl.load(ptr + t * stride + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_rows(ptrs, strides, c, first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn,
+                BLOCK_T: tl.constexpr):
+    """Issues the loads of chunk c: for every pointer in `ptrs` a tuple of BLOCK_T rows in scan order, raw (no
+    conversion, so nothing waits for them here). The first len(strides) pointers are per-channel rows (E values,
+    row stride strides[k]), the others rows of B or C (N values). Rows outside the segment are masked and read
+    nothing."""
+    rows = ()
+    for k in tl.static_range(len(ptrs)):
+        tile = ()
+        for i in tl.static_range(BLOCK_T):
+            r = c * BLOCK_T + i
+            t = first + step * r
+            if k < len(strides):
+                tile = tile + (tl.load(ptrs[k] + t * strides[k] + offs_e, mask=mask_e & (r < seg_n) & (r >= 0),
+                                       other=0.0),)
+            else:
+                tile = tile + (tl.load(ptrs[k] + t * s_bl + offs_n * s_bn, mask=mask_n & (r < seg_n) & (r >= 0),
+                                       other=0.0),)
+        rows = rows + (tile,)
+    return rows
+
+
+@triton.jit
+def _shfl_xor(x, lane, M: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """x (K, 32) fp32, one channel per lane: every lane's values swapped with those of lane ^ M (a warp shuffle;
+    EMULATE gathers along the channels instead, for the interpreter, which runs no PTX)."""
+    if EMULATE:
+        return tl.gather(x, tl.broadcast_to((lane ^ M)[None, :], x.shape), axis=1)
+    else:
+        return tl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _halve(v, lane, M: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """One step of a recursive-halving reduce-scatter over the lanes: of v's K values per lane, keep the odd ones
+    where lane & M is set (the even ones elsewhere), add the partner lane's kept half, and return the K / 2 sums."""
+    K: tl.constexpr = v.shape[0]
+    E: tl.constexpr = v.shape[1]
+    even, odd = tl.split(tl.permute(tl.reshape(v, (K // 2, 2, E)), (0, 2, 1)))
+    bit = ((lane & M) != 0)[None, :]
+    return tl.where(bit, odd, even) + _shfl_xor(tl.where(bit, even, odd), lane, M, ASM, EMULATE)
+
+
+@triton.jit
+def _lane_sums(xb, xc, lane, EMULATE: tl.constexpr):
+    """The sums over a warp's 32 lanes of xb and xc (each (16, 32): 16 states x one channel per lane), scattered:
+    lane l gets entry k = bitreverse5(l) of [sum xb, sum xc]. 31 shuffles, where a tl.sum per state needs 160."""
+    N: tl.constexpr = xb.shape[0]
+    E: tl.constexpr = xb.shape[1]
+    v = tl.reshape(tl.permute(tl.join(xb, xc), (2, 0, 1)), (2 * N, E))
+    v = _halve(v, lane, 16, "shfl.sync.bfly.b32 $0, $1, 16, 0x1f, 0xffffffff;", EMULATE)
+    v = _halve(v, lane, 8, "shfl.sync.bfly.b32 $0, $1, 8, 0x1f, 0xffffffff;", EMULATE)
+    v = _halve(v, lane, 4, "shfl.sync.bfly.b32 $0, $1, 4, 0x1f, 0xffffffff;", EMULATE)
+    v = _halve(v, lane, 2, "shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", EMULATE)
+    v = _halve(v, lane, 1, "shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", EMULATE)
+    return tl.reshape(v, (E,))
+
+
+@triton.jit
+def _bit_reverse5(x):
+    return ((x >> 4) & 1) | (((x >> 3) & 1) << 1) | (((x >> 2) & 1) << 2) | (((x >> 1) & 1) << 3) | ((x & 1) << 4)
 
 
 # ------------------------------------------------------------------------------------------------ scan kernels
-@triton.jit
-def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, out_ptr, a_ptr, d_ptr, bias_ptr, states_ptr, seg_ptr, segsum_ptr,
-              L, E, N, B_rows, SEG_LEN, CHUNKS,
-              s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_ob, s_ol,
+@triton.jit(do_not_specialize=["s_an"])
+def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_ptr, states_ptr, last_ptr,
+              dsum_ptr, L, E, N, B_rows, SEG_LEN, CHUNKS, s_an,
+              s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-              SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr):
-    """SUMMARY: each segment's final state from a zero start (seg_ptr) and its sum of delta (segsum_ptr).
-    Otherwise: out = (y_0 + y_1) * silu(z), saving the state entering every chunk (states_ptr)."""
-    pid_e, pid_s, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_seg = tl.num_programs(1)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_e, mask_n = offs_e < E, offs_n < N
-    m_en = mask_e[:, None] & mask_n[None, :]
-    p_en = offs_e[:, None] * N + offs_n[None, :]
-    rows = tl.arange(0, BLOCK_T)
-    seg_lo = pid_s * SEG_LEN
-    seg_hi = tl.minimum(seg_lo + SEG_LEN, L)
-    for d in tl.static_range(1, -1, -1):  # right-to-left first: it leaves its y in `out` for the left-to-right pass
-        A = tl.load(a_ptr + d * E * N + p_en, mask=m_en, other=0.0)
-        Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
-        bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
-        base = d * s_ud + pid_b * s_ub
-        bbase = d * s_bd + pid_b * s_bb
-        seg_off = ((d * B_rows + pid_b) * n_seg + pid_s) * E * N
-        if HAS_INIT:
-            h = tl.load(seg_ptr + seg_off + p_en, mask=m_en, other=0.0)
+              SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr, Y: tl.constexpr, SAVE: tl.constexpr,
+              PREFETCH: tl.constexpr):
+    """One direction's scan over one segment for a block of channels, token by token with the state (N, E) in
+    registers. SUMMARY: only the segment's final state from a zero start (last_ptr) and its sum of delta (dsum_ptr).
+    Otherwise, starting from init_ptr's carry when HAS_INIT: with Y, y_d = C.h + D u into y_ptr (2, B, L, E); with
+    SAVE, the state entering every chunk of BLOCK_T tokens (states_ptr) for the backward pass. The loads of a chunk are
+    issued together before its recurrence runs (with PREFETCH, one chunk ahead)."""
+    d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
+        E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E, BLOCK_N)
+    A2 = tl.load(a_ptr + d * E * N + p_ne, mask=m_ne, other=0.0) * LOG2E
+    Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
+    bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
+    u_ptr += d * s_ud + b * s_ub
+    dt_ptr += d * s_ud + b * s_ub
+    y_ptr += d * s_ud + b * s_ub
+    b_ptr += d * s_bd + b * s_bb
+    c_ptr += d * s_bd + b * s_bb
+    if HAS_INIT:
+        h = tl.load(init_ptr + slot * E * N + p_ne, mask=m_ne, other=0.0)
+    else:
+        h = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    dsum = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    if Y:
+        ptrs = (dt_ptr, u_ptr, b_ptr, c_ptr)
+    else:
+        ptrs = (dt_ptr, u_ptr, b_ptr)
+    geometry = (first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn)
+    if PREFETCH:
+        rows = _chunk_rows(ptrs, (s_ul, s_ul), 0, *geometry, BLOCK_T)
+    for c in range(CHUNKS):
+        if SAVE:
+            tl.store(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, h, mask=m_ne)
+        if PREFETCH:  # the next chunk's loads fly while this chunk's recurrence runs
+            cur = rows
+            rows = _chunk_rows(ptrs, (s_ul, s_ul), c + 1, *geometry, BLOCK_T)
         else:
-            h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
-        dsum = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        for c in range(CHUNKS):
-            t, valid = _chunk_tokens(d, seg_lo, seg_hi, c, BLOCK_T)
-            u, delta, pre, bm, cm = _load_chunk(u_ptr + base, dt_ptr + base, b_ptr + bbase, c_ptr + bbase, bias,
-                                                t, valid, offs_e, mask_e, offs_n, mask_n, s_ul, s_bl, s_bn)
-            if not SUMMARY:
-                st_off = (((d * B_rows + pid_b) * n_seg + pid_s) * CHUNKS + c) * E * N
-                tl.store(states_ptr + st_off + p_en, h, mask=m_en)
-            decay = tl.exp(delta[:, :, None] * A[None, :, :])
-            inp = (delta * u)[:, :, None] * bm[:, None, :]
-            pa, pb = tl.associative_scan((decay, inp), 0, _ssm_combine)
-            hs = pb + pa * h[None, :, :]
-            h = _row(hs, rows, BLOCK_T - 1)
+            cur = _chunk_rows(ptrs, (s_ul, s_ul), c, *geometry, BLOCK_T)
+        for i in tl.static_range(BLOCK_T):
+            r = c * BLOCK_T + i
+            me = mask_e & (r < seg_n)
+            u = cur[1][i].to(tl.float32)
+            delta = tl.where(me, _softplus(cur[0][i].to(tl.float32) + bias), 0.0)
+            h = tl.exp2(delta[None, :] * A2) * h + cur[2][i].to(tl.float32)[:, None] * (delta * u)[None, :]
             if SUMMARY:
-                dsum += tl.sum(delta, axis=0)
-            else:
-                y = tl.sum(hs * cm[:, None, :], axis=2) + Dv[None, :] * u
-                m_te = valid[:, None] & mask_e[None, :]
-                p_out = out_ptr + pid_b * s_ob + t[:, None] * s_ol + offs_e[None, :]
-                if d == 1:
-                    tl.store(p_out, y.to(out_ptr.dtype.element_ty), mask=m_te)
-                else:
-                    other = tl.load(p_out, mask=m_te, other=0.0).to(tl.float32)
-                    zv = tl.load(z_ptr + pid_b * s_zb + t[:, None] * s_zl + offs_e[None, :], mask=m_te,
-                                 other=0.0).to(tl.float32)
-                    res = (y + other) * zv * _sigmoid(zv)
-                    tl.store(p_out, res.to(out_ptr.dtype.element_ty), mask=m_te)
-        if SUMMARY:
-            tl.store(seg_ptr + seg_off + p_en, h, mask=m_en)
-            tl.store(segsum_ptr + ((d * B_rows + pid_b) * n_seg + pid_s) * E + offs_e, dsum, mask=mask_e)
-        else:
-            tl.debug_barrier()  # the right-to-left y must be visible before the other direction reads it
+                dsum += delta
+            if Y:
+                y = tl.sum(h * cur[3][i].to(tl.float32)[:, None], axis=0) + Dv * u
+                tl.store(y_ptr + (first + step * r) * s_ul + offs_e, y.to(y_ptr.dtype.element_ty), mask=me)
+    if SUMMARY:
+        tl.store(last_ptr + slot * E * N + p_ne, h, mask=m_ne)
+        tl.store(dsum_ptr + slot * E + offs_e, dsum, mask=mask_e)
 
 
-@triton.jit
-def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, a_ptr, d_ptr, bias_ptr, states_ptr, mu_ptr,
-              du_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
-              L, E, N, B_rows, SEG_LEN, CHUNKS,
+@triton.jit(do_not_specialize=["s_an"])
+def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr, bias_ptr, states_ptr, mu_ptr,
+              local_ptr, du_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
+              L, E, N, B_rows, SEG_LEN, CHUNKS, s_an,
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl, s_dzb, s_dzl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-              SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr):
-    """SUMMARY: each segment's outgoing adjoint a_first * lam_first from a zero carry (mu_ptr).
-    Otherwise: du, d(dt) (pre-softplus), dz; dB, dC (fp32, (2, B, L, N)), dA, dD, d(bias) accumulated atomically.
-    The adjoint lam_s = g_s C_s + exp(delta_{s+1} A) lam_{s+1}, with g = dout * silu(z), runs backwards over the
-    chunks; mu = exp(delta A) lam of the first token of the chunk just processed is the carry."""
-    pid_e, pid_s, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_seg = tl.num_programs(1)
+              SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr, KEEP_DECAY: tl.constexpr, PREFETCH: tl.constexpr,
+              LANE_SUMS: tl.constexpr, EMULATE: tl.constexpr):
+    """The adjoint of one direction's scan over one segment, chunks in reverse scan order. Per chunk the forward
+    states are recomputed from the saved entering state and kept in registers (a tuple of BLOCK_T + 1 tiles, with
+    KEEP_DECAY also their decays); then the adjoint lam_s = g_s C_s + exp(delta_{s+1} A) lam_{s+1}
+    (g = dout * silu(z)) runs backwards through them.
+    SUMMARY: only each segment's outgoing carry exp(delta_first A) lam_first from a zero carry in (local_ptr).
+    Otherwise: du, d(dt) (pre-softplus) and, in direction 0's programs, dz = dout (y_0 + y_1) silu'(z); dB, dC
+    (fp32, B's layout), dA, dD and d(bias) are accumulated atomically. LANE_SUMS (16 states, one warp of 32
+    channels, dC's row right after dB's) sums each token's dB and dC over the channels with one reduce-scatter."""
+    d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
+        E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E, BLOCK_N)
+    A2 = tl.load(a_ptr + d * E * N + p_ne, mask=m_ne, other=0.0) * LOG2E
+    Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
+    bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
+    u_ptr += d * s_ud + b * s_ub
+    dt_ptr += d * s_ud + b * s_ub
+    du_ptr += d * s_ud + b * s_ub
+    ddt_ptr += d * s_ud + b * s_ub
+    b_ptr += d * s_bd + b * s_bb
+    c_ptr += d * s_bd + b * s_bb
+    z_ptr += b * s_zb
+    dout_ptr += b * s_gb
+    ys_ptr += b * s_gb
+    dz_ptr += b * s_dzb
+    db_ptr += d * s_bd + b * s_bb  # dB, dC share B's and C's layout
+    dc_ptr += d * s_bd + b * s_bb
+    if HAS_INIT:
+        mu = tl.load(mu_ptr + slot * E * N + p_ne, mask=m_ne, other=0.0)
+    else:
+        mu = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    ga = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    gd = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    gbias = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    if SUMMARY:
+        ptrs = (dt_ptr, z_ptr, dout_ptr, c_ptr)
+        strides = (s_ul, s_zl, s_gl)
+    else:
+        ptrs = (dt_ptr, z_ptr, dout_ptr, u_ptr, c_ptr, b_ptr)
+        strides = (s_ul, s_zl, s_gl, s_ul)
+    if PREFETCH:
+        rows = _chunk_rows(ptrs, strides, CHUNKS - 1, first, step, seg_n, offs_e, offs_n, mask_e, mask_n,
+                           s_bl, s_bn, BLOCK_T)
+    for cc in range(CHUNKS):
+        c = CHUNKS - 1 - cc
+        if PREFETCH:  # the next (earlier) chunk's loads fly while this chunk is processed
+            cur = rows
+            rows = _chunk_rows(ptrs, strides, c - 1, first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl,
+                               s_bn, BLOCK_T)
+        else:
+            cur = _chunk_rows(ptrs, strides, c, first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn,
+                              BLOCK_T)
+        us, pres, deltas, cs, gs, bs, decays, hs = (), (), (), (), (), (), (), ()
+        for i in tl.static_range(BLOCK_T):
+            me = mask_e & (c * BLOCK_T + i < seg_n)
+            pre = cur[0][i].to(tl.float32) + bias
+            zv = cur[1][i].to(tl.float32)
+            gs = gs + (cur[2][i].to(tl.float32) * zv * _sigmoid(zv),)
+            pres = pres + (pre,)
+            deltas = deltas + (tl.where(me, _softplus(pre), 0.0),)
+            if SUMMARY:
+                cs = cs + (cur[3][i].to(tl.float32),)
+            else:
+                us = us + (cur[3][i].to(tl.float32),)
+                cs = cs + (cur[4][i].to(tl.float32),)
+                bs = bs + (cur[5][i].to(tl.float32),)
+        if not SUMMARY:
+            h = tl.load(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, mask=m_ne, other=0.0)
+            hs = hs + (h,)
+            for i in tl.static_range(BLOCK_T):
+                a = tl.exp2(deltas[i][None, :] * A2)
+                h = a * h + bs[i][:, None] * (deltas[i] * us[i])[None, :]
+                if KEEP_DECAY:
+                    decays = decays + (a,)
+                hs = hs + (h,)
+        for i in tl.static_range(BLOCK_T - 1, -1, -1):
+            r = c * BLOCK_T + i
+            lam = mu + cs[i][:, None] * gs[i][None, :]
+            if SUMMARY:
+                mu = tl.exp2(deltas[i][None, :] * A2) * lam
+            else:
+                t = first + step * r
+                me, mn = mask_e & (r < seg_n), mask_n & (r < seg_n)
+                if KEEP_DECAY:
+                    a = decays[i]
+                else:
+                    a = tl.exp2(deltas[i][None, :] * A2)
+                mu = a * lam
+                hm = a * hs[i]  # exp(delta A) h_{s-1}
+                lam_b = tl.sum(lam * bs[i][:, None], axis=0)
+                du = lam_b * deltas[i] + Dv * gs[i]
+                ddelta = lam_b * us[i] + tl.sum(lam * hm * A2, axis=0) * LN2
+                ddt = tl.where(me, ddelta * _sigmoid(pres[i]), 0.0)
+                tl.store(du_ptr + t * s_ul + offs_e, du.to(du_ptr.dtype.element_ty), mask=me)
+                tl.store(ddt_ptr + t * s_ul + offs_e, ddt.to(ddt_ptr.dtype.element_ty), mask=me)
+                ga += lam * hm * deltas[i][None, :]
+                gd += gs[i] * us[i]
+                gbias += ddt
+                part_b = lam * (deltas[i] * us[i])[None, :]
+                part_c = hs[i + 1] * gs[i][None, :]
+                if LANE_SUMS:  # dC's row follows dB's in memory: lane l adds entry bitreverse5(l) of [dB, dC]
+                    lane = tl.arange(0, BLOCK_E)
+                    tl.atomic_add(db_ptr + t * s_bl + _bit_reverse5(lane) * s_bn,
+                                  _lane_sums(part_b, part_c, lane, EMULATE), mask=(lane >= 0) & (r < seg_n),
+                                  sem="relaxed")
+                else:
+                    tl.atomic_add(db_ptr + t * s_bl + offs_n * s_bn, tl.sum(part_b, axis=1), mask=mn, sem="relaxed")
+                    tl.atomic_add(dc_ptr + t * s_bl + offs_n * s_bn, tl.sum(part_c, axis=1), mask=mn, sem="relaxed")
+                if d == 0:
+                    zv = _load_row(z_ptr, t, offs_e, s_zl, me)
+                    sz = _sigmoid(zv)
+                    dz = (_load_row(dout_ptr, t, offs_e, s_gl, me) * _load_row(ys_ptr, t, offs_e, s_gl, me)
+                          * sz * (1.0 + zv * (1.0 - sz)))
+                    tl.store(dz_ptr + t * s_dzl + offs_e, dz.to(dz_ptr.dtype.element_ty), mask=me)
+    if SUMMARY:
+        tl.store(local_ptr + slot * E * N + p_ne, mu, mask=m_ne)
+    else:
+        tl.atomic_add(da_ptr + d * E * N + p_ne, ga, mask=m_ne, sem="relaxed")
+        tl.atomic_add(dd_ptr + d * E + offs_e, gd, mask=mask_e, sem="relaxed")
+        tl.atomic_add(dbias_ptr + d * E + offs_e, gbias, mask=mask_e, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["s_an"])
+def _carry(local_ptr, dsum_ptr, a_ptr, carry_ptr, E, N, B_rows, N_SEG, s_an, FORWARD: tl.constexpr,
+           BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The carry entering every segment from the segments' local results: carry_next = local + exp(A dsum) carry.
+    Forward states flow in scan order (direction 0 to higher segments, direction 1 to lower), adjoints the other
+    way."""
+    pid_e, pid_db = tl.program_id(0), tl.program_id(1)
+    d = pid_db // B_rows
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_e, mask_n = offs_e < E, offs_n < N
-    m_en = mask_e[:, None] & mask_n[None, :]
-    p_en = offs_e[:, None] * N + offs_n[None, :]
-    rows = tl.arange(0, BLOCK_T)
-    seg_lo = pid_s * SEG_LEN
-    seg_hi = tl.minimum(seg_lo + SEG_LEN, L)
-    for d in tl.static_range(1, -1, -1):  # right-to-left first: it leaves its part of dz for the other pass
-        A = tl.load(a_ptr + d * E * N + p_en, mask=m_en, other=0.0)
-        Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
-        bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
-        base = d * s_ud + pid_b * s_ub
-        bbase = d * s_bd + pid_b * s_bb
-        seg_off = ((d * B_rows + pid_b) * n_seg + pid_s) * E * N
-        if HAS_INIT:
-            mu = tl.load(mu_ptr + seg_off + p_en, mask=m_en, other=0.0)
-        else:
-            mu = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
-        ga = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
-        gd = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        gbias = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        for cc in range(CHUNKS):
-            c = CHUNKS - 1 - cc
-            t, valid = _chunk_tokens(d, seg_lo, seg_hi, c, BLOCK_T)
-            m_te = valid[:, None] & mask_e[None, :]
-            u, delta, pre, bm, cm = _load_chunk(u_ptr + base, dt_ptr + base, b_ptr + bbase, c_ptr + bbase, bias,
-                                                t, valid, offs_e, mask_e, offs_n, mask_n, s_ul, s_bl, s_bn)
-            zv = tl.load(z_ptr + pid_b * s_zb + t[:, None] * s_zl + offs_e[None, :], mask=m_te,
-                         other=0.0).to(tl.float32)
-            go = tl.load(dout_ptr + pid_b * s_gb + t[:, None] * s_gl + offs_e[None, :], mask=m_te,
-                         other=0.0).to(tl.float32)
-            sz = _sigmoid(zv)
-            g = go * zv * sz
-            decay = tl.exp(delta[:, :, None] * A[None, :, :])
-            w = g[:, :, None] * cm[:, None, :]
-            f, gg, _ = tl.associative_scan((w, tl.full(w.shape, 1.0, tl.float32), decay), 0, _adjoint_combine,
-                                           reverse=True)
-            lam = f + gg * mu[None, :, :]
-            mu = _row(decay * lam, rows, 0)
-            if not SUMMARY:
-                st_off = (((d * B_rows + pid_b) * n_seg + pid_s) * CHUNKS + c) * E * N
-                h0 = tl.load(states_ptr + st_off + p_en, mask=m_en, other=0.0)
-                du_in = delta * u
-                inp = du_in[:, :, None] * bm[:, None, :]
-                pa, pb = tl.associative_scan((decay, inp), 0, _ssm_combine)
-                hs = pb + pa * h0[None, :, :]
-                y = tl.sum(hs * cm[:, None, :], axis=2) + Dv[None, :] * u
-                dz = go * y * sz * (1.0 + zv * (1.0 - sz))
-                p_dz = dz_ptr + pid_b * s_dzb + t[:, None] * s_dzl + offs_e[None, :]
-                if d == 0:
-                    dz += tl.load(p_dz, mask=m_te, other=0.0).to(tl.float32)
-                tl.store(p_dz, dz.to(dz_ptr.dtype.element_ty), mask=m_te)
-                hm = hs - inp  # = exp(delta_s A) h_{s-1}
-                lam_b = tl.sum(lam * bm[:, None, :], axis=2)
-                du = lam_b * delta + Dv[None, :] * g
-                ddelta = lam_b * u + tl.sum(lam * hm * A[None, :, :], axis=2)
-                ddt = tl.where(m_te, ddelta * _sigmoid(pre), 0.0)
-                p_te = base + t[:, None] * s_ul + offs_e[None, :]
-                tl.store(du_ptr + p_te, du.to(du_ptr.dtype.element_ty), mask=m_te)
-                tl.store(ddt_ptr + p_te, ddt.to(ddt_ptr.dtype.element_ty), mask=m_te)
-                ga += tl.sum(lam * hm * delta[:, :, None], axis=0)
-                gd += tl.sum(g * u, axis=0)
-                gbias += tl.sum(ddt, axis=0)
-                m_tn = valid[:, None] & mask_n[None, :]
-                p_tn = ((d * B_rows + pid_b) * L + t[:, None]) * N + offs_n[None, :]
-                tl.atomic_add(db_ptr + p_tn, tl.sum(lam * du_in[:, :, None], axis=1), mask=m_tn)
-                tl.atomic_add(dc_ptr + p_tn, tl.sum(hs * g[:, :, None], axis=1), mask=m_tn)
-        if SUMMARY:
-            tl.store(mu_ptr + seg_off + p_en, mu, mask=m_en)
-        else:
-            tl.atomic_add(da_ptr + d * E * N + p_en, ga, mask=m_en)
-            tl.atomic_add(dd_ptr + d * E + offs_e, gd, mask=mask_e)
-            tl.atomic_add(dbias_ptr + d * E + offs_e, gbias, mask=mask_e)
-            tl.debug_barrier()  # the right-to-left part of dz must be visible before the other direction reads it
+    mask_e = offs_e < E
+    m_en = (offs_n < N)[:, None] & mask_e[None, :]
+    p_en = offs_n[:, None] * s_an + offs_e[None, :] * N
+    A2 = tl.load(a_ptr + d * E * N + p_en, mask=m_en, other=0.0) * LOG2E
+    upward = (d == 0) == FORWARD
+    carry = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for k in range(N_SEG):
+        s = tl.where(upward, k, N_SEG - 1 - k)
+        slot = pid_db * N_SEG + s
+        tl.store(carry_ptr + slot * E * N + p_en, carry, mask=m_en)
+        local = tl.load(local_ptr + slot * E * N + p_en, mask=m_en, other=0.0)
+        dsum = tl.load(dsum_ptr + slot * E + offs_e, mask=mask_e, other=0.0)
+        carry = local + tl.exp2(dsum[None, :] * A2) * carry
+
+
+@triton.jit
+def _gate(y_ptr, z_ptr, out_ptr, ys_ptr, R, E, s_yd, s_zr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """out = (y_0 + y_1) silu(z) and ys = y_0 + y_1 (saved for dz), over (B*L, E) rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    m = (rows < R)[:, None] & (offs_e < E)[None, :]
+    p = rows[:, None] * E + offs_e[None, :]
+    ys = (tl.load(y_ptr + p, mask=m, other=0.0).to(tl.float32)
+          + tl.load(y_ptr + s_yd + p, mask=m, other=0.0).to(tl.float32))
+    zv = tl.load(z_ptr + rows[:, None] * s_zr + offs_e[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + p, (ys * zv * _sigmoid(zv)).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(ys_ptr + p, ys.to(ys_ptr.dtype.element_ty), mask=m)
 
 
 # ------------------------------------------------------------------------------------------------ conv kernels
@@ -335,17 +462,18 @@ def _conv_bwd(x_ptr, w_ptr, cb_ptr, gu_ptr, dx_ptr, dw_ptr, dcb_ptr, L, E, s_xb,
                         tx = t + ((K - 1) - j)
                     mx = ((tx >= 0) & (tx < L))[:, None] & mask_e[None, :]
                     xv = tl.load(x_ptr + tx[:, None] * s_xl + offs_e[None, :], mask=mx, other=0.0).to(tl.float32)
-                    tl.atomic_add(dw_ptr + (d * E + offs_e) * K + j, tl.sum(dp * xv, axis=0), mask=mask_e)
-                tl.atomic_add(dcb_ptr + d * E + offs_e, tl.sum(dp, axis=0), mask=mask_e)
+                    tl.atomic_add(dw_ptr + (d * E + offs_e) * K + j, tl.sum(dp * xv, axis=0), mask=mask_e,
+                                  sem="relaxed")
+                tl.atomic_add(dcb_ptr + d * E + offs_e, tl.sum(dp, axis=0), mask=mask_e, sem="relaxed")
     tl.store(dx_ptr + pid_b * s_dxb + t[:, None] * s_dxl + offs_e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
 def segment_count(batch: int, channels: int, length: int, cfg: ScanConfig) -> int:
-    """How many sequence segments to scan in parallel: enough programs to fill the GPU, at least a chunk each."""
+    """How many sequence segments to scan in parallel: enough programs to fill the GPU, at least four chunks each."""
     if cfg.segments:
         return max(1, min(cfg.segments, triton.cdiv(length, cfg.block_t)))
-    programs = batch * triton.cdiv(channels, cfg.block_e)
+    programs = 2 * batch * triton.cdiv(channels, cfg.block_e)
     wanted = max(1, math.ceil(cfg.target_programs / programs))
     return max(1, min(wanted, triton.cdiv(length, 4 * cfg.block_t)))
 
@@ -362,6 +490,7 @@ class _Layout:
     chunks: int
     block_n: int
     grid: tuple
+    carry_grid: tuple
 
 
 def _layout(u: Tensor, A: Tensor, cfg: ScanConfig) -> _Layout:
@@ -370,32 +499,27 @@ def _layout(u: Tensor, A: Tensor, cfg: ScanConfig) -> _Layout:
     chunks = triton.cdiv(triton.cdiv(length, n_seg), cfg.block_t)
     seg_len = chunks * cfg.block_t
     n_seg = triton.cdiv(length, seg_len)
-    return _Layout(batch, length, channels, A.shape[-1], seg_len, n_seg, chunks,
-                   triton.next_power_of_2(A.shape[-1]), (triton.cdiv(channels, cfg.block_e), n_seg, batch))
+    e_blocks = triton.cdiv(channels, cfg.block_e)
+    return _Layout(batch, length, channels, A.shape[-1], seg_len, n_seg, chunks, triton.next_power_of_2(A.shape[-1]),
+                   (e_blocks, n_seg, 2 * batch), (e_blocks, 2 * batch))
 
 
-def _carry(local: Tensor, decay: Tensor, direction: int, forward: bool) -> Tensor:
-    """Segment carries (B, S, E, N) from per-segment local results and decays: the state (forward) or adjoint
-    (backward) entering each segment. The forward state of direction 0 flows to higher segments, direction 1's to
-    lower; the adjoint flows the other way."""
-    n_seg = local.shape[1]
-    carries = torch.zeros_like(local)
-    upward = (direction == 0) == forward
-    order = range(1, n_seg) if upward else range(n_seg - 2, -1, -1)
-    for j in order:
-        k = j - 1 if upward else j + 1
-        carries[:, j] = local[:, k] + decay[:, k] * carries[:, k]
-    return carries
+def _carries(local: Tensor, dsum: Tensor, A: Tensor, lay: _Layout, cfg: ScanConfig, forward: bool) -> Tensor:
+    carry = torch.empty_like(local)
+    _carry[lay.carry_grid](local, dsum, A, carry, lay.channels, lay.states, lay.batch, lay.n_seg, 1, FORWARD=forward,
+                           BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, num_warps=cfg.num_warps)
+    return carry
 
 
-def _segment_decays(segsum: Tensor, A: Tensor) -> Tensor:
-    """exp(A * sum of delta over each segment): (2, B, S, E, N)."""
-    return torch.exp(segsum[..., None] * A[:, None, None])
+def _scan_strides(u: Tensor, bc: Tensor) -> tuple:
+    return u.stride(0), u.stride(1), u.stride(2), bc.stride(0), bc.stride(1), bc.stride(2), bc.stride(3)
 
 
-def _scan_strides(u: Tensor, Bm: Tensor, z: Tensor) -> tuple:
-    return (u.stride(0), u.stride(1), u.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2), Bm.stride(3),
-            z.stride(0), z.stride(1))
+def _b_and_c(bc: Tensor) -> tuple[Tensor, Tensor]:
+    """B and C as views of one contiguous (2, B, L, 2N) tensor: rows of 2N elements let Triton load each token's
+    B and C with 16-byte vector loads."""
+    n = bc.shape[-1] // 2
+    return bc[..., :n], bc[..., n:]
 
 
 def _check_scan_inputs(u, dt, A, Bm, Cm, D, z, bias) -> None:
@@ -407,76 +531,99 @@ def _check_scan_inputs(u, dt, A, Bm, Cm, D, z, bias) -> None:
         if tuple(tensor.shape) != shape:
             raise ValueError(f"bidirectional_selective_scan: {name} has shape {tuple(tensor.shape)}, expected "
                              f"{shape} (u is (2, B, L, E) = {tuple(u.shape)}, A has {n} states)")
-    for name, tensor in (("u", u), ("delta", dt), ("z", z), ("B", Bm), ("C", Cm)):
-        if tensor.shape[-1] > 1 and name in ("u", "delta", "z") and tensor.stride(-1) != 1:
-            raise ValueError(f"bidirectional_selective_scan: {name} must be contiguous in its last dimension")
-    if u.stride() != dt.stride() or Bm.stride() != Cm.stride():
-        raise ValueError("bidirectional_selective_scan: u and delta (and B and C) must share one memory layout")
+    if z.stride(-1) != 1 or z.stride(0) != l * z.stride(1):
+        raise ValueError("bidirectional_selective_scan: z must be contiguous in its last dimension, its rows evenly "
+                         "spaced (a slice of the last dimension of a contiguous tensor is fine)")
 
 
-def scan_forward(u, dt, A, Bm, Cm, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
-    """Runs the forward kernels; returns (out (B, L, E) in u's dtype, saved states, segment sums or None)."""
+def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
+    """Runs the forward kernels on contiguous u, dt (2, B, L, E) and bc = [B, C] (2, B, L, 2N); returns out
+    (B, L, E) in u's dtype and what the backward pass needs: (the state entering every segment or None, segment
+    sums of delta or None, y_0 + y_1)."""
     lay = _layout(u, A, cfg)
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
-    out = torch.empty(b, l, e, dtype=u.dtype, device=u.device)
-    states = torch.empty(2, b, lay.n_seg * lay.chunks, e, n, dtype=torch.float32, device=u.device)
-    strides = _scan_strides(u, Bm, z) + (out.stride(0), out.stride(1))
-    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, num_warps=cfg.num_warps)
-    seg_init, segsum = states, None
+    f32 = dict(dtype=torch.float32, device=u.device)
+    y = torch.empty_like(u)
+    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, num_warps=cfg.num_warps,
+                  PREFETCH=cfg.prefetch)
+    args = (l, e, n, b, lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc))
+    Bm, Cm = _b_and_c(bc)
+    init, dsum = None, None
     if lay.n_seg > 1:
-        local = torch.empty(2, b, lay.n_seg, e, n, dtype=torch.float32, device=u.device)
-        segsum = torch.empty(2, b, lay.n_seg, e, dtype=torch.float32, device=u.device)
-        _scan_fwd[lay.grid](u, dt, Bm, Cm, z, out, A, D, bias, states, local, segsum, l, e, n, b, lay.seg_len,
-                            lay.chunks, *strides, SUMMARY=True, HAS_INIT=False, **consts)
-        decays = _segment_decays(segsum, A)
-        seg_init = torch.stack([_carry(local[d], decays[d], d, forward=True) for d in range(2)]).contiguous()
-    _scan_fwd[lay.grid](u, dt, Bm, Cm, z, out, A, D, bias, states, seg_init, segsum if segsum is not None else out,
-                        l, e, n, b, lay.seg_len, lay.chunks, *strides, SUMMARY=False, HAS_INIT=lay.n_seg > 1,
-                        **consts)
-    return out, states, segsum
+        local = torch.empty(2, b, lay.n_seg, e, n, **f32)
+        dsum = torch.empty(2, b, lay.n_seg, e, **f32)
+        _scan_fwd[lay.grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, *args, SUMMARY=True, HAS_INIT=False,
+                            Y=False, SAVE=False, **consts)
+        init = _carries(local, dsum, A, lay, cfg, forward=True)
+    _scan_fwd[lay.grid](u, dt, Bm, Cm, y, A, D, bias, y if init is None else init, y, y, y, *args, SUMMARY=False,
+                        HAS_INIT=init is not None, Y=True, SAVE=False, **consts)
+    out = torch.empty(b, l, e, dtype=u.dtype, device=u.device)
+    ys = torch.empty_like(out)
+    _gate[(triton.cdiv(b * l, 64), triton.cdiv(e, 64))](y, z, out, ys, b * l, e, y.stride(0), z.stride(1),
+                                                        BLOCK_R=64, BLOCK_E=64)
+    return out, (init, dsum, ys)
 
 
-def scan_backward(dout, dz, u, dt, A, Bm, Cm, D, z, bias, states, segsum, cfg: ScanConfig = DEFAULT_CONFIG):
+def _chunk_states(u, dt, A, bc, D, bias, init, lay: _Layout, cfg: ScanConfig) -> Tensor:
+    """The state entering every chunk (2, B, chunks, E, N), recomputed from the segment carries: a transient
+    buffer of the backward pass, so that no per-chunk state outlives one layer's backward."""
+    b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
+    states = torch.empty(2, b, lay.n_seg * lay.chunks, e, n, dtype=torch.float32, device=u.device)
+    Bm, Cm = _b_and_c(bc)
+    _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states, u, u, l, e, n, b,
+                        lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc), BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e,
+                        BLOCK_N=lay.block_n, num_warps=cfg.num_warps, PREFETCH=cfg.prefetch, SUMMARY=False,
+                        HAS_INIT=init is not None, Y=False, SAVE=True)
+    return states
+
+
+def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = DEFAULT_CONFIG):
     """Runs the backward kernels, writing dz into `dz` (B, L, E) (may be a view); returns
-    (du, d(dt), dB, dC (fp32), dA, dD, d(bias) (fp32))."""
+    (du, d(dt), d[B, C] (fp32, like bc), dA, dD, d(bias) (fp32))."""
+    init, dsum, ys = saved
     lay = _layout(u, A, cfg)
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     dout = dout.contiguous()
     du, ddt = torch.empty_like(u), torch.empty_like(dt)
     f32 = dict(dtype=torch.float32, device=u.device)
-    dB, dC = torch.zeros(2, b, l, n, **f32), torch.zeros(2, b, l, n, **f32)
+    dbc = torch.zeros(bc.shape, **f32)
+    Bm, Cm = _b_and_c(bc)
     dA, dD, dbias = torch.zeros(2, e, n, **f32), torch.zeros(2, e, **f32), torch.zeros(2, e, **f32)
-    strides = _scan_strides(u, Bm, z) + (dout.stride(0), dout.stride(1), dz.stride(0), dz.stride(1))
-    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, num_warps=cfg.num_warps)
+    args = (l, e, n, b, lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0),
+            dout.stride(1), dz.stride(0), dz.stride(1))
+    lane_sums = n == 16 and cfg.block_e == 32 and cfg.num_warps == 1 and bc.stride(-1) == 1
+    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, num_warps=cfg.num_warps,
+                  PREFETCH=cfg.prefetch, LANE_SUMS=lane_sums, EMULATE=os.environ.get("TRITON_INTERPRET") == "1")
+    outputs = (du, ddt, dz, *_b_and_c(dbc), dA, dD, dbias)
+    states = _chunk_states(u, dt, A, bc, D, bias, init, lay, cfg)
     mu = states
-    outputs = (du, ddt, dz, dB, dC, dA, dD, dbias)
     if lay.n_seg > 1:
         local = torch.empty(2, b, lay.n_seg, e, n, **f32)
-        _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, A, D, bias, states, local, *outputs, l, e, n, b, lay.seg_len,
-                            lay.chunks, *strides, SUMMARY=True, HAS_INIT=False, **consts)
-        decays = _segment_decays(segsum, A)
-        mu = torch.stack([_carry(local[d], decays[d], d, forward=False) for d in range(2)]).contiguous()
-    _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, A, D, bias, states, mu, *outputs, l, e, n, b, lay.seg_len,
-                        lay.chunks, *strides, SUMMARY=False, HAS_INIT=lay.n_seg > 1, **consts)
-    return du, ddt, dB, dC, dA, dD, dbias
+        _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, states, local, *outputs, *args,
+                            SUMMARY=True, HAS_INIT=False, KEEP_DECAY=False, **consts)
+        mu = _carries(local, dsum, A, lay, cfg, forward=False)
+    _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, mu, states, *outputs, *args, SUMMARY=False,
+                        HAS_INIT=lay.n_seg > 1, KEEP_DECAY=cfg.keep_decay, **consts)
+    return du, ddt, dbc, dA, dD, dbias
 
 
 class _BidirectionalScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, Bm, Cm, D, z, bias, cfg):
         A, D, bias = A.float().contiguous(), D.float().contiguous(), bias.float().contiguous()
-        out, states, segsum = scan_forward(u, dt, A, Bm, Cm, D, z, bias, cfg)
+        bc = torch.cat([Bm, Cm], dim=-1)
+        out, (init, dsum, ys) = scan_forward(u, dt, A, bc, D, z, bias, cfg)
         ctx.cfg = cfg
-        ctx.save_for_backward(u, dt, A, Bm, Cm, D, z, bias, states, segsum)
+        ctx.save_for_backward(u, dt, A, bc, D, z, bias, init, dsum, ys)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        u, dt, A, Bm, Cm, D, z, bias, states, segsum = ctx.saved_tensors
+        u, dt, A, bc, D, z, bias, init, dsum, ys = ctx.saved_tensors
         dz = torch.empty_like(z)
-        du, ddt, dB, dC, dA, dD, dbias = scan_backward(dout, dz, u, dt, A, Bm, Cm, D, z, bias, states, segsum,
-                                                       ctx.cfg)
-        return du, ddt, dA, dB.to(Bm.dtype), dC.to(Cm.dtype), dD, dz, dbias, None
+        du, ddt, dbc, dA, dD, dbias = scan_backward(dout, dz, u, dt, A, bc, D, z, bias, (init, dsum, ys), ctx.cfg)
+        dB, dC = _b_and_c(dbc.to(bc.dtype))
+        return du, ddt, dA, dB, dC, dD, dz, dbias, None
 
 
 def bidirectional_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
@@ -529,16 +676,16 @@ class _BiMambaInner(torch.autograd.Function):
         b, l, e2 = xz.shape
         e, r, n = e2 // 2, dt_proj_w.shape[-1], A_log.shape[-1]
         A = -torch.exp(A_log.float())
-        bc = x_dbl.view(2, b, l, -1)
-        out, states, segsum = scan_forward(u, dt.view(2, b, l, e), A, bc[..., r:r + n], bc[..., r + n:],
-                                           D.float().contiguous(), xz[..., e:], dt_bias.float().contiguous(), cfg)
+        bc = x_dbl.view(2, b, l, -1)[..., r:].contiguous()
+        out, (init, dsum, ys) = scan_forward(u, dt.view(2, b, l, e), A, bc, D.float().contiguous(), xz[..., e:],
+                                             dt_bias.float().contiguous(), cfg)
         ctx.cfg = cfg
-        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, x_dbl, states, segsum)
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, x_dbl, init, dsum, ys)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, x_dbl, states, segsum = ctx.saved_tensors
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, x_dbl, init, dsum, ys = ctx.saved_tensors
         cfg = ctx.cfg
         b, l, e2 = xz.shape
         e, r, n = e2 // 2, dt_proj_w.shape[-1], A_log.shape[-1]
@@ -546,14 +693,13 @@ class _BiMambaInner(torch.autograd.Function):
         wx, wdt = x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype)
         dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))
         A = -torch.exp(A_log.float())
-        bc = x_dbl.view(2, b, l, -1)
+        bc = x_dbl.view(2, b, l, -1)[..., r:].contiguous()
         dxz = torch.empty_like(xz)
-        du_scan, ddt, dB, dC, dA, dD, dbias = scan_backward(
-            dout, dxz[..., e:], u, dt.view(2, b, l, e), A, bc[..., r:r + n], bc[..., r + n:],
-            D.float().contiguous(), xz[..., e:], dt_bias.float().contiguous(), states, segsum, cfg)
+        du_scan, ddt, dbc, dA, dD, dbias = scan_backward(
+            dout, dxz[..., e:], u, dt.view(2, b, l, e), A, bc, D.float().contiguous(), xz[..., e:],
+            dt_bias.float().contiguous(), (init, dsum, ys), cfg)
         ddt = ddt.view(2, b * l, e)
-        dx_dbl = torch.cat([torch.bmm(ddt, wdt), dB.view(2, b * l, n).to(xz.dtype), dC.view(2, b * l, n).to(xz.dtype)],
-                           dim=-1)
+        dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.view(2, b * l, 2 * n).to(xz.dtype)], dim=-1)
         d_dt_proj = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])
         u2 = u.view(2, b * l, e)
         d_x_proj = torch.bmm(dx_dbl.transpose(1, 2), u2)
