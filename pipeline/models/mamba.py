@@ -27,9 +27,19 @@ MIXER_BACKENDS = ("auto", "torch", "mamba_ssm", "triton")
 
 
 def choose_backend(device: torch.device) -> str:
-    """Returns the mixer backend that "auto" means on `device`: mamba-ssm's kernels on CUDA when they import,
-    else the pure-PyTorch scan."""
-    return "mamba_ssm" if device.type == "cuda" and mamba_ssm_importable() else "torch"
+    """Returns the mixer backend that "auto" means on `device`. On CUDA: the fused Triton mixer (faster than
+    mamba-ssm's kernels run once per direction, and about half their memory: bench/NOTES.md), else mamba-ssm's
+    kernels when they import; elsewhere the pure-PyTorch scan."""
+    if device.type != "cuda":
+        return "torch"
+    if _triton_importable():
+        return "triton"
+    return "mamba_ssm" if mamba_ssm_importable() else "torch"
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class BidirectionalMamba(nn.Module):

@@ -43,15 +43,16 @@ CONV_WIDTH = 4
 @dataclass(frozen=True)
 class ScanConfig:
     """Tile sizes of the kernels; `segments` = 0 lets `segment_count` choose."""
-    block_t: int = 2  # the fastest fwd+bwd of the sweep on the H200 (bench/NOTES.md)
+    block_t: int = 2  # the fastest fwd+bwd at (B=1, E=384, L=12545) in the sweep on the H200 (bench/NOTES.md)
     block_e: int = 32
     num_warps: int = 1
     keep_decay: bool = False
     prefetch: bool = True
+    max_registers: int = 0  # > 0: cap the scan kernels' registers per thread (Triton's maxnreg), for occupancy
     conv_block_t: int = 64
     conv_block_e: int = 64
     segments: int = 0
-    target_programs: int = 2048
+    target_programs: int = 4096
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -511,6 +512,10 @@ def _carries(local: Tensor, dsum: Tensor, A: Tensor, lay: _Layout, cfg: ScanConf
     return carry
 
 
+def _launch_options(cfg: ScanConfig) -> dict:
+    return dict(num_warps=cfg.num_warps, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}))
+
+
 def _scan_strides(u: Tensor, bc: Tensor) -> tuple:
     return u.stride(0), u.stride(1), u.stride(2), bc.stride(0), bc.stride(1), bc.stride(2), bc.stride(3)
 
@@ -544,8 +549,8 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     f32 = dict(dtype=torch.float32, device=u.device)
     y = torch.empty_like(u)
-    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, num_warps=cfg.num_warps,
-                  PREFETCH=cfg.prefetch)
+    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
+                  **_launch_options(cfg))
     args = (l, e, n, b, lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc))
     Bm, Cm = _b_and_c(bc)
     init, dsum = None, None
@@ -572,8 +577,8 @@ def _chunk_states(u, dt, A, bc, D, bias, init, lay: _Layout, cfg: ScanConfig) ->
     Bm, Cm = _b_and_c(bc)
     _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states, u, u, l, e, n, b,
                         lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc), BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e,
-                        BLOCK_N=lay.block_n, num_warps=cfg.num_warps, PREFETCH=cfg.prefetch, SUMMARY=False,
-                        HAS_INIT=init is not None, Y=False, SAVE=True)
+                        BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch, SUMMARY=False, HAS_INIT=init is not None, Y=False,
+                        SAVE=True, **_launch_options(cfg))
     return states
 
 
@@ -592,8 +597,8 @@ def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = D
     args = (l, e, n, b, lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0),
             dout.stride(1), dz.stride(0), dz.stride(1))
     lane_sums = n == 16 and cfg.block_e == 32 and cfg.num_warps == 1 and bc.stride(-1) == 1
-    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, num_warps=cfg.num_warps,
-                  PREFETCH=cfg.prefetch, LANE_SUMS=lane_sums, EMULATE=os.environ.get("TRITON_INTERPRET") == "1")
+    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
+                  LANE_SUMS=lane_sums, EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **_launch_options(cfg))
     outputs = (du, ddt, dz, *_b_and_c(dbc), dA, dD, dbias)
     states = _chunk_states(u, dt, A, bc, D, bias, init, lay, cfg)
     mu = states
