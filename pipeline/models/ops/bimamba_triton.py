@@ -8,21 +8,27 @@ Per direction d (0: left to right, 1: right to left) and channel e, state n:
     y_d   = C_s . h_s + D_d u_s
     out   = out_proj((y_0 + y_1) * silu(z))                   (no division by 2, as the official VideoMamba)
 
-Three Triton kernels do everything between the matmuls:
+Triton kernels do everything between the matmuls:
 - `_conv_fwd` / `_conv_bwd`: both directions' conv + SiLU in one pass over x (the backward recomputes the
   pre-activations instead of saving them);
-- `_scan_fwd`: both directions' scans, the D skip and the SiLU(z) gate in one program per (channel block, segment,
-  batch row). The right-to-left direction runs first by reversed indexing (no flipped copies) and leaves its y in the
-  output buffer; the left-to-right direction adds its own y and the gate. Inside a program the sequence goes in
-  chunks of BLOCK_T tokens whose states come from `tl.associative_scan` over the chunk (fp32), so every load of a
-  chunk is issued at once; the state entering each chunk is saved for the backward pass.
-- `_scan_bwd`: per direction the adjoint scan runs over the chunks in reverse scan order (a reverse associative scan),
-  recomputing the chunk's states from the saved entering state; it writes du, d(dt) and dz, and accumulates dB, dC,
-  dA, dD and the bias gradient with atomics.
+- `_scan_fwd`: one program per (channel block, segment, direction, batch row) runs the recurrence token by token
+  with the state in registers: lanes along 32 channels, the 16 states of a channel inside its thread, so C.h and the
+  other sums over states need no communication. Direction 1 runs by reversed indexing (no flipped copies). A chunk's
+  loads are issued together and one chunk ahead (prefetch), B and C come from one contiguous [B, C] tensor as
+  16-byte vector loads. It writes each direction's y; `_gate` adds them and applies SiLU(z).
+- `_scan_bwd`: per chunk in reverse scan order, the chunk's states are recomputed from the state entering it
+  (kept in registers as a tuple), then the adjoint runs back through them; du, d(dt) and (in direction 0's
+  programs) dz are written, dB and dC are summed over a warp's 32 channels by a shuffle reduce-scatter (31 shuffles
+  instead of 160 for a sum per state) and added atomically, one atomic per lane.
+- The states entering every chunk are not kept from the forward pass: the backward pass recomputes them into a
+  transient buffer (`_chunk_states`), so one layer's per-chunk states never outlive its backward.
 
 Parallelism along the sequence: when batch rows x channel blocks are too few to fill the GPU, the sequence is cut
-into segments. A summary pass of the same kernels gives each segment's local final state (forward) or local adjoint
-(backward); a short torch loop over the segments carries them, and the main pass starts each segment from its carry.
+into segments. A summary pass gives each segment's local final state (forward) or local adjoint (backward) and its
+sum of delta; `_carry` chains them, and the main pass starts each segment from its carry.
+
+History and measurements: bench/NOTES.md (v1 used `tl.associative_scan` over chunk tiles and was 2-4x slower than
+mamba-ssm).
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ CONV_WIDTH = 4
 @dataclass(frozen=True)
 class ScanConfig:
     """Tile sizes of the kernels; `segments` = 0 lets `segment_count` choose."""
-    block_t: int = 2  # the fastest fwd+bwd at (B=1, E=384, L=12545) in the sweep on the H200 (bench/NOTES.md)
+    block_t: int = 1  # the fastest fwd+bwd at both benchmark shapes in the H200 sweep (bench/NOTES.md)
     block_e: int = 32
     num_warps: int = 1
     keep_decay: bool = False
@@ -52,7 +58,7 @@ class ScanConfig:
     conv_block_t: int = 64
     conv_block_e: int = 64
     segments: int = 0
-    target_programs: int = 4096
+    target_programs: int = 2048
 
 
 DEFAULT_CONFIG = ScanConfig()
