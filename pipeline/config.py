@@ -142,8 +142,45 @@ class AlignStageConfig:
 
 
 @dataclass
+class TextConfig:
+    width: int = 256  # the text encoder's width (the tokenizer is open_clip's BPE, 49,408 ids + [MASK])
+    depth: int = 6  # layers in all
+    heads: int = 4
+    fusion_layers: int = 2  # the last layers, which cross-attend to the video tokens (the cross-modal decoder)
+    max_len: int = 32  # token ids per text, start and end tokens included
+    embed_dim: int = 256  # the joint video-text space of the contrastive loss
+
+
+@dataclass
+class VideoTextLossConfig:
+    vtc: float = 1.0  # weight of the video-text contrastive loss
+    vtm: float = 1.0  # video-text matching on hard negatives
+    mlm: float = 1.0  # masked language modelling on the cross-modal layers
+    align: float = 1.0  # stage 1's unmasked-token alignment to the teacher (0: no teacher is loaded)
+    align_kind: Literal["mse", "cosine"] = "mse"
+    mlm_prob: float = 0.15
+
+
+@dataclass
+class VideoTextStageConfig:
+    """Stage 2: joint video-text pretraining of the stage-1 backbone with a text encoder and a cross-modal decoder."""
+
+    stage: Literal["video_text"] = "video_text"
+    init: Optional[str] = None  # the stage-1 run (its folder or one checkpoint) whose backbone starts stage 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)  # UMT masks 50% in stage 2: configs/stage2_video_text.yaml
+    loss: VideoTextLossConfig = field(default_factory=VideoTextLossConfig)
+
+
+@dataclass
 class RetrievalModelConfig:
-    kind: Literal["open_clip"] = "open_clip"  # open_clip: an image CLIP, frame features mean-pooled (meanP)
+    kind: Literal["open_clip", "videomamba"] = "open_clip"  # open_clip: an image CLIP, frames mean-pooled (meanP);
+    # videomamba: a stage-2 run (--checkpoint: its folder or one checkpoint), with its matching head for re-ranking
     name: str = "ViT-B-16"  # the open_clip model name; its weights come from `videomamba eval --checkpoint`
 
 

@@ -5,6 +5,11 @@ Linear to the teacher's width), are pulled onto the frozen CLIP teacher's featur
 are L2-normalized per token; ``mse`` is the squared distance |s - t|^2 summed over channels (UMT's "l2" loss,
 = 2 - 2 cos, in [0, 4]) and ``cosine`` is 1 - cos (in [0, 2]); each is averaged over tokens. Optionally, the
 VideoMamba paper's self-distillation adds `distill.weight` times `pipeline.models.distill.distillation_loss`.
+
+Stage 2 (joint video-text pretraining, UMT): `VideoTextObjective` adds, with weights, the video-text contrastive loss
+(VTC, symmetric InfoNCE over the batch), video-text matching on hard negatives (VTM: for every pair one negative
+text and one negative video drawn by contrastive similarity, ALBEF's sampling), masked language modelling on the
+cross-modal layers (MLM, BERT's 15% with 80/10/10 replacement) and stage 1's alignment of the visible tokens.
 """
 from __future__ import annotations
 
@@ -106,3 +111,103 @@ class MaskedAlignment:
         if attention is not None:
             attention = attention.reshape(batch, t, self.tubelet, -1).mean(2).reshape(batch, -1)
         return tokens.reshape(batch, -1, tokens.shape[-1]), attention
+
+
+# ------------------------------------------------------------------------------------------------ stage 2
+def contrastive_loss(video: Tensor, text: Tensor, scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE of paired, normalized embeddings (B, E): row i of each side matches row i of the other."""
+    logits = scale * video @ text.T
+    labels = torch.arange(video.shape[0], device=video.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def hard_negatives(video: Tensor, text: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """For every row, the index of a negative text for its video and of a negative video for its text, drawn with
+    probability softmax(similarity) over the other rows (harder negatives more often). Needs B >= 2."""
+    with torch.no_grad():
+        sim = (video @ text.T).float()
+        eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+        weights_v2t = sim.masked_fill(eye, float("-inf")).softmax(dim=1)
+        weights_t2v = sim.T.masked_fill(eye, float("-inf")).softmax(dim=1)
+        neg_text = torch.multinomial(weights_v2t.cpu(), 1, generator=generator).squeeze(1)
+        neg_video = torch.multinomial(weights_t2v.cpu(), 1, generator=generator).squeeze(1)
+    return neg_text.to(video.device), neg_video.to(video.device)
+
+
+def mlm_masked(ids: Tensor, pad: Tensor, special: Tensor, mask_id: int, vocab_size: int, prob: float,
+               generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """BERT masking of token ids (B, L): each ordinary token (not padding, not in `special`) is chosen with `prob`
+    (at least one in the batch); of the chosen, 80% become [MASK], 10% a random token, 10% stay. Returns the masked
+    ids, the chosen (row, column) positions (M, 2) and their original ids (M,)."""
+    ordinary = ~pad & ~torch.isin(ids, special)
+    draw = torch.rand(ids.shape, generator=generator).to(ids.device)
+    chosen = ordinary & (draw < prob)
+    if not chosen.any():  # a batch of very short texts: mask one ordinary token so the loss is defined
+        first = ordinary.nonzero()[0]
+        chosen[first[0], first[1]] = True
+    kind = torch.rand(ids.shape, generator=generator).to(ids.device)
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator).to(ids.device)
+    masked = torch.where(chosen & (kind < 0.8), torch.full_like(ids, mask_id), ids)
+    masked = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, masked)
+    positions = chosen.nonzero()
+    return masked, positions, ids[positions[:, 0], positions[:, 1]]
+
+
+class VideoTextObjective:
+    """The stage-2 objective, `loss_fn(model, batch) -> (loss, parts)` for the engine; `model` is the
+    `pipeline.models.video_text.VideoTextModel` (or the DeepSpeed engine around it).
+
+    Texts are tokenized here (open_clip's BPE, `max_len` ids). Masks and MLM draws come from torch's global RNG,
+    which the engine seeds per rank and checkpoints. `alignment` (stage 1's MaskedAlignment with its teacher) is
+    None when the alignment weight is 0; then masks are drawn without a teacher (the attention mask needs one)."""
+
+    def __init__(self, tokenizer, max_len: int, vocab_size: int, grid: tuple[int, int, int], mask_kind: str,
+                 mask_ratio: float, weights: dict[str, float], mlm_prob: float = 0.15,
+                 alignment: Optional[MaskedAlignment] = None):
+        self.tokenizer, self.max_len, self.vocab_size = tokenizer, max_len, vocab_size
+        self.grid, self.mask_kind, self.mask_ratio = grid, mask_kind, mask_ratio
+        self.weights, self.mlm_prob, self.alignment = weights, mlm_prob, alignment
+        self.special = torch.tensor([tokenizer.sot_token_id, tokenizer.eot_token_id])
+
+    def tokens(self, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Token ids (B, max_len) and the padding mask (True = padding)."""
+        ids = self.tokenizer(texts, context_length=self.max_len).to(device)
+        return ids, ids == 0
+
+    def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, float]]:
+        video = batch["video"]
+        ids, pad = self.tokens(batch["text"], video.device)
+        targets, attention = None, None
+        if self.alignment is not None:
+            targets, attention = self.alignment.teacher_targets(video)
+        mask = None
+        if self.mask_ratio > 0:
+            mask = build_mask(self.mask_kind, self.mask_ratio, self.grid, video.shape[0], attention=attention)
+            mask = mask.to(video.device)
+        out = model(video, mask, ids, pad)
+        net = getattr(model, "module", model)  # the heads below run outside the engine's forward
+        parts: dict[str, Tensor] = {"vtc": contrastive_loss(out.video_embed, out.text_embed, out.logit_scale)}
+        if self.weights.get("vtm", 0) > 0 and video.shape[0] >= 2:
+            parts["vtm"] = self._matching_loss(net, out, pad)
+        if self.weights.get("mlm", 0) > 0:
+            masked, positions, labels = mlm_masked(ids, pad, self.special.to(ids.device), net.text.mask_id,
+                                                   self.vocab_size, self.mlm_prob)
+            logits = net.mlm_logits(masked, pad, out.video_tokens, positions)
+            parts["mlm"] = F.cross_entropy(logits.float(), labels)
+        if self.alignment is not None:
+            visible = visible_targets(targets, mask) if mask is not None else targets
+            parts["align"] = alignment_loss(out.aligned, visible, self.alignment.loss_kind)
+        loss = sum(self.weights.get(name, 0.0) * value for name, value in parts.items())
+        return loss, {name: float(value.detach()) for name, value in parts.items()}
+
+    @staticmethod
+    def _matching_loss(net, out, pad: Tensor) -> Tensor:
+        """Cross-entropy of the matching head on the B positive pairs and 2B hard negatives."""
+        neg_text, neg_video = hard_negatives(out.video_embed, out.text_embed)
+        text = torch.cat([out.text_hidden, out.text_hidden[neg_text], out.text_hidden])
+        text_pad = torch.cat([pad, pad[neg_text], pad])
+        video = torch.cat([out.video_tokens, out.video_tokens, out.video_tokens[neg_video]])
+        logits = net.match_logits(text, text_pad, video)
+        b = out.video_tokens.shape[0]
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return F.cross_entropy(logits.float(), labels)

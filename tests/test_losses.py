@@ -134,3 +134,41 @@ def test_distillation_adds_its_weighted_term(teacher, clips):
     loss.backward()
     assert all(p.grad is not None for p in student.distill_head.parameters())
     assert all(p.grad is None for p in guide.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ stage 2
+def test_contrastive_loss_is_low_for_matching_pairs_and_high_for_shuffled_ones():
+    from pipeline.losses import contrastive_loss
+    emb = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    scale = torch.tensor(50.0)
+    assert contrastive_loss(emb, emb, scale) < 0.05
+    assert contrastive_loss(emb, emb.roll(1, dims=0), scale) > 5.0
+
+
+def test_hard_negatives_never_pick_the_pair_itself_and_prefer_the_most_similar():
+    from pipeline.losses import hard_negatives
+    g = torch.Generator().manual_seed(0)
+    video = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    text = video.clone()
+    text[1] = video[0] * 0.999 + 0.001 * video[1]  # text 1 is nearly video 0's text: the hard negative of video 0
+    picks = torch.stack([hard_negatives(video * 10, text, generator=g)[0] for _ in range(200)])
+    assert not (picks == torch.arange(6)).any()
+    assert (picks[:, 0] == 1).float().mean() > 0.5
+
+
+def test_mlm_masking_keeps_special_tokens_and_padding_and_returns_the_originals():
+    from pipeline.losses import mlm_masked
+    ids = torch.tensor([[5, 10, 11, 12, 13, 6, 0, 0], [5, 20, 6, 0, 0, 0, 0, 0]])
+    pad = ids == 0
+    special = torch.tensor([5, 6])
+    masked, positions, labels = mlm_masked(ids, pad, special, mask_id=99, vocab_size=50, prob=0.5,
+                                           generator=torch.Generator().manual_seed(1))
+    assert len(positions) >= 1
+    chosen = torch.zeros_like(pad)
+    chosen[positions[:, 0], positions[:, 1]] = True
+    assert not (chosen & (pad | torch.isin(ids, special))).any()
+    assert torch.equal(labels, ids[positions[:, 0], positions[:, 1]])
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    # a batch of texts too short to draw from still gets one masked token
+    _, positions, _ = mlm_masked(ids[1:], pad[1:], special, 99, 50, prob=0.0)
+    assert positions.tolist() == [[0, 1]]

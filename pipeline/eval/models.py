@@ -8,17 +8,20 @@ last, which the evaluation uses to re-rank the top-k (see `pipeline.eval.rerank`
 Implementations, picked by `model.kind` in `build_video_text_model`:
 - `open_clip`: `OpenClipMeanP`, an image CLIP applied frame by frame with the frame features mean-pooled over time
   (CLIP4Clip's zero-shot "meanP" baseline); any open_clip model, the demo's `tiny-clip` included.
-Stage 2's VideoMamba video-text model is meant to be the next kind here.
+- `videomamba`: `VideoMambaRetrieval`, a stage-2 run (`--checkpoint`: its folder or one of its checkpoints; the
+  model comes from the run's config.yaml), with its matching head for re-ranking. Position embeddings follow the
+  evaluation's frame count and size.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Protocol
 
 import open_clip
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import RetrievalModelConfig
+from pipeline.config import ConfigError, RetrievalModelConfig, VideoTextStageConfig, load_config
 from pipeline.models.teacher import OpenClipKeys, create_open_clip
 
 
@@ -55,11 +58,90 @@ class OpenClipMeanP:
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
+class VideoMambaRetrieval:
+    """A stage-2 VideoMamba video-text model. It keeps the video tokens and text states of everything it encoded
+    (in fp16 on the CPU) so that `match_score` can run the cross-modal layers on any (text, video) pair."""
+
+    def __init__(self, model, tokenizer, max_len: int, device: torch.device):
+        self.model = model.to(device).eval()
+        self.tokenizer, self.max_len, self.device = tokenizer, max_len, device
+        self._videos: list[torch.Tensor] = []
+        self._texts: list[torch.Tensor] = []
+        self._pads: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def encode_videos(self, clips: torch.Tensor) -> torch.Tensor:
+        embed, tokens, _ = self.model.encode_video(clips.to(self.device))
+        self._videos.append(tokens.half().cpu())
+        return embed.float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, context_length=self.max_len).to(self.device)
+        embed, hidden = self.model.encode_text(ids, ids == 0)
+        self._texts.append(hidden.half().cpu())
+        self._pads.append((ids == 0).cpu())
+        return embed.float()
+
+    @torch.no_grad()
+    def match_score(self, text_index: torch.Tensor, video_index: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        """P(match) from the matching head for each (text, video) pair, indices in encoding order."""
+        if len(self._videos) > 1:
+            self._videos = [torch.cat(self._videos)]
+        if len(self._texts) > 1:
+            self._texts, self._pads = [torch.cat(self._texts)], [torch.cat(self._pads)]
+        scores = []
+        for i in range(0, len(text_index), batch):
+            t, v = text_index[i:i + batch].cpu(), video_index[i:i + batch].cpu()
+            logits = self.model.match_logits(self._texts[0][t].to(self.device).float(),
+                                             self._pads[0][t].to(self.device),
+                                             self._videos[0][v].to(self.device).float())
+            scores.append(logits.float().softmax(dim=-1)[:, 1].cpu())
+        return torch.cat(scores)
+
+
 def build_video_text_model(model_cfg: RetrievalModelConfig, checkpoint: str, img_size: int,
-                           device: torch.device) -> VideoTextModel:
+                           device: torch.device, num_frames: int = 8) -> VideoTextModel:
     """Returns the model of `model_cfg.kind` with the weights of `checkpoint` (for open_clip: a checkpoint file or
-    URL with `<model.name>.json` beside it for a custom model, or a pretrained tag)."""
+    URL with `<model.name>.json` beside it for a custom model, or a pretrained tag; for videomamba: a stage-2 run)."""
     if model_cfg.kind == "open_clip":
         model = create_open_clip(model_cfg.name, checkpoint, img_size, OpenClipKeys("model.name", "--checkpoint"))
         return OpenClipMeanP(model, open_clip.get_tokenizer(model_cfg.name), device)
+    if model_cfg.kind == "videomamba":
+        return _stage2_model(checkpoint, num_frames, img_size, device)
     raise ValueError(f"model.kind {model_cfg.kind!r} has no implementation")
+
+
+def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch.device) -> VideoMambaRetrieval:
+    from pipeline.models.videomamba import adapt_state_dict
+    from pipeline.stages.align import run_weights
+    from pipeline.stages.video_text import build_video_text_model as build_stage2
+
+    config = _run_config(checkpoint)
+    cfg = load_config(VideoTextStageConfig, config)
+    state = run_weights(checkpoint, "--checkpoint")
+    if state is None:
+        raise ConfigError(f"--checkpoint {checkpoint}: model.kind=videomamba needs a stage-2 run folder or one of its "
+                          f"checkpoint folders")
+    model, tokenizer = build_stage2(cfg, num_frames, img_size)
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    backbone, _ = adapt_state_dict(model.backbone, backbone)  # position embeddings to this frame count and size
+    state = {k: v for k, v in state.items() if not k.startswith(("backbone.", "align_head."))}
+    state.update({f"backbone.{k}": v for k, v in backbone.items()})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: missing "
+                          f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+    return VideoMambaRetrieval(model, tokenizer, cfg.text.max_len, device)
+
+
+def _run_config(checkpoint: str) -> str:
+    """The config.yaml of the run that `checkpoint` (the run folder, its checkpoints/ or one checkpoint) belongs to."""
+    path = os.path.abspath(checkpoint)
+    for _ in range(3):
+        candidate = os.path.join(path, "config.yaml")
+        if os.path.isfile(candidate):
+            return candidate
+        path = os.path.dirname(path)
+    raise ConfigError(f"--checkpoint {checkpoint}: no config.yaml in the run folder above it (a stage-2 run writes "
+                      f"one)")

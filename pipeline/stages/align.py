@@ -54,7 +54,7 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
     torch.manual_seed(cfg.train.seed)  # the same initial student on every rank and every run
     backbone = build_from_config(cfg.model, cfg.data.num_frames, cfg.data.img_size)
     guide = build_guide(cfg.distill, cfg.data.num_frames, cfg.data.img_size, cfg.model.patch_size,
-                        cfg.model.tubelet_size, cfg.model.scan_backend, weights=_guide_weights(cfg.distill.checkpoint))
+                        cfg.model.tubelet_size, cfg.model.scan_backend, weights=run_weights(cfg.distill.checkpoint))
     student = AlignStudent(backbone, teacher.width, guide.embed_dim if guide is not None else None)
     objective = MaskedAlignment(teacher, backbone.patch_grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.kind,
                                 cfg.model.tubelet_size, guide, cfg.distill.weight)
@@ -65,16 +65,16 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
             "checkpoints": summary.checkpoints, "samples": summary.samples, "wall_s": round(summary.wall_s, 1)}
 
 
-def _guide_weights(checkpoint: Optional[str]) -> Optional[dict[str, Tensor]]:
-    """A stage-1 run (its folder, its checkpoints/ folder or one checkpoint) as the distillation guide: the newest
-    complete checkpoint's weights, whatever ZeRO stage wrote them (loading picks the backbone's out). None for a
-    file or URL, which is read as an official checkpoint."""
+def run_weights(checkpoint: Optional[str], option: str = "distill.checkpoint") -> Optional[dict[str, Tensor]]:
+    """A training run (its folder, its checkpoints/ folder or one checkpoint) as weights: the newest complete
+    checkpoint's, whatever ZeRO stage wrote them. None for a file or URL (read as an official checkpoint by the
+    distillation guide). `option` names the config key in errors."""
     if not checkpoint or not os.path.isdir(checkpoint):
         return None
     try:
         ref = resolve_resume(checkpoint, checkpoint)
     except (CorruptCheckpoint, FileNotFoundError) as e:
-        raise ConfigError(f"distill.checkpoint={checkpoint} is a folder but not a usable stage-1 run or checkpoint "
+        raise ConfigError(f"{option}={checkpoint} is a folder but not a usable training run or checkpoint "
                           f"({e})") from None
     return model_state_dict(ref.path)
 

@@ -1,4 +1,6 @@
-"""Pretrain a VideoMamba: stage 1, masked alignment of the visible tokens to a frozen CLIP-ViT teacher, on DeepSpeed.
+"""Pretrain a VideoMamba on DeepSpeed: stage 1 (`align`), masked alignment of the visible tokens to a frozen CLIP-ViT
+teacher; stage 2 (`video_text`), joint video-text pretraining with a text encoder and a cross-modal decoder (VTC,
+VTM on hard negatives, MLM and the stage-1 alignment), starting from a stage-1 run (`init`).
 
 The config's top-level `stage` picks the stage (`align`, the default). Any key can be overridden as key.sub=value
 (values are YAML). Runs single-process, under torchrun / the deepspeed launcher (one process per GPU; the engine
@@ -15,6 +17,8 @@ Main keys:
   teacher.model         an open_clip model name      teacher.pretrained  a pretrained tag or a checkpoint file
   mask.kind             clip_row | frame_row | tube | random | attention     mask.ratio (0.8)
   loss.kind             mse | cosine                 distill.enabled, distill.checkpoint (self-distillation)
+  stage 2: init (the stage-1 run), text.width / text.depth / text.fusion_layers / text.max_len,
+           loss.vtc / loss.vtm / loss.mlm / loss.align (weights; align 0 loads no teacher), mask.ratio (0.5 in UMT)
 
 Writes train.out/config.yaml (the resolved config), train.out/metrics.jsonl (one line per optimizer step: step,
 loss, align, lr, ...), TensorBoard events under train.out/tb and complete checkpoints under train.out/checkpoints/.
@@ -22,6 +26,7 @@ loss, align, lr, ...), TensorBoard events under train.out/tb and complete checkp
 Examples:
   videomamba pretrain --config configs/stage1_align.yaml data.train=shards/index.json train.out=runs/s1
   videomamba pretrain --config configs/stage1_align.yaml --resume auto train.out=runs/s1
+  videomamba pretrain --config configs/stage2_video_text.yaml init=runs/s1 data.train=shards/index.json
   torchrun --nproc-per-node 8 -m pipeline.cli pretrain --config configs/stage1_align.yaml deepspeed.zero_stage=2
   videomamba pretrain --config configs/stage1_align.yaml --ray-workers 16 --ray-address auto --resume auto \
       --ray-max-failures 3           (16 workers on a running Ray cluster, restarted after faults)
@@ -39,10 +44,11 @@ from typing import Optional, Sequence
 import fsspec
 import yaml
 
-from pipeline.config import BASE_KEY, AlignStageConfig, ConfigError, load_config
+from pipeline.config import BASE_KEY, AlignStageConfig, ConfigError, VideoTextStageConfig, load_config
 
 # stage name -> (config schema, "module:function" that trains it and returns a summary dict)
-STAGES = {"align": (AlignStageConfig, "pipeline.stages.align:train_align")}
+STAGES = {"align": (AlignStageConfig, "pipeline.stages.align:train_align"),
+          "video_text": (VideoTextStageConfig, "pipeline.stages.video_text:train_video_text")}
 DEFAULT_STAGE = "align"
 
 

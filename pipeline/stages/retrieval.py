@@ -60,7 +60,8 @@ class NoUsableVideos(RuntimeError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the eval YAML config (path or URL)")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="the model's weights: for model.kind=open_clip a checkpoint file/URL or a pretrained tag")
+                        help="the model's weights: for model.kind=open_clip a checkpoint file/URL or a pretrained tag; "
+                             "for model.kind=videomamba a stage-2 run folder or one of its checkpoints")
     parser.add_argument("--dataset", required=True, metavar="|".join(DATASETS),
                         help="which annotation format --annotations is in (see above)")
     parser.add_argument("--annotations", required=True, metavar="FILE", help="the test annotations JSON (path or URL)")
@@ -96,10 +97,11 @@ def evaluate_retrieval(cfg: RetrievalConfig, checkpoint: str, dataset: str, anno
     if not fs.isdir(path):
         raise ConfigError(f"--videos {videos}: no such folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_video_text_model(cfg.model, checkpoint, cfg.data.img_size, device)
+    model = build_video_text_model(cfg.model, checkpoint, cfg.data.img_size, device, cfg.data.num_frames)
     result = retrieval_result(model, cfg, ann, videos, progress)
-    result.update(dataset=dataset, annotations=annotations, videos=videos, checkpoint=checkpoint,
-                  model=f"{cfg.model.kind} {cfg.model.name} (frame features mean-pooled, meanP)",
+    described = (f"{cfg.model.kind} {cfg.model.name} (frame features mean-pooled, meanP)"
+                 if cfg.model.kind == "open_clip" else "videomamba stage-2 video-text model")
+    result.update(dataset=dataset, annotations=annotations, videos=videos, checkpoint=checkpoint, model=described,
                   seconds=round(time.time() - started, 1), config=resolved_dict(cfg))
     result["outputs"] = write_outputs(result, out, dataset)
     return result

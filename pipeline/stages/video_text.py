@@ -1,0 +1,120 @@
+"""Stage 2: joint video-text pretraining (UMT's second stage) of the stage-1 backbone.
+
+Wires the parts: the stage-1 backbone (weights from `init`, a stage-1 run) with a text encoder, cross-modal layers
+and heads (`pipeline.models.video_text.VideoTextModel`, one module so DeepSpeed trains all of it), the frozen teacher
+for the unmasked-token alignment (only when `loss.align` > 0), the stream of video-text and image-text shards, and
+the objective (`pipeline.losses.VideoTextObjective`: VTC, VTM on hard negatives, MLM, alignment), handed to the
+engine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from torch import Tensor
+
+from pipeline.config import ConfigError, VideoTextStageConfig, write_resolved
+from pipeline.data import build_loader
+from pipeline.data.stream import split_sources
+from pipeline.engine import Trainer, dist
+from pipeline.engine.ds_config import user_config
+from pipeline.losses import MaskedAlignment, VideoTextObjective
+from pipeline.masking import masked_count
+from pipeline.models import build_from_config
+from pipeline.models.teacher import build_teacher, check_teacher_grid
+from pipeline.models.video_text import TextSpec, VideoTextModel
+from pipeline.stages.align import run_weights
+
+log = logging.getLogger(__name__)
+
+
+def build_video_text_model(cfg: VideoTextStageConfig, num_frames: int, img_size: int,
+                           teacher_dim: Optional[int] = None) -> tuple[VideoTextModel, SimpleTokenizer]:
+    """The stage-2 model that `cfg` describes (random weights; the caller loads them) and its tokenizer."""
+    tokenizer = SimpleTokenizer()
+    t = cfg.text
+    spec = TextSpec(len(tokenizer.encoder), t.width, t.depth, t.heads, t.fusion_layers, t.max_len, t.embed_dim)
+    return VideoTextModel(build_from_config(cfg.model, num_frames, img_size), spec, teacher_dim), tokenizer
+
+
+def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) -> dict:
+    """Runs stage 2 as `cfg` says (resume: None, "auto" or a checkpoint path); returns a summary of the run."""
+    _check_config(cfg)
+    teacher = build_teacher(cfg.teacher) if cfg.loss.align > 0 else None
+    if teacher is not None:
+        check_teacher_grid(teacher, cfg.data.img_size, cfg.model.patch_size)
+    info = dist.init_distributed()
+    if info.is_main:
+        os.makedirs(cfg.train.out, exist_ok=True)
+        write_resolved(cfg, os.path.join(cfg.train.out, "config.yaml"))
+    torch.manual_seed(cfg.train.seed)  # the same initial model on every rank and every run
+    model, tokenizer = build_video_text_model(cfg, cfg.data.num_frames, cfg.data.img_size,
+                                              teacher.width if teacher is not None else None)
+    if cfg.init:
+        _load_stage1(model, run_weights(cfg.init, "init"), cfg.init)
+    grid = model.backbone.patch_grid
+    alignment = (MaskedAlignment(teacher, grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.align_kind,
+                                 cfg.model.tubelet_size) if teacher is not None else None)
+    weights = {"vtc": cfg.loss.vtc, "vtm": cfg.loss.vtm, "mlm": cfg.loss.mlm, "align": cfg.loss.align}
+    objective = VideoTextObjective(tokenizer, cfg.text.max_len, len(tokenizer.encoder), grid, cfg.mask.kind,
+                                   cfg.mask.ratio, weights, cfg.loss.mlm_prob, alignment)
+    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed)
+    summary = Trainer(model, objective, data, cfg.train, cfg.deepspeed, cfg.train.out).fit(resume)
+    return {"run_dir": cfg.train.out, "start_step": summary.start_step, "step": summary.step,
+            "last_loss": summary.last_loss, "resumed_from": summary.resumed_from,
+            "checkpoints": summary.checkpoints, "samples": summary.samples, "wall_s": round(summary.wall_s, 1)}
+
+
+def _load_stage1(model: VideoTextModel, state: Optional[dict[str, Tensor]], source: str) -> None:
+    """Loads a stage-1 run's backbone (all of it: a stage-1 student is a backbone plus heads) and, when the
+    widths agree, its alignment head into the stage-2 model."""
+    if state is None:
+        raise ConfigError(f"init={source} is not a stage-1 run folder or checkpoint directory")
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise ConfigError(f"init={source}: the checkpoint holds no backbone.* weights (is it a stage-1 run?)")
+    try:
+        model.backbone.load_state_dict(backbone, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"init={source}: its backbone does not fit model.* of this config "
+                          f"({str(e).splitlines()[0]} ...)") from None
+    head = {k[len("align_head."):]: v for k, v in state.items() if k.startswith("align_head.")}
+    if model.align_head is not None and head and all(
+            head[k].shape == v.shape for k, v in model.align_head.state_dict().items() if k in head):
+        model.align_head.load_state_dict(head)
+        log.info("stage 2 starts from %s: backbone and alignment head", source)
+    else:
+        log.info("stage 2 starts from %s: backbone", source)
+
+
+def _check_config(cfg: VideoTextStageConfig) -> None:
+    """Raises ConfigError, before any work, for missing training data, an unusable DeepSpeed file, a text model
+    that cannot be built, or a mask that cannot be made on the student's token grid."""
+    if not split_sources(cfg.data.train):
+        raise ConfigError("data.train is empty: give a shard index (.../index.json, as `videomamba shard` writes it) "
+                          "or brace URL patterns of tars, several joined by ','")
+    if cfg.deepspeed.config is not None:
+        user_config(cfg.deepspeed.config)
+    if not 0 < cfg.text.fusion_layers <= cfg.text.depth:
+        raise ConfigError(f"text.fusion_layers={cfg.text.fusion_layers} must be in 1..text.depth={cfg.text.depth}")
+    if cfg.text.width % cfg.text.heads:
+        raise ConfigError(f"text.width={cfg.text.width} is not a multiple of text.heads={cfg.text.heads}")
+    if cfg.text.max_len < 3:
+        raise ConfigError(f"text.max_len={cfg.text.max_len}: a text needs its start and end tokens and one more")
+    if cfg.loss.align > 0 and cfg.teacher.img_size != cfg.data.img_size:
+        raise ConfigError(f"teacher.img_size={cfg.teacher.img_size} differs from data.img_size={cfg.data.img_size}: "
+                          f"the alignment targets are per patch; set teacher.img_size={cfg.data.img_size} "
+                          f"(or loss.align=0)")
+    if cfg.mask.kind == "attention" and cfg.loss.align <= 0:
+        raise ConfigError("mask.kind=attention needs the teacher's attention: set loss.align > 0 or another kind")
+    grid = (cfg.data.num_frames // cfg.model.tubelet_size, cfg.data.img_size // cfg.model.patch_size,
+            cfg.data.img_size // cfg.model.patch_size)
+    if cfg.mask.ratio > 0:
+        try:
+            masked_count(cfg.mask.kind, cfg.mask.ratio, grid)
+        except ValueError as e:
+            raise ConfigError(f"mask.ratio={cfg.mask.ratio} / mask.kind={cfg.mask.kind!r} on a {grid} token grid: "
+                              f"{e}") from None

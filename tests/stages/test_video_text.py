@@ -1,0 +1,76 @@
+"""Stage 2 end to end on the CPU: a short stage-1 run, then `videomamba pretrain` of stage 2 from it on tiny real
+shards (VTC, VTM on hard negatives, MLM and the alignment to a tiny open_clip teacher loaded from a file), an exact
+`--resume auto`, and `videomamba eval` of the stage-2 run as a VideoMamba video-text model with VTM re-ranking."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.stages.test_align import REPO, TEACHER, metrics, run_cli, shards, stage_args, teacher_file  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def stage2_args(shards, teacher_file, out, init, steps, extra=()):  # noqa: F811
+    return ["pretrain", "--config", str(REPO / "configs" / "stage2_video_text.yaml"), f"init={init}",
+            f"data.train={shards}", f"teacher.model={TEACHER}", f"teacher.pretrained={teacher_file}",
+            "teacher.img_size=64", "data.img_size=64", "data.num_frames=4", "data.num_workers=1",
+            "model.depth=2", "model.embed_dim=64", "model.scan_backend=torch", "model.drop_path_rate=0.0",
+            "text.width=64", "text.depth=3", "text.heads=2", "text.fusion_layers=1", "text.max_len=24",
+            "text.embed_dim=32", f"train.max_steps={steps}", "train.batch_size=4", "train.lr=1.0e-3",
+            "train.warmup_steps=5", "train.ckpt_every=15", "train.progress=false", "train.tensorboard=false",
+            f"train.out={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def stage1_run(shards, teacher_file, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    done = run_cli(stage_args(shards, teacher_file, out, steps=10, extra=["train.ckpt_every=10"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, teacher_file, stage1_run,  # noqa: F811
+                                                                       synth_corpus, tmp_path):
+    out = tmp_path / "stage2"
+    done = run_cli(stage2_args(shards, teacher_file, out, stage1_run, steps=30))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stage video_text done" in done.stdout
+    assert "starts from" in done.stderr and "backbone and alignment head" in done.stderr
+
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert all({"vtc", "vtm", "mlm", "align"} <= r.keys() for r in records)
+    assert all(r["loss"] == pytest.approx(r["vtc"] + r["vtm"] + r["mlm"] + r["align"], rel=1e-5) for r in records)
+    mlm = [r["mlm"] for r in records]
+    assert np.mean(mlm[-10:]) < np.mean(mlm[:10]) - 0.5, mlm  # from ~log(49,409) = 10.8 towards the captions' words
+    assert yaml.safe_load((out / "config.yaml").read_text())["stage"] == "video_text"
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000030")
+    again = run_cli(stage2_args(shards, teacher_file, copy, stage1_run, steps=30) + ["--resume", "auto"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert '"start_step": 15' in again.stdout
+    assert [r["loss"] for r in metrics(copy)] == [r["loss"] for r in records]  # masks, negatives, MLM draws too
+
+    corpus = Path(synth_corpus)
+    evaluated = run_cli(["eval", "--config", str(REPO / "configs" / "eval_retrieval.yaml"), "--checkpoint", str(out),
+                         "--dataset", "msrvtt", "--annotations", str(corpus / "eval" / "msrvtt_test.json"),
+                         "--videos", str(corpus / "eval" / "videos"), "--out", str(tmp_path / "eval"),
+                         "model.kind=videomamba", "data.num_frames=4", "data.img_size=64", "eval.num_workers=0",
+                         "eval.rerank_k=4"])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "retrieval_msrvtt.json").read_text())
+    assert result["counts"]["videos_evaluated"] == result["counts"]["videos"] > 0
+    assert result["rerank"]["applied"] and "text_to_video" in result["reranked_metrics"]
+    assert result["model"] == "videomamba stage-2 video-text model"
+
+
+def test_stage2_config_errors_exit_2_naming_the_key(shards, teacher_file, tmp_path, capsys):  # noqa: F811
+    bad = run_cli(stage2_args(shards, teacher_file, tmp_path / "x", tmp_path / "nowhere", steps=2,
+                              extra=["text.fusion_layers=5"]))
+    assert bad.returncode == 2 and "text.fusion_layers=5" in bad.stderr, bad.stderr[-2000:]
