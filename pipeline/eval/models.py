@@ -119,7 +119,7 @@ def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch
 
     config = _run_config(checkpoint)
     cfg = load_config(VideoTextStageConfig, config)
-    state = run_weights(checkpoint, "--checkpoint")
+    state = run_weights(checkpoint, "--checkpoint", "stage-2 run")
     if state is None:
         raise ConfigError(f"--checkpoint {checkpoint}: model.kind=videomamba needs a stage-2 run folder or one of its "
                           f"checkpoint folders")

@@ -65,17 +65,17 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
             "checkpoints": summary.checkpoints, "samples": summary.samples, "wall_s": round(summary.wall_s, 1)}
 
 
-def run_weights(checkpoint: Optional[str], option: str = "distill.checkpoint") -> Optional[dict[str, Tensor]]:
+def run_weights(checkpoint: Optional[str], option: str = "distill.checkpoint",
+                what: str = "stage-1 run") -> Optional[dict[str, Tensor]]:
     """A training run (its folder, its checkpoints/ folder or one checkpoint) as weights: the newest complete
     checkpoint's, whatever ZeRO stage wrote them. None for a file or URL (read as an official checkpoint by the
-    distillation guide). `option` names the config key in errors."""
+    distillation guide). `option` and `what` name the config key and the run expected in errors."""
     if not checkpoint or not os.path.isdir(checkpoint):
         return None
     try:
         ref = resolve_resume(checkpoint, checkpoint)
     except (CorruptCheckpoint, FileNotFoundError) as e:
-        raise ConfigError(f"{option}={checkpoint} is a folder but not a usable training run or checkpoint "
-                          f"({e})") from None
+        raise ConfigError(f"{option}={checkpoint} is a folder but not a usable {what} or checkpoint ({e})") from None
     return model_state_dict(ref.path)
 
 
