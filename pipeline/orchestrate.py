@@ -1,8 +1,9 @@
 """Run the whole pipeline from one config: synthetic corpus -> shards -> teacher -> teacher's zero-shot retrieval ->
-stage 1 -> (stage 2 -> eval).
+stage 1 -> stage 2 -> the stage-2 model's zero-shot retrieval.
 (`train_on_ray` below is the other job of this module: a training stage in Ray Train workers.)
 
-Each step writes its outputs under --out (corpus/, shards/, teacher/, eval/, stage1/, report.md) and a marker `OUT/steps/<step>.json` when it is complete; running the same
+Each step writes its outputs under --out (corpus/, shards/, teacher/, eval/, stage1/, stage2/, eval_stage2/,
+report.md) and a marker `OUT/steps/<step>.json` when it is complete; running the same
 command again skips complete steps and resumes the training stages from their newest complete checkpoint, so a run
 that was interrupted anywhere continues where it stopped. Delete a step's marker to redo it.
 
@@ -20,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from pipeline.config import AlignStageConfig, ConfigError, RetrievalConfig, load_config, write_resolved
+from pipeline.config import (AlignStageConfig, ConfigError, RetrievalConfig, VideoTextStageConfig, load_config,
+                             write_resolved)
 
 
 @dataclass
@@ -64,6 +66,8 @@ class RunConfig:
     teacher: TeacherStep = field(default_factory=TeacherStep)
     eval_teacher: StageStep = field(default_factory=StageStep)  # the eval YAML; model and img_size are the teacher's
     stage1: StageStep = field(default_factory=StageStep)
+    stage2: StageStep = field(default_factory=StageStep)  # no config: the run stops after stage 1
+    eval_stage2: StageStep = field(default_factory=StageStep)  # the eval YAML for the stage-2 model
 
 
 # the held-out annotation files the demo evaluates on: (dataset name, file under corpus/eval/)
@@ -85,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     write_resolved(cfg, os.path.join(out, "run_config.yaml"))
     stage1_cfg = _stage_config(AlignStageConfig, cfg.stage1, config_dir, out, "stage1")  # fail early on bad keys
     eval_cfg = _eval_config(cfg.eval_teacher, config_dir, cfg.teacher.img_size)
+    stage2_cfg = _stage2_config(cfg.stage2, config_dir, out) if cfg.stage2.config else None
+    eval2_cfg = _eval_stage2_config(cfg.eval_stage2, config_dir, stage2_cfg) if stage2_cfg else None
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("synth", lambda: _synth(cfg.synth, out)),
         ("shard_videos", lambda: _shard(os.path.join(out, "corpus", "videos.jsonl"), os.path.join(out, "shards",
@@ -95,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         ("eval_teacher", lambda: _eval_teacher(eval_cfg, out)),
         ("stage1", lambda: _stage1(stage1_cfg)),
     ]
+    if stage2_cfg is not None:
+        steps += [("stage2", lambda: _stage2(stage2_cfg)),
+                  ("eval_stage2", lambda: _evaluate(eval2_cfg, os.path.join(out, "stage2"), out, "eval_stage2"))]
     for name, step in steps:
         _run_step(out, name, step)
     table = report(out)
@@ -131,16 +140,33 @@ def report(out: str) -> str:
     k = max(1, min(10, len(losses) // 4))
     rows.append(("stage1", f"{len(losses)} steps; alignment loss {sum(losses[:k]) / k:.3f} -> "
                            f"{sum(losses[-k:]) / k:.3f} (mean of first/last {k})", stage1["seconds"]))
+    if os.path.exists(os.path.join(out, "steps", "stage2.json")):
+        stage2 = marker("stage2")
+        rows.append(("stage2", _stage2_summary(stage2["run_dir"]), stage2["seconds"]))
+    if os.path.exists(os.path.join(out, "steps", "eval_stage2.json")):
+        rows.append(("eval_stage2", _eval_summary(marker("eval_stage2"), "VideoMamba stage 2"),
+                     marker("eval_stage2")["seconds"]))
     lines = ["| step | result | seconds |", "|---|---|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
 
 
-def _eval_summary(results: dict) -> str:
-    """Returns the report's text for the teacher's retrieval: R@1/5/10 both ways in the MSRVTT format (with chance
-    level), R@1 both ways in the MSVD format (every caption a query)."""
+def _stage2_summary(run_dir: str) -> str:
+    """Returns the report's text for stage 2: each loss's mean over the first and last steps."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    k = max(1, min(10, len(records) // 4))
+    parts = [name for name in ("vtc", "vtm", "mlm", "align") if name in records[0]]
+    changes = ", ".join(f"{name} {sum(r[name] for r in records[:k]) / k:.2f} -> "
+                        f"{sum(r[name] for r in records[-k:] if name in r) / k:.2f}" for name in parts)
+    return f"{len(records)} steps; {changes} (mean of first/last {k})"
+
+
+def _eval_summary(results: dict, model: str = "CLIP meanP") -> str:
+    """Returns the report's text for a zero-shot retrieval step: R@1/5/10 both ways in the MSRVTT format (with
+    chance level), R@1 both ways in the MSVD format (every caption a query)."""
     msrvtt, msvd = results["msrvtt"], results["msvd"]
     t2v, v2t = msrvtt["text_to_video"], msrvtt["video_to_text"]
-    return (f"zero-shot (CLIP meanP) T2V R@1 {t2v['R@1']:.2f} / R@5 {t2v['R@5']:.2f} / R@10 {t2v['R@10']:.2f}, "
+    return (f"zero-shot ({model}) T2V R@1 {t2v['R@1']:.2f} / R@5 {t2v['R@5']:.2f} / R@10 {t2v['R@10']:.2f}, "
             f"V2T R@1 {v2t['R@1']:.2f} (MSRVTT format, {msrvtt['videos']} videos; chance 1/{msrvtt['videos']}); "
             f"MSVD format ({msvd['texts']} captions): T2V R@1 {msvd['text_to_video']['R@1']:.2f}, "
             f"V2T R@1 {msvd['video_to_text']['R@1']:.2f}")
@@ -217,16 +243,19 @@ def _teacher(step: TeacherStep, out: str) -> dict:
 
 
 def _eval_teacher(cfg: RetrievalConfig, out: str) -> dict:
-    """Evaluates the teacher on the held-out videos in each annotation format; returns per format the counts and
-    metrics (the full results are OUT/eval/retrieval_<dataset>.json/.md/.png)."""
+    return _evaluate(cfg, os.path.join(out, "teacher", "tiny_clip.pt"), out, "eval")
+
+
+def _evaluate(cfg: RetrievalConfig, checkpoint: str, out: str, folder_name: str) -> dict:
+    """Evaluates a model on the held-out videos in each annotation format; returns per format the counts and
+    metrics (the full results are OUT/<folder_name>/retrieval_<dataset>.json/.md/.png)."""
     from pipeline.stages.retrieval import evaluate_retrieval, result_markdown
 
     folder = os.path.join(out, "corpus", "eval")
     results = {}
     for dataset, file_name in DEMO_EVAL_SETS:
-        result = evaluate_retrieval(cfg, os.path.join(out, "teacher", "tiny_clip.pt"), dataset,
-                                    os.path.join(folder, file_name), os.path.join(folder, "videos"),
-                                    os.path.join(out, "eval"))
+        result = evaluate_retrieval(cfg, checkpoint, dataset, os.path.join(folder, file_name),
+                                    os.path.join(folder, "videos"), os.path.join(out, folder_name))
         print(result_markdown(result), flush=True)
         counts = result["counts"]
         results[dataset] = {"videos": counts["videos_evaluated"], "texts": counts["texts_evaluated"],
@@ -239,6 +268,30 @@ def _stage1(cfg: AlignStageConfig) -> dict:
     from pipeline.stages.align import train_align
 
     return train_align(cfg, resume="auto")
+
+
+def _stage2_config(step: StageStep, config_dir: str, out: str) -> VideoTextStageConfig:
+    """Stage 2's config: video-text and image-text shards, the stage-1 run as its start, the demo's teacher."""
+    path = _step_yaml(step, config_dir, "stage2")
+    shards = ",".join(os.path.join(out, "shards", kind, "index.json") for kind in ("videos", "images"))
+    wired = [f"data.train={shards}", f"init={os.path.join(out, 'stage1')}",
+             f"teacher.pretrained={os.path.join(out, 'teacher', 'tiny_clip.pt')}",
+             f"train.out={os.path.join(out, 'stage2')}"]
+    return load_config(VideoTextStageConfig, path, wired + list(step.overrides))
+
+
+def _eval_stage2_config(step: StageStep, config_dir: str, stage2: VideoTextStageConfig) -> RetrievalConfig:
+    """The retrieval config of the stage-2 model: the step's YAML at stage 2's frame count and size."""
+    path = _step_yaml(step, config_dir, "eval_stage2")
+    wired = ["model.kind=videomamba", f"data.num_frames={stage2.data.num_frames}",
+             f"data.img_size={stage2.data.img_size}"]
+    return load_config(RetrievalConfig, path, wired + list(step.overrides))
+
+
+def _stage2(cfg: VideoTextStageConfig) -> dict:
+    from pipeline.stages.video_text import train_video_text
+
+    return train_video_text(cfg, resume="auto")
 
 
 # ------------------------------------------------------------------------------------------- training on Ray Train

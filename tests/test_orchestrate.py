@@ -12,6 +12,10 @@ TINY = ["synth.videos=24", "synth.images=12", "synth.eval_videos=8", "synth.fram
         "shard.samples_per_shard=8",
         "stage1.overrides=[model.depth=2, model.embed_dim=64, data.num_frames=4, data.img_size=64, "
         "data.num_workers=0, train.max_steps=4, train.batch_size=4, train.warmup_steps=1, train.ckpt_every=2, "
+        "teacher.model=tiny-clip, teacher.img_size=64, train.progress=false, train.tensorboard=false]",
+        "stage2.overrides=[model.depth=2, model.embed_dim=64, data.num_frames=4, data.img_size=64, "
+        "data.num_workers=0, text.width=32, text.depth=2, text.heads=2, text.fusion_layers=1, text.max_len=16, "
+        "text.embed_dim=32, train.max_steps=4, train.batch_size=4, train.warmup_steps=1, train.ckpt_every=2, "
         "teacher.model=tiny-clip, teacher.img_size=64, train.progress=false, train.tensorboard=false]"]
 
 
@@ -26,7 +30,8 @@ def test_run_goes_end_to_end_then_skips_complete_steps(tmp_path):
     out = tmp_path / "demo"
     first = run(out)
     assert first.returncode == 0, first.stderr[-3000:]
-    for step in ("synth", "shard_videos", "shard_images", "teacher", "eval_teacher", "stage1"):
+    for step in ("synth", "shard_videos", "shard_images", "teacher", "eval_teacher", "stage1", "stage2",
+                 "eval_stage2"):
         assert (out / "steps" / f"{step}.json").exists(), step
     index = json.loads((out / "shards" / "videos" / "index.json").read_text())
     assert sum(s["samples"] for s in index["shards"]) == 24
@@ -41,8 +46,14 @@ def test_run_goes_end_to_end_then_skips_complete_steps(tmp_path):
     assert "| stage1 | 4 steps; alignment loss" in report and report in first.stdout
     assert "| eval_teacher | zero-shot (CLIP meanP) T2V R@1 " in report
     assert "(MSRVTT format, 8 videos; chance 1/8)" in report
+    stage2 = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in stage2] == [1, 2, 3, 4] and {"vtc", "vtm", "mlm", "align"} <= stage2[0].keys()
+    assert "| stage2 | 4 steps; vtc " in report
+    assert "| eval_stage2 | zero-shot (VideoMamba stage 2) T2V R@1 " in report
+    reranked = json.loads((out / "eval_stage2" / "retrieval_msrvtt.json").read_text())
+    assert reranked["rerank"]["applied"] and reranked["counts"]["videos_evaluated"] == 8
 
     second = run(out)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("complete (skipping") == 6
+    assert second.stdout.count("complete (skipping") == 8
     assert (out / "report.md").read_text() == report
