@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.stages.teacher_warmup import train_tiny_clip
 from shards.synth import write_corpus
-from tests.stages.test_align import write_shards
+from tests.stages.stage_helpers import write_shards
 
 work = Path(sys.argv[1])
 write_corpus(str(work / "corpus"), videos=192, images=0, seed=0, frames=16, eval_videos=8, progress=False)

@@ -5,13 +5,11 @@ lists, and `--resume auto` continues from the last checkpoint exactly.
 The runs read the shards in a DataLoader worker (data.num_workers=1): the loader starts its workers on the first
 batch, after a resumed engine restored the global RNG, so this also checks that starting them leaves that RNG alone.
 """
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -23,62 +21,7 @@ import yaml
 from pipeline.cli import main
 from pipeline.config import AlignStageConfig, load_config
 from tests.conftest import tiny_clip
-
-REPO = Path(__file__).resolve().parents[2]
-TEACHER = "stage-test-vit"
-
-
-def write_shards(corpus: Path, out: Path, per_shard: int = 4) -> str:
-    """Writes the corpus's training clips as WebDataset tars ({key}.mp4/.txt/.json) with an index.json."""
-    records = [json.loads(line) for line in (corpus / "videos.jsonl").read_text().splitlines() if line.strip()]
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for first in range(0, len(records), per_shard):
-        name = f"synth-{first // per_shard:06d}.tar"
-        with tarfile.open(out / name, "w") as tar:
-            for r in records[first:first + per_shard]:
-                files = {"mp4": (corpus / r["path"]).read_bytes(), "txt": r["captions"][0].encode(),
-                         "json": json.dumps({"captions": r["captions"]}).encode()}
-                for ext, data in files.items():
-                    info = tarfile.TarInfo(f"{r['key']}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        entries.append({"url": name, "samples": len(records[first:first + per_shard])})
-    (out / "index.json").write_text(json.dumps({"shards": entries, "media": "video"}))
-    return str(out / "index.json")
-
-
-@pytest.fixture(scope="module")
-def shards(synth_corpus, tmp_path_factory):
-    return write_shards(Path(synth_corpus), tmp_path_factory.mktemp("shards"))
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    """A tiny open_clip model saved as open_clip does, its config JSON beside it."""
-    folder = tmp_path_factory.mktemp("teacher")
-    model = tiny_clip(folder, TEACHER, image_size=64)
-    torch.save({"state_dict": model.state_dict()}, folder / "teacher.pt")
-    return str(folder / "teacher.pt")
-
-
-def stage_args(shards, teacher_file, out, steps, extra=()):
-    return ["pretrain", "--config", str(REPO / "configs" / "stage1_align.yaml"),
-            f"data.train={shards}", f"teacher.model={TEACHER}", f"teacher.pretrained={teacher_file}",
-            "teacher.img_size=64", "data.img_size=64", "data.num_frames=4", "data.num_workers=1",
-            "model.depth=2", "model.embed_dim=64", "model.scan_backend=torch", "model.drop_path_rate=0.0",
-            f"train.max_steps={steps}", "train.batch_size=4", "train.lr=2.0e-3", "train.warmup_steps=5",
-            "train.ckpt_every=20", "train.progress=false", "train.tensorboard=false", f"train.out={out}", *extra]
-
-
-def run_cli(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
-def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+from tests.stages.stage_helpers import REPO, metrics, run_cli, stage_args
 
 
 def test_pretrain_aligns_writes_the_run_directory_and_resumes(shards, teacher_file, tmp_path):

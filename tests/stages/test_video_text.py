@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.stages.test_align import REPO, TEACHER, metrics, run_cli, shards, stage_args, teacher_file  # noqa: F401
+from tests.stages.stage_helpers import REPO, TEACHER, metrics, run_cli, stage_args
 
 pytestmark = pytest.mark.slow
 
 
-def stage2_args(shards, teacher_file, out, init, steps, extra=()):  # noqa: F811
+def stage2_args(shards, teacher_file, out, init, steps, extra=()):
     return ["pretrain", "--config", str(REPO / "configs" / "stage2_video_text.yaml"), f"init={init}",
             f"data.train={shards}", f"teacher.model={TEACHER}", f"teacher.pretrained={teacher_file}",
             "teacher.img_size=64", "data.img_size=64", "data.num_frames=4", "data.num_workers=1",
@@ -26,14 +26,14 @@ def stage2_args(shards, teacher_file, out, init, steps, extra=()):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def stage1_run(shards, teacher_file, tmp_path_factory):  # noqa: F811
+def stage1_run(shards, teacher_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1") / "run"
     done = run_cli(stage_args(shards, teacher_file, out, steps=10, extra=["train.ckpt_every=10"]))
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
-def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, teacher_file, stage1_run,  # noqa: F811
+def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, teacher_file, stage1_run,
                                                                        synth_corpus, tmp_path):
     out = tmp_path / "stage2"
     done = run_cli(stage2_args(shards, teacher_file, out, stage1_run, steps=30))
@@ -70,7 +70,7 @@ def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, t
     assert result["model"] == "videomamba stage-2 video-text model"
 
 
-def test_stage2_config_errors_exit_2_naming_the_key(shards, teacher_file, tmp_path, capsys):  # noqa: F811
+def test_stage2_config_errors_exit_2_naming_the_key(shards, teacher_file, tmp_path, capsys):
     bad = run_cli(stage2_args(shards, teacher_file, tmp_path / "x", tmp_path / "nowhere", steps=2,
                               extra=["text.fusion_layers=5"]))
     assert bad.returncode == 2 and "text.fusion_layers=5" in bad.stderr, bad.stderr[-2000:]

@@ -685,7 +685,7 @@ class _BiMambaInner(torch.autograd.Function):
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, cfg):
         u, x_dbl, dt = _inner_projections(xz, conv_w, conv_b, x_proj_w, dt_proj_w, cfg)
         b, l, e2 = xz.shape
-        e, r, n = e2 // 2, dt_proj_w.shape[-1], A_log.shape[-1]
+        e, r = e2 // 2, dt_proj_w.shape[-1]
         A = -torch.exp(A_log.float())
         bc = x_dbl.view(2, b, l, -1)[..., r:].contiguous()
         out, (init, dsum, ys) = scan_forward(u, dt.view(2, b, l, e), A, bc, D.float().contiguous(), xz[..., e:],
