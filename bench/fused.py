@@ -292,7 +292,14 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--mamba-only", action="store_true", help="only the mamba-ssm checks and timings")
     parser.add_argument("--skip-checks", action="store_true", help="no correctness checks before the sweep")
+    parser.add_argument("--tiles", nargs="+", metavar="T/KEEP/PROGRAMS", default=None,
+                        help="sweep these tiles instead of the built-in list, e.g. 1/1/2048 (block_t, keep_decay, "
+                             "target_programs; 32 channels a warp)")
+    parser.add_argument("--no-stacks", action="store_true", help="skip the block-stack timings")
     args = parser.parse_args()
+    if args.tiles:
+        CONFIGS[:] = [ScanConfig(block_t=int(t), keep_decay=bool(int(k)), target_programs=int(p))
+                      for t, k, p in (tile.split("/") for tile in args.tiles)]
     torch.backends.cuda.matmul.allow_tf32 = False
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     ssf = mamba_scan_fn()
@@ -340,7 +347,7 @@ def main() -> int:
             block.mixer.plain = ssf
             return block
         stacks["BiMamba-Ti plain mamba-ssm"] = plain_block
-    for frames in (8, 64):
+    for frames in () if args.no_stacks else (8, 64):
         for name, make in stacks.items():
             r = dict(name=name, **time_stack(make, frames))
             results["stack"].append(r)
