@@ -52,13 +52,13 @@ class ScanConfig:
     block_t: int = 1  # the fastest fwd+bwd at both benchmark shapes in the H200 sweep (bench/NOTES.md)
     block_e: int = 32
     num_warps: int = 1
-    keep_decay: bool = False
+    keep_decay: bool = True
     prefetch: bool = True
     max_registers: int = 0  # > 0: cap the scan kernels' registers per thread (Triton's maxnreg), for occupancy
     conv_block_t: int = 64
     conv_block_e: int = 64
     segments: int = 0
-    target_programs: int = 2048
+    target_programs: int = 4096
 
 
 DEFAULT_CONFIG = ScanConfig()
