@@ -7,7 +7,7 @@ are L2-normalized per token; ``mse`` is the squared distance |s - t|^2 summed ov
 VideoMamba paper's self-distillation adds `distill.weight` times `pipeline.models.distill.distillation_loss`.
 
 Stage 2 (joint video-text pretraining, UMT): `VideoTextObjective` adds, with weights, the video-text contrastive loss
-(VTC, symmetric InfoNCE over the batch), video-text matching on hard negatives (VTM: for every pair one negative
+(VTC, symmetric InfoNCE over the global batch: embeddings are gathered from every rank), video-text matching on hard negatives (VTM: for every pair one negative
 text and one negative video drawn by contrastive similarity, ALBEF's sampling), masked language modelling on the
 cross-modal layers (MLM, BERT's 15% with 80/10/10 replacement) and stage 1's alignment of the visible tokens.
 """
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.engine import dist
 from pipeline.masking import build_mask
 from pipeline.models.distill import FrozenGuide, distillation_loss
 
@@ -114,11 +115,28 @@ class MaskedAlignment:
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
-def contrastive_loss(video: Tensor, text: Tensor, scale: Tensor) -> Tensor:
-    """Symmetric InfoNCE of paired, normalized embeddings (B, E): row i of each side matches row i of the other."""
-    logits = scale * video @ text.T
-    labels = torch.arange(video.shape[0], device=video.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+def contrastive_loss(video: Tensor, text: Tensor, scale: Tensor, video_all: Optional[Tensor] = None,
+                     text_all: Optional[Tensor] = None, offset: int = 0) -> Tensor:
+    """Symmetric InfoNCE of paired, normalized embeddings (B, E): row i of each side matches row i of the other.
+    With `video_all` / `text_all` (every rank's rows, this rank's starting at `offset`) each row is contrasted with
+    the whole global batch."""
+    video_all = video if video_all is None else video_all
+    text_all = text if text_all is None else text_all
+    labels = torch.arange(video.shape[0], device=video.device) + offset
+    return (F.cross_entropy(scale * video @ text_all.T, labels)
+            + F.cross_entropy(scale * text @ video_all.T, labels)) / 2
+
+
+def gathered_embeddings(video: Tensor, text: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Every rank's video and text embeddings (rank order, gradients flowing back to each rank's own) and this
+    rank's offset in them, so the contrastive loss sees the global batch as UMT's does. With one process, or when
+    the ranks' batch sizes differ this step (a short last batch), this rank's own rows and offset 0."""
+    if dist.world_size() == 1:
+        return video, text, 0
+    sizes = dist.gather_no_grad(torch.tensor([video.shape[0]], device=video.device))
+    if bool((sizes != sizes[0]).any()):
+        return video, text, 0
+    return dist.all_gather_with_grad(video), dist.all_gather_with_grad(text), dist.rank() * video.shape[0]
 
 
 def hard_negatives(video: Tensor, text: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
@@ -186,7 +204,9 @@ class VideoTextObjective:
             mask = mask.to(video.device)
         out = model(video, mask, ids, pad)
         net = getattr(model, "module", model)  # the heads below run outside the engine's forward
-        parts: dict[str, Tensor] = {"vtc": contrastive_loss(out.video_embed, out.text_embed, out.logit_scale)}
+        video_all, text_all, offset = gathered_embeddings(out.video_embed, out.text_embed)
+        parts: dict[str, Tensor] = {"vtc": contrastive_loss(out.video_embed, out.text_embed, out.logit_scale,
+                                                            video_all, text_all, offset)}
         if self.weights.get("vtm", 0) > 0 and video.shape[0] >= 2:
             parts["vtm"] = self._matching_loss(net, out, pad)
         if self.weights.get("mlm", 0) > 0:

@@ -172,3 +172,16 @@ def test_mlm_masking_keeps_special_tokens_and_padding_and_returns_the_originals(
     # a batch of texts too short to draw from still gets one masked token
     _, positions, _ = mlm_masked(ids[1:], pad[1:], special, 99, 50, prob=0.0)
     assert positions.tolist() == [[0, 1]]
+
+
+def test_contrastive_loss_over_gathered_rows_averages_to_the_whole_batch_loss():
+    """Two ranks' losses over the gathered batch (each with its offset) average to the one-process loss on it."""
+    from pipeline.losses import contrastive_loss
+    g = torch.Generator().manual_seed(3)
+    video = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    ranks = [contrastive_loss(video[r * 4:(r + 1) * 4], text[r * 4:(r + 1) * 4], scale, video, text, offset=r * 4)
+             for r in range(2)]
+    assert torch.allclose((ranks[0] + ranks[1]) / 2, contrastive_loss(video, text, scale), atol=1e-6)
+    assert not torch.allclose(ranks[0], contrastive_loss(video[:4], text[:4], scale))  # more negatives than local

@@ -97,7 +97,7 @@ def test_pretrain_help_lists_the_main_keys(capsys):
     (["mask.kind=diagonal"], "mask.kind"),
     (["teacher.img_size=224"], "set teacher.img_size=64"),
     (["mask.kind=clip_row", "mask.ratio=0.9"], "masks all 4 rows"),
-    (["stage=video_text"], "stage 'video_text'"),
+    (["stage=captioning"], "stage 'captioning'"),
     (["data.train="], "data.train is empty"),
     (["deepspeed.config=/nonexistent/ds.json"], "deepspeed.config: file not found: /nonexistent/ds.json"),
 ])

@@ -2,7 +2,10 @@
 shards (VTC, VTM on hard negatives, MLM and the alignment to a tiny open_clip teacher loaded from a file), an exact
 `--resume auto`, and `videomamba eval` of the stage-2 run as a VideoMamba video-text model with VTM re-ranking."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +77,19 @@ def test_stage2_config_errors_exit_2_naming_the_key(shards, teacher_file, tmp_pa
     bad = run_cli(stage2_args(shards, teacher_file, tmp_path / "x", tmp_path / "nowhere", steps=2,
                               extra=["text.fusion_layers=5"]))
     assert bad.returncode == 2 and "text.fusion_layers=5" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_stage2_under_torchrun_contrasts_the_global_batch(shards, teacher_file, stage1_run, tmp_path):
+    """2 CPU processes, ZeRO-2, no teacher: VTC runs on the embeddings gathered from both ranks (the arithmetic of
+    the global loss is checked in tests/test_losses.py) and the run checkpoints both ranks."""
+    out = tmp_path / "run"
+    args = stage2_args(shards, teacher_file, out, stage1_run, steps=3,
+                       extra=["deepspeed.zero_stage=2", "train.ckpt_every=3", "loss.align=0"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "pipeline.cli", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3] and all("align" not in r for r in records)
+    assert {"rank_00000.pt", "rank_00001.pt", "COMPLETE.json"} <= set(os.listdir(out / "checkpoints" / "step_00000003"))
