@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
-from pipeline.config import AlignStageConfig, ConfigError, write_resolved
+from pipeline.config import AlignStageConfig, ConfigError
 from pipeline.data import build_loader
 from pipeline.data.stream import split_sources
 from pipeline.engine import Trainer
-from pipeline.engine import dist
 from pipeline.engine.checkpoint import CorruptCheckpoint, model_state_dict, resolve_resume
 from pipeline.engine.ds_config import user_config
 from pipeline.losses import AlignmentHead, MaskedAlignment
@@ -24,6 +22,7 @@ from pipeline.masking import masked_count
 from pipeline.models import build_from_config
 from pipeline.models.distill import DistillHead, build_guide, final_features
 from pipeline.models.teacher import build_teacher, check_teacher_grid
+from pipeline.stages.run import begin_run, run_summary
 
 
 class AlignStudent(nn.Module):
@@ -47,11 +46,7 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
     _check_config(cfg)
     teacher = build_teacher(cfg.teacher)
     check_teacher_grid(teacher, cfg.data.img_size, cfg.model.patch_size)
-    info = dist.init_distributed()
-    if info.is_main:
-        os.makedirs(cfg.train.out, exist_ok=True)
-        write_resolved(cfg, os.path.join(cfg.train.out, "config.yaml"))
-    torch.manual_seed(cfg.train.seed)  # the same initial student on every rank and every run
+    info = begin_run(cfg)
     backbone = build_from_config(cfg.model, cfg.data.num_frames, cfg.data.img_size)
     guide = build_guide(cfg.distill, cfg.data.num_frames, cfg.data.img_size, cfg.model.patch_size,
                         cfg.model.tubelet_size, cfg.model.scan_backend, weights=run_weights(cfg.distill.checkpoint))
@@ -60,9 +55,7 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
                                 cfg.model.tubelet_size, guide, cfg.distill.weight)
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed)
     summary = Trainer(student, objective, data, cfg.train, cfg.deepspeed, cfg.train.out).fit(resume)
-    return {"run_dir": cfg.train.out, "start_step": summary.start_step, "step": summary.step,
-            "last_loss": summary.last_loss, "resumed_from": summary.resumed_from,
-            "checkpoints": summary.checkpoints, "samples": summary.samples, "wall_s": round(summary.wall_s, 1)}
+    return run_summary(cfg, summary)
 
 
 def run_weights(checkpoint: Optional[str], option: str = "distill.checkpoint",

@@ -9,22 +9,21 @@ engine.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
-import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor
 
-from pipeline.config import ConfigError, VideoTextStageConfig, write_resolved
+from pipeline.config import ConfigError, VideoTextStageConfig
 from pipeline.data import build_loader
 from pipeline.data.stream import split_sources
-from pipeline.engine import Trainer, dist
+from pipeline.engine import Trainer
 from pipeline.engine.ds_config import user_config
 from pipeline.losses import MaskedAlignment, VideoTextObjective
 from pipeline.masking import masked_count
 from pipeline.models import build_from_config
 from pipeline.models.teacher import build_teacher, check_teacher_grid
+from pipeline.stages.run import begin_run, run_summary
 from pipeline.models.video_text import TextSpec, VideoTextModel
 from pipeline.stages.align import run_weights
 
@@ -46,11 +45,7 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     teacher = build_teacher(cfg.teacher) if cfg.loss.align > 0 else None
     if teacher is not None:
         check_teacher_grid(teacher, cfg.data.img_size, cfg.model.patch_size)
-    info = dist.init_distributed()
-    if info.is_main:
-        os.makedirs(cfg.train.out, exist_ok=True)
-        write_resolved(cfg, os.path.join(cfg.train.out, "config.yaml"))
-    torch.manual_seed(cfg.train.seed)  # the same initial model on every rank and every run
+    info = begin_run(cfg)
     model, tokenizer = build_video_text_model(cfg, cfg.data.num_frames, cfg.data.img_size,
                                               teacher.width if teacher is not None else None)
     if cfg.init:
@@ -63,9 +58,7 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
                                    cfg.mask.ratio, weights, cfg.loss.mlm_prob, alignment)
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed)
     summary = Trainer(model, objective, data, cfg.train, cfg.deepspeed, cfg.train.out).fit(resume)
-    return {"run_dir": cfg.train.out, "start_step": summary.start_step, "step": summary.step,
-            "last_loss": summary.last_loss, "resumed_from": summary.resumed_from,
-            "checkpoints": summary.checkpoints, "samples": summary.samples, "wall_s": round(summary.wall_s, 1)}
+    return run_summary(cfg, summary)
 
 
 def _load_stage1(model: VideoTextModel, state: Optional[dict[str, Tensor]], source: str) -> None:

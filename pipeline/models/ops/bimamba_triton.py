@@ -105,6 +105,15 @@ def _program_geometry(E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E: tl.constexpr, BLO
 
 
 @triton.jit
+def _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_ne):
+    """Direction d's A (as A log2(e), so exp(delta A) = exp2(delta A2)), D and delta bias for this channel block."""
+    A2 = tl.load(a_ptr + d * E * N + p_ne, mask=m_ne, other=0.0) * LOG2E
+    Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
+    bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
+    return A2, Dv, bias
+
+
+@triton.jit
 def _load_row(ptr, t, offs, stride, mask):
     return tl.load(ptr + t * stride + offs, mask=mask, other=0.0).to(tl.float32)
 
@@ -188,9 +197,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
     issued together before its recurrence runs (with PREFETCH, one chunk ahead)."""
     d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
         E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E, BLOCK_N)
-    A2 = tl.load(a_ptr + d * E * N + p_ne, mask=m_ne, other=0.0) * LOG2E
-    Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
-    bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
+    A2, Dv, bias = _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_ne)
     u_ptr += d * s_ud + b * s_ub
     dt_ptr += d * s_ud + b * s_ub
     y_ptr += d * s_ud + b * s_ub
@@ -250,9 +257,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     channels, dC's row right after dB's) sums each token's dB and dC over the channels with one reduce-scatter."""
     d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
         E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E, BLOCK_N)
-    A2 = tl.load(a_ptr + d * E * N + p_ne, mask=m_ne, other=0.0) * LOG2E
-    Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
-    bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
+    A2, Dv, bias = _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_ne)
     u_ptr += d * s_ud + b * s_ub
     dt_ptr += d * s_ud + b * s_ub
     du_ptr += d * s_ud + b * s_ub
