@@ -52,7 +52,7 @@ class ModelConfig:
     drop_path_rate: Optional[float] = None  # None: the size's (Ti 0.1, S 0.15, M 0.4, B 0.4)
     token_order: Literal["spatial_first", "temporal_first", "st_interleave", "ts_interleave"] = "spatial_first"
     checkpoint_blocks: int = 0  # activation checkpointing of the first k blocks
-    scan_backend: Literal["auto", "torch", "mamba_ssm", "triton"] = "auto"
+    scan_backend: Literal["auto", "torch", "mamba_ssm", "triton"] = "auto"  # auto: triton on CUDA, torch elsewhere
     residual_in_fp32: bool = True
     pretrained: Optional[str] = None  # an official VideoMamba checkpoint (path or fsspec URL)
 
