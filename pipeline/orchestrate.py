@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -312,7 +313,8 @@ def train_on_ray(target: str, cfg, resume: Optional[str], workers: int, address:
 
     if address and address != "auto":
         check_reachable(address)
-    storage = os.path.abspath(os.path.join(cfg.train.out, "ray"))
+    cfg = with_absolute_paths(cfg)
+    storage = os.path.join(cfg.train.out, "ray")
     summary_file = os.path.join(storage, "summary.json")
     if os.path.exists(summary_file):
         os.remove(summary_file)
@@ -331,6 +333,28 @@ def train_on_ray(target: str, cfg, resume: Optional[str], workers: int, address:
         trainer.fit()
     with open(summary_file) as f:
         return json.load(f)
+
+
+def with_absolute_paths(cfg):
+    """A copy of a stage config whose local paths are absolute. Ray Train runs each worker in its own trial folder,
+    so a relative path (train.out=runs/s1, init=runs/s1, data.train=shards/index.json) would be read, or the run
+    written, there. URLs are left alone, and so are pretrained tags (teacher.pretrained=openai): an optional input is
+    made absolute only when it exists here."""
+    from pipeline.data.stream import split_sources
+
+    def local(path: str) -> bool:
+        return bool(path) and "://" not in path and not os.path.isabs(path)
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.out = os.path.abspath(cfg.train.out)
+    cfg.data.train = ",".join(os.path.abspath(s) if local(s) else s for s in split_sources(cfg.data.train))
+    for section, key in (("teacher", "pretrained"), ("model", "pretrained"), ("deepspeed", "config"),
+                         ("distill", "checkpoint"), (None, "init")):
+        owner = getattr(cfg, section, None) if section else cfg
+        value = getattr(owner, key, None) if owner is not None else None
+        if isinstance(value, str) and local(value) and os.path.exists(value):
+            setattr(owner, key, os.path.abspath(value))
+    return cfg
 
 
 def _ray_train_worker(config: dict) -> None:
