@@ -26,18 +26,6 @@ from pipeline.models.distill import FrozenGuide, distillation_loss
 ALIGN_LOSSES = ("mse", "cosine")
 
 
-class AlignmentHead(nn.Module):
-    """The student's projection onto the teacher's feature space (UMT's decoder head: LayerNorm + Linear)."""
-
-    def __init__(self, student_dim: int, teacher_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(student_dim)
-        self.proj = nn.Linear(student_dim, teacher_dim)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.proj(self.norm(tokens))
-
-
 def alignment_loss(student_tokens: Tensor, teacher_tokens: Tensor, kind: str = "mse") -> Tensor:
     """Returns the mean over tokens of the distance between L2-normalized student and teacher tokens (B, N, C).
 

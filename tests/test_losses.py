@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses import AlignmentHead, MaskedAlignment, alignment_loss, visible_targets
+from pipeline.losses import MaskedAlignment, alignment_loss, visible_targets
 from pipeline.models import build_videomamba
 from pipeline.models.distill import FrozenGuide
+from pipeline.models.heads import AlignmentHead
 from pipeline.models.teacher import ClipTeacher
 from pipeline.stages.align import AlignStudent
 from tests.conftest import tiny_clip

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.losses import AlignmentHead
 from pipeline.models.distill import final_features
+from pipeline.models.heads import AlignmentHead
 from pipeline.models.videomamba import VideoMamba
 
 

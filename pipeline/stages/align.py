@@ -17,10 +17,11 @@ from pipeline.data.stream import split_sources
 from pipeline.engine import Trainer
 from pipeline.engine.checkpoint import CorruptCheckpoint, model_state_dict, resolve_resume
 from pipeline.engine.ds_config import user_config
-from pipeline.losses import AlignmentHead, MaskedAlignment
+from pipeline.losses import MaskedAlignment
 from pipeline.masking import masked_count
 from pipeline.models import build_from_config
 from pipeline.models.distill import DistillHead, build_guide, final_features
+from pipeline.models.heads import AlignmentHead
 from pipeline.models.teacher import build_teacher, check_teacher_grid
 from pipeline.stages.run import begin_run, run_summary
 
