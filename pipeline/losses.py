@@ -111,8 +111,9 @@ def contrastive_loss(video: Tensor, text: Tensor, scale: Tensor, video_all: Opti
     video_all = video if video_all is None else video_all
     text_all = text if text_all is None else text_all
     labels = torch.arange(video.shape[0], device=video.device) + offset
-    return (F.cross_entropy(scale * video @ text_all.T, labels)
-            + F.cross_entropy(scale * text @ video_all.T, labels)) / 2
+    scale = scale.float()  # logits in fp32 also under bf16 training
+    return (F.cross_entropy(scale * video.float() @ text_all.float().T, labels)
+            + F.cross_entropy(scale * text.float() @ video_all.float().T, labels)) / 2
 
 
 def gathered_embeddings(video: Tensor, text: Tensor) -> tuple[Tensor, Tensor, int]:
