@@ -49,10 +49,10 @@ CONV_WIDTH = 4
 @dataclass(frozen=True)
 class ScanConfig:
     """Tile sizes of the kernels; `segments` = 0 lets `segment_count` choose."""
-    block_t: int = 1  # the fastest fwd+bwd at both benchmark shapes in the H200 sweep (bench/NOTES.md)
-    block_e: int = 32
+    block_t: int = 1  # tokens per chunk; the fastest fwd+bwd at both benchmark shapes on the H200 (bench/NOTES.md)
+    block_e: int = 32  # channels per program, one per lane: 32 with one warp turns on the dB/dC reduce-scatter
     num_warps: int = 1
-    keep_decay: bool = True
+    keep_decay: bool = True  # the backward keeps each chunk's decays in registers instead of recomputing them
     prefetch: bool = True
     max_registers: int = 0  # > 0: cap the scan kernels' registers per thread (Triton's maxnreg), for occupancy
     conv_block_t: int = 64
@@ -684,7 +684,8 @@ def conv_silu_backward(x: Tensor, gu: Tensor, weight: Tensor, bias: Tensor, dx: 
 class _BiMambaInner(torch.autograd.Function):
     """xz (B, L, 2E) -> (y_0 + y_1) * silu(z) (B, L, E): conv, x_proj, dt_proj, both scans and the gate, with a
     hand-written backward (cuBLAS for the matmuls, Triton for the rest) that writes dx and dz into one buffer.
-    Saves xz, x_proj's output and the chunk states; u and dt are recomputed in the backward pass."""
+    Saves xz, x_proj's output, y_0 + y_1 and the segment carries; u, dt and the chunk states are recomputed in the
+    backward pass."""
 
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, cfg):
