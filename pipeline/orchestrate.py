@@ -136,14 +136,12 @@ def report(out: str) -> str:
                  marker("teacher")["seconds"]))
     rows.append(("eval_teacher", _eval_summary(marker("eval_teacher")), marker("eval_teacher")["seconds"]))
     stage1 = marker("stage1")
-    with open(os.path.join(stage1["run_dir"], "metrics.jsonl")) as f:
-        losses = [json.loads(line)["loss"] for line in f]
-    k = max(1, min(10, len(losses) // 4))
-    rows.append(("stage1", f"{len(losses)} steps; alignment loss {sum(losses[:k]) / k:.3f} -> "
-                           f"{sum(losses[-k:]) / k:.3f} (mean of first/last {k})", stage1["seconds"]))
+    rows.append(("stage1", _training_summary(stage1["run_dir"], {"alignment loss": "loss"}, digits=3),
+                 stage1["seconds"]))
     if os.path.exists(os.path.join(out, "steps", "stage2.json")):
         stage2 = marker("stage2")
-        rows.append(("stage2", _stage2_summary(stage2["run_dir"]), stage2["seconds"]))
+        names = {name: name for name in ("vtc", "vtm", "mlm", "align")}
+        rows.append(("stage2", _training_summary(stage2["run_dir"], names, digits=2), stage2["seconds"]))
     if os.path.exists(os.path.join(out, "steps", "eval_stage2.json")):
         rows.append(("eval_stage2", _eval_summary(marker("eval_stage2"), "VideoMamba stage 2"),
                      marker("eval_stage2")["seconds"]))
@@ -151,15 +149,18 @@ def report(out: str) -> str:
     return "\n".join(lines)
 
 
-def _stage2_summary(run_dir: str) -> str:
-    """Returns the report's text for stage 2: each loss's mean over the first and last steps."""
+def _training_summary(run_dir: str, losses: dict[str, str], digits: int) -> str:
+    """Returns the report's text for a training run: for each {label: metrics key} the run logged, the mean over
+    the first and over the last k steps."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     k = max(1, min(10, len(records) // 4))
-    parts = [name for name in ("vtc", "vtm", "mlm", "align") if name in records[0]]
-    changes = ", ".join(f"{name} {sum(r[name] for r in records[:k]) / k:.2f} -> "
-                        f"{sum(r[name] for r in records[-k:] if name in r) / k:.2f}" for name in parts)
-    return f"{len(records)} steps; {changes} (mean of first/last {k})"
+    changes = []
+    for label, key in losses.items():
+        values = [r[key] for r in records if key in r]
+        if values:
+            changes.append(f"{label} {sum(values[:k]) / k:.{digits}f} -> {sum(values[-k:]) / k:.{digits}f}")
+    return f"{len(records)} steps; {', '.join(changes)} (mean of first/last {k})"
 
 
 def _eval_summary(results: dict, model: str = "CLIP meanP") -> str:

@@ -113,7 +113,7 @@ def build_video_text_model(model_cfg: RetrievalModelConfig, checkpoint: str, img
 
 
 def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch.device) -> VideoMambaRetrieval:
-    from pipeline.models.videomamba import adapt_state_dict
+    from pipeline.models.videomamba import load_official_checkpoint
     from pipeline.stages.align import run_weights
     from pipeline.stages.video_text import build_video_text_model as build_stage2
 
@@ -124,11 +124,13 @@ def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch
         raise ConfigError(f"--checkpoint {checkpoint}: model.kind=videomamba needs a stage-2 run folder or one of its "
                           f"checkpoint folders")
     model, tokenizer = build_stage2(cfg, num_frames, img_size)
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    backbone, _ = adapt_state_dict(model.backbone, backbone)  # position embeddings to this frame count and size
-    state = {k: v for k, v in state.items() if not k.startswith(("backbone.", "align_head."))}
-    state.update({f"backbone.{k}": v for k, v in backbone.items()})
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:  # the backbone.* weights, position embeddings fitted to this frame count and size
+        load_official_checkpoint(model.backbone, state)
+    except ValueError as e:
+        raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
+    rest = {k: v for k, v in state.items() if not k.startswith(("backbone.", "align_head."))}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
         raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: missing "
                           f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
