@@ -43,8 +43,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-CONV_WIDTH = 4
-
 
 @dataclass(frozen=True)
 class ScanConfig:
