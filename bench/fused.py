@@ -143,7 +143,7 @@ def time_scan(ssf, shape, dtype=torch.bfloat16) -> list:
     floor_fb = scan_floor_bytes(b, e, l, n, dtype.itemsize, True) / BANDWIDTH * 1e3
     for cfg in CONFIGS:
         name = (f"triton T{cfg.block_t} E{cfg.block_e} w{cfg.num_warps} keep{int(cfg.keep_decay)} "
-                f"pf{int(cfg.prefetch)} p{cfg.target_programs} r{cfg.max_registers}")
+                f"pf{int(cfg.prefetch)} p{cfg.target_programs} r{cfg.max_registers} s{cfg.saved_states}")
         try:
             with torch.no_grad():
                 fwd = bench_ms(lambda: bidirectional_selective_scan(**leaves, cfg=cfg))
@@ -292,14 +292,15 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--mamba-only", action="store_true", help="only the mamba-ssm checks and timings")
     parser.add_argument("--skip-checks", action="store_true", help="no correctness checks before the sweep")
-    parser.add_argument("--tiles", nargs="+", metavar="T/KEEP/PROGRAMS", default=None,
+    parser.add_argument("--tiles", nargs="+", metavar="T/KEEP/PROGRAMS[/STATES]", default=None,
                         help="sweep these tiles instead of the built-in list, e.g. 1/1/2048 (block_t, keep_decay, "
-                             "target_programs; 32 channels a warp)")
+                             "target_programs; 32 channels a warp; STATES: saved_states, input or float32)")
     parser.add_argument("--no-stacks", action="store_true", help="skip the block-stack timings")
     args = parser.parse_args()
     if args.tiles:
-        CONFIGS[:] = [ScanConfig(block_t=int(t), keep_decay=bool(int(k)), target_programs=int(p))
-                      for t, k, p in (tile.split("/") for tile in args.tiles)]
+        CONFIGS[:] = [ScanConfig(block_t=int(t), keep_decay=bool(int(k)), target_programs=int(p),
+                                 saved_states=(rest or ["input"])[0])
+                      for t, k, p, *rest in (tile.split("/") for tile in args.tiles)]
     torch.backends.cuda.matmul.allow_tf32 = False
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     ssf = mamba_scan_fn()

@@ -121,7 +121,7 @@ def check_mixer(b, l, d_model, n, seed, segments) -> dict:
     h = torch.randn(b, l, d_model, requires_grad=True)
     h_ref = h.detach().double().requires_grad_()
     out = bimamba_forward(mixer, h, ScanConfig(block_t=8, block_e=8, conv_block_t=16, conv_block_e=8,
-                                               segments=segments))
+                                               conv_dp_block_t=4, conv_dp_tiles=3, segments=segments))
     ref = ref_mixer(h_ref)
     dout = torch.randn(ref.shape, dtype=torch.float64)
     out.backward(dout.float())

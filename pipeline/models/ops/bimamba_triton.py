@@ -9,8 +9,8 @@ Per direction d (0: left to right, 1: right to left) and channel e, state n:
     out   = out_proj((y_0 + y_1) * silu(z))                   (no division by 2, as the official VideoMamba)
 
 Triton kernels do everything between the matmuls:
-- `_conv_fwd` / `_conv_bwd`: both directions' conv + SiLU in one pass over x (the backward recomputes the
-  pre-activations instead of saving them);
+- `_conv_fwd`: both directions' conv + SiLU in one pass over x; `_conv_dp`, `_conv_dx`: its backward in two passes
+  (the pre-activations recomputed from x, not saved);
 - `_scan_fwd`: one program per (channel block, segment, direction, batch row) runs the recurrence token by token
   with the state in registers: lanes along 32 channels, the 16 states of a channel inside its thread, so C.h and the
   other sums over states need no communication. Direction 1 runs by reversed indexing (no flipped copies). A chunk's
@@ -21,11 +21,14 @@ Triton kernels do everything between the matmuls:
   programs) dz are written, dB and dC are summed over a warp's 32 channels by a shuffle reduce-scatter (31 shuffles
   instead of 160 for a sum per state) and added atomically, one atomic per lane.
 - The states entering every chunk are not kept from the forward pass: the backward pass recomputes them into a
-  transient buffer (`_chunk_states`), so one layer's per-chunk states never outlive its backward.
+  transient buffer (`_chunk_states`, in the input dtype by default), so one layer's per-chunk states never outlive
+  its backward.
 
 Parallelism along the sequence: when batch rows x channel blocks are too few to fill the GPU, the sequence is cut
-into segments. A summary pass gives each segment's local final state (forward) or local adjoint (backward) and its
-sum of delta; `_carry` chains them, and the main pass starts each segment from its carry.
+into segments. In the forward pass a summary pass gives each segment's local final state and its sum of delta; in
+the backward pass the state-recompute pass also gives each segment's local adjoint (linear in the C g terms, so it
+is summed in scan order, no extra reverse pass). `_carry` chains them, and the main pass starts each segment from
+its carry.
 
 History and measurements: bench/NOTES.md (v1 used `tl.associative_scan` over chunk tiles and was 2-4x slower than
 mamba-ssm).
@@ -55,8 +58,20 @@ class ScanConfig:
     max_registers: int = 0  # > 0: cap the scan kernels' registers per thread (Triton's maxnreg), for occupancy
     conv_block_t: int = 64
     conv_block_e: int = 64
+    conv_warps: int = 8  # with 4 the backward's (64, 64) tiles need 255 registers per thread
+    conv_dp_block_t: int = 16  # the conv backward's first pass: tiles of (16, conv_block_e), 16 tiles a program,
+    conv_dp_tiles: int = 16  # 4 warps (159 registers)
+    conv_dp_warps: int = 4
     segments: int = 0
     target_programs: int = 4096
+    # dtype of the chunk states the backward pass recomputes and reads back: "input" (u's, bf16 under autocast:
+    # half the traffic of that buffer, the largest of the backward) or "float32". The recurrences run in fp32 either
+    # way; only the states entering dA, d(delta) and dC are rounded.
+    saved_states: str = "input"
+
+    def __post_init__(self):
+        if self.saved_states not in ("input", "float32"):
+            raise ValueError(f"ScanConfig.saved_states must be 'input' or 'float32', not {self.saved_states!r}")
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -183,16 +198,19 @@ def _bit_reverse5(x):
 # ------------------------------------------------------------------------------------------------ scan kernels
 @triton.jit(do_not_specialize=["s_an"])
 def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_ptr, states_ptr, last_ptr,
-              dsum_ptr, L, E, N, B_rows, SEG_LEN, CHUNKS, s_an,
-              s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn,
+              dsum_ptr, z_ptr, dout_ptr, L, E, N, B_rows, SEG_LEN, CHUNKS, s_an,
+              s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
               SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr, Y: tl.constexpr, SAVE: tl.constexpr,
-              PREFETCH: tl.constexpr):
+              ADJOINT: tl.constexpr, PREFETCH: tl.constexpr):
     """One direction's scan over one segment for a block of channels, token by token with the state (N, E) in
     registers. SUMMARY: only the segment's final state from a zero start (last_ptr) and its sum of delta (dsum_ptr).
     Otherwise, starting from init_ptr's carry when HAS_INIT: with Y, y_d = C.h + D u into y_ptr (2, B, L, E); with
-    SAVE, the state entering every chunk of BLOCK_T tokens (states_ptr) for the backward pass. The loads of a chunk are
-    issued together before its recurrence runs (with PREFETCH, one chunk ahead)."""
+    SAVE, the state entering every chunk of BLOCK_T tokens (states_ptr) for the backward pass. ADJOINT (with SAVE):
+    also the backward pass's segment summary, into last_ptr: the adjoint the segment passes to the one before it in
+    scan order from a zero start, sum_s P_s C_s g_s with P_s the product of the segment's decays up to token s and
+    g = dout silu(z); it needs no reverse pass because it is linear in the C_s g_s. The loads of a chunk are issued
+    together before its recurrence runs (with PREFETCH, one chunk ahead)."""
     d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
         E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E, BLOCK_N)
     A2, Dv, bias = _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_ne)
@@ -201,56 +219,73 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
     y_ptr += d * s_ud + b * s_ub
     b_ptr += d * s_bd + b * s_bb
     c_ptr += d * s_bd + b * s_bb
+    z_ptr += b * s_zb
+    dout_ptr += b * s_gb
     if HAS_INIT:
         h = tl.load(init_ptr + slot * E * N + p_ne, mask=m_ne, other=0.0)
     else:
         h = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     dsum = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    if Y:
+    decay = tl.full((BLOCK_N, BLOCK_E), 1.0, dtype=tl.float32)  # ADJOINT: P, the product of the decays so far
+    adjoint = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    if ADJOINT:
+        ptrs = (dt_ptr, u_ptr, z_ptr, dout_ptr, b_ptr, c_ptr)
+        strides = (s_ul, s_ul, s_zl, s_gl)
+    elif Y:
         ptrs = (dt_ptr, u_ptr, b_ptr, c_ptr)
+        strides = (s_ul, s_ul)
     else:
         ptrs = (dt_ptr, u_ptr, b_ptr)
+        strides = (s_ul, s_ul)
+    n_rows: tl.constexpr = len(strides)
     geometry = (first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn)
     if PREFETCH:
-        rows = _chunk_rows(ptrs, (s_ul, s_ul), 0, *geometry, BLOCK_T)
+        rows = _chunk_rows(ptrs, strides, 0, *geometry, BLOCK_T)
     for c in range(CHUNKS):
         if SAVE:
-            tl.store(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, h, mask=m_ne)
+            tl.store(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, h.to(states_ptr.dtype.element_ty), mask=m_ne)
         if PREFETCH:  # the next chunk's loads fly while this chunk's recurrence runs
             cur = rows
-            rows = _chunk_rows(ptrs, (s_ul, s_ul), c + 1, *geometry, BLOCK_T)
+            rows = _chunk_rows(ptrs, strides, c + 1, *geometry, BLOCK_T)
         else:
-            cur = _chunk_rows(ptrs, (s_ul, s_ul), c, *geometry, BLOCK_T)
+            cur = _chunk_rows(ptrs, strides, c, *geometry, BLOCK_T)
         for i in tl.static_range(BLOCK_T):
             r = c * BLOCK_T + i
             me = mask_e & (r < seg_n)
             u = cur[1][i].to(tl.float32)
             delta = tl.where(me, _softplus(cur[0][i].to(tl.float32) + bias), 0.0)
-            h = tl.exp2(delta[None, :] * A2) * h + cur[2][i].to(tl.float32)[:, None] * (delta * u)[None, :]
+            a = tl.exp2(delta[None, :] * A2)
+            h = a * h + cur[n_rows][i].to(tl.float32)[:, None] * (delta * u)[None, :]
             if SUMMARY:
                 dsum += delta
+            if ADJOINT:
+                zv = cur[2][i].to(tl.float32)
+                g = cur[3][i].to(tl.float32) * zv * _sigmoid(zv)
+                decay = decay * a
+                adjoint += decay * (cur[n_rows + 1][i].to(tl.float32)[:, None] * g[None, :])
             if Y:
-                y = tl.sum(h * cur[3][i].to(tl.float32)[:, None], axis=0) + Dv * u
+                y = tl.sum(h * cur[n_rows + 1][i].to(tl.float32)[:, None], axis=0) + Dv * u
                 tl.store(y_ptr + (first + step * r) * s_ul + offs_e, y.to(y_ptr.dtype.element_ty), mask=me)
     if SUMMARY:
         tl.store(last_ptr + slot * E * N + p_ne, h, mask=m_ne)
         tl.store(dsum_ptr + slot * E + offs_e, dsum, mask=mask_e)
+    if ADJOINT:
+        tl.store(last_ptr + slot * E * N + p_ne, adjoint, mask=m_ne)
 
 
 @triton.jit(do_not_specialize=["s_an"])
 def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr, bias_ptr, states_ptr, mu_ptr,
-              local_ptr, du_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
+              du_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
               L, E, N, B_rows, SEG_LEN, CHUNKS, s_an,
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl, s_dzb, s_dzl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-              SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr, KEEP_DECAY: tl.constexpr, PREFETCH: tl.constexpr,
+              HAS_INIT: tl.constexpr, KEEP_DECAY: tl.constexpr, PREFETCH: tl.constexpr,
               LANE_SUMS: tl.constexpr, EMULATE: tl.constexpr):
     """The adjoint of one direction's scan over one segment, chunks in reverse scan order. Per chunk the forward
     states are recomputed from the saved entering state and kept in registers (a tuple of BLOCK_T + 1 tiles, with
     KEEP_DECAY also their decays); then the adjoint lam_s = g_s C_s + exp(delta_{s+1} A) lam_{s+1}
-    (g = dout * silu(z)) runs backwards through them.
-    SUMMARY: only each segment's outgoing carry exp(delta_first A) lam_first from a zero carry in (local_ptr).
-    Otherwise: du, d(dt) (pre-softplus) and, in direction 0's programs, dz = dout (y_0 + y_1) silu'(z); dB, dC
+    (g = dout * silu(z)) runs backwards through them, starting from the segment's carry (mu_ptr) when HAS_INIT.
+    Writes du, d(dt) (pre-softplus) and, in direction 0's programs, dz = dout (y_0 + y_1) silu'(z); dB, dC
     (fp32, B's layout), dA, dD and d(bias) are accumulated atomically. LANE_SUMS (16 states, one warp of 32
     channels, dC's row right after dB's) sums each token's dB and dC over the channels with one reduce-scatter."""
     d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
@@ -275,12 +310,8 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     ga = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     gd = tl.zeros((BLOCK_E,), dtype=tl.float32)
     gbias = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    if SUMMARY:
-        ptrs = (dt_ptr, z_ptr, dout_ptr, c_ptr)
-        strides = (s_ul, s_zl, s_gl)
-    else:
-        ptrs = (dt_ptr, z_ptr, dout_ptr, u_ptr, c_ptr, b_ptr)
-        strides = (s_ul, s_zl, s_gl, s_ul)
+    ptrs = (dt_ptr, z_ptr, dout_ptr, u_ptr, c_ptr, b_ptr)
+    strides = (s_ul, s_zl, s_gl, s_ul)
     if PREFETCH:
         rows = _chunk_rows(ptrs, strides, CHUNKS - 1, first, step, seg_n, offs_e, offs_n, mask_e, mask_n,
                            s_bl, s_bn, BLOCK_T)
@@ -293,74 +324,64 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
         else:
             cur = _chunk_rows(ptrs, strides, c, first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn,
                               BLOCK_T)
-        us, pres, deltas, cs, gs, bs, decays, hs = (), (), (), (), (), (), (), ()
+        us, pres, deltas, cs, gs, bs, decays, hs, zs, outs = (), (), (), (), (), (), (), (), (), ()
         for i in tl.static_range(BLOCK_T):
             me = mask_e & (c * BLOCK_T + i < seg_n)
             pre = cur[0][i].to(tl.float32) + bias
             zv = cur[1][i].to(tl.float32)
-            gs = gs + (cur[2][i].to(tl.float32) * zv * _sigmoid(zv),)
+            zs = zs + (zv,)
+            outs = outs + (cur[2][i].to(tl.float32),)
+            gs = gs + (outs[i] * zv * _sigmoid(zv),)
             pres = pres + (pre,)
             deltas = deltas + (tl.where(me, _softplus(pre), 0.0),)
-            if SUMMARY:
-                cs = cs + (cur[3][i].to(tl.float32),)
-            else:
-                us = us + (cur[3][i].to(tl.float32),)
-                cs = cs + (cur[4][i].to(tl.float32),)
-                bs = bs + (cur[5][i].to(tl.float32),)
-        if not SUMMARY:
-            h = tl.load(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, mask=m_ne, other=0.0)
+            us = us + (cur[3][i].to(tl.float32),)
+            cs = cs + (cur[4][i].to(tl.float32),)
+            bs = bs + (cur[5][i].to(tl.float32),)
+        h = tl.load(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, mask=m_ne, other=0.0).to(tl.float32)
+        hs = hs + (h,)
+        for i in tl.static_range(BLOCK_T):
+            a = tl.exp2(deltas[i][None, :] * A2)
+            h = a * h + bs[i][:, None] * (deltas[i] * us[i])[None, :]
+            if KEEP_DECAY:
+                decays = decays + (a,)
             hs = hs + (h,)
-            for i in tl.static_range(BLOCK_T):
-                a = tl.exp2(deltas[i][None, :] * A2)
-                h = a * h + bs[i][:, None] * (deltas[i] * us[i])[None, :]
-                if KEEP_DECAY:
-                    decays = decays + (a,)
-                hs = hs + (h,)
         for i in tl.static_range(BLOCK_T - 1, -1, -1):
             r = c * BLOCK_T + i
             lam = mu + cs[i][:, None] * gs[i][None, :]
-            if SUMMARY:
-                mu = tl.exp2(deltas[i][None, :] * A2) * lam
+            t = first + step * r
+            me, mn = mask_e & (r < seg_n), mask_n & (r < seg_n)
+            if KEEP_DECAY:
+                a = decays[i]
             else:
-                t = first + step * r
-                me, mn = mask_e & (r < seg_n), mask_n & (r < seg_n)
-                if KEEP_DECAY:
-                    a = decays[i]
-                else:
-                    a = tl.exp2(deltas[i][None, :] * A2)
-                mu = a * lam
-                hm = a * hs[i]  # exp(delta A) h_{s-1}
-                lam_b = tl.sum(lam * bs[i][:, None], axis=0)
-                du = lam_b * deltas[i] + Dv * gs[i]
-                ddelta = lam_b * us[i] + tl.sum(lam * hm * A2, axis=0) * LN2
-                ddt = tl.where(me, ddelta * _sigmoid(pres[i]), 0.0)
-                tl.store(du_ptr + t * s_ul + offs_e, du.to(du_ptr.dtype.element_ty), mask=me)
-                tl.store(ddt_ptr + t * s_ul + offs_e, ddt.to(ddt_ptr.dtype.element_ty), mask=me)
-                ga += lam * hm * deltas[i][None, :]
-                gd += gs[i] * us[i]
-                gbias += ddt
-                part_b = lam * (deltas[i] * us[i])[None, :]
-                part_c = hs[i + 1] * gs[i][None, :]
-                if LANE_SUMS:  # dC's row follows dB's in memory: lane l adds entry bitreverse5(l) of [dB, dC]
-                    lane = tl.arange(0, BLOCK_E)
-                    tl.atomic_add(db_ptr + t * s_bl + _bit_reverse5(lane) * s_bn,
-                                  _lane_sums(part_b, part_c, lane, EMULATE), mask=(lane >= 0) & (r < seg_n),
-                                  sem="relaxed")
-                else:
-                    tl.atomic_add(db_ptr + t * s_bl + offs_n * s_bn, tl.sum(part_b, axis=1), mask=mn, sem="relaxed")
-                    tl.atomic_add(dc_ptr + t * s_bl + offs_n * s_bn, tl.sum(part_c, axis=1), mask=mn, sem="relaxed")
-                if d == 0:
-                    zv = _load_row(z_ptr, t, offs_e, s_zl, me)
-                    sz = _sigmoid(zv)
-                    dz = (_load_row(dout_ptr, t, offs_e, s_gl, me) * _load_row(ys_ptr, t, offs_e, s_gl, me)
-                          * sz * (1.0 + zv * (1.0 - sz)))
-                    tl.store(dz_ptr + t * s_dzl + offs_e, dz.to(dz_ptr.dtype.element_ty), mask=me)
-    if SUMMARY:
-        tl.store(local_ptr + slot * E * N + p_ne, mu, mask=m_ne)
-    else:
-        tl.atomic_add(da_ptr + d * E * N + p_ne, ga, mask=m_ne, sem="relaxed")
-        tl.atomic_add(dd_ptr + d * E + offs_e, gd, mask=mask_e, sem="relaxed")
-        tl.atomic_add(dbias_ptr + d * E + offs_e, gbias, mask=mask_e, sem="relaxed")
+                a = tl.exp2(deltas[i][None, :] * A2)
+            mu = a * lam
+            hm = a * hs[i]  # exp(delta A) h_{s-1}
+            lam_b = tl.sum(lam * bs[i][:, None], axis=0)
+            du = lam_b * deltas[i] + Dv * gs[i]
+            ddelta = lam_b * us[i] + tl.sum(lam * hm * A2, axis=0) * LN2
+            ddt = tl.where(me, ddelta * _sigmoid(pres[i]), 0.0)
+            tl.store(du_ptr + t * s_ul + offs_e, du.to(du_ptr.dtype.element_ty), mask=me)
+            tl.store(ddt_ptr + t * s_ul + offs_e, ddt.to(ddt_ptr.dtype.element_ty), mask=me)
+            ga += lam * hm * deltas[i][None, :]
+            gd += gs[i] * us[i]
+            gbias += ddt
+            part_b = lam * (deltas[i] * us[i])[None, :]
+            part_c = hs[i + 1] * gs[i][None, :]
+            if LANE_SUMS:  # dC's row follows dB's in memory: lane l adds entry bitreverse5(l) of [dB, dC]
+                lane = tl.arange(0, BLOCK_E)
+                tl.atomic_add(db_ptr + t * s_bl + _bit_reverse5(lane) * s_bn,
+                              _lane_sums(part_b, part_c, lane, EMULATE), mask=(lane >= 0) & (r < seg_n),
+                              sem="relaxed")
+            else:
+                tl.atomic_add(db_ptr + t * s_bl + offs_n * s_bn, tl.sum(part_b, axis=1), mask=mn, sem="relaxed")
+                tl.atomic_add(dc_ptr + t * s_bl + offs_n * s_bn, tl.sum(part_c, axis=1), mask=mn, sem="relaxed")
+            if d == 0:
+                sz = _sigmoid(zs[i])
+                dz = outs[i] * _load_row(ys_ptr, t, offs_e, s_gl, me) * sz * (1.0 + zs[i] * (1.0 - sz))
+                tl.store(dz_ptr + t * s_dzl + offs_e, dz.to(dz_ptr.dtype.element_ty), mask=me)
+    tl.atomic_add(da_ptr + d * E * N + p_ne, ga, mask=m_ne, sem="relaxed")
+    tl.atomic_add(dd_ptr + d * E + offs_e, gd, mask=mask_e, sem="relaxed")
+    tl.atomic_add(dbias_ptr + d * E + offs_e, gbias, mask=mask_e, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["s_an"])
@@ -438,16 +459,59 @@ def _conv_fwd(x_ptr, w_ptr, cb_ptr, u_ptr, L, E, s_xb, s_xl, s_ud, s_ub, s_ul,
 
 
 @triton.jit
-def _conv_bwd(x_ptr, w_ptr, cb_ptr, gu_ptr, dx_ptr, dw_ptr, dcb_ptr, L, E, s_xb, s_xl, s_ud, s_ub, s_ul,
-              s_dxb, s_dxl, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr):
-    """dx = sum over directions and taps of w * dp at the tokens each x feeds, dp = du * silu'(pre) recomputed
-    from x; dw, d(bias) accumulated atomically in fp32."""
+def _conv_dp(x_ptr, w_ptr, cb_ptr, gu_ptr, dp_ptr, dw_ptr, dcb_ptr, L, E, s_xb, s_xl, s_ud, s_ub, s_ul,
+             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, TILES: tl.constexpr, K: tl.constexpr):
+    """dp_d = du_d * silu'(pre_d) for both directions (pre recomputed from x, once per token) into dp_ptr (du's
+    layout), over TILES consecutive tiles of BLOCK_T tokens; dw and d(bias) are summed in (token, channel) tiles
+    across them and added atomically (fp32) once per program, so the reductions and atomics are paid once."""
+    pid_e, pid_t, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    x_ptr += pid_b * s_xb
+    for d in tl.static_range(2):
+        w = ()
+        sums = ()  # K dw tiles, then d(bias)'s
+        for k in tl.static_range(K):
+            w = w + (tl.load(w_ptr + (d * E + offs_e) * K + k, mask=mask_e, other=0.0).to(tl.float32),)
+        for k in tl.static_range(K + 1):
+            sums = sums + (tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32),)
+        cb = tl.load(cb_ptr + d * E + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        for j in range(TILES):
+            t = (pid_t * TILES + j) * BLOCK_T + tl.arange(0, BLOCK_T)
+            m = (t < L)[:, None] & mask_e[None, :]
+            pre = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32) + cb[None, :]
+            xs = ()
+            for k in tl.static_range(K):
+                if d == 0:
+                    ts = t + (k - (K - 1))
+                else:
+                    ts = t + ((K - 1) - k)
+                mk = ((ts >= 0) & (ts < L))[:, None] & mask_e[None, :]
+                xv = tl.load(x_ptr + ts[:, None] * s_xl + offs_e[None, :], mask=mk, other=0.0).to(tl.float32)
+                pre += w[k][None, :] * xv
+                xs = xs + (xv,)
+            p_gu = d * s_ud + pid_b * s_ub + t[:, None] * s_ul + offs_e[None, :]
+            gu = tl.load(gu_ptr + p_gu, mask=m, other=0.0).to(tl.float32)
+            sp = _sigmoid(pre)
+            dp = gu * sp * (1.0 + pre * (1.0 - sp))
+            tl.store(dp_ptr + p_gu, dp.to(dp_ptr.dtype.element_ty), mask=m)
+            new_sums = ()
+            for k in tl.static_range(K):
+                new_sums = new_sums + (sums[k] + dp * xs[k],)
+            sums = new_sums + (sums[K] + dp,)
+        for k in tl.static_range(K):
+            tl.atomic_add(dw_ptr + (d * E + offs_e) * K + k, tl.sum(sums[k], axis=0), mask=mask_e, sem="relaxed")
+        tl.atomic_add(dcb_ptr + d * E + offs_e, tl.sum(sums[K], axis=0), mask=mask_e, sem="relaxed")
+
+
+@triton.jit
+def _conv_dx(dp_ptr, w_ptr, dx_ptr, L, E, s_ud, s_ub, s_ul, s_dxb, s_dxl,
+             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr):
+    """dx = the sum over directions and taps of w * dp at the tokens each x feeds."""
     pid_e, pid_t, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_e = offs_e < E
-    m = (t < L)[:, None] & mask_e[None, :]
-    x_ptr += pid_b * s_xb
     dx = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     for d in tl.static_range(2):
         for k in tl.static_range(K):
@@ -457,24 +521,10 @@ def _conv_bwd(x_ptr, w_ptr, cb_ptr, gu_ptr, dx_ptr, dw_ptr, dcb_ptr, L, E, s_xb,
             else:
                 ts = t - ((K - 1) - k)
             ms = ((ts >= 0) & (ts < L))[:, None] & mask_e[None, :]
-            p = _conv_pre(x_ptr, w_ptr, cb_ptr, d, ts, offs_e, mask_e, L, E, s_xl, K)
-            gu = tl.load(gu_ptr + d * s_ud + pid_b * s_ub + ts[:, None] * s_ul + offs_e[None, :], mask=ms,
+            dp = tl.load(dp_ptr + d * s_ud + pid_b * s_ub + ts[:, None] * s_ul + offs_e[None, :], mask=ms,
                          other=0.0).to(tl.float32)
-            sp = _sigmoid(p)
-            dp = gu * sp * (1.0 + p * (1.0 - sp))
-            wk = tl.load(w_ptr + (d * E + offs_e) * K + k, mask=mask_e, other=0.0).to(tl.float32)
-            dx += wk[None, :] * dp
-            if k == K - 1:  # ts == t: this tile's own dp gives the weight and bias gradients
-                for j in tl.static_range(K):
-                    if d == 0:
-                        tx = t + (j - (K - 1))
-                    else:
-                        tx = t + ((K - 1) - j)
-                    mx = ((tx >= 0) & (tx < L))[:, None] & mask_e[None, :]
-                    xv = tl.load(x_ptr + tx[:, None] * s_xl + offs_e[None, :], mask=mx, other=0.0).to(tl.float32)
-                    tl.atomic_add(dw_ptr + (d * E + offs_e) * K + j, tl.sum(dp * xv, axis=0), mask=mask_e,
-                                  sem="relaxed")
-                tl.atomic_add(dcb_ptr + d * E + offs_e, tl.sum(dp, axis=0), mask=mask_e, sem="relaxed")
+            dx += tl.load(w_ptr + (d * E + offs_e) * K + k, mask=mask_e, other=0.0).to(tl.float32)[None, :] * dp
+    m = (t < L)[:, None] & mask_e[None, :]
     tl.store(dx_ptr + pid_b * s_dxb + t[:, None] * s_dxl + offs_e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
@@ -530,8 +580,9 @@ def _scan_strides(u: Tensor, bc: Tensor) -> tuple:
 
 
 def _b_and_c(bc: Tensor) -> tuple[Tensor, Tensor]:
-    """B and C as views of one contiguous (2, B, L, 2N) tensor: rows of 2N elements let Triton load each token's
-    B and C with 16-byte vector loads."""
+    """B and C as views of one [B, C] tensor (2, B, L, 2N) whose last dimension is contiguous: with its rows on
+    16-byte boundaries (a contiguous tensor, or the mixer's padded x_proj output) Triton loads each token's B and C
+    with 16-byte vector loads."""
     n = bc.shape[-1] // 2
     return bc[..., :n], bc[..., n:]
 
@@ -560,17 +611,17 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
     y = torch.empty_like(u)
     consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
                   **_launch_options(cfg))
-    args = (l, e, n, b, lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc))
+    args = (l, e, n, b, lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc), z.stride(0), z.stride(1), 0, 0)
     Bm, Cm = _b_and_c(bc)
     init, dsum = None, None
     if lay.n_seg > 1:
         local = torch.empty(2, b, lay.n_seg, e, n, **f32)
         dsum = torch.empty(2, b, lay.n_seg, e, **f32)
-        _scan_fwd[lay.grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, *args, SUMMARY=True, HAS_INIT=False,
-                            Y=False, SAVE=False, **consts)
+        _scan_fwd[lay.grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, z, z, *args, SUMMARY=True,
+                            HAS_INIT=False, Y=False, SAVE=False, ADJOINT=False, **consts)
         init = _carries(local, dsum, A, lay, cfg, forward=True)
-    _scan_fwd[lay.grid](u, dt, Bm, Cm, y, A, D, bias, y if init is None else init, y, y, y, *args, SUMMARY=False,
-                        HAS_INIT=init is not None, Y=True, SAVE=False, **consts)
+    _scan_fwd[lay.grid](u, dt, Bm, Cm, y, A, D, bias, y if init is None else init, y, y, y, z, z, *args,
+                        SUMMARY=False, HAS_INIT=init is not None, Y=True, SAVE=False, ADJOINT=False, **consts)
     out = torch.empty(b, l, e, dtype=u.dtype, device=u.device)
     ys = torch.empty_like(out)
     _gate[(triton.cdiv(b * l, 64), triton.cdiv(e, 64))](y, z, out, ys, b * l, e, y.stride(0), z.stride(1),
@@ -578,29 +629,39 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
     return out, (init, dsum, ys)
 
 
-def _chunk_states(u, dt, A, bc, D, bias, init, lay: _Layout, cfg: ScanConfig) -> Tensor:
+def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanConfig):
     """The state entering every chunk (2, B, chunks, E, N), recomputed from the segment carries: a transient
-    buffer of the backward pass, so that no per-chunk state outlives one layer's backward."""
+    buffer of the backward pass, so that no per-chunk state outlives one layer's backward. With several segments the
+    same pass gives each segment's local adjoint (2, B, segments, E, N) for `_carries`, else None."""
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
-    states = torch.empty(2, b, lay.n_seg * lay.chunks, e, n, dtype=torch.float32, device=u.device)
+    dtype = u.dtype if cfg.saved_states == "input" else torch.float32
+    states = torch.empty(2, b, lay.n_seg * lay.chunks, e, n, dtype=dtype, device=u.device)
+    local = torch.empty(2, b, lay.n_seg, e, n, dtype=torch.float32, device=u.device) if lay.n_seg > 1 else None
     Bm, Cm = _b_and_c(bc)
-    _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states, u, u, l, e, n, b,
-                        lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc), BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e,
-                        BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch, SUMMARY=False, HAS_INIT=init is not None, Y=False,
-                        SAVE=True, **_launch_options(cfg))
-    return states
+    _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states,
+                        states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len, lay.chunks, 1,
+                        *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
+                        BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
+                        SUMMARY=False, HAS_INIT=init is not None, Y=False, SAVE=True, ADJOINT=local is not None,
+                        **_launch_options(cfg))
+    return states, local
 
 
-def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = DEFAULT_CONFIG):
+def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = DEFAULT_CONFIG,
+                  dbc: Optional[Tensor] = None):
     """Runs the backward kernels, writing dz into `dz` (B, L, E) (may be a view); returns
-    (du, d(dt), d[B, C] (fp32, like bc), dA, dD, d(bias) (fp32))."""
+    (du, d(dt), d[B, C] (fp32, like bc), dA, dD, d(bias) (fp32)). d[B, C] is summed into `dbc` when given (an fp32
+    tensor of zeros with bc's strides), else into a new one."""
     init, dsum, ys = saved
     lay = _layout(u, A, cfg)
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     dout = dout.contiguous()
     du, ddt = torch.empty_like(u), torch.empty_like(dt)
     f32 = dict(dtype=torch.float32, device=u.device)
-    dbc = torch.zeros(bc.shape, **f32)
+    if dbc is None:
+        dbc = torch.zeros(bc.shape, **f32)
+    if dbc.stride() != bc.stride():
+        raise ValueError(f"scan_backward: dbc's strides {dbc.stride()} differ from bc's {bc.stride()}")
     Bm, Cm = _b_and_c(bc)
     dA, dD, dbias = torch.zeros(2, e, n, **f32), torch.zeros(2, e, **f32), torch.zeros(2, e, **f32)
     args = (l, e, n, b, lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0),
@@ -609,15 +670,10 @@ def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = D
     consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
                   LANE_SUMS=lane_sums, EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **_launch_options(cfg))
     outputs = (du, ddt, dz, *_b_and_c(dbc), dA, dD, dbias)
-    states = _chunk_states(u, dt, A, bc, D, bias, init, lay, cfg)
-    mu = states
-    if lay.n_seg > 1:
-        local = torch.empty(2, b, lay.n_seg, e, n, **f32)
-        _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, states, local, *outputs, *args,
-                            SUMMARY=True, HAS_INIT=False, KEEP_DECAY=False, **consts)
-        mu = _carries(local, dsum, A, lay, cfg, forward=False)
-    _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, mu, states, *outputs, *args, SUMMARY=False,
-                        HAS_INIT=lay.n_seg > 1, KEEP_DECAY=cfg.keep_decay, **consts)
+    states, local = _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay, cfg)
+    mu = states if local is None else _carries(local, dsum, A, lay, cfg, forward=False)
+    _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, mu, *outputs, *args,
+                        HAS_INIT=local is not None, KEEP_DECAY=cfg.keep_decay, **consts)
     return du, ddt, dbc, dA, dD, dbias
 
 
@@ -662,20 +718,29 @@ def conv_silu(x: Tensor, weight: Tensor, bias: Tensor, cfg: ScanConfig = DEFAULT
     u = torch.empty(2, b, l, e, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(e, cfg.conv_block_e), triton.cdiv(l, cfg.conv_block_t), b)
     _conv_fwd[grid](x, weight, bias, u, l, e, x.stride(0), x.stride(1), u.stride(0), u.stride(1), u.stride(2),
-                    BLOCK_T=cfg.conv_block_t, BLOCK_E=cfg.conv_block_e, K=weight.shape[-1])
+                    BLOCK_T=cfg.conv_block_t, BLOCK_E=cfg.conv_block_e, K=weight.shape[-1],
+                    num_warps=cfg.conv_warps)
     return u
 
 
 def conv_silu_backward(x: Tensor, gu: Tensor, weight: Tensor, bias: Tensor, dx: Tensor,
                        cfg: ScanConfig = DEFAULT_CONFIG) -> tuple[Tensor, Tensor]:
-    """Writes the gradient of x into dx (B, L, E) (may be a view); returns (dweight, dbias) in fp32."""
+    """Writes the gradient of x into dx (B, L, E) (may be a view); returns (dweight, dbias) in fp32. Two passes:
+    dp = du * silu'(pre) with the weight gradients, then dx from dp's shifted tiles (one kernel that recomputed the
+    pre-activations at every tap's shift spilled and took 14x its memory time, bench/NOTES.md)."""
     b, l, e = x.shape
+    gu = gu.contiguous()
+    dp = torch.empty_like(gu)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
     db = torch.zeros(bias.shape, dtype=torch.float32, device=x.device)
+    dp_grid = (triton.cdiv(e, cfg.conv_block_e), triton.cdiv(l, cfg.conv_dp_block_t * cfg.conv_dp_tiles), b)
+    _conv_dp[dp_grid](x, weight, bias, gu, dp, dw, db, l, e, x.stride(0), x.stride(1), gu.stride(0), gu.stride(1),
+                      gu.stride(2), BLOCK_T=cfg.conv_dp_block_t, BLOCK_E=cfg.conv_block_e, TILES=cfg.conv_dp_tiles,
+                      K=weight.shape[-1], num_warps=cfg.conv_dp_warps)
     grid = (triton.cdiv(e, cfg.conv_block_e), triton.cdiv(l, cfg.conv_block_t), b)
-    _conv_bwd[grid](x, weight, bias, gu, dx, dw, db, l, e, x.stride(0), x.stride(1), gu.stride(0), gu.stride(1),
-                    gu.stride(2), dx.stride(0), dx.stride(1), BLOCK_T=cfg.conv_block_t, BLOCK_E=cfg.conv_block_e,
-                    K=weight.shape[-1])
+    _conv_dx[grid](dp, weight, dx, l, e, dp.stride(0), dp.stride(1), dp.stride(2), dx.stride(0), dx.stride(1),
+                   BLOCK_T=cfg.conv_block_t, BLOCK_E=cfg.conv_block_e, K=weight.shape[-1],
+                   num_warps=cfg.conv_warps)
     return dw, db
 
 
@@ -683,15 +748,23 @@ class _BiMambaInner(torch.autograd.Function):
     """xz (B, L, 2E) -> (y_0 + y_1) * silu(z) (B, L, E): conv, x_proj, dt_proj, both scans and the gate, with a
     hand-written backward (cuBLAS for the matmuls, Triton for the rest) that writes dx and dz into one buffer.
     Saves xz, x_proj's output, y_0 + y_1 and the segment carries; u, dt and the chunk states are recomputed in the
-    backward pass."""
+    backward pass.
+
+    x_proj's output is computed padded, as [dt (R), zeros, B (N), C (N)] with dt's block rounded up to a multiple of 16
+    columns (`_padded`): its rows (a multiple of 16 elements long, which Triton specializes on) and the B, C block then start on
+    16-byte boundaries. Without that cuBLAS falls back
+    to 2-element-aligned kernels for the matmuls that read it (x_proj's and dt_proj's weight gradients took 15% of a
+    VideoMamba-Ti step at 64 frames), and B, C would need a contiguous copy for the scan's vector loads."""
 
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, cfg):
-        u, x_dbl, dt = _inner_projections(xz, conv_w, conv_b, x_proj_w, dt_proj_w, cfg)
+        n = A_log.shape[-1]
+        wx, wdt = _padded(x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype), n)
+        u, x_dbl, dt = _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg)
         b, l, e2 = xz.shape
-        e, r = e2 // 2, dt_proj_w.shape[-1]
+        e, rp = e2 // 2, wdt.shape[-1]
         A = -torch.exp(A_log.float())
-        bc = x_dbl.view(2, b, l, -1)[..., r:].contiguous()
+        bc = x_dbl.view(2, b, l, -1)[..., rp:]
         out, (init, dsum, ys) = scan_forward(u, dt.view(2, b, l, e), A, bc, D.float().contiguous(), xz[..., e:],
                                              dt_bias.float().contiguous(), cfg)
         ctx.cfg = cfg
@@ -704,33 +777,48 @@ class _BiMambaInner(torch.autograd.Function):
         cfg = ctx.cfg
         b, l, e2 = xz.shape
         e, r, n = e2 // 2, dt_proj_w.shape[-1], A_log.shape[-1]
+        wx, wdt = _padded(x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype), n)
+        rp = wdt.shape[-1]
         u = conv_silu(xz[..., :e], conv_w, conv_b, cfg)
-        wx, wdt = x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype)
-        dt = torch.bmm(x_dbl[..., :r], wdt.transpose(1, 2))
+        dt = torch.bmm(x_dbl[..., :rp], wdt.transpose(1, 2))
         A = -torch.exp(A_log.float())
-        bc = x_dbl.view(2, b, l, -1)[..., r:].contiguous()
+        bc = x_dbl.view(2, b, l, -1)[..., rp:]
         dxz = torch.empty_like(xz)
-        du_scan, ddt, dbc, dA, dD, dbias = scan_backward(
+        dx_dbl = torch.zeros(x_dbl.shape, dtype=torch.float32, device=xz.device)  # fp32: dB, dC are summed atomically
+        du_scan, ddt, _, dA, dD, dbias = scan_backward(
             dout, dxz[..., e:], u, dt.view(2, b, l, e), A, bc, D.float().contiguous(), xz[..., e:],
-            dt_bias.float().contiguous(), (init, dsum, ys), cfg)
+            dt_bias.float().contiguous(), (init, dsum, ys), cfg, dbc=dx_dbl.view(2, b, l, -1)[..., rp:])
         ddt = ddt.view(2, b * l, e)
-        dx_dbl = torch.cat([torch.bmm(ddt, wdt), dbc.view(2, b * l, 2 * n).to(xz.dtype)], dim=-1)
-        d_dt_proj = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :r])
-        u2 = u.view(2, b * l, e)
-        d_x_proj = torch.bmm(dx_dbl.transpose(1, 2), u2)
+        dx_dbl[..., :rp] = torch.bmm(ddt, wdt)  # the padding columns get ddt . 0 = 0
+        dx_dbl = dx_dbl.to(xz.dtype)
+        d_dt_proj = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :rp])[..., :r]  # padded: an aligned output
+        d_x_proj = torch.bmm(dx_dbl.transpose(1, 2), u.view(2, b * l, e))
+        d_x_proj = torch.cat([d_x_proj[:, :r], d_x_proj[:, rp:]], dim=1)
         du = torch.baddbmm(du_scan.view(2, b * l, e), dx_dbl, wx)
         d_conv_w, d_conv_b = conv_silu_backward(xz[..., :e], du.view(2, b, l, e), conv_w, conv_b, dxz[..., :e], cfg)
         return (dxz, d_conv_w.to(conv_w.dtype), d_conv_b.to(conv_b.dtype), d_x_proj.to(x_proj_w.dtype),
                 d_dt_proj.to(dt_proj_w.dtype), (dA * A).to(A_log.dtype), dD.to(D.dtype), dbias.to(dt_bias.dtype), None)
 
 
-def _inner_projections(xz, conv_w, conv_b, x_proj_w, dt_proj_w, cfg):
-    """u (2, B, L, E), x_proj(u) (2, B*L, R+2N) and dt_proj's raw output (2, B*L, E), all in xz's dtype."""
+def _padded(x_proj_w: Tensor, dt_proj_w: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """x_proj's weight (2, R + 2N, E) with zero rows after dt's R rows, up to a multiple of 16, and dt_proj's weight
+    (2, E, R) with as many zero columns: x_proj's output [dt, 0, B, C] times the padded dt_proj weight is dt_proj(dt)."""
+    r = dt_proj_w.shape[-1]
+    pad = -r % 16
+    if pad == 0:
+        return x_proj_w, dt_proj_w
+    wx = torch.cat([x_proj_w[:, :r], x_proj_w.new_zeros(2, pad, x_proj_w.shape[-1]), x_proj_w[:, r:]], dim=1)
+    return wx, F.pad(dt_proj_w, (0, pad))
+
+
+def _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg):
+    """u (2, B, L, E), x_proj(u) (2, B*L, Rp+2N) and dt_proj's raw output (2, B*L, E), all in xz's dtype; wx, wdt are
+    `_padded` weights in xz's dtype."""
     b, l, e2 = xz.shape
-    e, r = e2 // 2, dt_proj_w.shape[-1]
+    e, rp = e2 // 2, wdt.shape[-1]
     u = conv_silu(xz[..., :e], conv_w, conv_b, cfg)
-    x_dbl = torch.bmm(u.view(2, b * l, e), x_proj_w.to(xz.dtype).transpose(1, 2))
-    dt = torch.bmm(x_dbl[..., :r], dt_proj_w.to(xz.dtype).transpose(1, 2))
+    x_dbl = torch.bmm(u.view(2, b * l, e), wx.transpose(1, 2))
+    dt = torch.bmm(x_dbl[..., :rp], wdt.transpose(1, 2))
     return u, x_dbl, dt
 
 
