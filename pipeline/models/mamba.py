@@ -82,8 +82,12 @@ class BidirectionalMamba(nn.Module):
         with torch.no_grad():
             proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
+    def resolved_backend(self, device: torch.device) -> str:
+        """The backend this mixer runs on `device`: its own, or what "auto" means there."""
+        return choose_backend(device) if self.backend == "auto" else self.backend
+
     def forward(self, hidden_states: Tensor) -> Tensor:
-        backend = choose_backend(hidden_states.device) if self.backend == "auto" else self.backend
+        backend = self.resolved_backend(hidden_states.device)
         if backend == "triton":
             from pipeline.models.ops.bimamba_triton import bimamba_forward
             return bimamba_forward(self, hidden_states)

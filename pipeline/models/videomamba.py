@@ -81,7 +81,8 @@ class PatchEmbed(nn.Module):
 
 
 class Block(nn.Module):
-    """residual += drop_path(hidden); hidden = mixer(norm(residual)) -> (hidden, residual), as the official block."""
+    """residual += drop_path(hidden); hidden = mixer(norm(residual)) -> (hidden, residual), as the official block.
+    With the Triton mixer the add and the norm run as one fused kernel (pipeline.models.ops.rmsnorm_triton)."""
 
     def __init__(self, dim: int, drop_path: float, residual_in_fp32: bool, norm_epsilon: float, **mixer_kwargs):
         super().__init__()
@@ -91,7 +92,13 @@ class Block(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
 
     def forward(self, hidden: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        if residual is not None:
+            hidden = self.drop_path(hidden)
+        if self.mixer.resolved_backend(hidden.device) == "triton":
+            from pipeline.models.ops.rmsnorm_triton import add_rms_norm
+            normed, residual = add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32)
+            return self.mixer(normed), residual
+        residual = hidden if residual is None else residual + hidden
         if self.residual_in_fp32:
             residual = residual.float()
         # the norm runs in the module's dtype (bf16 under DeepSpeed's bf16) while the residual stream stays fp32

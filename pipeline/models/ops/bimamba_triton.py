@@ -63,7 +63,7 @@ class ScanConfig:
     conv_dp_tiles: int = 16  # 4 warps (159 registers)
     conv_dp_warps: int = 4
     segments: int = 0
-    target_programs: int = 4096
+    target_programs: int = 8192
     # dtype of the chunk states the backward pass recomputes and reads back: "input" (u's, bf16 under autocast:
     # half the traffic of that buffer, the largest of the backward) or "float32". The recurrences run in fp32 either
     # way; only the states entering dA, d(delta) and dC are rounded.
@@ -750,14 +750,18 @@ class _BiMambaInner(torch.autograd.Function):
     Saves xz, x_proj's output, y_0 + y_1 and the segment carries; u, dt and the chunk states are recomputed in the
     backward pass.
 
-    x_proj's output is computed padded, as [dt (R), zeros, B (N), C (N)] with dt's block rounded up to a multiple of 16
-    columns (`_padded`): its rows (a multiple of 16 elements long, which Triton specializes on) and the B, C block then start on
-    16-byte boundaries. Without that cuBLAS falls back
-    to 2-element-aligned kernels for the matmuls that read it (x_proj's and dt_proj's weight gradients took 15% of a
-    VideoMamba-Ti step at 64 frames), and B, C would need a contiguous copy for the scan's vector loads."""
+    The two directions' parameters come in as they are (14 tensors, `_direction_pairs`) and are stacked in here, out
+    of autograd's sight: 7 stacks and their backward nodes fewer per block on the host.
+
+    x_proj's output is computed padded, as [dt (R), zeros, B (N), C (N)] with dt's block rounded up to a multiple of
+    16 columns (`_padded`): its rows (a multiple of 16 elements long, which Triton specializes on) and the B, C block
+    then start on 16-byte boundaries. Without that cuBLAS falls back to 2-element-aligned kernels for the matmuls
+    that read it (x_proj's and dt_proj's weight gradients took 15% of a VideoMamba-Ti step at 64 frames), and B, C
+    would need a contiguous copy for the scan's vector loads."""
 
     @staticmethod
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, cfg):
+    def forward(ctx, xz, cfg, *pairs):
+        conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias = _stacked_pairs(pairs, xz)
         n = A_log.shape[-1]
         wx, wdt = _padded(x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype), n)
         u, x_dbl, dt = _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg)
@@ -767,7 +771,7 @@ class _BiMambaInner(torch.autograd.Function):
         bc = x_dbl.view(2, b, l, -1)[..., rp:]
         out, (init, dsum, ys) = scan_forward(u, dt.view(2, b, l, e), A, bc, D.float().contiguous(), xz[..., e:],
                                              dt_bias.float().contiguous(), cfg)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.pairs = cfg, [(p.shape, p.dtype) if p is not None else None for p in pairs]
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, x_dbl, init, dsum, ys)
         return out
 
@@ -796,8 +800,48 @@ class _BiMambaInner(torch.autograd.Function):
         d_x_proj = torch.cat([d_x_proj[:, :r], d_x_proj[:, rp:]], dim=1)
         du = torch.baddbmm(du_scan.view(2, b * l, e), dx_dbl, wx)
         d_conv_w, d_conv_b = conv_silu_backward(xz[..., :e], du.view(2, b, l, e), conv_w, conv_b, dxz[..., :e], cfg)
-        return (dxz, d_conv_w.to(conv_w.dtype), d_conv_b.to(conv_b.dtype), d_x_proj.to(x_proj_w.dtype),
-                d_dt_proj.to(dt_proj_w.dtype), (dA * A).to(A_log.dtype), dD.to(D.dtype), dbias.to(dt_bias.dtype), None)
+        stacked = (d_conv_w, d_conv_b, d_x_proj, d_dt_proj, dA * A, dD, dbias)
+        return (dxz, None, *_unstacked_grads(stacked, ctx.pairs))
+
+
+_DIRECTION_PARAMS = ("conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "A_log", "D", "dt_proj.bias")
+
+
+def _direction_pairs(mixer) -> list[Optional[Tensor]]:
+    """The mixer's per-direction parameters, forward then backward for each of _DIRECTION_PARAMS (the backward
+    direction's names: conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b); a conv without bias gives None."""
+    def get(name: str, backward: bool):
+        module, _, attr = name.rpartition(".")
+        if not backward:
+            return getattr(getattr(mixer, module), attr) if module else getattr(mixer, attr)
+        if not module:
+            return getattr(mixer, "A_b_log" if attr == "A_log" else attr + "_b")
+        return getattr(getattr(mixer, module + "_b"), attr)
+    return [get(name, backward) for name in _DIRECTION_PARAMS for backward in (False, True)]
+
+
+def _stacked_pairs(pairs, xz: Tensor) -> list[Tensor]:
+    """(conv weight (2, E, K), conv bias (2, E) (zeros without one), x_proj (2, R+2N, E), dt_proj (2, E, R),
+    A_log (2, E, N), D (2, E), dt bias (2, E)) from `_direction_pairs`."""
+    out = []
+    for i in range(0, len(pairs), 2):
+        first, second = pairs[i], pairs[i + 1]
+        if first is None:
+            out.append(torch.zeros(2, xz.shape[-1] // 2, dtype=xz.dtype, device=xz.device))
+        elif i == 0:
+            out.append(torch.stack([first[:, 0], second[:, 0]]))  # the depthwise conv's (E, 1, K) weights
+        else:
+            out.append(torch.stack([first, second]))
+    return out
+
+
+def _unstacked_grads(stacked, pairs) -> list[Optional[Tensor]]:
+    """Splits each stacked (2, ...) gradient back into the two parameters' shapes and dtypes."""
+    grads = []
+    for g, first, second in zip(stacked, pairs[0::2], pairs[1::2]):
+        for i, meta in enumerate((first, second)):
+            grads.append(None if meta is None else g[i].reshape(meta[0]).to(meta[1]))
+    return grads
 
 
 def _padded(x_proj_w: Tensor, dt_proj_w: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -822,20 +866,9 @@ def _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg):
     return u, x_dbl, dt
 
 
-def _stacked(first: Optional[Tensor], second: Optional[Tensor], like: Tensor) -> Tensor:
-    if first is None:
-        return torch.zeros(2, *like.shape, dtype=like.dtype, device=like.device)
-    return torch.stack([first, second])
-
-
 def bimamba_forward(mixer, hidden_states: Tensor, cfg: ScanConfig = DEFAULT_CONFIG) -> Tensor:
     """The whole bidirectional mixer forward (B, L, D) -> (B, L, D) with the official parameter names on `mixer`:
     in_proj, conv1d / conv1d_b, x_proj / x_proj_b, dt_proj / dt_proj_b, A_log / A_b_log, D / D_b, out_proj."""
     xz = F.linear(hidden_states, mixer.in_proj.weight, mixer.in_proj.bias)
-    conv_w = torch.stack([mixer.conv1d.weight[:, 0], mixer.conv1d_b.weight[:, 0]])
-    conv_b = _stacked(mixer.conv1d.bias, mixer.conv1d_b.bias, mixer.D)
-    y = _BiMambaInner.apply(
-        xz, conv_w, conv_b, torch.stack([mixer.x_proj.weight, mixer.x_proj_b.weight]),
-        torch.stack([mixer.dt_proj.weight, mixer.dt_proj_b.weight]), torch.stack([mixer.A_log, mixer.A_b_log]),
-        torch.stack([mixer.D, mixer.D_b]), torch.stack([mixer.dt_proj.bias, mixer.dt_proj_b.bias]), cfg)
+    y = _BiMambaInner.apply(xz, cfg, *_direction_pairs(mixer))
     return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias)

@@ -1,0 +1,103 @@
+"""The fused residual add + RMSNorm against the block's PyTorch path, and a whole VideoMamba on the Triton kernels
+against the same model on the pure-PyTorch path, on the CPU through TRITON_INTERPRET=1 (one subprocess, as the
+interpreter must be on before triton is imported)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+TOL_FP32 = 1e-5
+
+
+def rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def reference(hidden, residual, weight, eps, residual_in_fp32):
+    """Block's unfused path (drop path off)."""
+    from pipeline.models.videomamba import RMSNorm
+    residual = hidden if residual is None else residual + hidden
+    if residual_in_fp32:
+        residual = residual.float()
+    norm = RMSNorm(hidden.shape[-1], eps)
+    norm.weight = torch.nn.Parameter(weight)
+    return norm(residual.to(weight.dtype)), residual, norm.weight
+
+
+def check_norm(with_residual: bool, residual_in_fp32: bool, weight_dtype: str, seed: int) -> dict:
+    from pipeline.models.ops.rmsnorm_triton import add_rms_norm
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 37, 24, generator=g)
+    residual = torch.randn(3, 37, 24, generator=g) * 2 if with_residual else None
+    weight = (1 + 0.1 * torch.randn(24, generator=g)).to(getattr(torch, weight_dtype))
+    grads_in = (torch.randn(3, 37, 24, generator=g), torch.randn(3, 37, 24, generator=g))
+    results = []
+    for fused in (True, False):
+        h = hidden.clone().requires_grad_()
+        r = residual.clone().requires_grad_() if residual is not None else None
+        w = weight.clone().requires_grad_()
+        if fused:
+            out, res = add_rms_norm(h, r, w, 1e-5, residual_in_fp32)
+        else:
+            out, res, w = reference(h, r, w, 1e-5, residual_in_fp32)
+        (out.float() * grads_in[0]).sum().add((res.float() * grads_in[1]).sum()).backward()
+        results.append([out, res, h.grad, w.grad] + ([r.grad] if r is not None else []))
+        assert out.dtype == weight.dtype and (res.dtype == torch.float32 or not residual_in_fp32)
+    names = ["out", "residual", "dhidden", "dweight", "dresidual"]
+    return {n: rel(a, b) for n, a, b in zip(names, *results)}
+
+
+def check_backbone(seed: int) -> dict:
+    """VideoMamba (2 blocks) with scan_backend "triton" (fused mixer and norm) vs "torch": features and grads."""
+    from pipeline.models import build_videomamba
+    torch.manual_seed(seed)
+    models = {b: build_videomamba("tiny", num_frames=2, img_size=32, depth=2, embed_dim=16, scan_backend=b)
+              for b in ("triton", "torch")}
+    models["torch"].load_state_dict(models["triton"].state_dict())
+    x = torch.randn(2, 3, 2, 32, 32)
+    dout = torch.randn(2, 8, 16)  # a random projection: the mean square of normed tokens is nearly constant
+    out = {}
+    for backend, model in models.items():
+        feats = model.forward_features(x).tokens
+        (feats * dout).sum().backward()
+        out[backend] = [feats] + [p.grad for p in model.parameters()]
+    names = ["tokens"] + [f"d{n}" for n, _ in models["triton"].named_parameters()]
+    return {n: rel(a, b) for n, a, b in zip(names, out["triton"], out["torch"])}
+
+
+def run(cases: list) -> list:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, __file__, json.dumps(cases)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fused_add_rmsnorm_matches_the_block_path():
+    cases = [("norm", dict(with_residual=True, residual_in_fp32=True, weight_dtype="float32", seed=0)),
+             ("norm", dict(with_residual=False, residual_in_fp32=True, weight_dtype="float32", seed=1)),
+             ("norm", dict(with_residual=True, residual_in_fp32=False, weight_dtype="float32", seed=2)),
+             ("backbone", dict(seed=3))]
+    for case, errors in zip(cases, run(cases)):
+        bad = {k: v for k, v in errors.items() if not v < TOL_FP32}
+        assert not bad, f"{case}: relative errors above {TOL_FP32}: {bad}"
+
+
+def test_fused_add_rmsnorm_rounds_the_norm_input_to_a_bf16_weight():
+    """Under DeepSpeed's bf16 the norm weight is bf16: the fp32 residual is rounded before the norm, as the
+    unfused path's cast does; outputs then agree to bf16 precision."""
+    [errors] = run([("norm", dict(with_residual=True, residual_in_fp32=True, weight_dtype="bfloat16", seed=4))])
+    assert errors["residual"] < TOL_FP32, errors  # the residual stream itself stays exact fp32
+    bad = {k: v for k, v in errors.items() if not v < 1e-2}
+    assert not bad, errors
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    checks = {"norm": check_norm, "backbone": check_backbone}
+    print(json.dumps([checks[name](**kwargs) for name, kwargs in json.loads(sys.argv[1])]))
