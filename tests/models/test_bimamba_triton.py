@@ -154,10 +154,11 @@ def check_backbone_mixer(b, l, d_model, seed) -> dict:
 CHECKS = {"scan": check_scan, "mixer": check_mixer, "backbone": check_backbone_mixer}
 
 
-def run_checks(cases: list) -> list:
-    """Runs [(check name, kwargs), ...] in one interpreter subprocess; returns their error dicts."""
+def run_checks(cases: list, script: str = __file__) -> list:
+    """Runs [(check name, kwargs), ...] in one interpreter subprocess of `script` (a test module whose __main__ runs
+    its checks); returns their error dicts."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    proc = subprocess.run([sys.executable, __file__, json.dumps(cases)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, script, json.dumps(cases)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
