@@ -18,6 +18,7 @@ import pstats
 import sys
 import time
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 
@@ -28,7 +29,7 @@ from pipeline.models import build_videomamba  # noqa: E402
 from pipeline.models.videomamba import SIZES  # noqa: E402
 
 
-def build(model: str, size: str, frames: int, img_size: int, backend: str) -> tuple[torch.nn.Module, callable]:
+def build(model: str, size: str, frames: int, img_size: int, backend: str) -> tuple[torch.nn.Module, Callable]:
     """Returns (module, its features function)."""
     if model == "vit":
         depth, width = SIZES[size]

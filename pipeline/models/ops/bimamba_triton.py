@@ -622,9 +622,9 @@ def _check_scan_inputs(u, dt, A, Bm, Cm, D, z, bias) -> None:
 
 
 def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
-    """Runs the forward kernels on contiguous u, dt (2, B, L, E) and bc = [B, C] (2, B, L, 2N); returns out
-    (B, L, E) in u's dtype and what the backward pass needs: (the state entering every segment or None, segment
-    sums of delta or None, y_0 + y_1)."""
+    """Runs the forward kernels on contiguous u, dt (2, B, L, E) and bc = [B, C] (2, B, L, 2N) (its last dimension
+    contiguous, see `_b_and_c`); returns out (B, L, E) in u's dtype and what the backward pass needs: (the state
+    entering every segment or None, segment sums of delta or None, y_0 + y_1)."""
     lay = _layout(u, A, cfg)
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     f32 = dict(dtype=torch.float32, device=u.device)
@@ -782,8 +782,7 @@ class _BiMambaInner(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, cfg, *pairs):
         conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias = _stacked_pairs(pairs, xz)
-        n = A_log.shape[-1]
-        wx, wdt = _padded(x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype), n)
+        wx, wdt = _padded(x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype))
         u, x_dbl, dt = _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg)
         b, l, e2 = xz.shape
         e, rp = e2 // 2, wdt.shape[-1]
@@ -800,8 +799,8 @@ class _BiMambaInner(torch.autograd.Function):
         xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, x_dbl, init, dsum, ys = ctx.saved_tensors
         cfg = ctx.cfg
         b, l, e2 = xz.shape
-        e, r, n = e2 // 2, dt_proj_w.shape[-1], A_log.shape[-1]
-        wx, wdt = _padded(x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype), n)
+        e, r = e2 // 2, dt_proj_w.shape[-1]
+        wx, wdt = _padded(x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype))
         rp = wdt.shape[-1]
         u = conv_silu(xz[..., :e], conv_w, conv_b, cfg)
         dt = torch.bmm(x_dbl[..., :rp], wdt.transpose(1, 2))
@@ -864,9 +863,10 @@ def _unstacked_grads(stacked, pairs) -> list[Optional[Tensor]]:
     return grads
 
 
-def _padded(x_proj_w: Tensor, dt_proj_w: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def _padded(x_proj_w: Tensor, dt_proj_w: Tensor) -> tuple[Tensor, Tensor]:
     """x_proj's weight (2, R + 2N, E) with zero rows after dt's R rows, up to a multiple of 16, and dt_proj's weight
-    (2, E, R) with as many zero columns: x_proj's output [dt, 0, B, C] times the padded dt_proj weight is dt_proj(dt)."""
+    (2, E, R) with as many zero columns: x_proj's output [dt, 0, B, C] times the padded dt_proj weight is
+    dt_proj(dt)."""
     r = dt_proj_w.shape[-1]
     pad = -r % 16
     if pad == 0:
