@@ -767,8 +767,8 @@ def conv_silu_backward(x: Tensor, gu: Tensor, weight: Tensor, bias: Tensor, dx: 
 class _BiMambaInner(torch.autograd.Function):
     """xz (B, L, 2E) -> (y_0 + y_1) * silu(z) (B, L, E): conv, x_proj, dt_proj, both scans and the gate, with a
     hand-written backward (cuBLAS for the matmuls, Triton for the rest) that writes dx and dz into one buffer.
-    Saves xz, x_proj's output, y_0 + y_1 and the segment carries; u, dt and the chunk states are recomputed in the
-    backward pass.
+    Saves xz, x_proj's output, y_0 + y_1, the segment carries and the stacked (padded, cast) parameters; u, dt and the
+    chunk states are recomputed in the backward pass.
 
     The two directions' parameters come in as they are (14 tensors, `_direction_pairs`) and are stacked in here, out
     of autograd's sight: 7 stacks and their backward nodes fewer per block on the host.
@@ -786,31 +786,28 @@ class _BiMambaInner(torch.autograd.Function):
         u, x_dbl, dt = _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg)
         b, l, e2 = xz.shape
         e, rp = e2 // 2, wdt.shape[-1]
-        A = -torch.exp(A_log.float())
+        A, D, dt_bias = -torch.exp(A_log.float()), D.float().contiguous(), dt_bias.float().contiguous()
         bc = x_dbl.view(2, b, l, -1)[..., rp:]
-        out, (init, dsum, ys) = scan_forward(u, dt.view(2, b, l, e), A, bc, D.float().contiguous(), xz[..., e:],
-                                             dt_bias.float().contiguous(), cfg)
-        ctx.cfg, ctx.pairs = cfg, [(p.shape, p.dtype) if p is not None else None for p in pairs]
-        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, x_dbl, init, dsum, ys)
+        out, (init, dsum, ys) = scan_forward(u, dt.view(2, b, l, e), A, bc, D, xz[..., e:], dt_bias, cfg)
+        ctx.cfg, ctx.dt_rank = cfg, dt_proj_w.shape[-1]
+        ctx.pairs = [(p.shape, p.dtype) if p is not None else None for p in pairs]
+        ctx.save_for_backward(xz, conv_w, conv_b, wx, wdt, A, D, dt_bias, x_dbl, init, dsum, ys)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xz, conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias, x_dbl, init, dsum, ys = ctx.saved_tensors
-        cfg = ctx.cfg
+        xz, conv_w, conv_b, wx, wdt, A, D, dt_bias, x_dbl, init, dsum, ys = ctx.saved_tensors
+        cfg, r = ctx.cfg, ctx.dt_rank
         b, l, e2 = xz.shape
-        e, r = e2 // 2, dt_proj_w.shape[-1]
-        wx, wdt = _padded(x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype))
-        rp = wdt.shape[-1]
+        e, rp = e2 // 2, wdt.shape[-1]
         u = conv_silu(xz[..., :e], conv_w, conv_b, cfg)
         dt = torch.bmm(x_dbl[..., :rp], wdt.transpose(1, 2))
-        A = -torch.exp(A_log.float())
         bc = x_dbl.view(2, b, l, -1)[..., rp:]
         dxz = torch.empty_like(xz)
         dx_dbl = torch.zeros(x_dbl.shape, dtype=torch.float32, device=xz.device)  # fp32: dB, dC are summed atomically
         du_scan, ddt, _, dA, dD, dbias = scan_backward(
-            dout, dxz[..., e:], u, dt.view(2, b, l, e), A, bc, D.float().contiguous(), xz[..., e:],
-            dt_bias.float().contiguous(), (init, dsum, ys), cfg, dbc=dx_dbl.view(2, b, l, -1)[..., rp:])
+            dout, dxz[..., e:], u, dt.view(2, b, l, e), A, bc, D, xz[..., e:], dt_bias, (init, dsum, ys), cfg,
+            dbc=dx_dbl.view(2, b, l, -1)[..., rp:])
         ddt = ddt.view(2, b * l, e)
         dx_dbl[..., :rp] = torch.bmm(ddt, wdt)  # the padding columns get ddt . 0 = 0
         dx_dbl = dx_dbl.to(xz.dtype)
@@ -823,20 +820,12 @@ class _BiMambaInner(torch.autograd.Function):
         return (dxz, None, *_unstacked_grads(stacked, ctx.pairs))
 
 
-_DIRECTION_PARAMS = ("conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "A_log", "D", "dt_proj.bias")
-
-
 def _direction_pairs(mixer) -> list[Optional[Tensor]]:
-    """The mixer's per-direction parameters, forward then backward for each of _DIRECTION_PARAMS (the backward
-    direction's names: conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b); a conv without bias gives None."""
-    def get(name: str, backward: bool):
-        module, _, attr = name.rpartition(".")
-        if not backward:
-            return getattr(getattr(mixer, module), attr) if module else getattr(mixer, attr)
-        if not module:
-            return getattr(mixer, "A_b_log" if attr == "A_log" else attr + "_b")
-        return getattr(getattr(mixer, module + "_b"), attr)
-    return [get(name, backward) for name in _DIRECTION_PARAMS for backward in (False, True)]
+    """The mixer's per-direction parameters, each as (forward direction's, backward direction's): conv weight, conv
+    bias (None without one), x_proj, dt_proj weight, A_log, D, dt_proj bias."""
+    return [mixer.conv1d.weight, mixer.conv1d_b.weight, mixer.conv1d.bias, mixer.conv1d_b.bias,
+            mixer.x_proj.weight, mixer.x_proj_b.weight, mixer.dt_proj.weight, mixer.dt_proj_b.weight,
+            mixer.A_log, mixer.A_b_log, mixer.D, mixer.D_b, mixer.dt_proj.bias, mixer.dt_proj_b.bias]
 
 
 def _stacked_pairs(pairs, xz: Tensor) -> list[Tensor]:
