@@ -94,7 +94,7 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _program_geometry(E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+def _program_geometry(E, N, B_rows, SEG_LEN, L, zero, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
     """Which (channel block, segment, direction, batch row) this program scans, and where its segment lies:
     `first` is the segment's first token in the direction's scan order, `step` +1 or -1, `slot` its index among
     all (direction, batch row, segment) triples; masks and offsets of its (state, channel) tiles."""
@@ -111,25 +111,28 @@ def _program_geometry(E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E: tl.constexpr, BLO
     slot = (d * B_rows + b) * n_seg + pid_s
     mask_e, mask_n = offs_e < E, offs_n < N
     m_ne = mask_n[:, None] & mask_e[None, :]
-    # (state, channel) offsets into an (E, N) array. s_an (= 1, never specialized) hides the states' contiguity
-    # from Triton, so these tiles get the plain layout (lanes along channels, states in registers) that the
-    # per-token row vectors share, and no per-token layout conversion is needed.
-    p_ne = offs_n[:, None] * s_an + offs_e[None, :] * N
+    p_ne = _state_offsets(offs_n, offs_e, E, zero)
     return d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot
 
 
 @triton.jit
+def _state_offsets(offs_n, offs_e, E, zero):
+    """(state, channel) offsets into a state-major (N, E) array, the layout of A and of every state buffer here.
+    `zero` (a runtime 0, never specialized) hides their alignment: Triton then sees rows of contiguous channels it
+    cannot vectorize and gives these tiles the plain layout, one channel per lane and the states in registers, that
+    the per-token row vectors share, so no per-token layout conversion is needed. (Given a tie in contiguity,
+    Triton 3.6 put the lanes along the states instead: 1,090 instructions per token in the backward, not 680.)"""
+    return offs_n[:, None] * E + offs_e[None, :] + zero
+
+
+@triton.jit
 def _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_ne):
-    """Direction d's A (as A log2(e), so exp(delta A) = exp2(delta A2)), D and delta bias for this channel block."""
+    """Direction d's A (as A log2(e), so exp(delta A) = exp2(delta A2); A is state-major, (2, N, E)), D and delta
+    bias for this channel block."""
     A2 = tl.load(a_ptr + d * E * N + p_ne, mask=m_ne, other=0.0) * LOG2E
     Dv = tl.load(d_ptr + d * E + offs_e, mask=mask_e, other=0.0)
     bias = tl.load(bias_ptr + d * E + offs_e, mask=mask_e, other=0.0)
     return A2, Dv, bias
-
-
-@triton.jit
-def _load_row(ptr, t, offs, stride, mask):
-    return tl.load(ptr + t * stride + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -153,6 +156,12 @@ def _chunk_rows(ptrs, strides, c, first, step, seg_n, offs_e, offs_n, mask_e, ma
                                        other=0.0),)
         rows = rows + (tile,)
     return rows
+
+
+@triton.jit
+def _chunk_state(states_ptr, slot, c, CHUNKS, E, N, p_ne, m_ne):
+    """The saved state entering chunk c of this program's segment, raw (nothing before c = 0: zeros)."""
+    return tl.load(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, mask=m_ne & (c >= 0), other=0.0)
 
 
 @triton.jit
@@ -197,9 +206,9 @@ def _bit_reverse5(x):
 
 
 # ------------------------------------------------------------------------------------------------ scan kernels
-@triton.jit(do_not_specialize=["s_an"])
+@triton.jit(do_not_specialize=["zero"])
 def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_ptr, states_ptr, last_ptr,
-              dsum_ptr, z_ptr, dout_ptr, L, E, N, B_rows, SEG_LEN, CHUNKS, s_an,
+              dsum_ptr, z_ptr, dout_ptr, L, E, N, B_rows, SEG_LEN, CHUNKS, zero,
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
               SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr, Y: tl.constexpr, SAVE: tl.constexpr,
@@ -213,7 +222,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
     g = dout silu(z); it needs no reverse pass because it is linear in the C_s g_s. The loads of a chunk are issued
     together before its recurrence runs (with PREFETCH, one chunk ahead)."""
     d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
-        E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E, BLOCK_N)
+        E, N, B_rows, SEG_LEN, L, zero, BLOCK_E, BLOCK_N)
     A2, Dv, bias = _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_ne)
     u_ptr += d * s_ud + b * s_ub
     dt_ptr += d * s_ud + b * s_ub
@@ -274,10 +283,10 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
         tl.store(last_ptr + slot * E * N + p_ne, adjoint, mask=m_ne)
 
 
-@triton.jit(do_not_specialize=["s_an"])
+@triton.jit(do_not_specialize=["zero"])
 def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr, bias_ptr, states_ptr, mu_ptr,
               du_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
-              L, E, N, B_rows, SEG_LEN, CHUNKS, s_an,
+              L, E, N, B_rows, SEG_LEN, CHUNKS, zero,
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl, s_dzb, s_dzl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_INIT: tl.constexpr, KEEP_DECAY: tl.constexpr, PREFETCH: tl.constexpr,
@@ -290,7 +299,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     (fp32, B's layout), dA, dD and d(bias) are accumulated atomically. LANE_SUMS (16 states, one warp of 32
     channels, dC's row right after dB's) sums each token's dB and dC over the channels with one reduce-scatter."""
     d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
-        E, N, B_rows, SEG_LEN, L, s_an, BLOCK_E, BLOCK_N)
+        E, N, B_rows, SEG_LEN, L, zero, BLOCK_E, BLOCK_N)
     A2, Dv, bias = _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_ne)
     u_ptr += d * s_ud + b * s_ub
     dt_ptr += d * s_ud + b * s_ub
@@ -313,18 +322,23 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     gbias = tl.zeros((BLOCK_E,), dtype=tl.float32)
     ptrs = (dt_ptr, z_ptr, dout_ptr, u_ptr, c_ptr, b_ptr)
     strides = (s_ul, s_zl, s_gl, s_ul)
+    geometry = (first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn)
+    ys_geometry = (first, step, seg_n, offs_e, offs_n, mask_e & (d == 0), mask_n, s_bl, s_bn)  # dz: direction 0's
     if PREFETCH:
-        rows = _chunk_rows(ptrs, strides, CHUNKS - 1, first, step, seg_n, offs_e, offs_n, mask_e, mask_n,
-                           s_bl, s_bn, BLOCK_T)
+        rows = _chunk_rows(ptrs, strides, CHUNKS - 1, *geometry, BLOCK_T)
+        ys_rows = _chunk_rows((ys_ptr,), (s_gl,), CHUNKS - 1, *ys_geometry, BLOCK_T)
+        h_next = _chunk_state(states_ptr, slot, CHUNKS - 1, CHUNKS, E, N, p_ne, m_ne)
     for cc in range(CHUNKS):
         c = CHUNKS - 1 - cc
-        if PREFETCH:  # the next (earlier) chunk's loads fly while this chunk is processed
-            cur = rows
-            rows = _chunk_rows(ptrs, strides, c - 1, first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl,
-                               s_bn, BLOCK_T)
+        if PREFETCH:  # the next (earlier) chunk's loads, its saved state included, fly while this one is processed
+            cur, ys_cur, h = rows, ys_rows, h_next
+            rows = _chunk_rows(ptrs, strides, c - 1, *geometry, BLOCK_T)
+            ys_rows = _chunk_rows((ys_ptr,), (s_gl,), c - 1, *ys_geometry, BLOCK_T)
+            h_next = _chunk_state(states_ptr, slot, c - 1, CHUNKS, E, N, p_ne, m_ne)
         else:
-            cur = _chunk_rows(ptrs, strides, c, first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn,
-                              BLOCK_T)
+            cur = _chunk_rows(ptrs, strides, c, *geometry, BLOCK_T)
+            ys_cur = _chunk_rows((ys_ptr,), (s_gl,), c, *ys_geometry, BLOCK_T)
+            h = _chunk_state(states_ptr, slot, c, CHUNKS, E, N, p_ne, m_ne)
         us, pres, deltas, cs, gs, bs, decays, hs, zs, outs = (), (), (), (), (), (), (), (), (), ()
         for i in tl.static_range(BLOCK_T):
             me = mask_e & (c * BLOCK_T + i < seg_n)
@@ -338,7 +352,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
             us = us + (cur[3][i].to(tl.float32),)
             cs = cs + (cur[4][i].to(tl.float32),)
             bs = bs + (cur[5][i].to(tl.float32),)
-        h = tl.load(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, mask=m_ne, other=0.0).to(tl.float32)
+        h = h.to(tl.float32)
         hs = hs + (h,)
         for i in tl.static_range(BLOCK_T):
             a = tl.exp2(deltas[i][None, :] * A2)
@@ -378,7 +392,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
                 tl.atomic_add(dc_ptr + t * s_bl + offs_n * s_bn, tl.sum(part_c, axis=1), mask=mn, sem="relaxed")
             if d == 0:
                 sz = _sigmoid(zs[i])
-                dz = outs[i] * _load_row(ys_ptr, t, offs_e, s_gl, me) * sz * (1.0 + zs[i] * (1.0 - sz))
+                dz = outs[i] * ys_cur[0][i].to(tl.float32) * sz * (1.0 + zs[i] * (1.0 - sz))
                 tl.store(dz_ptr + t * s_dzl + offs_e, dz.to(dz_ptr.dtype.element_ty), mask=me)
     tl.atomic_add(da_ptr + d * E * N + p_ne, ga, mask=m_ne, sem="relaxed")
     tl.atomic_add(dd_ptr + d * E + offs_e, gd, mask=mask_e, sem="relaxed")
@@ -400,8 +414,8 @@ def _carry_group(local_ptr, dsum_ptr, g, pid_db, upward, N_SEG, E, N, offs_e, ma
     return group
 
 
-@triton.jit(do_not_specialize=["s_an"])
-def _carry(local_ptr, dsum_ptr, a_ptr, carry_ptr, E, N, B_rows, N_SEG, s_an, FORWARD: tl.constexpr,
+@triton.jit(do_not_specialize=["zero"])
+def _carry(local_ptr, dsum_ptr, a_ptr, carry_ptr, E, N, B_rows, N_SEG, zero, FORWARD: tl.constexpr,
            BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """The carry entering every segment from the segments' local results: carry_next = local + exp(A dsum) carry.
     Forward states flow in scan order (direction 0 to higher segments, direction 1 to lower), adjoints the other
@@ -413,7 +427,7 @@ def _carry(local_ptr, dsum_ptr, a_ptr, carry_ptr, E, N, B_rows, N_SEG, s_an, FOR
     offs_n = tl.arange(0, BLOCK_N)
     mask_e = offs_e < E
     m_en = (offs_n < N)[:, None] & mask_e[None, :]
-    p_en = offs_n[:, None] * s_an + offs_e[None, :] * N
+    p_en = _state_offsets(offs_n, offs_e, E, zero)
     A2 = tl.load(a_ptr + d * E * N + p_en, mask=m_en, other=0.0) * LOG2E
     upward = (d == 0) == FORWARD
     carry = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
@@ -580,13 +594,13 @@ def _layout(u: Tensor, A: Tensor, cfg: ScanConfig) -> _Layout:
     seg_len = chunks * cfg.block_t
     n_seg = triton.cdiv(length, seg_len)
     e_blocks = triton.cdiv(channels, cfg.block_e)
-    return _Layout(batch, length, channels, A.shape[-1], seg_len, n_seg, chunks, triton.next_power_of_2(A.shape[-1]),
+    return _Layout(batch, length, channels, A.shape[1], seg_len, n_seg, chunks, triton.next_power_of_2(A.shape[1]),
                    (e_blocks, n_seg, 2 * batch), (e_blocks, 2 * batch))
 
 
 def _carries(local: Tensor, dsum: Tensor, A: Tensor, lay: _Layout, cfg: ScanConfig, forward: bool) -> Tensor:
     carry = torch.empty_like(local)
-    _carry[lay.carry_grid](local, dsum, A, carry, lay.channels, lay.states, lay.batch, lay.n_seg, 1, FORWARD=forward,
+    _carry[lay.carry_grid](local, dsum, A, carry, lay.channels, lay.states, lay.batch, lay.n_seg, 0, FORWARD=forward,
                            BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, GROUP=4, num_warps=cfg.num_warps)
     return carry
 
@@ -622,8 +636,8 @@ def _check_scan_inputs(u, dt, A, Bm, Cm, D, z, bias) -> None:
 
 
 def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
-    """Runs the forward kernels on contiguous u, dt (2, B, L, E) and bc = [B, C] (2, B, L, 2N) (its last dimension
-    contiguous, see `_b_and_c`); returns out (B, L, E) in u's dtype and what the backward pass needs: (the state
+    """Runs the forward kernels on contiguous u, dt (2, B, L, E), bc = [B, C] (2, B, L, 2N) (its last dimension
+    contiguous, see `_b_and_c`) and A state-major, (2, N, E) contiguous fp32; returns out (B, L, E) in u's dtype and what the backward pass needs: (the state
     entering every segment or None, segment sums of delta or None, y_0 + y_1)."""
     lay = _layout(u, A, cfg)
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
@@ -631,11 +645,11 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
     y = torch.empty_like(u)
     consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
                   **_launch_options(cfg))
-    args = (l, e, n, b, lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc), z.stride(0), z.stride(1), 0, 0)
+    args = (l, e, n, b, lay.seg_len, lay.chunks, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), 0, 0)
     Bm, Cm = _b_and_c(bc)
     init, dsum = None, None
     if lay.n_seg > 1:
-        local = torch.empty(2, b, lay.n_seg, e, n, **f32)
+        local = torch.empty(2, b, lay.n_seg, n, e, **f32)
         dsum = torch.empty(2, b, lay.n_seg, e, **f32)
         _scan_fwd[lay.grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, z, z, *args, SUMMARY=True,
                             HAS_INIT=False, Y=False, SAVE=False, ADJOINT=False, **consts)
@@ -650,16 +664,16 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
 
 
 def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanConfig):
-    """The state entering every chunk (2, B, chunks, E, N), recomputed from the segment carries: a transient
+    """The state entering every chunk (2, B, chunks, N, E), recomputed from the segment carries: a transient
     buffer of the backward pass, so that no per-chunk state outlives one layer's backward. With several segments the
-    same pass gives each segment's local adjoint (2, B, segments, E, N) for `_carries`, else None."""
+    same pass gives each segment's local adjoint (2, B, segments, N, E) for `_carries`, else None."""
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     dtype = u.dtype if cfg.saved_states == "input" else torch.float32
-    states = torch.empty(2, b, lay.n_seg * lay.chunks, e, n, dtype=dtype, device=u.device)
-    local = torch.empty(2, b, lay.n_seg, e, n, dtype=torch.float32, device=u.device) if lay.n_seg > 1 else None
+    states = torch.empty(2, b, lay.n_seg * lay.chunks, n, e, dtype=dtype, device=u.device)
+    local = torch.empty(2, b, lay.n_seg, n, e, dtype=torch.float32, device=u.device) if lay.n_seg > 1 else None
     Bm, Cm = _b_and_c(bc)
     _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states,
-                        states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len, lay.chunks, 1,
+                        states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len, lay.chunks, 0,
                         *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
                         BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
                         SUMMARY=False, HAS_INIT=init is not None, Y=False, SAVE=True, ADJOINT=local is not None,
@@ -670,7 +684,7 @@ def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanC
 def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = DEFAULT_CONFIG,
                   dbc: Optional[Tensor] = None):
     """Runs the backward kernels, writing dz into `dz` (B, L, E) (may be a view); returns
-    (du, d(dt), d[B, C] (fp32, like bc), dA, dD, d(bias) (fp32)). d[B, C] is summed into `dbc` when given (an fp32
+    (du, d(dt), d[B, C] (fp32, like bc), dA (state-major, like A), dD, d(bias) (fp32)). d[B, C] is summed into `dbc` when given (an fp32
     tensor of zeros with bc's strides), else into a new one."""
     init, dsum, ys = saved
     lay = _layout(u, A, cfg)
@@ -683,8 +697,8 @@ def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = D
     if dbc.stride() != bc.stride():
         raise ValueError(f"scan_backward: dbc's strides {dbc.stride()} differ from bc's {bc.stride()}")
     Bm, Cm = _b_and_c(bc)
-    dA, dD, dbias = torch.zeros(2, e, n, **f32), torch.zeros(2, e, **f32), torch.zeros(2, e, **f32)
-    args = (l, e, n, b, lay.seg_len, lay.chunks, 1, *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0),
+    dA, dD, dbias = torch.zeros(2, n, e, **f32), torch.zeros(2, e, **f32), torch.zeros(2, e, **f32)
+    args = (l, e, n, b, lay.seg_len, lay.chunks, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0),
             dout.stride(1), dz.stride(0), dz.stride(1))
     lane_sums = n == 16 and cfg.block_e == 32 and cfg.num_warps == 1 and bc.stride(-1) == 1
     consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
@@ -700,7 +714,7 @@ def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = D
 class _BidirectionalScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, Bm, Cm, D, z, bias, cfg):
-        A, D, bias = A.float().contiguous(), D.float().contiguous(), bias.float().contiguous()
+        A, D, bias = A.float().transpose(1, 2).contiguous(), D.float().contiguous(), bias.float().contiguous()
         bc = torch.cat([Bm, Cm], dim=-1)
         out, (init, dsum, ys) = scan_forward(u, dt, A, bc, D, z, bias, cfg)
         ctx.cfg = cfg
@@ -713,7 +727,7 @@ class _BidirectionalScan(torch.autograd.Function):
         dz = torch.empty_like(z)
         du, ddt, dbc, dA, dD, dbias = scan_backward(dout, dz, u, dt, A, bc, D, z, bias, (init, dsum, ys), ctx.cfg)
         dB, dC = _b_and_c(dbc.to(bc.dtype))
-        return du, ddt, dA, dB, dC, dD, dz, dbias, None
+        return du, ddt, dA.transpose(1, 2), dB, dC, dD, dz, dbias, None
 
 
 def bidirectional_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
@@ -786,7 +800,7 @@ class _BiMambaInner(torch.autograd.Function):
         u, x_dbl, dt = _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg)
         b, l, e2 = xz.shape
         e, rp = e2 // 2, wdt.shape[-1]
-        A, D, dt_bias = -torch.exp(A_log.float()), D.float().contiguous(), dt_bias.float().contiguous()
+        A, D, dt_bias = -torch.exp(A_log.float()), D.float().contiguous(), dt_bias.float().contiguous()  # A: (2, N, E)
         bc = x_dbl.view(2, b, l, -1)[..., rp:]
         out, (init, dsum, ys) = scan_forward(u, dt.view(2, b, l, e), A, bc, D, xz[..., e:], dt_bias, cfg)
         ctx.cfg, ctx.dt_rank = cfg, dt_proj_w.shape[-1]
@@ -816,7 +830,7 @@ class _BiMambaInner(torch.autograd.Function):
         d_x_proj = torch.cat([d_x_proj[:, :r], d_x_proj[:, rp:]], dim=1)
         du = torch.baddbmm(du_scan.view(2, b * l, e), dx_dbl, wx)
         d_conv_w, d_conv_b = conv_silu_backward(xz[..., :e], du.view(2, b, l, e), conv_w, conv_b, dxz[..., :e], cfg)
-        stacked = (d_conv_w, d_conv_b, d_x_proj, d_dt_proj, dA * A, dD, dbias)
+        stacked = (d_conv_w, d_conv_b, d_x_proj, d_dt_proj, (dA * A).transpose(1, 2), dD, dbias)
         return (dxz, None, *_unstacked_grads(stacked, ctx.pairs))
 
 
@@ -830,7 +844,7 @@ def _direction_pairs(mixer) -> list[Optional[Tensor]]:
 
 def _stacked_pairs(pairs, xz: Tensor) -> list[Tensor]:
     """(conv weight (2, E, K), conv bias (2, E) (zeros without one), x_proj (2, R+2N, E), dt_proj (2, E, R),
-    A_log (2, E, N), D (2, E), dt bias (2, E)) from `_direction_pairs`."""
+    A_log (2, N, E) (transposed), D (2, E), dt bias (2, E)) from `_direction_pairs`."""
     out = []
     for i in range(0, len(pairs), 2):
         first, second = pairs[i], pairs[i + 1]
@@ -838,6 +852,8 @@ def _stacked_pairs(pairs, xz: Tensor) -> list[Tensor]:
             out.append(torch.zeros(2, xz.shape[-1] // 2, dtype=xz.dtype, device=xz.device))
         elif i == 0:
             out.append(torch.stack([first[:, 0], second[:, 0]]))  # the depthwise conv's (E, 1, K) weights
+        elif i == 8:
+            out.append(torch.stack([first.t(), second.t()]))  # A_log (E, N) state-major, as the kernels take A
         else:
             out.append(torch.stack([first, second]))
     return out
