@@ -159,9 +159,20 @@ def _chunk_rows(ptrs, strides, c, first, step, seg_n, offs_e, offs_n, mask_e, ma
 
 
 @triton.jit
-def _chunk_state(states_ptr, slot, c, CHUNKS, E, N, p_ne, m_ne):
+def _saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Where the state entering chunk c of this program's segment is saved: the buffer holds one (BLOCK_N, BLOCK_E)
+    tile per (chunk, channel block), so its rows lie at constant offsets from one address (immediate offsets of the
+    per-token loads and stores, no per-state address arithmetic). `zero` hides their alignment (`_state_offsets`)."""
+    tile = (slot * CHUNKS + c) * tl.num_programs(0) + tl.program_id(0)
+    return (states_ptr + tile * (BLOCK_N * BLOCK_E) + tl.arange(0, BLOCK_N)[:, None] * BLOCK_E
+            + tl.arange(0, BLOCK_E)[None, :] + zero)
+
+
+@triton.jit
+def _chunk_state(states_ptr, slot, c, CHUNKS, zero, m_ne, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     """The saved state entering chunk c of this program's segment, raw (nothing before c = 0: zeros)."""
-    return tl.load(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, mask=m_ne & (c >= 0), other=0.0)
+    return tl.load(_saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E), mask=m_ne & (c >= 0),
+                   other=0.0)
 
 
 @triton.jit
@@ -253,7 +264,8 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
         rows = _chunk_rows(ptrs, strides, 0, *geometry, BLOCK_T)
     for c in range(CHUNKS):
         if SAVE:
-            tl.store(states_ptr + (slot * CHUNKS + c) * E * N + p_ne, h.to(states_ptr.dtype.element_ty), mask=m_ne)
+            tl.store(_saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E),
+                     h.to(states_ptr.dtype.element_ty), mask=m_ne)
         if PREFETCH:  # the next chunk's loads fly while this chunk's recurrence runs
             cur = rows
             rows = _chunk_rows(ptrs, strides, c + 1, *geometry, BLOCK_T)
@@ -327,18 +339,18 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     if PREFETCH:
         rows = _chunk_rows(ptrs, strides, CHUNKS - 1, *geometry, BLOCK_T)
         ys_rows = _chunk_rows((ys_ptr,), (s_gl,), CHUNKS - 1, *ys_geometry, BLOCK_T)
-        h_next = _chunk_state(states_ptr, slot, CHUNKS - 1, CHUNKS, E, N, p_ne, m_ne)
+        h_next = _chunk_state(states_ptr, slot, CHUNKS - 1, CHUNKS, zero, m_ne, BLOCK_N, BLOCK_E)
     for cc in range(CHUNKS):
         c = CHUNKS - 1 - cc
         if PREFETCH:  # the next (earlier) chunk's loads, its saved state included, fly while this one is processed
             cur, ys_cur, h = rows, ys_rows, h_next
             rows = _chunk_rows(ptrs, strides, c - 1, *geometry, BLOCK_T)
             ys_rows = _chunk_rows((ys_ptr,), (s_gl,), c - 1, *ys_geometry, BLOCK_T)
-            h_next = _chunk_state(states_ptr, slot, c - 1, CHUNKS, E, N, p_ne, m_ne)
+            h_next = _chunk_state(states_ptr, slot, c - 1, CHUNKS, zero, m_ne, BLOCK_N, BLOCK_E)
         else:
             cur = _chunk_rows(ptrs, strides, c, *geometry, BLOCK_T)
             ys_cur = _chunk_rows((ys_ptr,), (s_gl,), c, *ys_geometry, BLOCK_T)
-            h = _chunk_state(states_ptr, slot, c, CHUNKS, E, N, p_ne, m_ne)
+            h = _chunk_state(states_ptr, slot, c, CHUNKS, zero, m_ne, BLOCK_N, BLOCK_E)
         us, pres, deltas, cs, gs, bs, decays, hs, zs, outs = (), (), (), (), (), (), (), (), (), ()
         for i in tl.static_range(BLOCK_T):
             me = mask_e & (c * BLOCK_T + i < seg_n)
@@ -664,12 +676,14 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
 
 
 def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanConfig):
-    """The state entering every chunk (2, B, chunks, N, E), recomputed from the segment carries: a transient
+    """The state entering every chunk (2, B, chunks, channel blocks, N, block_e: one tile per chunk and channel
+    block, `_saved_state_ptrs`), recomputed from the segment carries: a transient
     buffer of the backward pass, so that no per-chunk state outlives one layer's backward. With several segments the
     same pass gives each segment's local adjoint (2, B, segments, N, E) for `_carries`, else None."""
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     dtype = u.dtype if cfg.saved_states == "input" else torch.float32
-    states = torch.empty(2, b, lay.n_seg * lay.chunks, n, e, dtype=dtype, device=u.device)
+    states = torch.empty(2, b, lay.n_seg * lay.chunks, lay.grid[0], lay.block_n, cfg.block_e, dtype=dtype,
+                         device=u.device)
     local = torch.empty(2, b, lay.n_seg, n, e, dtype=torch.float32, device=u.device) if lay.n_seg > 1 else None
     Bm, Cm = _b_and_c(bc)
     _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states,
