@@ -52,6 +52,9 @@ class ScanConfig:
     """Tile sizes of the kernels; `segments` = 0 lets `segment_count` choose."""
     block_t: int = 1  # tokens per chunk; the fastest fwd+bwd at both benchmark shapes on the H200 (bench/NOTES.md)
     block_e: int = 32  # channels per program, one per lane: 32 with one warp turns on the dB/dC reduce-scatter
+    # the same for the forward's two passes: with 64, two channels a lane share the loads and conversions of B and
+    # C (summary and output passes 10-15% faster on the H200, bench/NOTES.md)
+    fwd_block_e: int = 64
     num_warps: int = 1
     keep_decay: bool = True  # the backward keeps each chunk's decays in registers instead of recomputing them
     prefetch: bool = True
@@ -65,6 +68,8 @@ class ScanConfig:
     conv_dp_warps: int = 4
     segments: int = 0
     target_programs: int = 4096
+    carry_states: int = 4  # states per program of the serial carry chain across segments (a power of two)
+    carry_group: int = 8  # segments whose loads the chain issues at once, ahead of it
     # dtype of the chunk states the backward pass recomputes and reads back: "input" (u's, bf16 under autocast:
     # half the traffic of that buffer, the largest of the backward) or "float32". The recurrences run in fp32 either
     # way; only the states entering dA, d(delta) and dC are rounded.
@@ -73,6 +78,10 @@ class ScanConfig:
     def __post_init__(self):
         if self.saved_states not in ("input", "float32"):
             raise ValueError(f"ScanConfig.saved_states must be 'input' or 'float32', not {self.saved_states!r}")
+        for name in ("block_e", "fwd_block_e", "carry_states"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"ScanConfig.{name} must be a power of two, not {value}")
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -429,14 +438,16 @@ def _carry_group(local_ptr, dsum_ptr, g, pid_db, upward, N_SEG, E, N, offs_e, ma
 @triton.jit(do_not_specialize=["zero"])
 def _carry(local_ptr, dsum_ptr, a_ptr, carry_ptr, E, N, B_rows, N_SEG, zero, FORWARD: tl.constexpr,
            BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """The carry entering every segment from the segments' local results: carry_next = local + exp(A dsum) carry.
-    Forward states flow in scan order (direction 0 to higher segments, direction 1 to lower), adjoints the other
-    way. The chain is serial, so the loads run a group of GROUP segments ahead of it (with one load in flight per
-    step, every step waited a memory latency: 3 ms of a VideoMamba-Ti step at 8192 programs)."""
-    pid_e, pid_db = tl.program_id(0), tl.program_id(1)
+    """The carry entering every segment from the segments' local results: carry_next = local + exp(A dsum) carry,
+    for BLOCK_N states of BLOCK_E channels (every state's chain is independent: few states a program make more
+    programs, and registers for more loads in flight). Forward states flow in scan order (direction 0 to higher
+    segments, direction 1 to lower), adjoints the other way. The chain is serial, so the loads run a group of GROUP
+    segments ahead of it (with one load in flight per step, every step waited a memory latency: 3 ms of a
+    VideoMamba-Ti step at 8192 programs)."""
+    pid_e, pid_n, pid_db = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d = pid_db // B_rows
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_e = offs_e < E
     m_en = (offs_n < N)[:, None] & mask_e[None, :]
     p_en = _state_offsets(offs_n, offs_e, E, zero)
@@ -596,7 +607,7 @@ class _Layout:
     chunks: int
     block_n: int
     grid: tuple
-    carry_grid: tuple
+    fwd_grid: tuple
 
 
 def _layout(u: Tensor, A: Tensor, cfg: ScanConfig) -> _Layout:
@@ -607,18 +618,22 @@ def _layout(u: Tensor, A: Tensor, cfg: ScanConfig) -> _Layout:
     n_seg = triton.cdiv(length, seg_len)
     e_blocks = triton.cdiv(channels, cfg.block_e)
     return _Layout(batch, length, channels, A.shape[1], seg_len, n_seg, chunks, triton.next_power_of_2(A.shape[1]),
-                   (e_blocks, n_seg, 2 * batch), (e_blocks, 2 * batch))
+                   (e_blocks, n_seg, 2 * batch), (triton.cdiv(channels, cfg.fwd_block_e), n_seg, 2 * batch))
 
 
 def _carries(local: Tensor, dsum: Tensor, A: Tensor, lay: _Layout, cfg: ScanConfig, forward: bool) -> Tensor:
     carry = torch.empty_like(local)
-    _carry[lay.carry_grid](local, dsum, A, carry, lay.channels, lay.states, lay.batch, lay.n_seg, 0, FORWARD=forward,
-                           BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, GROUP=4, num_warps=cfg.num_warps)
+    block_n = min(cfg.carry_states, lay.block_n)
+    grid = (triton.cdiv(lay.channels, cfg.block_e), triton.cdiv(lay.states, block_n), 2 * lay.batch)
+    _carry[grid](local, dsum, A, carry, lay.channels, lay.states, lay.batch, lay.n_seg, 0, FORWARD=forward,
+                 BLOCK_E=cfg.block_e, BLOCK_N=block_n, GROUP=cfg.carry_group, num_warps=1)
     return carry
 
 
-def _launch_options(cfg: ScanConfig) -> dict:
-    return dict(num_warps=cfg.num_warps, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}))
+def _scan_consts(lay: _Layout, cfg: ScanConfig) -> dict:
+    """The compile-time arguments and launch options the scan kernels take (the forward passes: BLOCK_E replaced)."""
+    return dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
+                num_warps=cfg.num_warps, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}))
 
 
 def _scan_strides(u: Tensor, bc: Tensor) -> tuple:
@@ -649,25 +664,25 @@ def _check_scan_inputs(u, dt, A, Bm, Cm, D, z, bias) -> None:
 
 def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
     """Runs the forward kernels on contiguous u, dt (2, B, L, E), bc = [B, C] (2, B, L, 2N) (its last dimension
-    contiguous, see `_b_and_c`) and A state-major, (2, N, E) contiguous fp32; returns out (B, L, E) in u's dtype and what the backward pass needs: (the state
-    entering every segment or None, segment sums of delta or None, y_0 + y_1)."""
+    contiguous, see `_b_and_c`) and A state-major, (2, N, E) contiguous fp32; returns out (B, L, E) in u's dtype and
+    what the backward pass needs: (the state entering every segment or None, segment sums of delta or None,
+    y_0 + y_1)."""
     lay = _layout(u, A, cfg)
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     f32 = dict(dtype=torch.float32, device=u.device)
     y = torch.empty_like(u)
-    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
-                  **_launch_options(cfg))
+    consts = dict(_scan_consts(lay, cfg), BLOCK_E=cfg.fwd_block_e)
     args = (l, e, n, b, lay.seg_len, lay.chunks, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), 0, 0)
     Bm, Cm = _b_and_c(bc)
     init, dsum = None, None
     if lay.n_seg > 1:
         local = torch.empty(2, b, lay.n_seg, n, e, **f32)
         dsum = torch.empty(2, b, lay.n_seg, e, **f32)
-        _scan_fwd[lay.grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, z, z, *args, SUMMARY=True,
-                            HAS_INIT=False, Y=False, SAVE=False, ADJOINT=False, **consts)
+        _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, z, z, *args, SUMMARY=True,
+                                HAS_INIT=False, Y=False, SAVE=False, ADJOINT=False, **consts)
         init = _carries(local, dsum, A, lay, cfg, forward=True)
-    _scan_fwd[lay.grid](u, dt, Bm, Cm, y, A, D, bias, y if init is None else init, y, y, y, z, z, *args,
-                        SUMMARY=False, HAS_INIT=init is not None, Y=True, SAVE=False, ADJOINT=False, **consts)
+    _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y if init is None else init, y, y, y, z, z, *args,
+                            SUMMARY=False, HAS_INIT=init is not None, Y=True, SAVE=False, ADJOINT=False, **consts)
     out = torch.empty(b, l, e, dtype=u.dtype, device=u.device)
     ys = torch.empty_like(out)
     _gate[(triton.cdiv(b * l, 64), triton.cdiv(e, 64))](y, z, out, ys, b * l, e, y.stride(0), z.stride(1),
@@ -689,17 +704,16 @@ def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanC
     _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states,
                         states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len, lay.chunks, 0,
                         *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
-                        BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
                         SUMMARY=False, HAS_INIT=init is not None, Y=False, SAVE=True, ADJOINT=local is not None,
-                        **_launch_options(cfg))
+                        **_scan_consts(lay, cfg))
     return states, local
 
 
 def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = DEFAULT_CONFIG,
                   dbc: Optional[Tensor] = None):
     """Runs the backward kernels, writing dz into `dz` (B, L, E) (may be a view); returns
-    (du, d(dt), d[B, C] (fp32, like bc), dA (state-major, like A), dD, d(bias) (fp32)). d[B, C] is summed into `dbc` when given (an fp32
-    tensor of zeros with bc's strides), else into a new one."""
+    (du, d(dt), d[B, C] (fp32, like bc), dA (state-major, like A), dD, d(bias) (fp32)). d[B, C] is summed into
+    `dbc` when given (an fp32 tensor of zeros with bc's strides), else into a new one."""
     init, dsum, ys = saved
     lay = _layout(u, A, cfg)
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
@@ -715,8 +729,7 @@ def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = D
     args = (l, e, n, b, lay.seg_len, lay.chunks, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0),
             dout.stride(1), dz.stride(0), dz.stride(1))
     lane_sums = n == 16 and cfg.block_e == 32 and cfg.num_warps == 1 and bc.stride(-1) == 1
-    consts = dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
-                  LANE_SUMS=lane_sums, EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **_launch_options(cfg))
+    consts = dict(LANE_SUMS=lane_sums, EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **_scan_consts(lay, cfg))
     outputs = (du, ddt, dz, *_b_and_c(dbc), dA, dD, dbias)
     states, local = _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay, cfg)
     mu = states if local is None else _carries(local, dsum, A, lay, cfg, forward=False)
