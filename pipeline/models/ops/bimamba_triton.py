@@ -68,8 +68,8 @@ class ScanConfig:
     conv_dp_warps: int = 4
     segments: int = 0
     target_programs: int = 4096
-    carry_states: int = 4  # states per program of the serial carry chain across segments (a power of two)
-    carry_group: int = 8  # segments whose loads the chain issues at once, ahead of it
+    carry_states: int = 2  # states per program of the serial carry chain across segments (a power of two)
+    carry_group: int = 16  # segments whose loads the chain issues at once, ahead of it
     # dtype of the chunk states the backward pass recomputes and reads back: "input" (u's, bf16 under autocast:
     # half the traffic of that buffer, the largest of the backward) or "float32". The recurrences run in fp32 either
     # way; only the states entering dA, d(delta) and dC are rounded.
