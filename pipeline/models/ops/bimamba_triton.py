@@ -178,10 +178,11 @@ def _saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _chunk_state(states_ptr, slot, c, CHUNKS, zero, m_ne, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """The saved state entering chunk c of this program's segment, raw (nothing before c = 0: zeros)."""
-    return tl.load(_saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E), mask=m_ne & (c >= 0),
-                   other=0.0)
+def _chunk_state(states_ptr, slot, c, CHUNKS, zero, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The saved state entering chunk c of this program's segment, raw and unmasked (a masked load costs an
+    instruction more per state, to zero it): the buffer holds whole tiles, written whole, zeros past E and N.
+    Before chunk 0 (a prefetch never used) it reads chunk 0's."""
+    return tl.load(_saved_state_ptrs(states_ptr, slot, tl.maximum(c, 0), CHUNKS, zero, BLOCK_N, BLOCK_E))
 
 
 @triton.jit
@@ -274,7 +275,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
     for c in range(CHUNKS):
         if SAVE:
             tl.store(_saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E),
-                     h.to(states_ptr.dtype.element_ty), mask=m_ne)
+                     h.to(states_ptr.dtype.element_ty))  # whole tiles: h is zero past E and N
         if PREFETCH:  # the next chunk's loads fly while this chunk's recurrence runs
             cur = rows
             rows = _chunk_rows(ptrs, strides, c + 1, *geometry, BLOCK_T)
@@ -348,18 +349,18 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     if PREFETCH:
         rows = _chunk_rows(ptrs, strides, CHUNKS - 1, *geometry, BLOCK_T)
         ys_rows = _chunk_rows((ys_ptr,), (s_gl,), CHUNKS - 1, *ys_geometry, BLOCK_T)
-        h_next = _chunk_state(states_ptr, slot, CHUNKS - 1, CHUNKS, zero, m_ne, BLOCK_N, BLOCK_E)
+        h_next = _chunk_state(states_ptr, slot, CHUNKS - 1, CHUNKS, zero, BLOCK_N, BLOCK_E)
     for cc in range(CHUNKS):
         c = CHUNKS - 1 - cc
         if PREFETCH:  # the next (earlier) chunk's loads, its saved state included, fly while this one is processed
             cur, ys_cur, h = rows, ys_rows, h_next
             rows = _chunk_rows(ptrs, strides, c - 1, *geometry, BLOCK_T)
             ys_rows = _chunk_rows((ys_ptr,), (s_gl,), c - 1, *ys_geometry, BLOCK_T)
-            h_next = _chunk_state(states_ptr, slot, c - 1, CHUNKS, zero, m_ne, BLOCK_N, BLOCK_E)
+            h_next = _chunk_state(states_ptr, slot, c - 1, CHUNKS, zero, BLOCK_N, BLOCK_E)
         else:
             cur = _chunk_rows(ptrs, strides, c, *geometry, BLOCK_T)
             ys_cur = _chunk_rows((ys_ptr,), (s_gl,), c, *ys_geometry, BLOCK_T)
-            h = _chunk_state(states_ptr, slot, c, CHUNKS, zero, m_ne, BLOCK_N, BLOCK_E)
+            h = _chunk_state(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E)
         us, pres, deltas, cs, gs, bs, decays, hs, zs, outs = (), (), (), (), (), (), (), (), (), ()
         for i in tl.static_range(BLOCK_T):
             me = mask_e & (c * BLOCK_T + i < seg_n)
