@@ -12,8 +12,10 @@ Triton kernels do everything between the matmuls:
 - `_conv_fwd`: both directions' conv + SiLU in one pass over x; `_conv_dp`, `_conv_dx`: its backward in two passes
   (the pre-activations recomputed from x, not saved);
 - `_scan_fwd`: one program per (channel block, segment, direction, batch row) runs the recurrence token by token
-  with the state in registers: lanes along 32 channels, the 16 states of a channel inside its thread, so C.h and the
-  other sums over states need no communication. Direction 1 runs by reversed indexing (no flipped copies). A chunk's
+  with the state in registers: lanes along 32 channels (64 in the forward's passes, two a lane), the 16 states of a
+  channel inside its thread, so C.h and the other sums over states need no communication. State buffers are
+  state-major, (N, E), with their alignment hidden from Triton (`_state_offsets`): that is what gives this layout
+  under every Triton version. Direction 1 runs by reversed indexing (no flipped copies). A chunk's
   loads are issued together and one chunk ahead (prefetch), B and C come from one contiguous [B, C] tensor as
   16-byte vector loads. It writes each direction's y; `_gate` adds them and applies SiLU(z).
 - `_scan_bwd`: per chunk in reverse scan order, the chunk's states are recomputed from the state entering it
