@@ -242,7 +242,8 @@ def sm90_kernel_stats() -> dict:
     }
     stats = {}
     for name, (fn, consts) in kernels.items():
-        consts = dict(consts, BLOCK_T=cfg.block_t, BLOCK_N=16, PREFETCH=True)
+        consts = dict(consts, BLOCK_T=cfg.block_t, BLOCK_N=16, PREFETCH=True,
+                      **{k: 1 for k, v in ints.items() if v == 1 and k in fn.arg_names})  # specialized, as at run time
         signature, attrs = {}, {}
         for i, arg in enumerate(fn.arg_names):
             if arg in consts:
@@ -254,9 +255,6 @@ def sm90_kernel_stats() -> dict:
                 signature[arg] = "i32"
                 if arg != "zero" and ints[arg] % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
-        consts.update({k: 1 for k, v in ints.items() if v == 1 and k in fn.arg_names})
-        for k in consts:
-            signature[k] = "constexpr"
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
         stats[name] = dict(shared=compiled.metadata.shared, shuffles=compiled.asm["ptx"].count("shfl.sync"))

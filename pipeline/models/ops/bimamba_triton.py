@@ -485,15 +485,22 @@ def _gate(y_ptr, z_ptr, out_ptr, ys_ptr, R, E, s_yd, s_zr, BLOCK_R: tl.constexpr
 
 # ------------------------------------------------------------------------------------------------ conv kernels
 @triton.jit
+def _tap_tokens(t, direction: tl.constexpr, k: tl.constexpr, K: tl.constexpr):
+    """The tokens whose x tap k of direction's causal conv reads for outputs t (direction 1: causal in reversed
+    order); outside [0, L) where the conv's zero padding is."""
+    if direction == 0:
+        return t + (k - (K - 1))
+    else:
+        return t + ((K - 1) - k)
+
+
+@triton.jit
 def _conv_pre(x_ptr, w_ptr, cb_ptr, direction: tl.constexpr, t, offs_e, mask_e, L, E, s_xl, K: tl.constexpr):
     """Pre-activation of direction's conv at tokens t (T, E) in fp32; direction 1 is causal in reversed order."""
     acc = tl.zeros((t.shape[0], offs_e.shape[0]), dtype=tl.float32)
     acc += tl.load(cb_ptr + direction * E + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(K):
-        if direction == 0:
-            ts = t + (k - (K - 1))
-        else:
-            ts = t + ((K - 1) - k)
+        ts = _tap_tokens(t, direction, k, K)
         m = ((ts >= 0) & (ts < L))[:, None] & mask_e[None, :]
         xv = tl.load(x_ptr + ts[:, None] * s_xl + offs_e[None, :], mask=m, other=0.0).to(tl.float32)
         wk = tl.load(w_ptr + (direction * E + offs_e) * K + k, mask=mask_e, other=0.0).to(tl.float32)
@@ -542,10 +549,7 @@ def _conv_dp(x_ptr, w_ptr, cb_ptr, gu_ptr, dp_ptr, dw_ptr, dcb_ptr, L, E, s_xb, 
             pre = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32) + cb[None, :]
             xs = ()
             for k in tl.static_range(K):
-                if d == 0:
-                    ts = t + (k - (K - 1))
-                else:
-                    ts = t + ((K - 1) - k)
+                ts = _tap_tokens(t, d, k, K)
                 mk = ((ts >= 0) & (ts < L))[:, None] & mask_e[None, :]
                 xv = tl.load(x_ptr + ts[:, None] * s_xl + offs_e[None, :], mask=mk, other=0.0).to(tl.float32)
                 pre += w[k][None, :] * xv
