@@ -2,17 +2,20 @@
 space-time attention ViT of the same width and depth (torch's scaled_dot_product_attention).
 
     python bench/backbone.py [--device cpu|cuda] [--frames 8 16 32 64] [--sizes tiny small] [--img-size 224]
-                             [--batch B] [--backends auto torch mamba_ssm triton] [--quick]
+                             [--batch B] [--backends auto torch mamba_ssm triton] [--cuda-graphs] [--quick]
 
 On the GPU: bf16 autocast, 224x224, 8/16/32/64 frames, batch 4; each VideoMamba mixer backend that works here is
 measured (mamba_ssm, triton; one that fails to import or run is skipped with a note; `--backends torch` adds the
-pure-PyTorch scan, slow on long clips). On the CPU: fp32, small clips.
+pure-PyTorch scan, slow on long clips). `--cuda-graphs` adds a row per model with its blocks replayed as CUDA graphs
+(pipeline.engine.graphs, what `train.cuda_graphs` does): the step without the host's launch cost. On the CPU: fp32,
+small clips.
 Each cell: warmup, then the median of N timed steps (zero grads, forward, mean-square loss, backward), with
 torch.cuda.synchronize around the timing; peak memory is torch.cuda.max_memory_allocated over the timed steps.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.engine.graphs import graph_chain  # noqa: E402
 from pipeline.models import build_videomamba  # noqa: E402
 from pipeline.models.videomamba import SIZES  # noqa: E402
 
@@ -118,8 +122,12 @@ def measure(forward: Callable, model: nn.Module, batch: int, frames: int, img_si
     return statistics.median(times), peak
 
 
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    return model.chained_blocks() if hasattr(model, "chained_blocks") else list(model.blocks)
+
+
 def run(device: str, sizes: list[str], frame_counts: list[int], img_size: int, batch: int, backends: list[str],
-        warmup: int, repeats: int) -> str:
+        warmup: int, repeats: int, cuda_graphs: bool = False) -> str:
     rows = ["| model | backend | frames | tokens | clips/s | ms/step | peak MiB |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for size in sizes:
@@ -131,11 +139,16 @@ def run(device: str, sizes: list[str], frame_counts: list[int], img_size: int, b
                 size, num_frames=frames, img_size=img_size, scan_backend=b)) for b in backends]
             candidates.append((f"ViT-{label} (space-time SDPA)", "sdpa",
                                lambda: SpaceTimeViT(depth, width, frames, img_size)))
+            if cuda_graphs:
+                candidates += [(name, f"{backend}+graphs", make) for name, backend, make in candidates]
             for name, backend, make in candidates:
                 model = make().to(device).train()
+                if backend.endswith("+graphs"):
+                    graph_chain(blocks_of(model))
                 forward = videomamba_features(model) if name.startswith("VideoMamba") else model
                 seconds, peak = measure(forward, model, batch, frames, img_size, device, warmup, repeats)
                 del model, forward  # parameters and gradients must not count towards the next model's peak
+                gc.collect()  # a graphed model's blocks and graphs form a cycle
                 if seconds is None:
                     rows.append(f"| {name} | {backend} | {frames} | {tokens} | OOM | - | - |")
                     continue
@@ -159,6 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: on a shared machine, spinning OpenMP threads cost more than they "
                              "give)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also measure each model with its blocks replayed as CUDA graphs (GPU only)")
     parser.add_argument("--quick", action="store_true", help="the smallest setting only, few repeats")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
@@ -175,7 +190,7 @@ def main(argv=None) -> int:
     backends = mixer_backends(args.device, backends) or (mixer_backends(args.device, ["torch"]) if gpu else [])
     print(f"backbone fwd+bwd, device {args.device}, {img_size}x{img_size}, batch {batch}, "
           f"{'bf16 autocast' if gpu else 'fp32'}, median of {repeats}")
-    print(run(args.device, sizes, frames, img_size, batch, backends, warmup, repeats))
+    print(run(args.device, sizes, frames, img_size, batch, backends, warmup, repeats, args.cuda_graphs and gpu))
     return 0
 
 

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -39,6 +39,7 @@ from pipeline.config import ConfigError, DeepSpeedConfig, TrainConfig
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine import dist
 from pipeline.engine.ds_config import deepspeed_config
+from pipeline.engine.graphs import GraphedChain, graph_chain
 from pipeline.engine.metrics import MetricsLog, ProgressBar, TensorBoardLog
 from pipeline.engine.optim import SkippableAdamW, build_optimizer
 from pipeline.engine.schedule import build_scheduler, move_to_step
@@ -78,7 +79,10 @@ class _StepResult:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, data: Iterable, train_cfg: TrainConfig,
-                 ds_cfg: Optional[DeepSpeedConfig] = None, run_dir: Optional[str] = None):
+                 ds_cfg: Optional[DeepSpeedConfig] = None, run_dir: Optional[str] = None,
+                 graph_modules: Sequence[torch.nn.Module] = ()):
+        """graph_modules: submodules of `model` that each step runs as a chain, each on the previous one's outputs
+        (a backbone's blocks); with `train.cuda_graphs` on a GPU they replay as CUDA graphs (pipeline.engine.graphs)."""
         run_dir = run_dir or train_cfg.out
         if "://" in run_dir:
             raise ConfigError(f"train.out: {run_dir} is a URL; checkpoints need a local or shared file system path "
@@ -92,6 +96,8 @@ class Trainer:
         self.cfg = train_cfg
         self.ds_cfg = ds_cfg or DeepSpeedConfig()
         self.run_dir = run_dir
+        self.graph_modules = list(graph_modules)
+        self.graphs: Optional[GraphedChain] = None  # the replayed chain, once fit() has built it with cuda_graphs
         self.engine: Any = None  # the DeepSpeed engine, once fit() has built it
         self.dist: Optional[dist.DistInfo] = None
 
@@ -136,6 +142,9 @@ class Trainer:
         finally:
             if logs:
                 logs.close()
+            if self.graphs is not None and info.is_main:
+                log.info("CUDA graphs: %d module replays, %d eager calls (the first of each cause logged above)",
+                         self.graphs.replays, self.graphs.eager_calls)
         summary.wall_s = time.perf_counter() - started
         return summary
 
@@ -156,11 +165,26 @@ class Trainer:
                               f"{engine.train_micro_batch_size_per_gpu()} per process, but the data yields "
                               f"train.batch_size={cfg.batch_size} samples per micro-step: set train.batch_size="
                               f"{engine.train_micro_batch_size_per_gpu()} (or change the file's batch keys)")
+        if cfg.cuda_graphs:
+            self.graphs = self._graphed_chain(engine)
         if info.is_main:
             log.info("DeepSpeed: world %d, ZeRO stage %d, micro batch %d, accumulation %d, %s", info.world_size,
                      engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
                      engine.gradient_accumulation_steps(), _precision_of(engine))
         return engine, optimizer, scheduler
+
+    def _graphed_chain(self, engine: Any) -> Optional[GraphedChain]:
+        if engine.zero_optimization_stage() == 3:
+            raise ConfigError("train.cuda_graphs=true needs ZeRO stage 0, 1 or 2: ZeRO-3 gathers the parameters "
+                              "anew for every forward, which a replayed graph cannot do (set deepspeed.zero_stage "
+                              "to 2 or train.cuda_graphs=false)")
+        if engine.device.type != "cuda":
+            log.warning("train.cuda_graphs=true is ignored on %s: CUDA graphs need a GPU", engine.device)
+            return None
+        if not self.graph_modules:
+            log.warning("train.cuda_graphs=true: this stage's model names no chain of modules to replay")
+            return None
+        return graph_chain(self.graph_modules)
 
     # ------------------------------------------------------------------------------------------------ stepping
     def _optimizer_step(self, engine: Any, optimizer: SkippableAdamW, iterator, accum: int,

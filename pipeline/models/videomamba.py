@@ -168,6 +168,11 @@ class VideoMamba(nn.Module):
             pair.reverse()
         return [pair[i % 2] for i in range(len(self.layers))]
 
+    def chained_blocks(self) -> list[nn.Module]:
+        """The blocks that each step runs one after another, each on the previous one's (hidden, residual): all but
+        the activation-checkpointed ones (which run again in the backward pass). What `train.cuda_graphs` replays."""
+        return list(self.layers)[self.checkpoint_blocks:]
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.head_drop(self.forward_features(x).cls))
 

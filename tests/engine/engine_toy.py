@@ -85,6 +85,35 @@ class ToyMLP(torch.nn.Module):
         return self.fc2(self.norm(self.drop(torch.nn.functional.gelu(self.fc1(x + self.pos_embed)))))
 
 
+class ToyBlock(torch.nn.Module):
+    """(hidden, residual or None) -> (hidden, residual), the call convention of a VideoMamba block."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.fc = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, residual: Optional[torch.Tensor]):
+        residual = h if residual is None else residual + h
+        return self.fc(torch.nn.functional.gelu(self.norm(residual))), residual
+
+
+class ToyChain(torch.nn.Module):
+    """A stem, a chain of ToyBlocks and a head: the shape of model whose blocks `train.cuda_graphs` replays."""
+
+    def __init__(self, hidden: int = 16, depth: int = 3):
+        super().__init__()
+        self.stem = torch.nn.Linear(DIM, hidden)
+        self.blocks = torch.nn.ModuleList(ToyBlock(hidden) for _ in range(depth))
+        self.head = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, residual = self.stem(x), None
+        for block in self.blocks:
+            h, residual = block(h, residual)
+        return self.head(h + residual)
+
+
 def mse_loss(model, batch: dict):
     """loss_fn of the contract: the engine calls it with the DeepSpeed engine and a batch already on its device."""
     assert isinstance(batch["key"][0], str)  # non-tensor values pass through untouched
@@ -101,15 +130,18 @@ def train_config(**overrides) -> TrainConfig:
 
 
 def build(run_dir: str, rank: int = 0, world_size: int = 1, dropout: float = 0.2, nan_batches=(), zero_stage: int = 0,
-          limit: Optional[int] = None, **overrides):
-    """Returns a Trainer over a freshly initialised ToyMLP (same weights for the same seed, on every rank)."""
+          limit: Optional[int] = None, chain: bool = False, **overrides):
+    """Returns a Trainer over a freshly initialised ToyMLP, or with `chain` a ToyChain whose blocks are the
+    Trainer's graph_modules (same weights for the same seed, on every rank)."""
     from pipeline.engine import Trainer
 
     torch.manual_seed(0)
     cfg = train_config(**overrides)
     data = ToyData(cfg.batch_size, rank=rank, world_size=world_size, nan_batches=tuple(nan_batches),
                     limit=limit)
-    return Trainer(ToyMLP(dropout=dropout), mse_loss, data, cfg, DeepSpeedConfig(zero_stage=zero_stage), run_dir)
+    model = ToyChain() if chain else ToyMLP(dropout=dropout)
+    return Trainer(model, mse_loss, data, cfg, DeepSpeedConfig(zero_stage=zero_stage), run_dir,
+                   graph_modules=model.blocks if chain else ())
 
 
 def gather_check() -> dict:

@@ -1,0 +1,124 @@
+"""CUDA graphs for a chain of modules (pipeline.engine.graphs) and `train.cuda_graphs` in the trainer. On the CPU:
+the fallback to each module's own forward, the trainer's refusal under ZeRO-3 and its warning off CUDA. On a GPU
+(skipped elsewhere): replayed VideoMamba blocks against eager ones, gradient accumulation, a second forward before
+the backward, and a DeepSpeed ZeRO-2 bf16 run with and without graphs."""
+import copy
+import logging
+
+import pytest
+import torch
+
+import engine_toy as toy
+from pipeline.config import ConfigError
+from pipeline.engine.graphs import graph_chain
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def toy_loss(model, x):
+    return model(x).square().mean()
+
+
+def test_off_cuda_each_module_runs_its_own_forward_with_the_same_results():
+    torch.manual_seed(0)
+    model = toy.ToyChain(depth=3)
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    chain = graph_chain(model.blocks)
+    x = torch.randn(5, toy.DIM)
+    toy_loss(model, x).backward()
+    toy_loss(reference, x).backward()
+    assert chain.eager_calls == 3 and chain.replays == 0 and not chain.links
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert list(model.state_dict()) == keys  # names, checkpoints and DeepSpeed see the same module
+
+
+def test_an_empty_chain_is_refused():
+    with pytest.raises(ValueError, match="no modules"):
+        graph_chain([])
+
+
+def test_trainer_refuses_cuda_graphs_under_zero3(tmp_path):
+    trainer = toy.build(str(tmp_path), chain=True, zero_stage=3, cuda_graphs=True, max_steps=1)
+    with pytest.raises(ConfigError, match="ZeRO stage 0, 1 or 2"):
+        trainer.fit()
+
+
+def test_trainer_off_cuda_warns_and_trains_as_without_graphs(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.engine.trainer"):
+        toy.build(str(tmp_path / "graphs"), chain=True, cuda_graphs=True, max_steps=3, ckpt_every=0).fit()
+    assert "train.cuda_graphs=true is ignored on cpu" in caplog.text
+    toy.build(str(tmp_path / "plain"), chain=True, max_steps=3, ckpt_every=0).fit()
+    assert toy.losses(str(tmp_path / "graphs")) == toy.losses(str(tmp_path / "plain"))
+
+
+# ------------------------------------------------------------------------------------------------ on a GPU
+def videomamba_pair(depth=4):
+    from pipeline.models import build_videomamba
+
+    torch.manual_seed(0)
+    model = build_videomamba("tiny", num_frames=2, img_size=64, scan_backend="triton").cuda().train()
+    model.layers = model.layers[:depth]
+    return model, copy.deepcopy(model)
+
+
+def features_loss(model, x):
+    return model.forward_features(x).tokens.float().square().mean()
+
+
+def micro_step(model, x) -> float:
+    loss = features_loss(model, x)
+    loss.backward()
+    return float(loss)
+
+
+@cuda
+def test_replayed_videomamba_blocks_match_eager_over_steps_with_accumulation():
+    graphed, eager = videomamba_pair()
+    chain = graph_chain(graphed.chained_blocks())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (graphed, eager)]
+    for step in range(3):
+        xs = [torch.randn(2, 3, 2, 64, 64, device="cuda") for _ in range(2)]  # two micro-batches, one update
+        losses = []
+        for model, opt in zip((graphed, eager), optimizers):
+            opt.zero_grad(set_to_none=True)
+            losses.append([micro_step(model, x) for x in xs])
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4), step
+        for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6), (step, name)
+        for opt in optimizers:
+            opt.step()  # in place: the graphs read the updated weights
+    assert chain.replays > 0 and chain.eager_calls == 0
+
+
+@cuda
+def test_a_second_forward_before_the_backward_runs_eagerly_and_gradients_stay_right():
+    graphed, eager = videomamba_pair()
+    chain = graph_chain(graphed.chained_blocks())
+    x1, x2 = (torch.randn(2, 3, 2, 64, 64, device="cuda") for _ in range(2))
+    features_loss(graphed, x1).backward()  # captures, replays once
+    graphed.zero_grad(set_to_none=True)
+    (features_loss(graphed, x1) + features_loss(graphed, x2)).backward()
+    (features_loss(eager, x1) + features_loss(eager, x2)).backward()
+    assert chain.eager_calls == len(graphed.chained_blocks())  # the second pass, before the first's backward
+    for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6), name
+
+
+@cuda
+def test_deepspeed_zero2_bf16_run_with_graphs_matches_the_run_without(tmp_path):
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cuda":
+        pytest.skip("DeepSpeed's accelerator is not CUDA here (DS_ACCELERATOR)")
+    runs = {}
+    for graphs in (False, True):
+        run_dir = str(tmp_path / f"graphs_{graphs}")
+        trainer = toy.build(run_dir, chain=True, zero_stage=2, precision="bf16", cuda_graphs=graphs, max_steps=6,
+                            ckpt_every=0)
+        trainer.fit()
+        runs[graphs] = (toy.losses(run_dir), trainer.graphs)
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=2e-2)
+    chain = runs[True][1]
+    assert chain.replays == 6 * 2 * 3 and chain.eager_calls == 0  # steps x micro-batches x blocks
