@@ -2,7 +2,8 @@
 # Stage 1 end to end on one GPU (CUDA, NCCL, bf16, ZeRO-2): synthetic corpus -> tars -> a tiny open_clip teacher ->
 # `videomamba pretrain` (VideoMamba-Ti, the default scan backend) -> a resume from its checkpoint. It checks the
 # CUDA path of the engine and prints the stage's clips/s. Packages come from /tmp/site (../shared/GPU.md: deepspeed,
-# open-clip-torch, av, braceexpand, pydantic, hjson); run from the project's root. Logs go to $OUT.
+# open-clip-torch, av, braceexpand, pydantic, hjson); run from the project's root. Logs go to $OUT. Arguments are
+# extra config overrides of both runs: `bash bench/gpu_stage1.sh train.cuda_graphs=true`.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/gpu-stage1}; mkdir -p "$out"
@@ -23,7 +24,7 @@ PY
 args=(--config configs/stage1_align.yaml "data.train=$work/shards/index.json" teacher.model=tiny-clip
       "teacher.pretrained=$work/teacher/tiny_clip.pt" teacher.img_size=64 data.img_size=64 data.num_frames=8
       data.decoder=cpu data.num_workers=8 model.size=tiny train.batch_size=16 train.lr=1.0e-3 train.warmup_steps=10
-      train.precision=bf16 deepspeed.zero_stage=2 train.ckpt_every=40 train.progress=false "train.out=$work/run")
+      train.precision=bf16 deepspeed.zero_stage=2 train.ckpt_every=40 train.progress=false "train.out=$work/run" "$@")
 python -m pipeline.cli pretrain "${args[@]}" train.max_steps=80 2>&1 | tail -n 5 | tee "$out/stage1.txt"
 python -m pipeline.cli pretrain "${args[@]}" train.max_steps=100 --resume auto 2>&1 | tail -n 3 | tee "$out/resume.txt"
 python - "$work/run/metrics.jsonl" <<'PY' | tee "$out/metrics.txt"
