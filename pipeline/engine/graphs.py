@@ -28,7 +28,9 @@ What a caller must know:
   anything needed beyond the step;
 - the capture's memory (every module's saved activations and the largest temporaries) stays reserved between steps;
 - parameter gradients are handed to autograd as tensors this module keeps a reference to, so autograd copies them
-  into `.grad` (accumulation over micro-batches works) instead of adopting the graph's memory as `.grad`.
+  into `.grad` (accumulation over micro-batches works) instead of adopting the graph's memory as `.grad`;
+- random numbers (drop path) come from the CUDA generator at each replay, a new draw each time; the capture leaves
+  the generator as it found it.
 """
 from __future__ import annotations
 
@@ -161,7 +163,10 @@ class GraphedChain:
         aliases = [_parameter_aliases(m) for m in self.modules]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with self._own_forwards(), _autocast_without_cache():
+        # the warm-up draws random numbers (drop path): restored, so that the replays draw as if no capture had run
+        # and a run resumed from a checkpoint (which captures anew) repeats the uninterrupted run's draws
+        rng = torch.random.fork_rng(devices=[torch.cuda.current_device()])
+        with rng, self._own_forwards(), _autocast_without_cache():
             with torch.cuda.stream(stream):
                 for _ in range(WARMUP_PASSES):
                     self._warm_up(first, aliases)

@@ -54,17 +54,26 @@ def test_trainer_off_cuda_warns_and_trains_as_without_graphs(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------ on a GPU
-def videomamba_pair(depth=4):
+def videomamba_pair(depth=4, drop_path_rate=0.0):
     from pipeline.models import build_videomamba
 
     torch.manual_seed(0)
-    model = build_videomamba("tiny", num_frames=2, img_size=64, scan_backend="triton").cuda().train()
-    model.layers = model.layers[:depth]
+    model = build_videomamba("tiny", num_frames=2, img_size=64, scan_backend="triton", depth=depth,
+                             drop_path_rate=drop_path_rate).cuda().train()
     return model, copy.deepcopy(model)
 
 
 def features_loss(model, x):
-    return model.forward_features(x).tokens.float().square().mean()
+    """A loss whose value and gradients depend on every token's direction (the tokens come out of a norm, so their
+    plain mean square would be about 1 whatever the input)."""
+    tokens = model.forward_features(x).tokens.float()
+    probe = torch.randn(tokens.shape[-1], generator=torch.Generator().manual_seed(5)).to(tokens.device)
+    return (tokens @ probe).square().mean()
+
+
+def close(a, b, rel=1e-4) -> bool:
+    """Equal up to the order of fp32 atomic sums (the scan's dB, dC): a relative difference of the whole tensor."""
+    return float((a - b).norm()) <= rel * float(b.norm()) + 1e-8
 
 
 def micro_step(model, x) -> float:
@@ -77,7 +86,7 @@ def micro_step(model, x) -> float:
 def test_replayed_videomamba_blocks_match_eager_over_steps_with_accumulation():
     graphed, eager = videomamba_pair()
     chain = graph_chain(graphed.chained_blocks())
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (graphed, eager)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-4) for m in (graphed, eager)]
     for step in range(3):
         xs = [torch.randn(2, 3, 2, 64, 64, device="cuda") for _ in range(2)]  # two micro-batches, one update
         losses = []
@@ -85,8 +94,9 @@ def test_replayed_videomamba_blocks_match_eager_over_steps_with_accumulation():
             opt.zero_grad(set_to_none=True)
             losses.append([micro_step(model, x) for x in xs])
         assert losses[0] == pytest.approx(losses[1], rel=1e-4), step
+        assert sum(float(q.grad.abs().sum()) for q in eager.parameters()) > 1e-2  # a loss with real gradients
         for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
-            assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6), (step, name)
+            assert close(p.grad, q.grad), (step, name)
         for opt in optimizers:
             opt.step()  # in place: the graphs read the updated weights
     assert chain.replays > 0 and chain.eager_calls == 0
@@ -103,7 +113,7 @@ def test_a_second_forward_before_the_backward_runs_eagerly_and_gradients_stay_ri
     (features_loss(eager, x1) + features_loss(eager, x2)).backward()
     assert chain.eager_calls == len(graphed.chained_blocks())  # the second pass, before the first's backward
     for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6), name
+        assert close(p.grad, q.grad), name
 
 
 @cuda
@@ -122,3 +132,19 @@ def test_deepspeed_zero2_bf16_run_with_graphs_matches_the_run_without(tmp_path):
     assert runs[True][0] == pytest.approx(runs[False][0], rel=2e-2)
     chain = runs[True][1]
     assert chain.replays == 6 * 2 * 3 and chain.eager_calls == 0  # steps x micro-batches x blocks
+
+
+@cuda
+def test_drop_path_draws_anew_at_each_replay_and_the_capture_leaves_the_generator_alone():
+    first, second = videomamba_pair(drop_path_rate=0.5)
+    x = torch.randn(2, 3, 2, 64, 64, device="cuda")
+    graph_chain(first.chained_blocks())
+    torch.cuda.manual_seed(1)
+    a = [micro_step(first, x) for _ in range(2)]  # captures in the first step
+    graph_chain(second.chained_blocks())
+    torch.cuda.manual_seed(99)
+    micro_step(second, x)  # captures here, under another generator state
+    torch.cuda.manual_seed(1)
+    b = [micro_step(second, x) for _ in range(2)]
+    assert a[0] != a[1]  # same input and weights: only the drop-path draws differ
+    assert b == pytest.approx(a, rel=1e-5)  # as a run resumed with the RNG state of an uninterrupted one
