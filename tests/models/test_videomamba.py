@@ -133,12 +133,14 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients():
     x = torch.randn(2, 3, 2, 32, 32)
     mask = torch.zeros(2, 8, dtype=torch.bool)
     mask[:, :3] = True
-    losses = [m.forward_features(x, mask=mask).tokens.square().mean() for m in (plain, ckpt)]
+    probe = torch.randn(plain.embed_dim)  # the tokens come normed: their plain mean square hardly depends on anything
+    losses = [(m.forward_features(x, mask=mask).tokens @ probe).square().mean() for m in (plain, ckpt)]
     for loss in losses:
         loss.backward()
     assert torch.allclose(losses[0], losses[1])
+    assert plain.layers[0].mixer.in_proj.weight.grad.abs().max() > 1e-3  # gradients reach the checkpointed blocks
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
 
 
 def test_bf16_autocast_runs_and_stays_close_to_fp32():
