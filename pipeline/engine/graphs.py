@@ -121,7 +121,12 @@ class GraphedChain:
     def call(self, index: int, *args: Any):
         reason = self._ineligible(index, args)
         if reason is None and not self.links:
-            self._capture(args)
+            try:
+                self._capture(args)
+            except Exception as e:
+                raise RuntimeError(f"capturing CUDA graphs of a chain of {len(self.modules)} "
+                                   f"{type(self.modules[0]).__name__} modules failed: {type(e).__name__}: {e}. "
+                                   "Run without them (train.cuda_graphs=false)") from e
         elif reason is not None:
             return self._eager(index, args, reason)
         link = self.links[index]
