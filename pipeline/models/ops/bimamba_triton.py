@@ -61,13 +61,18 @@ class ScanConfig:
     keep_decay: bool = True  # the backward keeps each chunk's decays in registers instead of recomputing them
     prefetch: bool = True
     max_registers: int = 0  # > 0: cap the scan kernels' registers per thread (Triton's maxnreg), for occupancy
-    conv_block_t: int = 64
+    conv_block_t: int = 64  # the forward conv's tiles (tokens, channels) and warps
     conv_block_e: int = 64
-    conv_warps: int = 4  # the forward conv's (1.4x faster than with 8 on the H200)
-    conv_dx_warps: int = 8  # with 4 the backward's (64, 64) tiles need 174 registers per thread
-    conv_dp_block_t: int = 16  # the conv backward's first pass: tiles of (16, conv_block_e), 16 tiles a program,
-    conv_dp_tiles: int = 16  # 4 warps (159 registers)
-    conv_dp_warps: int = 4
+    conv_warps: int = 4  # (1.4x faster than with 8 on the H200)
+    # the conv backward's two passes: dp in tiles of (8, 64), 16 tiles a program, 2 warps; dx in (16, 128) tiles,
+    # 4 warps (the fastest of bench/conv.py's sweep on the H200: 209 -> 195 and 209 -> 199 us, one swept at a time)
+    conv_dp_block_t: int = 8
+    conv_dp_block_e: int = 64
+    conv_dp_tiles: int = 16
+    conv_dp_warps: int = 2
+    conv_dx_block_t: int = 16
+    conv_dx_block_e: int = 128
+    conv_dx_warps: int = 4
     segments: int = 0
     target_programs: int = 4096
     carry_states: int = 2  # states per program of the serial carry chain across segments (a power of two)
@@ -801,13 +806,13 @@ def conv_silu_backward(x: Tensor, gu: Tensor, weight: Tensor, bias: Tensor, dx: 
     dp = torch.empty_like(gu)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
     db = torch.zeros(bias.shape, dtype=torch.float32, device=x.device)
-    dp_grid = (triton.cdiv(e, cfg.conv_block_e), triton.cdiv(l, cfg.conv_dp_block_t * cfg.conv_dp_tiles), b)
+    dp_grid = (triton.cdiv(e, cfg.conv_dp_block_e), triton.cdiv(l, cfg.conv_dp_block_t * cfg.conv_dp_tiles), b)
     _conv_dp[dp_grid](x, weight, bias, gu, dp, dw, db, l, e, x.stride(0), x.stride(1), gu.stride(0), gu.stride(1),
-                      gu.stride(2), BLOCK_T=cfg.conv_dp_block_t, BLOCK_E=cfg.conv_block_e, TILES=cfg.conv_dp_tiles,
+                      gu.stride(2), BLOCK_T=cfg.conv_dp_block_t, BLOCK_E=cfg.conv_dp_block_e, TILES=cfg.conv_dp_tiles,
                       K=weight.shape[-1], num_warps=cfg.conv_dp_warps)
-    grid = (triton.cdiv(e, cfg.conv_block_e), triton.cdiv(l, cfg.conv_block_t), b)
+    grid = (triton.cdiv(e, cfg.conv_dx_block_e), triton.cdiv(l, cfg.conv_dx_block_t), b)
     _conv_dx[grid](dp, weight, dx, l, e, dp.stride(0), dp.stride(1), dp.stride(2), dx.stride(0), dx.stride(1),
-                   BLOCK_T=cfg.conv_block_t, BLOCK_E=cfg.conv_block_e, K=weight.shape[-1],
+                   BLOCK_T=cfg.conv_dx_block_t, BLOCK_E=cfg.conv_dx_block_e, K=weight.shape[-1],
                    num_warps=cfg.conv_dx_warps)
     return dw, db
 
