@@ -300,7 +300,14 @@ def main() -> int:
                         help="sweep these tiles instead of the built-in list, e.g. 1/1/2048 (block_t, keep_decay, "
                              "target_programs; 32 channels a warp; STATES: saved_states, input or float32)")
     parser.add_argument("--no-stacks", action="store_true", help="skip the block-stack timings")
+    parser.add_argument("--quick", action="store_true", help="the default tiles only, no block stacks")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/fused.py times the fused scan on a CUDA GPU; none here: skipped")
+        return 0
+    if args.quick:
+        CONFIGS[:] = [ScanConfig()]
+        args.no_stacks = True
     if args.tiles:
         CONFIGS[:] = [ScanConfig(block_t=int(t), keep_decay=bool(int(k)), target_programs=int(p),
                                  saved_states=(rest or ["input"])[0])

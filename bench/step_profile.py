@@ -3,7 +3,7 @@ time against the step's wall time (the gap is launch and host overhead), for Vid
 space-time SDPA ViT of bench/backbone.py; with --host also the Python functions of the host side (cProfile).
 
     python bench/step_profile.py [--model videomamba|vit] [--size tiny] [--frames 64] [--batch 4] [--backend triton]
-                            [--steps 3] [--top 25] [--trace trace.json] [--host]
+                            [--steps 3] [--top 25] [--trace trace.json] [--host] [--cuda-graphs] [--quick]
 
 bf16 autocast on CUDA (fp32 on the CPU); the loss and step are bench/backbone.py's. Kernels are grouped by name, so
 a Triton kernel's specializations (e.g. the scan's summary and main passes) share one row.
@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.backbone import SpaceTimeViT  # noqa: E402
+from pipeline.engine.graphs import graph_chain  # noqa: E402
 from pipeline.models import build_videomamba  # noqa: E402
 from pipeline.models.videomamba import SIZES  # noqa: E402
 
@@ -78,13 +79,20 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace", default=None, help="also write a Chrome trace here")
     parser.add_argument("--host", action="store_true", help="also profile the host side with cProfile")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the blocks as CUDA graphs (train.cuda_graphs, pipeline.engine.graphs)")
+    parser.add_argument("--quick", action="store_true", help="one profiled step, the top 10 kernels")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.top = 1, 10
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
     frames, img_size = args.frames or (64 if gpu else 4), args.img_size or (224 if gpu else 64)
     batch = args.batch or (4 if gpu else 1)
     module, forward = build(args.model, args.size, frames, img_size, args.backend)
     module = module.to(device).train()
+    if args.cuda_graphs:
+        graph_chain(module.chained_blocks() if args.model == "videomamba" else module.blocks)
     x = torch.randn(batch, 3, frames, img_size, img_size, device=device)
     for _ in range(2):
         step(forward, module, x, device)
