@@ -65,7 +65,7 @@ class ScanConfig:
     conv_block_e: int = 64
     conv_warps: int = 4  # (1.4x faster than with 8 on the H200)
     # the conv backward's two passes: dp in tiles of (8, 64), 16 tiles a program, 2 warps; dx in (16, 128) tiles,
-    # 4 warps (the fastest of bench/conv.py's sweep on the H200: 209 -> 195 and 209 -> 199 us, one swept at a time)
+    # 4 warps (bench/conv.py's sweep on the H200: both passes 209 -> 186 us at VideoMamba-Ti's 64-frame shape)
     conv_dp_block_t: int = 8
     conv_dp_block_e: int = 64
     conv_dp_tiles: int = 16
