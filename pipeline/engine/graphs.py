@@ -2,16 +2,17 @@
 
 An eager step pays the host's cost (Python, autograd, kernel launches) for every kernel it runs. Below 32 frames
 that cost, not the GPU, sets VideoMamba's step time: on the lent H200 VideoMamba-Ti at 8 frames, batch 4, takes
-80.6 ms a step eager and 16.3 ms with its blocks replayed from graphs (bench/RESULTS.md).
+about 100 ms a step eager and 17 ms with its blocks replayed from graphs (bench/RESULTS.md).
 
-    graphed = graph_chain(backbone.layers)   # in place: the modules keep their parameters, names and state dicts
+    chain = graph_chain(backbone.chained_blocks())   # in place: the modules keep their parameters, names, state dicts
 
 A chain is a list of modules called one after another in each training step, module i+1 on module i's outputs
 (VideoMamba's blocks: (hidden, residual) -> (hidden, residual)). At the first call of the first module with grad
 enabled on CUDA tensors the whole chain is captured, in the order it will replay: two eager warm-up passes on a side
 stream (Triton compiles, cuBLAS sets up), then every forward in order, each reading its inputs from the previous
-module's static outputs (as autograd leaves of their own), then every backward in reverse order, all in one pool. Replaying in that order
-never overwrites memory that another graph still needs, and a chained input is already in place (no copy).
+module's static outputs (as autograd leaves of their own), then every backward in reverse order, all in one pool.
+Replaying in that order never overwrites memory that another graph still needs, and a chained input is already in
+place (no copy).
 
 A call replays its module's graph only when it can do so correctly; anything else runs the module's own forward:
 - CUDA tensors, grad enabled, outside any other capture, the module in the training mode it was captured in, and
