@@ -15,9 +15,10 @@ rank (called at checkpoints and on resume), and optionally `stats()` -> {counter
 metrics). The engine knows nothing about what the batches hold.
 
 Exact resume: a checkpoint holds DeepSpeed's model and optimizer states, the LR scheduler's state (on resume the LR
-is recomputed from the step and the current config), the step, each rank's data position and each rank's RNG states (restored after the data iterator is created, the last thing before the next
-step). A run resumed from step k with the same world size therefore computes the same losses as one that never
-stopped (bit for bit on the CPU in fp32), and its metrics.jsonl is cut back to step k first.
+is recomputed from the step and the current config), the step, each rank's data position and each rank's RNG
+states (restored after the data iterator is created, the last thing before the next step). A run resumed from step
+k with the same world size therefore computes the same losses as one that never stopped (bit for bit on the CPU in
+fp32), and its metrics.jsonl is cut back to step k first.
 
 Resume with another world size (a node lost, or added): the module gets the checkpoint's consolidated fp32 weights
 before DeepSpeed partitions them anew (any ZeRO stage on either side), the step, LR schedule and data position carry
