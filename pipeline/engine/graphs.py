@@ -265,7 +265,7 @@ def graph_chain(modules: Sequence[nn.Module]) -> GraphedChain:
     modules = list(modules)
     if not modules:
         raise ValueError("graph_chain: the chain has no modules")
-    chain = GraphedChain(modules, [m.forward for m in modules])
+    chain = GraphedChain(modules, [_own_forward(m) for m in modules])
     for i, module in enumerate(modules):
         module.forward = _bound_call(chain, i)
     return chain
@@ -274,4 +274,12 @@ def graph_chain(modules: Sequence[nn.Module]) -> GraphedChain:
 def _bound_call(chain: GraphedChain, index: int):
     def forward(*args):
         return chain.call(index, *args)
+    forward.graphed = (chain, index)
     return forward
+
+
+def _own_forward(module: nn.Module):
+    """The module's forward, or, for a module an earlier graph_chain made replay (a second fit() of one model), the
+    forward it had before: the new chain replaces the old one instead of wrapping it."""
+    graphed = getattr(module.forward, "graphed", None)
+    return graphed[0].eager_forwards[graphed[1]] if graphed else module.forward

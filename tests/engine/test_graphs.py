@@ -34,6 +34,15 @@ def test_off_cuda_each_module_runs_its_own_forward_with_the_same_results():
     assert list(model.state_dict()) == keys  # names, checkpoints and DeepSpeed see the same module
 
 
+def test_a_chain_made_again_replaces_the_first_instead_of_wrapping_it():
+    model = toy.ToyChain(depth=2)
+    first = graph_chain(model.blocks)
+    second = graph_chain(model.blocks)  # a second Trainer.fit() of the same model
+    assert second.eager_forwards == first.eager_forwards
+    toy_loss(model, torch.randn(3, toy.DIM)).backward()
+    assert (first.eager_calls, second.eager_calls) == (0, 2)
+
+
 def test_an_empty_chain_is_refused():
     with pytest.raises(ValueError, match="no modules"):
         graph_chain([])
