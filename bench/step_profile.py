@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.backbone import SpaceTimeViT  # noqa: E402
+from bench.backbone import SpaceTimeViT, blocks_of  # noqa: E402
 from pipeline.engine.graphs import graph_chain  # noqa: E402
 from pipeline.models import build_videomamba  # noqa: E402
 from pipeline.models.videomamba import SIZES  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     module, forward = build(args.model, args.size, frames, img_size, args.backend)
     module = module.to(device).train()
     if args.cuda_graphs:
-        graph_chain(module.chained_blocks() if args.model == "videomamba" else module.blocks)
+        graph_chain(blocks_of(module))
     x = torch.randn(batch, 3, frames, img_size, img_size, device=device)
     for _ in range(2):
         step(forward, module, x, device)
