@@ -151,7 +151,32 @@ def check_backbone_mixer(b, l, d_model, seed) -> dict:
     return {n: rel(t, r) for n, t, r in zip(names, results["triton"], results["torch"])}
 
 
-CHECKS = {"scan": check_scan, "mixer": check_mixer, "backbone": check_backbone_mixer}
+def check_pack(e, k, r, n, conv_bias, xz_dtype, seed) -> dict:
+    """`packed_params` against the same layouts built with torch ops: each entry's relative error (a copy, a cast,
+    -exp: 0, but for the rounding of a cast to bf16, which the interpreter may do differently from torch)."""
+    from pipeline.models.ops.bimamba_triton import packed_params
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for shape in ((e, 1, k), (e,), (r + 2 * n, e), (e, r), (e, n), (e,), (e,)):
+        pairs += [torch.randn(shape, generator=g), torch.randn(shape, generator=g)]
+    if not conv_bias:
+        pairs[2] = pairs[3] = None
+    xz = torch.zeros(1, 1, 2 * e, dtype=getattr(torch, xz_dtype))
+    rp = r + (-r % 16)
+    stack = lambda i: torch.stack([pairs[i], pairs[i + 1]])  # noqa: E731
+    wx = torch.zeros(2, rp + 2 * n, e)
+    wx[:, :r], wx[:, rp:] = stack(4)[:, :r], stack(4)[:, r:]
+    expected = [stack(0)[:, :, 0], stack(2) if conv_bias else torch.zeros(2, e), wx.to(xz.dtype),
+                F.pad(stack(6), (0, rp - r)).to(xz.dtype), -torch.exp(stack(8)).transpose(1, 2), stack(10), stack(12)]
+    got = packed_params(pairs, xz)
+    names = ["conv_w", "conv_b", "wx", "wdt", "A", "D", "dt_bias"]
+    errors = {name: float(((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-30)).max())
+              for name, a, b in zip(names, got, expected)}
+    errors["layouts"] = float(any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(got, expected)))
+    return errors
+
+
+CHECKS = {"scan": check_scan, "mixer": check_mixer, "backbone": check_backbone_mixer, "pack": check_pack}
 
 
 def run_checks(cases: list, script: str = __file__) -> list:
@@ -205,6 +230,14 @@ def test_backbone_triton_backend_matches_its_torch_backend():
     case = dict(b=2, l=33, d_model=16, seed=7)
     [errors] = run_checks([("backbone", case)])
     assert_close(errors, TOL_FP32, case)
+
+
+def test_packed_params_equal_the_stacked_padded_and_cast_parameters():
+    cases = [dict(e=40, k=4, r=3, n=16, conv_bias=True, xz_dtype="bfloat16", seed=9),  # R padded to 16, 2 blocks
+             dict(e=24, k=3, r=16, n=5, conv_bias=False, xz_dtype="float32", seed=10)]  # no padding, no conv bias
+    for case, errors in zip(cases, run_checks([("pack", c) for c in cases])):
+        bf16 = ("wx", "wdt") if case["xz_dtype"] == "bfloat16" else ()
+        assert all(v <= (2 ** -7 if name in bf16 else 1e-6) for name, v in errors.items()), (case, errors)
 
 
 def test_scan_rejects_mismatched_shapes():

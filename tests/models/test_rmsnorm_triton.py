@@ -22,10 +22,15 @@ def reference(hidden, residual, weight, eps, residual_in_fp32):
     return norm(residual.to(weight.dtype)), residual, norm.weight
 
 
-def check_norm(with_residual: bool, residual_in_fp32: bool, weight_dtype: str, seed: int) -> dict:
+def check_norm(with_residual: bool, residual_in_fp32: bool, weight_dtype: str, seed: int,
+               hidden_dtype: str = "float32", max_programs: int = 0) -> dict:
+    """max_programs > 0 caps the backward's grid, so that its programs loop over several blocks of rows."""
+    from pipeline.models.ops import rmsnorm_triton
     from pipeline.models.ops.rmsnorm_triton import add_rms_norm
+    if max_programs:
+        rmsnorm_triton.MAX_BWD_PROGRAMS = max_programs
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(3, 37, 24, generator=g)
+    hidden = torch.randn(3, 37, 24, generator=g).to(getattr(torch, hidden_dtype))
     residual = torch.randn(3, 37, 24, generator=g) * 2 if with_residual else None
     weight = (1 + 0.1 * torch.randn(24, generator=g)).to(getattr(torch, weight_dtype))
     grads_in = (torch.randn(3, 37, 24, generator=g), torch.randn(3, 37, 24, generator=g))
@@ -39,6 +44,7 @@ def check_norm(with_residual: bool, residual_in_fp32: bool, weight_dtype: str, s
         else:
             out, res, w = reference(h, r, w, 1e-5, residual_in_fp32)
         (out.float() * grads_in[0]).sum().add((res.float() * grads_in[1]).sum()).backward()
+        assert h.grad.dtype == h.dtype and (r is None or r.grad.dtype == r.dtype)
         results.append([out, res, h.grad, w.grad] + ([r.grad] if r is not None else []))
         assert out.dtype == weight.dtype and (res.dtype == torch.float32 or not residual_in_fp32)
     names = ["out", "residual", "dhidden", "dweight", "dresidual"]
@@ -78,6 +84,17 @@ def test_fused_add_rmsnorm_rounds_the_norm_input_to_a_bf16_weight():
     case = ("norm", dict(with_residual=True, residual_in_fp32=True, weight_dtype="bfloat16", seed=4))
     [errors] = run_checks([case], __file__)
     assert errors["residual"] < TOL_FP32, errors  # the residual stream itself stays exact fp32
+    assert_close(errors, TOL_BF16, case)
+
+
+def test_fused_add_rmsnorm_gives_a_bf16_hidden_its_gradient_in_bf16():
+    """Under autocast the mixer's output (hidden) is bf16 while the residual stream is fp32: the backward writes
+    the gradient once per dtype from the same fp32 values, here with the grid capped at 3 programs so that each one
+    loops over several blocks of rows (111 rows, 8 a block)."""
+    case = ("norm", dict(with_residual=True, residual_in_fp32=True, weight_dtype="float32", seed=5,
+                         hidden_dtype="bfloat16", max_programs=3))
+    [errors] = run_checks([case], __file__)
+    assert errors["dresidual"] < TOL_FP32 and errors["dweight"] < TOL_FP32, errors  # fp32 from fp32 sums
     assert_close(errors, TOL_BF16, case)
 
 

@@ -597,6 +597,44 @@ def _conv_dx(dp_ptr, w_ptr, dx_ptr, L, E, s_ud, s_ub, s_ul, s_dxb, s_dxl,
     tl.store(dx_ptr + pid_b * s_dxb + t[:, None] * s_dxl + offs_e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _pack_direction(conv_w_ptr, conv_b_ptr, xw_ptr, dtw_ptr, alog_ptr, dd_ptr, bias_ptr,
+                    conv_w_out, conv_b_out, wx_out, wdt_out, a_out, d_out, bias_out, d, E, K, R, RP, N,
+                    HAS_CONV_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_RP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One direction's parameters, for a block of channels, into slot d of the kernels' stacked layouts (see
+    `packed_params`): the conv weight (E, 1, K) -> (E, K); x_proj (R + 2N, E) -> (RP + 2N, E) with zero rows R..RP;
+    dt_proj (E, R) -> (E, RP) with zero columns; A = -exp(A_log) (E, N) -> state-major (N, E) fp32; conv bias
+    (zeros without one), D, dt bias (E,). Each store converts to its output's dtype."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    me = e < E
+    k = tl.arange(0, BLOCK_K)
+    m = me[:, None] & (k < K)[None, :]
+    tl.store(conv_w_out + d * E * K + e[:, None] * K + k[None, :],
+             tl.load(conv_w_ptr + e[:, None] * K + k[None, :], mask=m).to(conv_w_out.dtype.element_ty), mask=m)
+    if HAS_CONV_BIAS:
+        conv_b = tl.load(conv_b_ptr + e, mask=me).to(tl.float32)
+    else:
+        conv_b = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    tl.store(conv_b_out + d * E + e, conv_b.to(conv_b_out.dtype.element_ty), mask=me)
+    rows = tl.arange(0, BLOCK_ROWS)  # x_proj's output rows: [dt (R), zeros (RP - R), B, C (2N)]
+    src = tl.where(rows < R, rows, rows - (RP - R))
+    valid = (rows < R) | ((rows >= RP) & (rows < RP + 2 * N))
+    xw = tl.load(xw_ptr + src[:, None] * E + e[None, :], mask=valid[:, None] & me[None, :], other=0.0)
+    tl.store(wx_out + d * (RP + 2 * N) * E + rows[:, None] * E + e[None, :], xw.to(wx_out.dtype.element_ty),
+             mask=(rows < RP + 2 * N)[:, None] & me[None, :])
+    cols = tl.arange(0, BLOCK_RP)
+    dtw = tl.load(dtw_ptr + e[:, None] * R + cols[None, :], mask=me[:, None] & (cols < R)[None, :], other=0.0)
+    tl.store(wdt_out + d * E * RP + e[:, None] * RP + cols[None, :], dtw.to(wdt_out.dtype.element_ty),
+             mask=me[:, None] & (cols < RP)[None, :])
+    n = tl.arange(0, BLOCK_N)
+    mn = (n < N)[:, None] & me[None, :]
+    alog = tl.load(alog_ptr + e[None, :] * N + n[:, None], mask=mn, other=0.0).to(tl.float32)
+    tl.store(a_out + d * N * E + n[:, None] * E + e[None, :], -tl.exp(alog), mask=mn)
+    tl.store(d_out + d * E + e, tl.load(dd_ptr + e, mask=me).to(tl.float32), mask=me)
+    tl.store(bias_out + d * E + e, tl.load(bias_ptr + e, mask=me).to(tl.float32), mask=me)
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 def segment_count(batch: int, channels: int, length: int, cfg: ScanConfig) -> int:
     """How many sequence segments to scan in parallel: enough programs to fill the GPU, at least four chunks each."""
@@ -824,25 +862,23 @@ class _BiMambaInner(torch.autograd.Function):
     chunk states are recomputed in the backward pass.
 
     The two directions' parameters come in as they are (14 tensors, `_direction_pairs`) and are stacked in here, out
-    of autograd's sight: 7 stacks and their backward nodes fewer per block on the host.
+    of autograd's sight (`packed_params`): 7 stacks and their backward nodes fewer per block on the host.
 
     x_proj's output is computed padded, as [dt (R), zeros, B (N), C (N)] with dt's block rounded up to a multiple of
-    16 columns (`_padded`): its rows (a multiple of 16 elements long, which Triton specializes on) and the B, C block
+    16 columns (`packed_params`): its rows (a multiple of 16 elements long, which Triton specializes on) and the B, C block
     then start on 16-byte boundaries. Without that cuBLAS falls back to 2-element-aligned kernels for the matmuls
     that read it (x_proj's and dt_proj's weight gradients took 15% of a VideoMamba-Ti step at 64 frames), and B, C
     would need a contiguous copy for the scan's vector loads."""
 
     @staticmethod
     def forward(ctx, xz, cfg, *pairs):
-        conv_w, conv_b, x_proj_w, dt_proj_w, A_log, D, dt_bias = _stacked_pairs(pairs, xz)
-        wx, wdt = _padded(x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype))
+        conv_w, conv_b, wx, wdt, A, D, dt_bias = packed_params(pairs, xz)
         u, x_dbl, dt = _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg)
         b, l, e2 = xz.shape
         e, rp = e2 // 2, wdt.shape[-1]
-        A, D, dt_bias = -torch.exp(A_log.float()), D.float().contiguous(), dt_bias.float().contiguous()  # A: (2, N, E)
         bc = x_dbl.view(2, b, l, -1)[..., rp:]
         out, (init, dsum, ys) = scan_forward(u, dt.view(2, b, l, e), A, bc, D, xz[..., e:], dt_bias, cfg)
-        ctx.cfg, ctx.dt_rank = cfg, dt_proj_w.shape[-1]
+        ctx.cfg, ctx.dt_rank = cfg, pairs[6].shape[-1]
         ctx.pairs = [(p.shape, p.dtype) if p is not None else None for p in pairs]
         ctx.save_for_backward(xz, conv_w, conv_b, wx, wdt, A, D, dt_bias, x_dbl, init, dsum, ys)
         return out
@@ -867,7 +903,7 @@ class _BiMambaInner(torch.autograd.Function):
         d_dt_proj = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :rp])[..., :r]  # padded: an aligned output
         d_x_proj = torch.bmm(dx_dbl.transpose(1, 2), u.view(2, b * l, e))
         d_x_proj = torch.cat([d_x_proj[:, :r], d_x_proj[:, rp:]], dim=1)
-        du = torch.baddbmm(du_scan.view(2, b * l, e), dx_dbl, wx)
+        du = du_scan.view(2, b * l, e).baddbmm_(dx_dbl, wx)  # in place: out of place, cuBLAS first copies du_scan
         d_conv_w, d_conv_b = conv_silu_backward(xz[..., :e], du.view(2, b, l, e), conv_w, conv_b, dxz[..., :e], cfg)
         stacked = (d_conv_w, d_conv_b, d_x_proj, d_dt_proj, (dA * A).transpose(1, 2), dD, dbias)
         return (dxz, None, *_unstacked_grads(stacked, ctx.pairs))
@@ -881,23 +917,6 @@ def _direction_pairs(mixer) -> list[Optional[Tensor]]:
             mixer.A_log, mixer.A_b_log, mixer.D, mixer.D_b, mixer.dt_proj.bias, mixer.dt_proj_b.bias]
 
 
-def _stacked_pairs(pairs, xz: Tensor) -> list[Tensor]:
-    """(conv weight (2, E, K), conv bias (2, E) (zeros without one), x_proj (2, R+2N, E), dt_proj (2, E, R),
-    A_log (2, N, E) (transposed), D (2, E), dt bias (2, E)) from `_direction_pairs`."""
-    out = []
-    for i in range(0, len(pairs), 2):
-        first, second = pairs[i], pairs[i + 1]
-        if first is None:
-            out.append(torch.zeros(2, xz.shape[-1] // 2, dtype=xz.dtype, device=xz.device))
-        elif i == 0:
-            out.append(torch.stack([first[:, 0], second[:, 0]]))  # the depthwise conv's (E, 1, K) weights
-        elif i == 8:
-            out.append(torch.stack([first.t(), second.t()]))  # A_log (E, N) state-major, as the kernels take A
-        else:
-            out.append(torch.stack([first, second]))
-    return out
-
-
 def _unstacked_grads(stacked, pairs) -> list[Optional[Tensor]]:
     """Splits each stacked (2, ...) gradient back into the two parameters' shapes and dtypes."""
     grads = []
@@ -907,21 +926,36 @@ def _unstacked_grads(stacked, pairs) -> list[Optional[Tensor]]:
     return grads
 
 
-def _padded(x_proj_w: Tensor, dt_proj_w: Tensor) -> tuple[Tensor, Tensor]:
-    """x_proj's weight (2, R + 2N, E) with zero rows after dt's R rows, up to a multiple of 16, and dt_proj's weight
-    (2, E, R) with as many zero columns: x_proj's output [dt, 0, B, C] times the padded dt_proj weight is
-    dt_proj(dt)."""
-    r = dt_proj_w.shape[-1]
-    pad = -r % 16
-    if pad == 0:
-        return x_proj_w, dt_proj_w
-    wx = torch.cat([x_proj_w[:, :r], x_proj_w.new_zeros(2, pad, x_proj_w.shape[-1]), x_proj_w[:, r:]], dim=1)
-    return wx, F.pad(dt_proj_w, (0, pad))
+def packed_params(pairs, xz: Tensor) -> tuple[Tensor, ...]:
+    """The two directions' parameters (`_direction_pairs`) in the layouts the kernels take, two launches of
+    `_pack_direction` in place of about 14 stacks, casts and pads: conv weight (2, E, K) and bias (2, E) (zeros
+    without one) in the weight's dtype; x_proj (2, RP + 2N, E) and dt_proj (2, E, RP) in xz's dtype, padded with
+    zeros from R up to RP, a multiple of 16 (x_proj's output [dt, 0, B, C] times the padded dt_proj weight is
+    dt_proj(dt)); A = -exp(A_log) state-major (2, N, E), D and the dt bias (2, E), all three fp32."""
+    conv_w, x_proj_w, dt_proj_w, A_log = pairs[0], pairs[4], pairs[6], pairs[8]
+    e, k = conv_w.shape[0], conv_w.shape[-1]
+    r, n = dt_proj_w.shape[-1], A_log.shape[-1]
+    rp = r + (-r % 16)
+    new = dict(device=xz.device)
+    out = (torch.empty(2, e, k, dtype=conv_w.dtype, **new), torch.empty(2, e, dtype=conv_w.dtype, **new),
+           torch.empty(2, rp + 2 * n, e, dtype=xz.dtype, **new), torch.empty(2, e, rp, dtype=xz.dtype, **new),
+           torch.empty(2, n, e, dtype=torch.float32, **new), torch.empty(2, e, dtype=torch.float32, **new),
+           torch.empty(2, e, dtype=torch.float32, **new))
+    block_e = 32
+    for d in (0, 1):
+        conv_b = pairs[2 + d]
+        sources = [p.contiguous() if p is not None else None for p in pairs[d::2]]
+        sources[1] = sources[0] if conv_b is None else sources[1]  # a placeholder pointer without a conv bias
+        _pack_direction[(triton.cdiv(e, block_e),)](
+            *sources, *out, d, e, k, r, rp, n, HAS_CONV_BIAS=conv_b is not None, BLOCK_E=block_e,
+            BLOCK_K=triton.next_power_of_2(k), BLOCK_ROWS=triton.next_power_of_2(rp + 2 * n),
+            BLOCK_RP=triton.next_power_of_2(rp), BLOCK_N=triton.next_power_of_2(n), num_warps=1)
+    return out
 
 
 def _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg):
     """u (2, B, L, E), x_proj(u) (2, B*L, Rp+2N) and dt_proj's raw output (2, B*L, E), all in xz's dtype; wx, wdt are
-    `_padded` weights in xz's dtype."""
+    `packed_params`' weights in xz's dtype."""
     b, l, e2 = xz.shape
     e, rp = e2 // 2, wdt.shape[-1]
     u = conv_silu(xz[..., :e], conv_w, conv_b, cfg)

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-ROWS = 8  # rows per program: the weight-gradient partials are summed over them before they are written
+ROWS = 8  # rows per program (per loop step in the backward): the weight-gradient partials are summed over them
+MAX_BWD_PROGRAMS = 1024  # the backward loops over rows beyond this, so that few partials are left to sum
 
 
 @triton.jit
@@ -45,26 +46,30 @@ def _add_rmsnorm_fwd(h_ptr, r_ptr, w_ptr, out_ptr, res_ptr, rstd_ptr, M, D, eps,
 
 
 @triton.jit
-def _add_rmsnorm_bwd(dy_ptr, dres_ptr, res_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, D,
-                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per row: dx = rstd (dy w - x' rstd mean(dy w x' rstd)) + the residual stream's own gradient; the weight
-    gradient's partial sum over this program's rows into dw_ptr[program]."""
+def _add_rmsnorm_bwd(dy_ptr, dres_ptr, res_ptr, w_ptr, rstd_ptr, dx_ptr, dxh_ptr, dw_ptr, M, D,
+                     HIDDEN_COPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row: dx = rstd (dy w - x' rstd mean(dy w x' rstd)) + the residual stream's own gradient, in dx_ptr's
+    dtype and (HIDDEN_COPY) in dxh_ptr's too; the weight gradient's partial sum over this program's rows (blocks of
+    ROWS, a grid-stride loop) into dw_ptr[program]."""
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
     w = tl.load(w_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in tl.static_range(ROWS):
-        row = tl.program_id(0) * ROWS + i
-        m = mask_d & (row < M)
-        xn = tl.load(res_ptr + row * D + cols, mask=m, other=0.0).to(w_ptr.dtype.element_ty).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row, mask=row < M, other=0.0)
-        dy = tl.load(dy_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        xhat = xn * rstd
-        dxhat = dy * w
-        dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / D))
-        dx += tl.load(dres_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * D + cols, dx, mask=m)
-        dw += dy * xhat
+    for start in range(tl.program_id(0) * ROWS, M, tl.num_programs(0) * ROWS):
+        for i in tl.static_range(ROWS):
+            row = start + i
+            m = mask_d & (row < M)
+            xn = tl.load(res_ptr + row * D + cols, mask=m, other=0.0).to(w_ptr.dtype.element_ty).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row, mask=row < M, other=0.0)
+            dy = tl.load(dy_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+            xhat = xn * rstd
+            dxhat = dy * w
+            dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / D))
+            dx += tl.load(dres_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
+            if HIDDEN_COPY:
+                tl.store(dxh_ptr + row * D + cols, dx.to(dxh_ptr.dtype.element_ty), mask=m)
+            dw += dy * xhat
     tl.store(dw_ptr + tl.program_id(0) * D + cols, dw, mask=mask_d)
 
 
@@ -90,16 +95,17 @@ class _AddRMSNorm(torch.autograd.Function):
         res, weight, rstd = ctx.saved_tensors
         shape, hidden_dtype, residual_dtype = ctx.meta
         m, d = res.shape
-        programs = triton.cdiv(m, ROWS)
-        dx = torch.empty(m, d, dtype=torch.float32, device=res.device)
+        programs = min(triton.cdiv(m, ROWS), MAX_BWD_PROGRAMS)
+        # the gradient of the sum x = hidden + residual, once per dtype that needs it (residual's first)
+        dx = torch.empty(m, d, dtype=residual_dtype or hidden_dtype, device=res.device)
+        dxh = torch.empty(m, d, dtype=hidden_dtype, device=res.device) if dx.dtype != hidden_dtype else dx
         dw = torch.empty(programs, d, dtype=torch.float32, device=res.device)
         dy = dout.reshape(m, d).contiguous()
         dres = dres.reshape(m, d).contiguous()  # autograd hands zeros for an unused residual stream
-        _add_rmsnorm_bwd[(programs,)](dy, dres, res, weight, rstd, dx, dw, m, d, ROWS=ROWS,
-                                      BLOCK_D=triton.next_power_of_2(d))
-        dx = dx.view(shape)
-        d_residual = dx.to(residual_dtype) if residual_dtype is not None else None
-        return dx.to(hidden_dtype), d_residual, dw.sum(0).to(weight.dtype), None, None
+        _add_rmsnorm_bwd[(programs,)](dy, dres, res, weight, rstd, dx, dxh, dw, m, d, HIDDEN_COPY=dxh is not dx,
+                                      ROWS=ROWS, BLOCK_D=triton.next_power_of_2(d))
+        d_residual = dx.view(shape) if residual_dtype is not None else None
+        return dxh.view(shape), d_residual, dw.sum(0).to(weight.dtype), None, None
 
 
 def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
