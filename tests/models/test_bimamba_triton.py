@@ -151,23 +151,24 @@ def check_backbone_mixer(b, l, d_model, seed) -> dict:
     return {n: rel(t, r) for n, t, r in zip(names, results["triton"], results["torch"])}
 
 
-def check_pack(e, k, r, n, conv_bias, xz_dtype, seed) -> dict:
+def check_pack(e, k, r, n, conv_bias, xz_dtype, seed, param_dtype="float32") -> dict:
     """`packed_params` against the same layouts built with torch ops: each entry's relative error (a copy, a cast,
     -exp: 0, but for the rounding of a cast to bf16, which the interpreter may do differently from torch)."""
     from pipeline.models.ops.bimamba_triton import packed_params
     g = torch.Generator().manual_seed(seed)
     pairs = []
     for shape in ((e, 1, k), (e,), (r + 2 * n, e), (e, r), (e, n), (e,), (e,)):
-        pairs += [torch.randn(shape, generator=g), torch.randn(shape, generator=g)]
+        pairs += [torch.randn(shape, generator=g).to(getattr(torch, param_dtype)) for _ in range(2)]
     if not conv_bias:
         pairs[2] = pairs[3] = None
     xz = torch.zeros(1, 1, 2 * e, dtype=getattr(torch, xz_dtype))
     rp = r + (-r % 16)
     stack = lambda i: torch.stack([pairs[i], pairs[i + 1]])  # noqa: E731
-    wx = torch.zeros(2, rp + 2 * n, e)
+    wx = torch.zeros(2, rp + 2 * n, e, dtype=pairs[4].dtype)
     wx[:, :r], wx[:, rp:] = stack(4)[:, :r], stack(4)[:, r:]
-    expected = [stack(0)[:, :, 0], stack(2) if conv_bias else torch.zeros(2, e), wx.to(xz.dtype),
-                F.pad(stack(6), (0, rp - r)).to(xz.dtype), -torch.exp(stack(8)).transpose(1, 2), stack(10), stack(12)]
+    expected = [stack(0)[:, :, 0], stack(2) if conv_bias else torch.zeros(2, e, dtype=pairs[0].dtype),
+                wx.to(xz.dtype), F.pad(stack(6), (0, rp - r)).to(xz.dtype), -torch.exp(stack(8).float()).transpose(1, 2),
+                stack(10).float(), stack(12).float()]
     got = packed_params(pairs, xz)
     names = ["conv_w", "conv_b", "wx", "wdt", "A", "D", "dt_bias"]
     errors = {name: float(((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-30)).max())
@@ -234,7 +235,8 @@ def test_backbone_triton_backend_matches_its_torch_backend():
 
 def test_packed_params_equal_the_stacked_padded_and_cast_parameters():
     cases = [dict(e=40, k=4, r=3, n=16, conv_bias=True, xz_dtype="bfloat16", seed=9),  # R padded to 16, 2 blocks
-             dict(e=24, k=3, r=16, n=5, conv_bias=False, xz_dtype="float32", seed=10)]  # no padding, no conv bias
+             dict(e=24, k=3, r=16, n=5, conv_bias=False, xz_dtype="float32", seed=10),  # no padding, no conv bias
+             dict(e=8, k=4, r=1, n=4, conv_bias=True, xz_dtype="bfloat16", seed=11, param_dtype="bfloat16")]  # DS bf16
     for case, errors in zip(cases, run_checks([("pack", c) for c in cases])):
         bf16 = ("wx", "wdt") if case["xz_dtype"] == "bfloat16" else ()
         assert all(v <= (2 ** -7 if name in bf16 else 1e-6) for name, v in errors.items()), (case, errors)

@@ -918,9 +918,12 @@ def _direction_pairs(mixer) -> list[Optional[Tensor]]:
 
 
 def _unstacked_grads(stacked, pairs) -> list[Optional[Tensor]]:
-    """Splits each stacked (2, ...) gradient back into the two parameters' shapes and dtypes."""
+    """Splits each stacked (2, ...) gradient back into the two parameters' shapes and dtypes: cast once for both
+    directions where they share a dtype (one kernel, and contiguous slices autograd can keep as they are)."""
     grads = []
     for g, first, second in zip(stacked, pairs[0::2], pairs[1::2]):
+        if first is not None and second is not None and first[1] == second[1]:
+            g = g.to(first[1])
         for i, meta in enumerate((first, second)):
             grads.append(None if meta is None else g[i].reshape(meta[0]).to(meta[1]))
     return grads
