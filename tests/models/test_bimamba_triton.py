@@ -167,8 +167,8 @@ def check_pack(e, k, r, n, conv_bias, xz_dtype, seed, param_dtype="float32") -> 
     wx = torch.zeros(2, rp + 2 * n, e, dtype=pairs[4].dtype)
     wx[:, :r], wx[:, rp:] = stack(4)[:, :r], stack(4)[:, r:]
     expected = [stack(0)[:, :, 0], stack(2) if conv_bias else torch.zeros(2, e, dtype=pairs[0].dtype),
-                wx.to(xz.dtype), F.pad(stack(6), (0, rp - r)).to(xz.dtype), -torch.exp(stack(8).float()).transpose(1, 2),
-                stack(10).float(), stack(12).float()]
+                wx.to(xz.dtype), F.pad(stack(6), (0, rp - r)).to(xz.dtype),
+                -torch.exp(stack(8).float()).transpose(1, 2), stack(10).float(), stack(12).float()]
     got = packed_params(pairs, xz)
     names = ["conv_w", "conv_b", "wx", "wdt", "A", "D", "dt_bias"]
     errors = {name: float(((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-30)).max())

@@ -865,8 +865,8 @@ class _BiMambaInner(torch.autograd.Function):
     of autograd's sight (`packed_params`): 7 stacks and their backward nodes fewer per block on the host.
 
     x_proj's output is computed padded, as [dt (R), zeros, B (N), C (N)] with dt's block rounded up to a multiple of
-    16 columns (`packed_params`): its rows (a multiple of 16 elements long, which Triton specializes on) and the B, C block
-    then start on 16-byte boundaries. Without that cuBLAS falls back to 2-element-aligned kernels for the matmuls
+    16 columns (`packed_params`): its rows (a multiple of 16 elements long, which Triton specializes on) and the B, C
+    block then start on 16-byte boundaries. Without that cuBLAS falls back to 2-element-aligned kernels for the matmuls
     that read it (x_proj's and dt_proj's weight gradients took 15% of a VideoMamba-Ti step at 64 frames), and B, C
     would need a contiguous copy for the scan's vector loads."""
 
