@@ -946,11 +946,11 @@ def packed_params(pairs, xz: Tensor) -> tuple[Tensor, ...]:
            torch.empty(2, e, dtype=torch.float32, **new))
     block_e = 32
     for d in (0, 1):
-        conv_b = pairs[2 + d]
         sources = [p.contiguous() if p is not None else None for p in pairs[d::2]]
-        sources[1] = sources[0] if conv_b is None else sources[1]  # a placeholder pointer without a conv bias
+        has_conv_bias = sources[1] is not None
+        sources[1] = sources[1] if has_conv_bias else sources[0]  # a placeholder pointer, never read
         _pack_direction[(triton.cdiv(e, block_e),)](
-            *sources, *out, d, e, k, r, rp, n, HAS_CONV_BIAS=conv_b is not None, BLOCK_E=block_e,
+            *sources, *out, d, e, k, r, rp, n, HAS_CONV_BIAS=has_conv_bias, BLOCK_E=block_e,
             BLOCK_K=triton.next_power_of_2(k), BLOCK_ROWS=triton.next_power_of_2(rp + 2 * n),
             BLOCK_RP=triton.next_power_of_2(rp), BLOCK_N=triton.next_power_of_2(n), num_warps=1)
     return out
