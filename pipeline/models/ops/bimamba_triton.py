@@ -9,6 +9,8 @@ Per direction d (0: left to right, 1: right to left) and channel e, state n:
     out   = out_proj((y_0 + y_1) * silu(z))                   (no division by 2, as the official VideoMamba)
 
 Triton kernels do everything between the matmuls:
+- `_pack_direction`: each direction's 7 parameters into the stacked, cast and padded layouts the other kernels take
+  (`packed_params`, one launch per direction);
 - `_conv_fwd`: both directions' conv + SiLU in one pass over x; `_conv_dp`, `_conv_dx`: its backward in two passes
   (the pre-activations recomputed from x, not saved);
 - `_scan_fwd`: one program per (channel block, segment, direction, batch row) runs the recurrence token by token
