@@ -367,6 +367,7 @@ def main() -> int:
             print(f"[{time.time() - t0:5.0f}s] stack {name} {frames}f: {r['ms_per_clip']:.2f} ms/clip eager, "
                   f"{r['graphed_ms_per_clip']:.2f} graphed, "
                   f"{r['clips_per_s']:.1f} clips/s, peak {r['peak_gib']:.2f} GiB", flush=True)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fused.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     print("\n| scan shape | impl | fwd ms | fwd+bwd ms | fwd+bwd graphed ms | floor fwd / fwd+bwd ms | "

@@ -14,6 +14,10 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from pipeline.models.ops import bimamba_triton
 
 TOL_FP32 = 1e-5
 TOL_BF16 = 1e-2
@@ -177,7 +181,27 @@ def check_pack(e, k, r, n, conv_bias, xz_dtype, seed, param_dtype="float32") -> 
     return errors
 
 
-CHECKS = {"scan": check_scan, "mixer": check_mixer, "backbone": check_backbone_mixer, "pack": check_pack}
+@triton.jit
+def _activations(x_ptr, softplus_ptr, sigmoid_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(softplus_ptr + offs, bimamba_triton._softplus(x))
+    tl.store(sigmoid_ptr + offs, bimamba_triton._sigmoid(x))
+
+
+def check_activations(lo, hi, count) -> dict:
+    """The kernels' softplus and sigmoid on fp32 points in [lo, hi] against fp64 torch: their largest relative
+    errors. In the interpreter the SFU's lg2 and rcp are exact, so this checks the formulas (the series below
+    e^x = 1/16, the branch points); the GPU's error on top is bench/fused.py's fp32 check."""
+    x = torch.linspace(lo, hi, count, dtype=torch.float32)
+    softplus, sigmoid = torch.empty_like(x), torch.empty_like(x)
+    _activations[(count // 64,)](x, softplus, sigmoid, BLOCK=64)
+    worst = lambda a, b: float(((a.double() - b) / b).abs().max())  # noqa: E731
+    return {"softplus": worst(softplus, F.softplus(x.double())), "sigmoid": worst(sigmoid, torch.sigmoid(x.double()))}
+
+
+CHECKS = {"scan": check_scan, "mixer": check_mixer, "backbone": check_backbone_mixer, "pack": check_pack,
+          "activations": check_activations}
 
 
 def run_checks(cases: list, script: str = __file__) -> list:
@@ -242,6 +266,16 @@ def test_packed_params_equal_the_stacked_padded_and_cast_parameters():
         assert all(v <= (2 ** -7 if name in bf16 else 1e-6) for name, v in errors.items()), (case, errors)
 
 
+def test_softplus_and_sigmoid_within_fp32_accuracy():
+    # VideoMamba's dt biases put softplus's inputs near -7 .. -2 (delta 1e-3 .. 0.1), where log(1 + e^x) in fp32
+    # loses digits to the rounding of 1 + e^x: 1.3e-3 relative at x = -10 before the series replaced it. What is
+    # left is e^x = 2^(x log2 e)'s: the product's last bit, 1.9e-6 relative at |x| = 40, 1.0e-6 at |x| = 20.
+    [errors] = run_checks([("activations", dict(lo=-40.0, hi=40.0, count=64 * 1024))])
+    assert errors["softplus"] < 2.5e-6 and errors["sigmoid"] < 2.5e-6, errors
+    [errors] = run_checks([("activations", dict(lo=-20.0, hi=20.0, count=64 * 1024))])
+    assert errors["softplus"] < 1.5e-6 and errors["sigmoid"] < 1.5e-6, errors
+
+
 def test_scan_rejects_mismatched_shapes():
     code = ("from pipeline.models.ops.bimamba_triton import bidirectional_selective_scan as f; import torch\n"
             "u = torch.zeros(2, 1, 5, 4)\n"
@@ -292,7 +326,9 @@ def sm90_kernel_stats() -> dict:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
-        stats[name] = dict(shared=compiled.metadata.shared, shuffles=compiled.asm["ptx"].count("shfl.sync"))
+        ptx = compiled.asm["ptx"]
+        stats[name] = dict(shared=compiled.metadata.shared, shuffles=ptx.count("shfl.sync"),
+                           sfu_lg2=ptx.count("lg2.approx.ftz.f32"), divisions=ptx.count("div.rn.f32"))
     return stats
 
 
@@ -305,6 +341,8 @@ def test_scan_kernels_compile_for_sm90_with_one_channel_per_lane():
     assert stats["scan_fwd"]["shared"] == 0 and stats["scan_bwd"]["shared"] == 0, stats
     assert stats["scan_fwd"]["shuffles"] <= 8, stats  # none for the sums over states; a few to spread 64-wide rows
     assert stats["scan_bwd"]["shuffles"] == 31, stats  # the dB/dC reduce-scatter's, nothing else
+    for kernel in stats.values():  # softplus and sigmoid on the SFU: no full-range logf, no IEEE division
+        assert kernel["sfu_lg2"] >= 1 and kernel["divisions"] == 0, stats
 
 
 if __name__ == "__main__":

@@ -101,14 +101,45 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+# Transcendentals as single SFU instructions where fp32 accuracy allows. tl.log is a full-range logf (about 26
+# instructions), 1 / x a full division (about 10), tl.exp adds 3 for denormal results: per (token, channel) they
+# were about a sixth of the forward passes' instructions (bench/NOTES.md, v7). The interpreter runs no PTX: there the
+# same formulas run with numpy's exact log2 and division.
+FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def _lg2(x):
+    """log2(x) on the SFU: absolute error below 2^-22 on [0.5, 2], 2 ulp elsewhere."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x):
+    """1 / x on the SFU, within 1 ulp."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return 1.0 / x
+
+
 @triton.jit
 def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+    """log(1 + e^x) within about 1e-6 relative. The SFU's lg2 has an absolute error, so below t = e^x = 1/16 (where
+    the result is small) log1p(t) is a series instead; its first omitted term is below 2e-7 relative."""
+    t = tl.exp2(x * LOG2E)
+    series = t * (1.0 + t * (-0.5 + t * (0.3333333333 + t * (-0.25 + t * 0.2))))
+    return tl.where(x > 20.0, x, tl.where(t < 0.0625, series, _lg2(1.0 + t) * LN2))
 
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    return _rcp(1.0 + tl.exp2(-x * LOG2E))
 
 
 @triton.jit
