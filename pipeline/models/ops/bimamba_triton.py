@@ -63,6 +63,10 @@ class ScanConfig:
     keep_decay: bool = True  # the backward keeps each chunk's decays in registers instead of recomputing them
     prefetch: bool = True
     max_registers: int = 0  # > 0: cap the scan kernels' registers per thread (Triton's maxnreg), for occupancy
+    # the backward's state-recompute pass alone: at 128, 4 warps a scheduler. Uncapped, ptxas gives it 164 at
+    # VideoMamba-Ti's training shapes (batch 4, 384 channels: 3 warps), 8-10% slower there on the H200. At other
+    # shapes the cap cost 3-7% (bench/NOTES.md, v7); 0 leaves it to ptxas
+    state_pass_registers: int = 128
     conv_block_t: int = 64  # the forward conv's tiles (tokens, channels) and warps
     conv_block_e: int = 64
     conv_warps: int = 4  # (1.4x faster than with 8 on the H200)
@@ -713,10 +717,12 @@ def _carries(local: Tensor, dsum: Tensor, A: Tensor, lay: _Layout, cfg: ScanConf
     return carry
 
 
-def _scan_consts(lay: _Layout, cfg: ScanConfig) -> dict:
-    """The compile-time arguments and launch options the scan kernels take (the forward passes: BLOCK_E replaced)."""
+def _scan_consts(lay: _Layout, cfg: ScanConfig, max_registers: int = 0) -> dict:
+    """The compile-time arguments and launch options the scan kernels take (the forward passes: BLOCK_E replaced);
+    the register cap is `max_registers`, else cfg's."""
+    cap = max_registers or cfg.max_registers
     return dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
-                num_warps=cfg.num_warps, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}))
+                num_warps=cfg.num_warps, **({"maxnreg": cap} if cap else {}))
 
 
 def _scan_strides(u: Tensor, bc: Tensor) -> tuple:
@@ -788,7 +794,7 @@ def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanC
                         states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len, lay.chunks, 0,
                         *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
                         SUMMARY=False, HAS_INIT=init is not None, Y=False, SAVE=True, ADJOINT=local is not None,
-                        **_scan_consts(lay, cfg))
+                        **_scan_consts(lay, cfg, cfg.state_pass_registers))
     return states, local
 
 
