@@ -200,8 +200,27 @@ def check_activations(lo, hi, count) -> dict:
     return {"softplus": worst(softplus, F.softplus(x.double())), "sigmoid": worst(sigmoid, torch.sigmoid(x.double()))}
 
 
+def check_state_pairs(seed) -> dict:
+    """The scan in bf16 with its chunk states saved as bf16 pairs in 32-bit words (the default) and as plain bf16:
+    the largest difference between the two runs' outputs and gradients (the same rounding: none expected)."""
+    from pipeline.models.ops import bimamba_triton as m
+    pairs = m._state_pairs
+    results = []
+    for packed in (True, False):
+        m._state_pairs = pairs if packed else (lambda dtype, lay: False)
+        inputs = scan_inputs(2, 29, 40, 16, 3, seed, torch.bfloat16)
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        out = m.bidirectional_selective_scan(**leaves, cfg=m.ScanConfig(segments=3))
+        out.backward(torch.ones_like(out))
+        results.append([out] + [leaves[k].grad for k in sorted(leaves)])
+    m._state_pairs = pairs
+    return {"max_difference": max(float((a.double() - b.double()).abs().max()) for a, b in zip(*results)),
+            "paired": bool(pairs(torch.bfloat16, m._layout(torch.empty(2, 2, 29, 40), torch.empty(2, 16, 40),
+                                                           m.ScanConfig(segments=3))))}
+
+
 CHECKS = {"scan": check_scan, "mixer": check_mixer, "backbone": check_backbone_mixer, "pack": check_pack,
-          "activations": check_activations}
+          "activations": check_activations, "pairs": check_state_pairs}
 
 
 def run_checks(cases: list, script: str = __file__) -> list:
@@ -243,6 +262,11 @@ def test_scan_bf16_inputs_within_bf16_tolerance():
     [errors] = run_checks([("scan", dict(zip(("b", "l", "e", "n", "seed", "dtype_name", "block_t", "block_e",
                                               "segments"), case)))])
     assert_close(errors, TOL_BF16, case)
+
+
+def test_bf16_chunk_states_saved_in_pairs_change_nothing():
+    [errors] = run_checks([("pairs", dict(seed=12))])
+    assert errors == {"max_difference": 0.0, "paired": True}, errors
 
 
 def test_mixer_matches_plain_bimamba_forward_and_gradients():
@@ -305,9 +329,9 @@ def sm90_kernel_stats() -> dict:
             "dd_ptr", "dbias_ptr")
     kernels = {
         "scan_fwd": (m._scan_fwd, dict(BLOCK_E=cfg.fwd_block_e, SUMMARY=False, HAS_INIT=True, Y=True, SAVE=False,
-                                       ADJOINT=False)),
+                                       ADJOINT=False, PAIRS=False)),
         "scan_bwd": (m._scan_bwd, dict(BLOCK_E=cfg.block_e, HAS_INIT=True, KEEP_DECAY=True, LANE_SUMS=True,
-                                       EMULATE=False)),
+                                       PAIRS=True)),  # bf16 chunk states, as under autocast
     }
     stats = {}
     for name, (fn, consts) in kernels.items():
@@ -318,7 +342,8 @@ def sm90_kernel_stats() -> dict:
             if arg in consts:
                 signature[arg] = "constexpr"
             elif arg.endswith("_ptr"):
-                signature[arg] = "*fp32" if arg in fp32 else "*bf16"
+                paired = arg == "states_ptr" and consts["PAIRS"]  # bf16 pairs in 32-bit words
+                signature[arg] = "*fp32" if arg in fp32 else "*i32" if paired else "*bf16"
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:  # "zero" stays unspecialized, as at run time
                 signature[arg] = "i32"

@@ -25,8 +25,8 @@ Triton kernels do everything between the matmuls:
   programs) dz are written, dB and dC are summed over a warp's 32 channels by a shuffle reduce-scatter (31 shuffles
   instead of 160 for a sum per state) and added atomically, one atomic per lane.
 - The states entering every chunk are not kept from the forward pass: the backward pass recomputes them into a
-  transient buffer (`_chunk_states`, in the input dtype by default), so one layer's per-chunk states never outlive
-  its backward.
+  transient buffer (`_chunk_states`, in the input dtype by default; bf16 as pairs in 32-bit words, `_save_state`),
+  so one layer's per-chunk states never outlive its backward.
 
 Parallelism along the sequence: when batch rows x channel blocks are too few to fill the GPU, the sequence is cut
 into segments. In the forward pass a summary pass gives each segment's local final state and its sum of delta; in
@@ -105,17 +105,18 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-# Transcendentals as single SFU instructions where fp32 accuracy allows. tl.log is a full-range logf (about 26
-# instructions), 1 / x a full division (about 10), tl.exp adds 3 for denormal results: per (token, channel) they
-# were about a sixth of the forward passes' instructions (bench/NOTES.md, v7). The interpreter runs no PTX: there the
-# same formulas run with numpy's exact log2 and division.
-FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+# Whether the kernels may use inline PTX: warp shuffles, bf16x2 packing, and transcendentals as single SFU
+# instructions where fp32 accuracy allows (tl.log is a full-range logf, about 26 instructions, 1 / x a full division,
+# about 10, and tl.exp adds 3 for denormal results: per (token, channel) they were about a sixth of the forward
+# passes' instructions, bench/NOTES.md v7). The interpreter runs no PTX: there the same formulas run with numpy's
+# exact log2 and division, and the shuffles as gathers.
+INLINE_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
 def _lg2(x):
     """log2(x) on the SFU: absolute error below 2^-22 on [0.5, 2], 2 ulp elsewhere."""
-    if FAST_MATH:
+    if INLINE_PTX:
         return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                          pack=1)
     else:
@@ -125,7 +126,7 @@ def _lg2(x):
 @triton.jit
 def _rcp(x):
     """1 / x on the SFU, within 1 ulp."""
-    if FAST_MATH:
+    if INLINE_PTX:
         return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                          pack=1)
     else:
@@ -222,46 +223,89 @@ def _saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _chunk_state(states_ptr, slot, c, CHUNKS, zero, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+def _save_state(states_ptr, h, slot, c, CHUNKS, zero, PAIRS: tl.constexpr):
+    """Saves h (BLOCK_N, BLOCK_E) fp32 as the state entering chunk c, in the buffer's dtype. PAIRS: bf16, two
+    states to a 32-bit word (states 2k, 2k + 1 in row k's low and high halves), so a lane stores BLOCK_N / 2 words,
+    not BLOCK_N halves (each a store and a byte permute)."""
+    BLOCK_N: tl.constexpr = h.shape[0]
+    BLOCK_E: tl.constexpr = h.shape[1]
+    if PAIRS:
+        even, odd = tl.split(tl.permute(tl.reshape(h, (BLOCK_N // 2, 2, BLOCK_E)), (0, 2, 1)))
+        tl.store(_saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N // 2, BLOCK_E),
+                 _bf16x2(even, odd))
+    else:
+        tl.store(_saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E),
+                 h.to(states_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bf16x2(low, high):
+    """Two fp32 tensors rounded to bf16 (to nearest even) and packed into int32 words, `low` in the low halves:
+    one instruction a word (Triton's own casts and shifts take three)."""
+    if INLINE_PTX:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [low, high], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        low = low.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        high = high.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        return (low | (high << 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _chunk_state(states_ptr, slot, c, CHUNKS, zero, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                 PAIRS: tl.constexpr):
     """The saved state entering chunk c of this program's segment, raw and unmasked (a masked load costs an
     instruction more per state, to zero it): the buffer holds whole tiles, written whole, zeros past E and N.
-    Before chunk 0 (a prefetch never used) it reads chunk 0's."""
-    return tl.load(_saved_state_ptrs(states_ptr, slot, tl.maximum(c, 0), CHUNKS, zero, BLOCK_N, BLOCK_E))
+    Before chunk 0 (a prefetch never used) it reads chunk 0's. `_state_values` converts it."""
+    rows: tl.constexpr = BLOCK_N // 2 if PAIRS else BLOCK_N
+    return tl.load(_saved_state_ptrs(states_ptr, slot, tl.maximum(c, 0), CHUNKS, zero, rows, BLOCK_E))
 
 
 @triton.jit
-def _shfl_xor(x, lane, M: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
-    """x (K, 32) fp32, one channel per lane: every lane's values swapped with those of lane ^ M (a warp shuffle;
-    EMULATE gathers along the channels instead, for the interpreter, which runs no PTX)."""
-    if EMULATE:
-        return tl.gather(x, tl.broadcast_to((lane ^ M)[None, :], x.shape), axis=1)
+def _state_values(raw, PAIRS: tl.constexpr):
+    """A `_chunk_state` tile as (BLOCK_N, BLOCK_E) fp32 (PAIRS: bf16 pairs, see `_save_state`, unpacked)."""
+    if PAIRS:
+        words = raw.to(tl.uint32, bitcast=True)
+        even = (words << 16).to(tl.float32, bitcast=True)
+        odd = (words & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.reshape(tl.permute(tl.join(even, odd), (0, 2, 1)), (2 * raw.shape[0], raw.shape[1]))
     else:
-        return tl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return raw.to(tl.float32)
 
 
 @triton.jit
-def _halve(v, lane, M: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
+def _shfl_xor(x, lane, M: tl.constexpr, ASM: tl.constexpr):
+    """x (K, 32) fp32, one channel per lane: every lane's values swapped with those of lane ^ M (a warp shuffle;
+    without INLINE_PTX a gather along the channels)."""
+    if INLINE_PTX:
+        return tl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.gather(x, tl.broadcast_to((lane ^ M)[None, :], x.shape), axis=1)
+
+
+@triton.jit
+def _halve(v, lane, M: tl.constexpr, ASM: tl.constexpr):
     """One step of a recursive-halving reduce-scatter over the lanes: of v's K values per lane, keep the odd ones
     where lane & M is set (the even ones elsewhere), add the partner lane's kept half, and return the K / 2 sums."""
     K: tl.constexpr = v.shape[0]
     E: tl.constexpr = v.shape[1]
     even, odd = tl.split(tl.permute(tl.reshape(v, (K // 2, 2, E)), (0, 2, 1)))
     bit = ((lane & M) != 0)[None, :]
-    return tl.where(bit, odd, even) + _shfl_xor(tl.where(bit, even, odd), lane, M, ASM, EMULATE)
+    return tl.where(bit, odd, even) + _shfl_xor(tl.where(bit, even, odd), lane, M, ASM)
 
 
 @triton.jit
-def _lane_sums(xb, xc, lane, EMULATE: tl.constexpr):
+def _lane_sums(xb, xc, lane):
     """The sums over a warp's 32 lanes of xb and xc (each (16, 32): 16 states x one channel per lane), scattered:
     lane l gets entry k = bitreverse5(l) of [sum xb, sum xc]. 31 shuffles, where a tl.sum per state needs 160."""
     N: tl.constexpr = xb.shape[0]
     E: tl.constexpr = xb.shape[1]
     v = tl.reshape(tl.permute(tl.join(xb, xc), (2, 0, 1)), (2 * N, E))
-    v = _halve(v, lane, 16, "shfl.sync.bfly.b32 $0, $1, 16, 0x1f, 0xffffffff;", EMULATE)
-    v = _halve(v, lane, 8, "shfl.sync.bfly.b32 $0, $1, 8, 0x1f, 0xffffffff;", EMULATE)
-    v = _halve(v, lane, 4, "shfl.sync.bfly.b32 $0, $1, 4, 0x1f, 0xffffffff;", EMULATE)
-    v = _halve(v, lane, 2, "shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", EMULATE)
-    v = _halve(v, lane, 1, "shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", EMULATE)
+    v = _halve(v, lane, 16, "shfl.sync.bfly.b32 $0, $1, 16, 0x1f, 0xffffffff;")
+    v = _halve(v, lane, 8, "shfl.sync.bfly.b32 $0, $1, 8, 0x1f, 0xffffffff;")
+    v = _halve(v, lane, 4, "shfl.sync.bfly.b32 $0, $1, 4, 0x1f, 0xffffffff;")
+    v = _halve(v, lane, 2, "shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;")
+    v = _halve(v, lane, 1, "shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;")
     return tl.reshape(v, (E,))
 
 
@@ -277,7 +321,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
               SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr, Y: tl.constexpr, SAVE: tl.constexpr,
-              ADJOINT: tl.constexpr, PREFETCH: tl.constexpr):
+              ADJOINT: tl.constexpr, PREFETCH: tl.constexpr, PAIRS: tl.constexpr):
     """One direction's scan over one segment for a block of channels, token by token with the state (N, E) in
     registers. SUMMARY: only the segment's final state from a zero start (last_ptr) and its sum of delta (dsum_ptr).
     Otherwise, starting from init_ptr's carry when HAS_INIT: with Y, y_d = C.h + D u into y_ptr (2, B, L, E); with
@@ -318,8 +362,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
         rows = _chunk_rows(ptrs, strides, 0, *geometry, BLOCK_T)
     for c in range(CHUNKS):
         if SAVE:
-            tl.store(_saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E),
-                     h.to(states_ptr.dtype.element_ty))  # whole tiles: h is zero past E and N
+            _save_state(states_ptr, h, slot, c, CHUNKS, zero, PAIRS)  # whole tiles: h is zero past E and N
         if PREFETCH:  # the next chunk's loads fly while this chunk's recurrence runs
             cur = rows
             rows = _chunk_rows(ptrs, strides, c + 1, *geometry, BLOCK_T)
@@ -356,7 +399,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl, s_dzb, s_dzl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_INIT: tl.constexpr, KEEP_DECAY: tl.constexpr, PREFETCH: tl.constexpr,
-              LANE_SUMS: tl.constexpr, EMULATE: tl.constexpr):
+              LANE_SUMS: tl.constexpr, PAIRS: tl.constexpr):
     """The adjoint of one direction's scan over one segment, chunks in reverse scan order. Per chunk the forward
     states are recomputed from the saved entering state and kept in registers (a tuple of BLOCK_T + 1 tiles, with
     KEEP_DECAY also their decays); then the adjoint lam_s = g_s C_s + exp(delta_{s+1} A) lam_{s+1}
@@ -393,18 +436,18 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     if PREFETCH:
         rows = _chunk_rows(ptrs, strides, CHUNKS - 1, *geometry, BLOCK_T)
         ys_rows = _chunk_rows((ys_ptr,), (s_gl,), CHUNKS - 1, *ys_geometry, BLOCK_T)
-        h_next = _chunk_state(states_ptr, slot, CHUNKS - 1, CHUNKS, zero, BLOCK_N, BLOCK_E)
+        h_next = _chunk_state(states_ptr, slot, CHUNKS - 1, CHUNKS, zero, BLOCK_N, BLOCK_E, PAIRS)
     for cc in range(CHUNKS):
         c = CHUNKS - 1 - cc
         if PREFETCH:  # the next (earlier) chunk's loads, its saved state included, fly while this one is processed
             cur, ys_cur, h = rows, ys_rows, h_next
             rows = _chunk_rows(ptrs, strides, c - 1, *geometry, BLOCK_T)
             ys_rows = _chunk_rows((ys_ptr,), (s_gl,), c - 1, *ys_geometry, BLOCK_T)
-            h_next = _chunk_state(states_ptr, slot, c - 1, CHUNKS, zero, BLOCK_N, BLOCK_E)
+            h_next = _chunk_state(states_ptr, slot, c - 1, CHUNKS, zero, BLOCK_N, BLOCK_E, PAIRS)
         else:
             cur = _chunk_rows(ptrs, strides, c, *geometry, BLOCK_T)
             ys_cur = _chunk_rows((ys_ptr,), (s_gl,), c, *ys_geometry, BLOCK_T)
-            h = _chunk_state(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E)
+            h = _chunk_state(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E, PAIRS)
         us, pres, deltas, cs, gs, bs, decays, hs, zs, outs = (), (), (), (), (), (), (), (), (), ()
         for i in tl.static_range(BLOCK_T):
             me = mask_e & (c * BLOCK_T + i < seg_n)
@@ -418,7 +461,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
             us = us + (cur[3][i].to(tl.float32),)
             cs = cs + (cur[4][i].to(tl.float32),)
             bs = bs + (cur[5][i].to(tl.float32),)
-        h = h.to(tl.float32)
+        h = _state_values(h, PAIRS)
         hs = hs + (h,)
         for i in tl.static_range(BLOCK_T):
             a = tl.exp2(deltas[i][None, :] * A2)
@@ -451,7 +494,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
             if LANE_SUMS:  # dC's row follows dB's in memory: lane l adds entry bitreverse5(l) of [dB, dC]
                 lane = tl.arange(0, BLOCK_E)
                 tl.atomic_add(db_ptr + t * s_bl + _bit_reverse5(lane) * s_bn,
-                              _lane_sums(part_b, part_c, lane, EMULATE), mask=(lane >= 0) & (r < seg_n),
+                              _lane_sums(part_b, part_c, lane), mask=(lane >= 0) & (r < seg_n),
                               sem="relaxed")
             else:
                 tl.atomic_add(db_ptr + t * s_bl + offs_n * s_bn, tl.sum(part_b, axis=1), mask=mn, sem="relaxed")
@@ -768,10 +811,11 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
         local = torch.empty(2, b, lay.n_seg, n, e, **f32)
         dsum = torch.empty(2, b, lay.n_seg, e, **f32)
         _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, z, z, *args, SUMMARY=True,
-                                HAS_INIT=False, Y=False, SAVE=False, ADJOINT=False, **consts)
+                                HAS_INIT=False, Y=False, SAVE=False, ADJOINT=False, PAIRS=False, **consts)
         init = _carries(local, dsum, A, lay, cfg, forward=True)
     _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y if init is None else init, y, y, y, z, z, *args,
-                            SUMMARY=False, HAS_INIT=init is not None, Y=True, SAVE=False, ADJOINT=False, **consts)
+                            SUMMARY=False, HAS_INIT=init is not None, Y=True, SAVE=False, ADJOINT=False, PAIRS=False,
+                            **consts)
     out = torch.empty(b, l, e, dtype=u.dtype, device=u.device)
     ys = torch.empty_like(out)
     _gate[(triton.cdiv(b * l, 64), triton.cdiv(e, 64))](y, z, out, ys, b * l, e, y.stride(0), z.stride(1),
@@ -786,16 +830,22 @@ def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanC
     same pass gives each segment's local adjoint (2, B, segments, N, E) for `_carries`, else None."""
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     dtype = u.dtype if cfg.saved_states == "input" else torch.float32
-    states = torch.empty(2, b, lay.n_seg * lay.chunks, lay.grid[0], lay.block_n, cfg.block_e, dtype=dtype,
-                         device=u.device)
+    pairs = _state_pairs(dtype, lay)
+    states = torch.empty(2, b, lay.n_seg * lay.chunks, lay.grid[0], lay.block_n // 2 if pairs else lay.block_n,
+                         cfg.block_e, dtype=torch.int32 if pairs else dtype, device=u.device)
     local = torch.empty(2, b, lay.n_seg, n, e, dtype=torch.float32, device=u.device) if lay.n_seg > 1 else None
     Bm, Cm = _b_and_c(bc)
     _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states,
                         states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len, lay.chunks, 0,
                         *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
                         SUMMARY=False, HAS_INIT=init is not None, Y=False, SAVE=True, ADJOINT=local is not None,
-                        **_scan_consts(lay, cfg, cfg.state_pass_registers))
+                        PAIRS=pairs, **_scan_consts(lay, cfg, cfg.state_pass_registers))
     return states, local
+
+
+def _state_pairs(dtype: torch.dtype, lay: _Layout) -> bool:
+    """Whether the chunk states are saved as bf16 pairs in 32-bit words (`_save_state`)."""
+    return dtype == torch.bfloat16 and lay.block_n % 2 == 0
 
 
 def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = DEFAULT_CONFIG,
@@ -818,12 +868,13 @@ def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = D
     args = (l, e, n, b, lay.seg_len, lay.chunks, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0),
             dout.stride(1), dz.stride(0), dz.stride(1))
     lane_sums = n == 16 and cfg.block_e == 32 and cfg.num_warps == 1 and bc.stride(-1) == 1
-    consts = dict(LANE_SUMS=lane_sums, EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **_scan_consts(lay, cfg))
+    consts = dict(LANE_SUMS=lane_sums, **_scan_consts(lay, cfg))
     outputs = (du, ddt, dz, *_b_and_c(dbc), dA, dD, dbias)
     states, local = _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay, cfg)
     mu = states if local is None else _carries(local, dsum, A, lay, cfg, forward=False)
     _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, mu, *outputs, *args,
-                        HAS_INIT=local is not None, KEEP_DECAY=cfg.keep_decay, **consts)
+                        HAS_INIT=local is not None, KEEP_DECAY=cfg.keep_decay, PAIRS=states.dtype == torch.int32,
+                        **consts)
     return du, ddt, dbc, dA, dD, dbias
 
 
