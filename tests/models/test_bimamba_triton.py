@@ -202,21 +202,24 @@ def check_activations(lo, hi, count) -> dict:
 
 def check_state_pairs(seed) -> dict:
     """The scan in bf16 with its chunk states saved as bf16 pairs in 32-bit words (the default) and as plain bf16:
-    the largest difference between the two runs' outputs and gradients (the same rounding: none expected)."""
-    from pipeline.models.ops import bimamba_triton as m
-    pairs = m._state_pairs
+    the largest difference between the two runs' outputs and gradients (the same rounding: none expected), and
+    whether the first run did pair them."""
+    pairs, paired = bimamba_triton._state_pairs, []
+
+    def recorded(dtype, lay):
+        paired.append(pairs(dtype, lay))
+        return paired[-1]
+
     results = []
-    for packed in (True, False):
-        m._state_pairs = pairs if packed else (lambda dtype, lay: False)
-        inputs = scan_inputs(2, 29, 40, 16, 3, seed, torch.bfloat16)
-        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-        out = m.bidirectional_selective_scan(**leaves, cfg=m.ScanConfig(segments=3))
+    for choice in (recorded, lambda dtype, lay: False):
+        bimamba_triton._state_pairs = choice
+        leaves = {k: v.requires_grad_() for k, v in scan_inputs(2, 29, 40, 16, 3, seed, torch.bfloat16).items()}
+        out = bimamba_triton.bidirectional_selective_scan(**leaves, cfg=bimamba_triton.ScanConfig(segments=3))
         out.backward(torch.ones_like(out))
         results.append([out] + [leaves[k].grad for k in sorted(leaves)])
-    m._state_pairs = pairs
+    bimamba_triton._state_pairs = pairs
     return {"max_difference": max(float((a.double() - b.double()).abs().max()) for a, b in zip(*results)),
-            "paired": bool(pairs(torch.bfloat16, m._layout(torch.empty(2, 2, 29, 40), torch.empty(2, 16, 40),
-                                                           m.ScanConfig(segments=3))))}
+            "paired": paired == [True]}
 
 
 CHECKS = {"scan": check_scan, "mixer": check_mixer, "backbone": check_backbone_mixer, "pack": check_pack,
