@@ -67,6 +67,10 @@ class ScanConfig:
     # VideoMamba-Ti's training shapes (batch 4, 384 channels: 3 warps), 8-10% slower there on the H200. At other
     # shapes the cap cost 3-7% (bench/NOTES.md, v7); 0 leaves it to ptxas
     state_pass_registers: int = 128
+    # the forward's summary pass: left alone, ptxas holds it at 128 registers by sinking the next token's loads to
+    # the end of the loop, so it waits on memory. At 168 it issues them early: (8, 1152, 1569) 373 -> 263 us, the
+    # same at VideoMamba-Ti's shapes and (1, 384, 12545) (bench/NOTES.md, v7)
+    summary_pass_registers: int = 168
     conv_block_t: int = 64  # the forward conv's tiles (tokens, channels) and warps
     conv_block_e: int = 64
     conv_warps: int = 4  # (1.4x faster than with 8 on the H200)
@@ -811,7 +815,8 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
         local = torch.empty(2, b, lay.n_seg, n, e, **f32)
         dsum = torch.empty(2, b, lay.n_seg, e, **f32)
         _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, z, z, *args, SUMMARY=True,
-                                HAS_INIT=False, Y=False, SAVE=False, ADJOINT=False, PAIRS=False, **consts)
+                                HAS_INIT=False, Y=False, SAVE=False, ADJOINT=False, PAIRS=False,
+                                **dict(_scan_consts(lay, cfg, cfg.summary_pass_registers), BLOCK_E=cfg.fwd_block_e))
         init = _carries(local, dsum, A, lay, cfg, forward=True)
     _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y if init is None else init, y, y, y, z, z, *args,
                             SUMMARY=False, HAS_INIT=init is not None, Y=True, SAVE=False, ADJOINT=False, PAIRS=False,
