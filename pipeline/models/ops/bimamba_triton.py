@@ -764,12 +764,26 @@ def _carries(local: Tensor, dsum: Tensor, A: Tensor, lay: _Layout, cfg: ScanConf
     return carry
 
 
-def _scan_consts(lay: _Layout, cfg: ScanConfig, max_registers: int = 0) -> dict:
-    """The compile-time arguments and launch options the scan kernels take (the forward passes: BLOCK_E replaced);
-    the register cap is `max_registers`, else cfg's."""
-    cap = max_registers or cfg.max_registers
-    return dict(BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch,
-                num_warps=cfg.num_warps, **({"maxnreg": cap} if cap else {}))
+SCAN_PASSES = ("summary", "output", "state", "backward")
+
+
+def pass_constants(name: str, lay: _Layout, cfg: ScanConfig, pairs: bool = False, lane_sums: bool = False) -> dict:
+    """The compile-time arguments and launch options of one scan pass (one of SCAN_PASSES: the forward's summary and
+    output passes, the backward's state-recompute pass and its main pass), as the launchers below pass them and
+    `sm90.compile_pass` compiles them. pairs: chunk states saved as bf16 pairs (`_state_pairs`); lane_sums: dB and
+    dC by the reduce-scatter (16 states, one warp of 32 channels, B and C contiguous)."""
+    if name not in SCAN_PASSES:
+        raise ValueError(f"unknown scan pass {name!r}: one of {SCAN_PASSES}")
+    segmented = lay.n_seg > 1
+    consts = dict(BLOCK_T=cfg.block_t, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
+                  HAS_INIT=segmented and name != "summary", PAIRS=pairs and name in ("state", "backward"))
+    cap = dict(summary=cfg.summary_pass_registers, state=cfg.state_pass_registers).get(name) or cfg.max_registers
+    if cap:
+        consts["maxnreg"] = cap
+    if name == "backward":
+        return dict(consts, BLOCK_E=cfg.block_e, KEEP_DECAY=cfg.keep_decay, LANE_SUMS=lane_sums)
+    return dict(consts, BLOCK_E=cfg.block_e if name == "state" else cfg.fwd_block_e, SUMMARY=name == "summary",
+                Y=name == "output", SAVE=name == "state", ADJOINT=name == "state" and segmented)
 
 
 def _scan_strides(u: Tensor, bc: Tensor) -> tuple:
@@ -807,20 +821,17 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     f32 = dict(dtype=torch.float32, device=u.device)
     y = torch.empty_like(u)
-    consts = dict(_scan_consts(lay, cfg), BLOCK_E=cfg.fwd_block_e)
     args = (l, e, n, b, lay.seg_len, lay.chunks, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), 0, 0)
     Bm, Cm = _b_and_c(bc)
     init, dsum = None, None
     if lay.n_seg > 1:
         local = torch.empty(2, b, lay.n_seg, n, e, **f32)
         dsum = torch.empty(2, b, lay.n_seg, e, **f32)
-        _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, z, z, *args, SUMMARY=True,
-                                HAS_INIT=False, Y=False, SAVE=False, ADJOINT=False, PAIRS=False,
-                                **dict(_scan_consts(lay, cfg, cfg.summary_pass_registers), BLOCK_E=cfg.fwd_block_e))
+        _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, z, z, *args,
+                                **pass_constants("summary", lay, cfg))
         init = _carries(local, dsum, A, lay, cfg, forward=True)
     _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y if init is None else init, y, y, y, z, z, *args,
-                            SUMMARY=False, HAS_INIT=init is not None, Y=True, SAVE=False, ADJOINT=False, PAIRS=False,
-                            **consts)
+                            **pass_constants("output", lay, cfg))
     out = torch.empty(b, l, e, dtype=u.dtype, device=u.device)
     ys = torch.empty_like(out)
     _gate[(triton.cdiv(b * l, 64), triton.cdiv(e, 64))](y, z, out, ys, b * l, e, y.stride(0), z.stride(1),
@@ -843,9 +854,13 @@ def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanC
     _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states,
                         states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len, lay.chunks, 0,
                         *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
-                        SUMMARY=False, HAS_INIT=init is not None, Y=False, SAVE=True, ADJOINT=local is not None,
-                        PAIRS=pairs, **_scan_consts(lay, cfg, cfg.state_pass_registers))
+                        **pass_constants("state", lay, cfg, pairs=pairs))
     return states, local
+
+
+def _reduce_scatter_sums(bc: Tensor, lay: _Layout, cfg: ScanConfig) -> bool:
+    """Whether the backward sums dB and dC over a warp's channels by the reduce-scatter (`_lane_sums`)."""
+    return lay.states == 16 and cfg.block_e == 32 and cfg.num_warps == 1 and bc.stride(-1) == 1
 
 
 def _state_pairs(dtype: torch.dtype, lay: _Layout) -> bool:
@@ -872,14 +887,12 @@ def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = D
     dA, dD, dbias = torch.zeros(2, n, e, **f32), torch.zeros(2, e, **f32), torch.zeros(2, e, **f32)
     args = (l, e, n, b, lay.seg_len, lay.chunks, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0),
             dout.stride(1), dz.stride(0), dz.stride(1))
-    lane_sums = n == 16 and cfg.block_e == 32 and cfg.num_warps == 1 and bc.stride(-1) == 1
-    consts = dict(LANE_SUMS=lane_sums, **_scan_consts(lay, cfg))
     outputs = (du, ddt, dz, *_b_and_c(dbc), dA, dD, dbias)
     states, local = _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay, cfg)
     mu = states if local is None else _carries(local, dsum, A, lay, cfg, forward=False)
     _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, mu, *outputs, *args,
-                        HAS_INIT=local is not None, KEEP_DECAY=cfg.keep_decay, PAIRS=states.dtype == torch.int32,
-                        **consts)
+                        **pass_constants("backward", lay, cfg, pairs=states.dtype == torch.int32,
+                                         lane_sums=_reduce_scatter_sums(bc, lay, cfg)))
     return du, ddt, dbc, dA, dD, dbias
 
 

@@ -21,30 +21,9 @@ from triton.compiler import ASTSource
 
 from pipeline.models.ops import bimamba_triton as bt
 
-PASSES = ("summary", "output", "state", "backward")
+PASSES = bt.SCAN_PASSES
 _FP32_POINTERS = ("a_ptr", "d_ptr", "bias_ptr", "init_ptr", "last_ptr", "dsum_ptr", "mu_ptr", "db_ptr", "dc_ptr",
                   "da_ptr", "dd_ptr", "dbias_ptr")
-
-
-def _pass_constants(name: str, lay, cfg: bt.ScanConfig) -> tuple:
-    """(kernel, its compile-time arguments, register cap) of one pass, as `scan_forward` / `scan_backward` launch it."""
-    segmented = lay.n_seg > 1
-    pairs = bt._state_pairs(torch.bfloat16, lay)
-    common = dict(BLOCK_T=cfg.block_t, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch)
-    forward = dict(common, Y=False, SAVE=False, ADJOINT=False, SUMMARY=False, HAS_INIT=segmented, PAIRS=False,
-                   BLOCK_E=cfg.fwd_block_e)
-    if name == "summary":
-        return bt._scan_fwd, dict(forward, SUMMARY=True, HAS_INIT=False), cfg.summary_pass_registers
-    if name == "output":
-        return bt._scan_fwd, dict(forward, Y=True), cfg.max_registers
-    if name == "state":
-        return (bt._scan_fwd, dict(forward, SAVE=True, ADJOINT=segmented, PAIRS=pairs, BLOCK_E=cfg.block_e),
-                cfg.state_pass_registers)
-    if name == "backward":
-        lane_sums = lay.states == 16 and cfg.block_e == 32 and cfg.num_warps == 1
-        return (bt._scan_bwd, dict(common, BLOCK_E=cfg.block_e, HAS_INIT=segmented, KEEP_DECAY=cfg.keep_decay,
-                                   LANE_SUMS=lane_sums, PAIRS=pairs), cfg.max_registers)
-    raise ValueError(f"unknown scan pass {name!r}: one of {PASSES}")
 
 
 def compile_pass(name: str, batch: int, length: int, channels: int, states: int = 16,
@@ -53,27 +32,30 @@ def compile_pass(name: str, batch: int, length: int, channels: int, states: int 
     contiguous bf16 u (2, batch, length, channels), [B, C] (2, batch, length, 2 states) and z, dz, dout rows of
     2 channels' stride (the in_proj output's halves). Returns Triton's CompiledKernel."""
     u = torch.empty(2, batch, length, channels, device="meta")
+    bc = torch.empty(2, batch, length, 2 * states, device="meta")
     lay = bt._layout(u, torch.empty(2, states, channels, device="meta"), cfg)
     e2, n2 = 2 * channels, 2 * states
     ints = dict(L=length, E=channels, N=states, B_rows=batch, SEG_LEN=lay.seg_len, CHUNKS=lay.chunks,
                 s_ud=batch * length * channels, s_ub=length * channels, s_ul=channels,
                 s_bd=batch * length * n2, s_bb=length * n2, s_bl=n2, s_bn=1, s_zb=length * e2, s_zl=e2,
                 s_gb=length * channels, s_gl=channels, s_dzb=length * e2, s_dzl=e2)
-    fn, consts, max_registers = _pass_constants(name, lay, cfg)
-    consts = dict(consts, **{k: 1 for k, v in ints.items() if v == 1 and k in fn.arg_names})  # as Triton specializes
+    fn = bt._scan_bwd if name == "backward" else bt._scan_fwd
+    consts = bt.pass_constants(name, lay, cfg, pairs=bt._state_pairs(torch.bfloat16, lay),
+                               lane_sums=bt._reduce_scatter_sums(bc, lay, cfg))
+    options = {k: consts.pop(k) for k in ("num_warps", "maxnreg") if k in consts}
+    consts.update({k: 1 for k, v in ints.items() if v == 1 and k in fn.arg_names})  # as Triton specializes
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in consts:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
-            paired = arg == "states_ptr" and consts.get("PAIRS")  # bf16 pairs in 32-bit words
+            paired = arg == "states_ptr" and consts["PAIRS"]  # bf16 pairs in 32-bit words
             signature[arg] = "*fp32" if arg in _FP32_POINTERS else "*i32" if paired else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:  # "zero" stays unspecialized, as at run time
             signature[arg] = "i32"
             if arg != "zero" and ints[arg] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    options = dict(num_warps=cfg.num_warps, **({"maxnreg": max_registers} if max_registers else {}))
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 
