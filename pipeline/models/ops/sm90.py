@@ -29,8 +29,8 @@ _FP32_POINTERS = ("a_ptr", "d_ptr", "bias_ptr", "init_ptr", "last_ptr", "dsum_pt
 def compile_pass(name: str, batch: int, length: int, channels: int, states: int = 16,
                  cfg: bt.ScanConfig = bt.DEFAULT_CONFIG):
     """One pass ("summary", "output", "state" or "backward") compiled for sm_90 as the mixer launches it on
-    contiguous bf16 u (2, batch, length, channels), [B, C] (2, batch, length, 2 states) and z, dz, dout rows of
-    2 channels' stride (the in_proj output's halves). Returns Triton's CompiledKernel."""
+    contiguous bf16 u (2, batch, length, channels), [B, C] (2, batch, length, 2 states) and dout (batch, length,
+    channels), z and dz with rows 2 channels apart (halves of in_proj's output). Returns Triton's CompiledKernel."""
     u = torch.empty(2, batch, length, channels, device="meta")
     bc = torch.empty(2, batch, length, 2 * states, device="meta")
     lay = bt._layout(u, torch.empty(2, states, channels, device="meta"), cfg)
