@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from pipeline.models.ops import bimamba_triton
+from pipeline.models.ops.bimamba_triton import ScanConfig, bidirectional_selective_scan, bimamba_forward, packed_params
 
 TOL_FP32 = 1e-5
 TOL_BF16 = 1e-2
@@ -97,7 +98,6 @@ def rel(a, b) -> float:
 # ------------------------------------------------------------------------------------------------ checks (subprocess)
 def check_scan(b, l, e, n, seed, dtype_name, block_t, block_e, segments) -> dict:
     """Output and every input gradient of bidirectional_selective_scan vs the naive fp64 recurrence."""
-    from pipeline.models.ops.bimamba_triton import ScanConfig, bidirectional_selective_scan
     dtype = getattr(torch, dtype_name)
     inputs = scan_inputs(b, l, e, n, 3, seed, dtype)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
@@ -117,7 +117,6 @@ def check_scan(b, l, e, n, seed, dtype_name, block_t, block_e, segments) -> dict
 def check_mixer(b, l, d_model, n, seed, segments) -> dict:
     """bimamba_forward on a module with the official parameter names vs its plain fp64 forward: output, input and
     parameter gradients."""
-    from pipeline.models.ops.bimamba_triton import ScanConfig, bimamba_forward
     torch.manual_seed(seed)
     mixer = TinyBiMixer(d_model, n)
     ref_mixer = TinyBiMixer(d_model, n).double()
@@ -158,7 +157,6 @@ def check_backbone_mixer(b, l, d_model, seed) -> dict:
 def check_pack(e, k, r, n, conv_bias, xz_dtype, seed, param_dtype="float32") -> dict:
     """`packed_params` against the same layouts built with torch ops: each entry's relative error (a copy, a cast,
     -exp: 0, but for the rounding of a cast to bf16, which the interpreter may do differently from torch)."""
-    from pipeline.models.ops.bimamba_triton import packed_params
     g = torch.Generator().manual_seed(seed)
     pairs = []
     for shape in ((e, 1, k), (e,), (r + 2 * n, e), (e, r), (e, n), (e,), (e,)):
@@ -214,7 +212,7 @@ def check_state_pairs(seed) -> dict:
     for choice in (recorded, lambda dtype, lay: False):
         bimamba_triton._state_pairs = choice
         leaves = {k: v.requires_grad_() for k, v in scan_inputs(2, 29, 40, 16, 3, seed, torch.bfloat16).items()}
-        out = bimamba_triton.bidirectional_selective_scan(**leaves, cfg=bimamba_triton.ScanConfig(segments=3))
+        out = bidirectional_selective_scan(**leaves, cfg=ScanConfig(segments=3))
         out.backward(torch.ones_like(out))
         results.append([out] + [leaves[k].grad for k in sorted(leaves)])
     bimamba_triton._state_pairs = pairs
