@@ -36,7 +36,7 @@ from test_bimamba_triton import TinyBiMixer, naive_bidirectional_scan, rel, scan
 STACK_CONFIG = [ScanConfig()]  # replaced by the fastest configuration of the scan sweep
 BANDWIDTH = 3.0e12  # bytes/s, a device-to-device copy on the lent H100 (/work/shared/GPU.md)
 SCAN_SHAPES = [(8, 1152, 1569, 16), (1, 384, 12545, 16)]
-CONFIGS = [ScanConfig(block_t=t, target_programs=p, max_registers=r)
+CONFIGS = [ScanConfig(block_t=t, target_programs=p, backward_pass_registers=r)
            for t, p, r in ((2, 4096, 0), (1, 2048, 0), (1, 4096, 168), (1, 4096, 128), (2, 4096, 168), (1, 8192, 168))]
 
 
@@ -144,7 +144,7 @@ def time_scan(ssf, shape, dtype=torch.bfloat16) -> list:
     floor_fb = scan_floor_bytes(b, e, l, n, dtype.itemsize, True) / BANDWIDTH * 1e3
     for cfg in CONFIGS:
         name = (f"triton T{cfg.block_t} E{cfg.block_e} w{cfg.num_warps} keep{int(cfg.keep_decay)} "
-                f"pf{int(cfg.prefetch)} p{cfg.target_programs} r{cfg.max_registers} s{cfg.saved_states}")
+                f"pf{int(cfg.prefetch)} p{cfg.target_programs} r{cfg.backward_pass_registers} s{cfg.saved_states}")
         try:
             with torch.no_grad():
                 fwd = bench_ms(lambda: bidirectional_selective_scan(**leaves, cfg=cfg))
