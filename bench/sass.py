@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--states", type=int, default=16)
     parser.add_argument("--passes", nargs="+", choices=sm90.PASSES, default=list(sm90.PASSES))
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
-                        help="ScanConfig fields to override, e.g. state_pass_registers=0 fwd_block_e=32 bc_words=state,backward")
+                        help="ScanConfig fields to override, e.g. state_pass_registers=0 fwd_block_e=32")
     parser.add_argument("--top", type=int, default=8, help="opcodes to list per pass")
     args = parser.parse_args()
     fields = {f.name for f in dataclasses.fields(ScanConfig)}
@@ -40,8 +40,7 @@ def main() -> int:
         key, _, value = item.partition("=")
         if key not in fields:
             parser.error(f"--set {item}: ScanConfig has no field {key!r} (fields: {', '.join(sorted(fields))})")
-        overrides[key] = (value if key == "saved_states" else tuple(filter(None, value.split(","))) if key == "bc_words"
-                          else int(value))
+        overrides[key] = value if key == "saved_states" else int(value)
     cfg = ScanConfig(**overrides)
     print(f"Triton {triton.__version__}, sm_90, (B, E, L, N) = ({args.batch}, {args.channels}, {args.length}, "
           f"{args.states}), bf16")

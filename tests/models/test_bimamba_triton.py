@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from pipeline.models.ops import bimamba_triton
-from pipeline.models.ops.bimamba_triton import (SCAN_PASSES, ScanConfig, bidirectional_selective_scan, bimamba_forward,
-                                                packed_params)
+from pipeline.models.ops.bimamba_triton import ScanConfig, bidirectional_selective_scan, bimamba_forward, packed_params
 
 TOL_FP32 = 1e-5
 TOL_BF16 = 1e-2
@@ -199,33 +198,30 @@ def check_activations(lo, hi, count) -> dict:
     return {"softplus": worst(softplus, F.softplus(x.double())), "sigmoid": worst(sigmoid, torch.sigmoid(x.double()))}
 
 
-def check_bf16_pairs(seed) -> dict:
-    """The scan in bf16 with its chunk states saved as bf16 pairs in 32-bit words and B, C read as such words (in
-    every pass), and with neither: the largest difference between the two runs' outputs and gradients (the same
-    rounding: none expected), and whether the first run did use both."""
-    pairs, words, used = bimamba_triton._state_pairs, bimamba_triton._bc_words, []
+def check_state_pairs(seed) -> dict:
+    """The scan in bf16 with its chunk states saved as bf16 pairs in 32-bit words (the default) and as plain bf16:
+    the largest difference between the two runs' outputs and gradients (the same rounding: none expected), and
+    whether the first run did pair them."""
+    pairs, paired = bimamba_triton._state_pairs, []
 
-    def recorded(check):
-        def wrapped(*args):
-            used.append(check(*args))
-            return used[-1]
-        return wrapped
+    def recorded(dtype, lay):
+        paired.append(pairs(dtype, lay))
+        return paired[-1]
 
     results = []
-    for choice, cfg in (((recorded(pairs), recorded(words)), ScanConfig(segments=3, bc_words=SCAN_PASSES)),
-                        ((lambda *args: False, lambda *args: False), ScanConfig(segments=3, bc_words=()))):
-        bimamba_triton._state_pairs, bimamba_triton._bc_words = choice
+    for choice in (recorded, lambda dtype, lay: False):
+        bimamba_triton._state_pairs = choice
         leaves = {k: v.requires_grad_() for k, v in scan_inputs(2, 29, 40, 16, 3, seed, torch.bfloat16).items()}
-        out = bidirectional_selective_scan(**leaves, cfg=cfg)
+        out = bidirectional_selective_scan(**leaves, cfg=ScanConfig(segments=3))
         out.backward(torch.ones_like(out))
         results.append([out] + [leaves[k].grad for k in sorted(leaves)])
-    bimamba_triton._state_pairs, bimamba_triton._bc_words = pairs, words
+    bimamba_triton._state_pairs = pairs
     return {"max_difference": max(float((a.double() - b.double()).abs().max()) for a, b in zip(*results)),
-            "paired": len(used) > 0 and all(used)}
+            "paired": paired == [True]}
 
 
 CHECKS = {"scan": check_scan, "mixer": check_mixer, "backbone": check_backbone_mixer, "pack": check_pack,
-          "activations": check_activations, "pairs": check_bf16_pairs}
+          "activations": check_activations, "pairs": check_state_pairs}
 
 
 def run_checks(cases: list, script: str = __file__) -> list:
@@ -269,7 +265,7 @@ def test_scan_bf16_inputs_within_bf16_tolerance():
     assert_close(errors, TOL_BF16, case)
 
 
-def test_bf16_pairs_in_32bit_words_change_nothing():
+def test_bf16_chunk_states_saved_in_pairs_change_nothing():
     [errors] = run_checks([("pairs", dict(seed=12))])
     assert errors == {"max_difference": 0.0, "paired": True}, errors
 

@@ -51,9 +51,6 @@ import triton.language as tl
 from torch import Tensor
 
 
-SCAN_PASSES = ("summary", "output", "state", "backward")
-
-
 @dataclass(frozen=True)
 class ScanConfig:
     """Tile sizes of the kernels; `segments` = 0 lets `segment_count` choose."""
@@ -74,8 +71,8 @@ class ScanConfig:
     # the end of the loop, so it waits on memory. At 168 it issues them early: (8, 1152, 1569) 373 -> 263 us, the
     # same at VideoMamba-Ti's shapes and (1, 384, 12545) (bench/NOTES.md, v7)
     summary_pass_registers: int = 168
-    # the forward's output pass: ptxas picks 127 (96 with B and C as words) and sinks the next token's loads; at 128
-    # 3% faster at VideoMamba-Ti's shapes, 2-4% at (8, 1152, 1569) (bench/NOTES.md, v8)
+    # the forward's output pass: ptxas picks 127 and sinks the next token's loads below the recurrence; at 128 they
+    # stay early, 2-3% faster at VideoMamba-Ti's shapes and (8, 1152, 1569) (bench/NOTES.md, v8)
     output_pass_registers: int = 128
     # the backward: ptxas gives it 255, 2 warps a scheduler. Capped at 168 (3 warps, no spills) or 128 (4 warps,
     # spills) it was 9-31% slower on the H200 (bench/NOTES.md, v8)
@@ -100,17 +97,10 @@ class ScanConfig:
     # half the traffic of that buffer, the largest of the backward) or "float32". The recurrences run in fp32 either
     # way; only the states entering dA, d(delta) and dC are rounded.
     saved_states: str = "input"
-    # the passes that read B and C as bf16 pairs in 32-bit words where the tensor allows (`_bc_words`): fewer
-    # instructions in every pass, but ptxas then issues the loads later. On the H200 the summary and output passes
-    # gained 0-2%, the state pass lost 8-11% at batch 4 and up, the backward 15% (bench/NOTES.md, v8)
-    bc_words: tuple = ("summary", "output")
 
     def __post_init__(self):
         if self.saved_states not in ("input", "float32"):
             raise ValueError(f"ScanConfig.saved_states must be 'input' or 'float32', not {self.saved_states!r}")
-        unknown = set(self.bc_words) - set(SCAN_PASSES)
-        if unknown:
-            raise ValueError(f"ScanConfig.bc_words: unknown passes {sorted(unknown)}, expected some of {SCAN_PASSES}")
         for name in ("block_e", "fwd_block_e", "carry_states"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -210,21 +200,7 @@ def _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_n
 
 
 @triton.jit
-def _bc_row_geometry(b_ptr, c_ptr, offs_n, mask_n, s_bl, N, WORDS: tl.constexpr):
-    """Pointers, offsets, mask and token stride of the B and C rows `_chunk_rows` loads. WORDS: as int32 words of
-    two bf16 states each (B and C bf16, their rows contiguous and on 4-byte boundaries, N even): each state then
-    arrives in its own register half, ready for `_bc_values`, instead of 16-byte vectors that take a byte permute a
-    state to split (bench/NOTES.md, v8)."""
-    if WORDS:
-        offs_w = tl.arange(0, offs_n.shape[0] // 2)
-        return (b_ptr.to(tl.pointer_type(tl.int32), bitcast=True), c_ptr.to(tl.pointer_type(tl.int32), bitcast=True),
-                offs_w, offs_w < N // 2, s_bl // 2)
-    else:
-        return b_ptr, c_ptr, offs_n, mask_n, s_bl
-
-
-@triton.jit
-def _chunk_rows(ptrs, strides, c, first, step, seg_n, offs_e, mask_e, offs_n, mask_n, s_bl, s_bn,
+def _chunk_rows(ptrs, strides, c, first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn,
                 BLOCK_T: tl.constexpr):
     """Issues the loads of chunk c: for every pointer in `ptrs` a tuple of BLOCK_T rows in scan order, raw (no
     conversion, so nothing waits for them here). The first len(strides) pointers are per-channel rows (E values,
@@ -299,28 +275,12 @@ def _chunk_state(states_ptr, slot, c, CHUNKS, zero, BLOCK_N: tl.constexpr, BLOCK
 def _state_values(raw, PAIRS: tl.constexpr):
     """A `_chunk_state` tile as (BLOCK_N, BLOCK_E) fp32 (PAIRS: bf16 pairs, see `_save_state`, unpacked)."""
     if PAIRS:
-        even, odd = _bf16_pairs(raw)
+        words = raw.to(tl.uint32, bitcast=True)
+        even = (words << 16).to(tl.float32, bitcast=True)
+        odd = (words & 0xFFFF0000).to(tl.float32, bitcast=True)
         return tl.reshape(tl.permute(tl.join(even, odd), (0, 2, 1)), (2 * raw.shape[0], raw.shape[1]))
     else:
         return raw.to(tl.float32)
-
-
-@triton.jit
-def _bc_values(raw, WORDS: tl.constexpr):
-    """A row of B or C from `_chunk_rows` as (BLOCK_N,) fp32 (WORDS: bf16 pairs in 32-bit words, unpacked)."""
-    if WORDS:
-        even, odd = _bf16_pairs(raw)
-        return tl.reshape(tl.join(even, odd), (2 * raw.shape[0],))
-    else:
-        return raw.to(tl.float32)
-
-
-@triton.jit
-def _bf16_pairs(raw):
-    """int32 words holding two bf16 values each as fp32 tensors (low halves, high halves): a bf16 is the top half
-    of its fp32, so one shift or one mask a value."""
-    words = raw.to(tl.uint32, bitcast=True)
-    return (words << 16).to(tl.float32, bitcast=True), (words & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -371,7 +331,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
               SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr, Y: tl.constexpr, SAVE: tl.constexpr,
-              ADJOINT: tl.constexpr, PREFETCH: tl.constexpr, PAIRS: tl.constexpr, WORDS: tl.constexpr):
+              ADJOINT: tl.constexpr, PREFETCH: tl.constexpr, PAIRS: tl.constexpr):
     """One direction's scan over one segment for a block of channels, token by token with the state (N, E) in
     registers. SUMMARY: only the segment's final state from a zero start (last_ptr) and its sum of delta (dsum_ptr).
     Otherwise, starting from init_ptr's carry when HAS_INIT: with Y, y_d = C.h + D u into y_ptr (2, B, L, E); with
@@ -397,7 +357,6 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
     dsum = tl.zeros((BLOCK_E,), dtype=tl.float32)
     decay = tl.full((BLOCK_N, BLOCK_E), 1.0, dtype=tl.float32)  # ADJOINT: P, the product of the decays so far
     adjoint = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-    b_ptr, c_ptr, offs_bc, mask_bc, s_bcl = _bc_row_geometry(b_ptr, c_ptr, offs_n, mask_n, s_bl, N, WORDS)
     if ADJOINT:
         ptrs = (dt_ptr, u_ptr, z_ptr, dout_ptr, b_ptr, c_ptr)
         strides = (s_ul, s_ul, s_zl, s_gl)
@@ -408,7 +367,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
         ptrs = (dt_ptr, u_ptr, b_ptr)
         strides = (s_ul, s_ul)
     n_rows: tl.constexpr = len(strides)
-    geometry = (first, step, seg_n, offs_e, mask_e, offs_bc, mask_bc, s_bcl, s_bn)
+    geometry = (first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn)
     if PREFETCH:
         rows = _chunk_rows(ptrs, strides, 0, *geometry, BLOCK_T)
     for c in range(CHUNKS):
@@ -425,16 +384,16 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
             u = cur[1][i].to(tl.float32)
             delta = tl.where(me, _softplus(cur[0][i].to(tl.float32) + bias), 0.0)
             a = tl.exp2(delta[None, :] * A2)
-            h = a * h + _bc_values(cur[n_rows][i], WORDS)[:, None] * (delta * u)[None, :]
+            h = a * h + cur[n_rows][i].to(tl.float32)[:, None] * (delta * u)[None, :]
             if SUMMARY:
                 dsum += delta
             if ADJOINT:
                 zv = cur[2][i].to(tl.float32)
                 g = cur[3][i].to(tl.float32) * zv * _sigmoid(zv)
                 decay = decay * a
-                adjoint += decay * (_bc_values(cur[n_rows + 1][i], WORDS)[:, None] * g[None, :])
+                adjoint += decay * (cur[n_rows + 1][i].to(tl.float32)[:, None] * g[None, :])
             if Y:
-                y = tl.sum(h * _bc_values(cur[n_rows + 1][i], WORDS)[:, None], axis=0) + Dv * u
+                y = tl.sum(h * cur[n_rows + 1][i].to(tl.float32)[:, None], axis=0) + Dv * u
                 tl.store(y_ptr + (first + step * r) * s_ul + offs_e, y.to(y_ptr.dtype.element_ty), mask=me)
     if SUMMARY:
         tl.store(last_ptr + slot * E * N + p_ne, h, mask=m_ne)
@@ -450,7 +409,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl, s_dzb, s_dzl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_INIT: tl.constexpr, KEEP_DECAY: tl.constexpr, PREFETCH: tl.constexpr,
-              LANE_SUMS: tl.constexpr, PAIRS: tl.constexpr, WORDS: tl.constexpr):
+              LANE_SUMS: tl.constexpr, PAIRS: tl.constexpr):
     """The adjoint of one direction's scan over one segment, chunks in reverse scan order. Per chunk the forward
     states are recomputed from the saved entering state and kept in registers (a tuple of BLOCK_T + 1 tiles, with
     KEEP_DECAY also their decays); then the adjoint lam_s = g_s C_s + exp(delta_{s+1} A) lam_{s+1}
@@ -480,11 +439,10 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     ga = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     gd = tl.zeros((BLOCK_E,), dtype=tl.float32)
     gbias = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    b_ptr, c_ptr, offs_bc, mask_bc, s_bcl = _bc_row_geometry(b_ptr, c_ptr, offs_n, mask_n, s_bl, N, WORDS)
     ptrs = (dt_ptr, z_ptr, dout_ptr, u_ptr, c_ptr, b_ptr)
     strides = (s_ul, s_zl, s_gl, s_ul)
-    geometry = (first, step, seg_n, offs_e, mask_e, offs_bc, mask_bc, s_bcl, s_bn)
-    ys_geometry = (first, step, seg_n, offs_e, mask_e & (d == 0), offs_bc, mask_bc, s_bcl, s_bn)  # dz: direction 0's
+    geometry = (first, step, seg_n, offs_e, offs_n, mask_e, mask_n, s_bl, s_bn)
+    ys_geometry = (first, step, seg_n, offs_e, offs_n, mask_e & (d == 0), mask_n, s_bl, s_bn)  # dz: direction 0's
     if PREFETCH:
         rows = _chunk_rows(ptrs, strides, CHUNKS - 1, *geometry, BLOCK_T)
         ys_rows = _chunk_rows((ys_ptr,), (s_gl,), CHUNKS - 1, *ys_geometry, BLOCK_T)
@@ -511,8 +469,8 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
             pres = pres + (pre,)
             deltas = deltas + (tl.where(me, _softplus(pre), 0.0),)
             us = us + (cur[3][i].to(tl.float32),)
-            cs = cs + (_bc_values(cur[4][i], WORDS),)
-            bs = bs + (_bc_values(cur[5][i], WORDS),)
+            cs = cs + (cur[4][i].to(tl.float32),)
+            bs = bs + (cur[5][i].to(tl.float32),)
         h = _state_values(h, PAIRS)
         hs = hs + (h,)
         for i in tl.static_range(BLOCK_T):
@@ -812,19 +770,19 @@ def _carries(local: Tensor, dsum: Tensor, A: Tensor, lay: _Layout, cfg: ScanConf
     return carry
 
 
-def pass_constants(name: str, lay: _Layout, cfg: ScanConfig, pairs: bool = False, lane_sums: bool = False,
-                   words: bool = False) -> dict:
+SCAN_PASSES = ("summary", "output", "state", "backward")
+
+
+def pass_constants(name: str, lay: _Layout, cfg: ScanConfig, pairs: bool = False, lane_sums: bool = False) -> dict:
     """The compile-time arguments and launch options of one scan pass (one of SCAN_PASSES: the forward's summary and
     output passes, the backward's state-recompute pass and its main pass), as the launchers below pass them and
     `sm90.compile_pass` compiles them. pairs: chunk states saved as bf16 pairs (`_state_pairs`); lane_sums: dB and
-    dC by the reduce-scatter (16 states, one warp of 32 channels, B and C contiguous); words: B and C read as bf16
-    pairs (`_bc_words`)."""
+    dC by the reduce-scatter (16 states, one warp of 32 channels, B and C contiguous)."""
     if name not in SCAN_PASSES:
         raise ValueError(f"unknown scan pass {name!r}: one of {SCAN_PASSES}")
     segmented = lay.n_seg > 1
     consts = dict(BLOCK_T=cfg.block_t, BLOCK_N=lay.block_n, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
-                  HAS_INIT=segmented and name != "summary", PAIRS=pairs and name in ("state", "backward"),
-                  WORDS=words and name in cfg.bc_words)
+                  HAS_INIT=segmented and name != "summary", PAIRS=pairs and name in ("state", "backward"))
     cap = getattr(cfg, f"{name}_pass_registers")
     if cap:
         consts["maxnreg"] = cap
@@ -876,10 +834,10 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
         local = torch.empty(2, b, lay.n_seg, n, e, **f32)
         dsum = torch.empty(2, b, lay.n_seg, e, **f32)
         _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y, y, local, dsum, z, z, *args,
-                                **pass_constants("summary", lay, cfg, words=_bc_words(bc)))
+                                **pass_constants("summary", lay, cfg))
         init = _carries(local, dsum, A, lay, cfg, forward=True)
     _scan_fwd[lay.fwd_grid](u, dt, Bm, Cm, y, A, D, bias, y if init is None else init, y, y, y, z, z, *args,
-                            **pass_constants("output", lay, cfg, words=_bc_words(bc)))
+                            **pass_constants("output", lay, cfg))
     out = torch.empty(b, l, e, dtype=u.dtype, device=u.device)
     ys = torch.empty_like(out)
     _gate[(triton.cdiv(b * l, 64), triton.cdiv(e, 64))](y, z, out, ys, b * l, e, y.stride(0), z.stride(1),
@@ -902,20 +860,13 @@ def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanC
     _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states,
                         states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len, lay.chunks, 0,
                         *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
-                        **pass_constants("state", lay, cfg, pairs=pairs, words=_bc_words(bc)))
+                        **pass_constants("state", lay, cfg, pairs=pairs))
     return states, local
 
 
 def _reduce_scatter_sums(bc: Tensor, lay: _Layout, cfg: ScanConfig) -> bool:
     """Whether the backward sums dB and dC over a warp's channels by the reduce-scatter (`_lane_sums`)."""
     return lay.states == 16 and cfg.block_e == 32 and cfg.num_warps == 1 and bc.stride(-1) == 1
-
-
-def _bc_words(bc: Tensor) -> bool:
-    """Whether the kernels can read B and C as int32 words of two bf16 states (`_bc_row_geometry`): bf16, an even
-    number of states, the last dimension contiguous and every row on a 4-byte boundary."""
-    return (bc.dtype == torch.bfloat16 and bc.shape[-1] % 4 == 0 and bc.stride(-1) == 1
-            and all(stride % 2 == 0 for stride in bc.stride()[:-1]) and bc.data_ptr() % 4 == 0)
 
 
 def _state_pairs(dtype: torch.dtype, lay: _Layout) -> bool:
@@ -947,7 +898,7 @@ def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = D
     mu = states if local is None else _carries(local, dsum, A, lay, cfg, forward=False)
     _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, mu, *outputs, *args,
                         **pass_constants("backward", lay, cfg, pairs=states.dtype == torch.int32,
-                                         lane_sums=_reduce_scatter_sums(bc, lay, cfg), words=_bc_words(bc)))
+                                         lane_sums=_reduce_scatter_sums(bc, lay, cfg)))
     return du, ddt, dbc, dA, dD, dbias
 
 

@@ -41,7 +41,7 @@ def compile_pass(name: str, batch: int, length: int, channels: int, states: int 
                 s_gb=length * channels, s_gl=channels, s_dzb=length * e2, s_dzl=e2)
     fn = bt._scan_bwd if name == "backward" else bt._scan_fwd
     consts = bt.pass_constants(name, lay, cfg, pairs=bt._state_pairs(torch.bfloat16, lay),
-                               lane_sums=bt._reduce_scatter_sums(bc, lay, cfg), words=True)
+                               lane_sums=bt._reduce_scatter_sums(bc, lay, cfg))
     options = {k: consts.pop(k) for k in ("num_warps", "maxnreg") if k in consts}
     consts.update({k: 1 for k, v in ints.items() if v == 1 and k in fn.arg_names})  # as Triton specializes
     signature, attrs = {}, {}
