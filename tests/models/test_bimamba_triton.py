@@ -301,6 +301,15 @@ def test_softplus_and_sigmoid_within_fp32_accuracy():
     assert errors["softplus"] < 1.5e-6 and errors["sigmoid"] < 1.5e-6, errors
 
 
+def test_weight_grads_per_direction_equal_the_batched_product(monkeypatch):
+    a, b = torch.randn(2, 70, 12), torch.randn(2, 70, 20)
+    expected = torch.einsum("dkm,dkn->dmn", a.double(), b.double())
+    for threshold in (71, 70):  # the batched call, then one mm per direction
+        monkeypatch.setattr(bimamba_triton, "PER_DIRECTION_TOKENS", threshold)
+        got = bimamba_triton._weight_grad(a, b)
+        assert got.shape == (2, 12, 20) and torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5), threshold
+
+
 def test_scan_rejects_mismatched_shapes():
     code = ("from pipeline.models.ops.bimamba_triton import bidirectional_selective_scan as f; import torch\n"
             "u = torch.zeros(2, 1, 5, 4)\n"

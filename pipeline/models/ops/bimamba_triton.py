@@ -1014,8 +1014,8 @@ class _BiMambaInner(torch.autograd.Function):
         ddt = ddt.view(2, b * l, e)
         dx_dbl[..., :rp] = torch.bmm(ddt, wdt)  # the padding columns get ddt . 0 = 0
         dx_dbl = dx_dbl.to(xz.dtype)
-        d_dt_proj = torch.bmm(ddt.transpose(1, 2), x_dbl[..., :rp])[..., :r]  # padded: an aligned output
-        d_x_proj = torch.bmm(dx_dbl.transpose(1, 2), u.view(2, b * l, e))
+        d_dt_proj = _weight_grad(ddt, x_dbl[..., :rp])[..., :r]  # padded: an aligned output
+        d_x_proj = _weight_grad(dx_dbl, u.view(2, b * l, e))
         d_x_proj = torch.cat([d_x_proj[:, :r], d_x_proj[:, rp:]], dim=1)
         du = du_scan.view(2, b * l, e).baddbmm_(dx_dbl, wx)  # in place: out of place, cuBLAS first copies du_scan
         d_conv_w, d_conv_b = conv_silu_backward(xz[..., :e], du.view(2, b, l, e), conv_w, conv_b, dxz[..., :e], cfg)
@@ -1079,6 +1079,23 @@ def _inner_projections(xz, conv_w, conv_b, wx, wdt, cfg):
     x_dbl = torch.bmm(u.view(2, b * l, e), wx.transpose(1, 2))
     dt = torch.bmm(x_dbl[..., :rp], wdt.transpose(1, 2))
     return u, x_dbl, dt
+
+
+# From this many tokens (batch x length) on, the weight gradients take one matmul per direction (`_weight_grad`)
+PER_DIRECTION_TOKENS = 16384
+
+
+def _weight_grad(a: Tensor, b: Tensor) -> Tensor:
+    """a^T b for each direction: (2, K, M), (2, K, N) -> (2, M, N), K the tokens. For a batch of 2 cuBLAS does not
+    split the long K, so at long sequences one mm per direction is faster: at VideoMamba-Ti's 64 frames, batch 4
+    (K = 50,180) 76 -> 44 us and 81 -> 44 us for dt_proj's and x_proj's; at 8 frames the batched call is faster
+    (15 against 19 us), at 16 they are even (H200, bench/NOTES.md v8)."""
+    if a.shape[1] < PER_DIRECTION_TOKENS:
+        return torch.bmm(a.transpose(1, 2), b)
+    out = torch.empty(2, a.shape[2], b.shape[2], dtype=a.dtype, device=a.device)
+    for d in range(2):
+        torch.mm(a[d].t(), b[d], out=out[d])
+    return out
 
 
 def bimamba_forward(mixer, hidden_states: Tensor, cfg: ScanConfig = DEFAULT_CONFIG) -> Tensor:
