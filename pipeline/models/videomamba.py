@@ -80,6 +80,12 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast casts x's matmul inputs to, or None where autocast is off for x's device."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class Block(nn.Module):
     """residual += drop_path(hidden); hidden = mixer(norm(residual)) -> (hidden, residual), as the official block.
     With the Triton mixer the add and the norm run as one fused kernel (pipeline.models.ops.rmsnorm_triton)."""
@@ -96,7 +102,8 @@ class Block(nn.Module):
             hidden = self.drop_path(hidden)
         if self.mixer.resolved_backend(hidden.device) == "triton":
             from pipeline.models.ops.rmsnorm_triton import add_rms_norm
-            normed, residual = add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32)
+            normed, residual = add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32,
+                                            _autocast_dtype(hidden))
             return self.mixer(normed), residual
         residual = hidden if residual is None else residual + hidden
         if self.residual_in_fp32:

@@ -51,6 +51,31 @@ def check_norm(with_residual: bool, residual_in_fp32: bool, weight_dtype: str, s
     return {n: rel(a, b) for n, a, b in zip(names, *results)}
 
 
+def check_out_dtype(seed: int) -> dict:
+    """The norm written in bf16 (out_dtype, as the block asks under autocast) against the norm in fp32 followed by
+    the cast to bf16 that in_proj's autocast would do. Output: the largest distance from the fp32 norm in bf16 ulps
+    (below 1: one of its two bf16 neighbours; the GPU rounds to nearest, below 0.5, the interpreter truncates).
+    Gradients: the largest difference (none expected: the cast's backward only widens the bf16 gradient)."""
+    from pipeline.models.ops.rmsnorm_triton import add_rms_norm
+    g = torch.Generator().manual_seed(seed)
+    hidden, residual = torch.randn(3, 37, 24, generator=g), torch.randn(3, 37, 24, generator=g)
+    weight = 1 + 0.1 * torch.randn(24, generator=g)
+    dout = torch.randn(3, 37, 24, generator=g).bfloat16()
+    results = []
+    for out_dtype in (torch.bfloat16, None):
+        h, r, w = (t.clone().requires_grad_() for t in (hidden, residual, weight))
+        out, res = add_rms_norm(h, r, w, 1e-5, True, out_dtype)
+        assert out.dtype == (out_dtype or torch.float32)
+        (out.to(torch.bfloat16) * dout).float().sum().add(res.sum()).backward()
+        results.append([out.detach(), h.grad, r.grad, w.grad])
+    (bf16, *grads), (fp32, *ref_grads) = results
+    ulp = torch.ldexp(torch.ones_like(fp32), torch.frexp(fp32)[1] - 8)  # a bf16 ulp at each fp32 value
+    errors = {"out_ulps": float(((bf16.double() - fp32.double()).abs() / ulp.double()).max())}
+    errors.update({n: float((a.double() - b.double()).abs().max()) for n, a, b in zip(["dh", "dr", "dw"], grads,
+                                                                                      ref_grads)})
+    return errors
+
+
 def check_backbone(seed: int) -> dict:
     """VideoMamba (2 blocks) with scan_backend "triton" (fused mixer and norm) vs "torch": features and grads."""
     from pipeline.models import build_videomamba
@@ -98,7 +123,13 @@ def test_fused_add_rmsnorm_gives_a_bf16_hidden_its_gradient_in_bf16():
     assert_close(errors, TOL_BF16, case)
 
 
+def test_fused_add_rmsnorm_written_in_the_autocast_dtype_equals_the_cast():
+    [errors] = run_checks([("out_dtype", dict(seed=6))], __file__)
+    assert errors.pop("out_ulps") < 1.0, errors
+    assert errors == {"dh": 0.0, "dr": 0.0, "dw": 0.0}, errors
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    checks = {"norm": check_norm, "backbone": check_backbone}
+    checks = {"norm": check_norm, "backbone": check_backbone, "out_dtype": check_out_dtype}
     print(json.dumps([checks[name](**kwargs) for name, kwargs in json.loads(sys.argv[1])]))

@@ -78,13 +78,13 @@ def _add_rmsnorm_bwd(dy_ptr, dres_ptr, res_ptr, w_ptr, rstd_ptr, dx_ptr, dxh_ptr
 
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, residual, weight, eps, residual_dtype):
+    def forward(ctx, hidden, residual, weight, eps, residual_dtype, out_dtype):
         shape, d = hidden.shape, hidden.shape[-1]
         h = hidden.reshape(-1, d).contiguous()
         r = residual.reshape(-1, d).contiguous() if residual is not None else h
         m = h.shape[0]
         res = torch.empty(m, d, dtype=residual_dtype, device=h.device)
-        out = torch.empty(m, d, dtype=weight.dtype, device=h.device)
+        out = torch.empty(m, d, dtype=out_dtype, device=h.device)
         rstd = torch.empty(m, dtype=torch.float32, device=h.device)
         _add_rmsnorm_fwd[(triton.cdiv(m, ROWS),)](h, r, weight, out, res, rstd, m, d, eps,
                                                   HAS_RESIDUAL=residual is not None, ROWS=ROWS,
@@ -108,11 +108,15 @@ class _AddRMSNorm(torch.autograd.Function):
         _add_rmsnorm_bwd[(programs,)](dy, dres, res, weight, rstd, dx, dxh, dw, m, d, HIDDEN_COPY=dxh is not dx,
                                       ROWS=ROWS, BLOCK_D=triton.next_power_of_2(d))
         d_residual = dx.view(shape) if residual_dtype is not None else None
-        return dxh.view(shape), d_residual, dw.sum(1).to(weight.dtype), None, None
+        return dxh.view(shape), d_residual, dw.sum(1).to(weight.dtype), None, None, None
 
 
-def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
-                 residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
-    """(RMSNorm(residual + hidden) in weight's dtype, the new residual stream): the fused form of a block's head."""
+def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, residual_in_fp32: bool,
+                 out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """(RMSNorm(residual + hidden) in weight's dtype, the new residual stream): the fused form of a block's head.
+    out_dtype: the normed output's dtype instead of weight's. Under autocast the block asks for the autocast dtype:
+    its in_proj would cast the output to it anyway, so the values are the same and the cast's kernels, forward and
+    backward, are gone."""
     dtype = hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
-    return _AddRMSNorm.apply(hidden, residual, weight, eps, torch.float32 if residual_in_fp32 else dtype)
+    return _AddRMSNorm.apply(hidden, residual, weight, eps, torch.float32 if residual_in_fp32 else dtype,
+                             out_dtype or weight.dtype)
