@@ -65,7 +65,7 @@ class ScanConfig:
     # Each scan pass's cap on registers per thread (Triton's maxnreg; 0 leaves it to ptxas), for occupancy.
     # The backward's state-recompute pass: at 128, 4 warps a scheduler. Uncapped, ptxas gives it 164 at
     # VideoMamba-Ti's training shapes (batch 4, 384 channels: 3 warps), 8-10% slower there on the H200. At other
-    # shapes the cap cost 3-7% (bench/NOTES.md, v7); 0 leaves it to ptxas
+    # shapes the cap cost 3-7% (bench/NOTES.md, v7)
     state_pass_registers: int = 128
     # the forward's summary pass: left alone, ptxas holds it at 128 registers by sinking the next token's loads to
     # the end of the loop, so it waits on memory. At 168 it issues them early: (8, 1152, 1569) 373 -> 263 us, the
