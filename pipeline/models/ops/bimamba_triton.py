@@ -26,7 +26,7 @@ Triton kernels do everything between the matmuls:
   instead of 160 for a sum per state) and added atomically, one atomic per lane.
 - The states entering every chunk are not kept from the forward pass: the backward pass recomputes them into a
   transient buffer (`_chunk_states`, in the input dtype by default; bf16 as pairs in 32-bit words, `_save_state`),
-  so one layer's per-chunk states never outlive its backward.
+  one direction at a time, so one direction's per-chunk states never outlive its backward.
 
 Parallelism along the sequence: when batch rows x channel blocks are too few to fill the GPU, the sequence is cut
 into segments. In the forward pass a summary pass gives each segment's local final state and its sum of delta; in
@@ -158,11 +158,12 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _program_geometry(E, N, B_rows, SEG_LEN, L, zero, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+def _program_geometry(E, N, B_rows, SEG_LEN, L, D0, zero, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
     """Which (channel block, segment, direction, batch row) this program scans, and where its segment lies:
     `first` is the segment's first token in the direction's scan order, `step` +1 or -1, `slot` its index among
-    all (direction, batch row, segment) triples; masks and offsets of its (state, channel) tiles."""
-    pid_e, pid_s, pid_db = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    all (direction, batch row, segment) triples; masks and offsets of its (state, channel) tiles. A launch covers
+    directions D0 onwards: both (grid axis 2 of 2 x B_rows) or direction D0 alone (B_rows)."""
+    pid_e, pid_s, pid_db = tl.program_id(0), tl.program_id(1), D0 * B_rows + tl.program_id(2)
     n_seg = tl.num_programs(1)
     d = pid_db // B_rows
     b = pid_db % B_rows
@@ -223,17 +224,19 @@ def _chunk_rows(ptrs, strides, c, first, step, seg_n, offs_e, offs_n, mask_e, ma
 
 
 @triton.jit
-def _saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+def _saved_state_ptrs(states_ptr, c, CHUNKS, zero, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     """Where the state entering chunk c of this program's segment is saved: the buffer holds one (BLOCK_N, BLOCK_E)
-    tile per (chunk, channel block), so its rows lie at constant offsets from one address (immediate offsets of the
-    per-token loads and stores, no per-state address arithmetic). `zero` hides their alignment (`_state_offsets`)."""
-    tile = (slot * CHUNKS + c) * tl.num_programs(0) + tl.program_id(0)
+    tile per (chunk, program) of the launch, so its rows lie at constant offsets from one address (immediate offsets
+    of the per-token loads and stores, no per-state address arithmetic). `zero` hides their alignment
+    (`_state_offsets`)."""
+    program = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    tile = (program * CHUNKS + c) * tl.num_programs(0) + tl.program_id(0)
     return (states_ptr + tile * (BLOCK_N * BLOCK_E) + tl.arange(0, BLOCK_N)[:, None] * BLOCK_E
             + tl.arange(0, BLOCK_E)[None, :] + zero)
 
 
 @triton.jit
-def _save_state(states_ptr, h, slot, c, CHUNKS, zero, PAIRS: tl.constexpr):
+def _save_state(states_ptr, h, c, CHUNKS, zero, PAIRS: tl.constexpr):
     """Saves h (BLOCK_N, BLOCK_E) fp32 as the state entering chunk c, in the buffer's dtype. PAIRS: bf16, two
     states to a 32-bit word (states 2k, 2k + 1 in row k's low and high halves), so a lane stores BLOCK_N / 2 words,
     not BLOCK_N halves (each a store and a byte permute)."""
@@ -241,10 +244,10 @@ def _save_state(states_ptr, h, slot, c, CHUNKS, zero, PAIRS: tl.constexpr):
     BLOCK_E: tl.constexpr = h.shape[1]
     if PAIRS:
         even, odd = tl.split(tl.permute(tl.reshape(h, (BLOCK_N // 2, 2, BLOCK_E)), (0, 2, 1)))
-        tl.store(_saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N // 2, BLOCK_E),
+        tl.store(_saved_state_ptrs(states_ptr, c, CHUNKS, zero, BLOCK_N // 2, BLOCK_E),
                  _bf16x2(even, odd))
     else:
-        tl.store(_saved_state_ptrs(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E),
+        tl.store(_saved_state_ptrs(states_ptr, c, CHUNKS, zero, BLOCK_N, BLOCK_E),
                  h.to(states_ptr.dtype.element_ty))
 
 
@@ -262,13 +265,13 @@ def _bf16x2(low, high):
 
 
 @triton.jit
-def _chunk_state(states_ptr, slot, c, CHUNKS, zero, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+def _chunk_state(states_ptr, c, CHUNKS, zero, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                  PAIRS: tl.constexpr):
     """The saved state entering chunk c of this program's segment, raw and unmasked (a masked load costs an
     instruction more per state, to zero it): the buffer holds whole tiles, written whole, zeros past E and N.
     Before chunk 0 (a prefetch never used) it reads chunk 0's. `_state_values` converts it."""
     rows: tl.constexpr = BLOCK_N // 2 if PAIRS else BLOCK_N
-    return tl.load(_saved_state_ptrs(states_ptr, slot, tl.maximum(c, 0), CHUNKS, zero, rows, BLOCK_E))
+    return tl.load(_saved_state_ptrs(states_ptr, tl.maximum(c, 0), CHUNKS, zero, rows, BLOCK_E))
 
 
 @triton.jit
@@ -325,9 +328,9 @@ def _bit_reverse5(x):
 
 
 # ------------------------------------------------------------------------------------------------ scan kernels
-@triton.jit(do_not_specialize=["zero"])
+@triton.jit(do_not_specialize=["D0", "zero"])
 def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_ptr, states_ptr, last_ptr,
-              dsum_ptr, z_ptr, dout_ptr, L, E, N, B_rows, SEG_LEN, CHUNKS, zero,
+              dsum_ptr, z_ptr, dout_ptr, L, E, N, B_rows, SEG_LEN, CHUNKS, D0, zero,
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
               SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr, Y: tl.constexpr, SAVE: tl.constexpr,
@@ -341,7 +344,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
     g = dout silu(z); it needs no reverse pass because it is linear in the C_s g_s. The loads of a chunk are issued
     together before its recurrence runs (with PREFETCH, one chunk ahead)."""
     d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
-        E, N, B_rows, SEG_LEN, L, zero, BLOCK_E, BLOCK_N)
+        E, N, B_rows, SEG_LEN, L, D0, zero, BLOCK_E, BLOCK_N)
     A2, Dv, bias = _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_ne)
     u_ptr += d * s_ud + b * s_ub
     dt_ptr += d * s_ud + b * s_ub
@@ -372,7 +375,7 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
         rows = _chunk_rows(ptrs, strides, 0, *geometry, BLOCK_T)
     for c in range(CHUNKS):
         if SAVE:
-            _save_state(states_ptr, h, slot, c, CHUNKS, zero, PAIRS)  # whole tiles: h is zero past E and N
+            _save_state(states_ptr, h, c, CHUNKS, zero, PAIRS)  # whole tiles: h is zero past E and N
         if PREFETCH:  # the next chunk's loads fly while this chunk's recurrence runs
             cur = rows
             rows = _chunk_rows(ptrs, strides, c + 1, *geometry, BLOCK_T)
@@ -402,10 +405,10 @@ def _scan_fwd(u_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, a_ptr, d_ptr, bias_ptr, init_p
         tl.store(last_ptr + slot * E * N + p_ne, adjoint, mask=m_ne)
 
 
-@triton.jit(do_not_specialize=["zero"])
+@triton.jit(do_not_specialize=["D0", "zero"])
 def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr, bias_ptr, states_ptr, mu_ptr,
               du_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
-              L, E, N, B_rows, SEG_LEN, CHUNKS, zero,
+              L, E, N, B_rows, SEG_LEN, CHUNKS, D0, zero,
               s_ud, s_ub, s_ul, s_bd, s_bb, s_bl, s_bn, s_zb, s_zl, s_gb, s_gl, s_dzb, s_dzl,
               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_INIT: tl.constexpr, KEEP_DECAY: tl.constexpr, PREFETCH: tl.constexpr,
@@ -418,7 +421,7 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     (fp32, B's layout), dA, dD and d(bias) are accumulated atomically. LANE_SUMS (16 states, one warp of 32
     channels, dC's row right after dB's) sums each token's dB and dC over the channels with one reduce-scatter."""
     d, b, offs_e, offs_n, mask_e, mask_n, m_ne, p_ne, seg_n, first, step, slot = _program_geometry(
-        E, N, B_rows, SEG_LEN, L, zero, BLOCK_E, BLOCK_N)
+        E, N, B_rows, SEG_LEN, L, D0, zero, BLOCK_E, BLOCK_N)
     A2, Dv, bias = _direction_params(a_ptr, d_ptr, bias_ptr, d, E, N, offs_e, mask_e, m_ne, p_ne)
     u_ptr += d * s_ud + b * s_ub
     dt_ptr += d * s_ud + b * s_ub
@@ -446,18 +449,18 @@ def _scan_bwd(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, dout_ptr, ys_ptr, a_ptr, d_ptr
     if PREFETCH:
         rows = _chunk_rows(ptrs, strides, CHUNKS - 1, *geometry, BLOCK_T)
         ys_rows = _chunk_rows((ys_ptr,), (s_gl,), CHUNKS - 1, *ys_geometry, BLOCK_T)
-        h_next = _chunk_state(states_ptr, slot, CHUNKS - 1, CHUNKS, zero, BLOCK_N, BLOCK_E, PAIRS)
+        h_next = _chunk_state(states_ptr, CHUNKS - 1, CHUNKS, zero, BLOCK_N, BLOCK_E, PAIRS)
     for cc in range(CHUNKS):
         c = CHUNKS - 1 - cc
         if PREFETCH:  # the next (earlier) chunk's loads, its saved state included, fly while this one is processed
             cur, ys_cur, h = rows, ys_rows, h_next
             rows = _chunk_rows(ptrs, strides, c - 1, *geometry, BLOCK_T)
             ys_rows = _chunk_rows((ys_ptr,), (s_gl,), c - 1, *ys_geometry, BLOCK_T)
-            h_next = _chunk_state(states_ptr, slot, c - 1, CHUNKS, zero, BLOCK_N, BLOCK_E, PAIRS)
+            h_next = _chunk_state(states_ptr, c - 1, CHUNKS, zero, BLOCK_N, BLOCK_E, PAIRS)
         else:
             cur = _chunk_rows(ptrs, strides, c, *geometry, BLOCK_T)
             ys_cur = _chunk_rows((ys_ptr,), (s_gl,), c, *ys_geometry, BLOCK_T)
-            h = _chunk_state(states_ptr, slot, c, CHUNKS, zero, BLOCK_N, BLOCK_E, PAIRS)
+            h = _chunk_state(states_ptr, c, CHUNKS, zero, BLOCK_N, BLOCK_E, PAIRS)
         us, pres, deltas, cs, gs, bs, decays, hs, zs, outs = (), (), (), (), (), (), (), (), (), ()
         for i in tl.static_range(BLOCK_T):
             me = mask_e & (c * BLOCK_T + i < seg_n)
@@ -533,16 +536,16 @@ def _carry_group(local_ptr, dsum_ptr, g, pid_db, upward, N_SEG, E, N, offs_e, ma
     return group
 
 
-@triton.jit(do_not_specialize=["zero"])
-def _carry(local_ptr, dsum_ptr, a_ptr, carry_ptr, E, N, B_rows, N_SEG, zero, FORWARD: tl.constexpr,
+@triton.jit(do_not_specialize=["D0", "zero"])
+def _carry(local_ptr, dsum_ptr, a_ptr, carry_ptr, E, N, B_rows, N_SEG, D0, zero, FORWARD: tl.constexpr,
            BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """The carry entering every segment from the segments' local results: carry_next = local + exp(A dsum) carry,
     for BLOCK_N states of BLOCK_E channels (every state's chain is independent: few states a program make more
     programs, and registers for more loads in flight). Forward states flow in scan order (direction 0 to higher
     segments, direction 1 to lower), adjoints the other way. The chain is serial, so the loads run a group of GROUP
     segments ahead of it (with one load in flight per step, every step waited a memory latency: 3 ms of a
-    VideoMamba-Ti step at 8192 programs)."""
-    pid_e, pid_n, pid_db = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    VideoMamba-Ti step at 8192 programs). Directions D0 onwards, as in `_program_geometry`."""
+    pid_e, pid_n, pid_db = tl.program_id(0), tl.program_id(1), D0 * B_rows + tl.program_id(2)
     d = pid_db // B_rows
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -761,12 +764,16 @@ def _layout(u: Tensor, A: Tensor, cfg: ScanConfig) -> _Layout:
                    (e_blocks, n_seg, 2 * batch), (triton.cdiv(channels, cfg.fwd_block_e), n_seg, 2 * batch))
 
 
-def _carries(local: Tensor, dsum: Tensor, A: Tensor, lay: _Layout, cfg: ScanConfig, forward: bool) -> Tensor:
+def _carries(local: Tensor, dsum: Tensor, A: Tensor, lay: _Layout, cfg: ScanConfig, forward: bool,
+             direction: Optional[int] = None) -> Tensor:
+    """The carry entering every segment (2, B, segments, N, E), of both directions or of `direction` only (the
+    other's left unwritten)."""
     carry = torch.empty_like(local)
     block_n = min(cfg.carry_states, lay.block_n)
-    grid = (triton.cdiv(lay.channels, cfg.block_e), triton.cdiv(lay.states, block_n), 2 * lay.batch)
-    _carry[grid](local, dsum, A, carry, lay.channels, lay.states, lay.batch, lay.n_seg, 0, FORWARD=forward,
-                 BLOCK_E=cfg.block_e, BLOCK_N=block_n, GROUP=cfg.carry_group, num_warps=1)
+    grid = (triton.cdiv(lay.channels, cfg.block_e), triton.cdiv(lay.states, block_n),
+            2 * lay.batch if direction is None else lay.batch)
+    _carry[grid](local, dsum, A, carry, lay.channels, lay.states, lay.batch, lay.n_seg, direction or 0, 0,
+                 FORWARD=forward, BLOCK_E=cfg.block_e, BLOCK_N=block_n, GROUP=cfg.carry_group, num_warps=1)
     return carry
 
 
@@ -827,7 +834,7 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     f32 = dict(dtype=torch.float32, device=u.device)
     y = torch.empty_like(u)
-    args = (l, e, n, b, lay.seg_len, lay.chunks, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), 0, 0)
+    args = (l, e, n, b, lay.seg_len, lay.chunks, 0, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), 0, 0)
     Bm, Cm = _b_and_c(bc)
     init, dsum = None, None
     if lay.n_seg > 1:
@@ -845,23 +852,30 @@ def scan_forward(u, dt, A, bc, D, z, bias, cfg: ScanConfig = DEFAULT_CONFIG):
     return out, (init, dsum, ys)
 
 
-def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay: _Layout, cfg: ScanConfig):
-    """The state entering every chunk (2, B, chunks, channel blocks, N, block_e: one tile per chunk and channel
-    block, `_saved_state_ptrs`), recomputed from the segment carries: a transient
-    buffer of the backward pass, so that no per-chunk state outlives one layer's backward. With several segments the
-    same pass gives each segment's local adjoint (2, B, segments, N, E) for `_carries`, else None."""
+def _chunk_states(u, dt, A, bc, D, bias, z, dout, init, direction: int, lay: _Layout, cfg: ScanConfig):
+    """The state entering every chunk of one direction (B, chunks, channel blocks, N, block_e: one tile per chunk
+    and program, `_saved_state_ptrs`), recomputed from the segment carries: a transient buffer of the backward
+    pass, so that no per-chunk state outlives one direction's backward. At 16 states a channel and token it is the
+    backward's largest buffer; one direction at a time halves its share of the peak (bench/NOTES.md v9). With several
+    segments the same pass gives each segment's local adjoint for `_carries` ((2, B, segments, N, E), this
+    direction's half written), else None."""
     b, l, e, n = lay.batch, lay.length, lay.channels, lay.states
     dtype = u.dtype if cfg.saved_states == "input" else torch.float32
     pairs = _state_pairs(dtype, lay)
-    states = torch.empty(2, b, lay.n_seg * lay.chunks, lay.grid[0], lay.block_n // 2 if pairs else lay.block_n,
+    states = torch.empty(b, lay.n_seg * lay.chunks, lay.grid[0], lay.block_n // 2 if pairs else lay.block_n,
                          cfg.block_e, dtype=torch.int32 if pairs else dtype, device=u.device)
     local = torch.empty(2, b, lay.n_seg, n, e, dtype=torch.float32, device=u.device) if lay.n_seg > 1 else None
     Bm, Cm = _b_and_c(bc)
-    _scan_fwd[lay.grid](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states,
-                        states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len, lay.chunks, 0,
-                        *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
-                        **pass_constants("state", lay, cfg, pairs=pairs))
+    _scan_fwd[_direction_grid(lay)](u, dt, Bm, Cm, u, A, D, bias, u if init is None else init, states,
+                                    states if local is None else local, u, z, dout, l, e, n, b, lay.seg_len,
+                                    lay.chunks, direction, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1),
+                                    dout.stride(0), dout.stride(1), **pass_constants("state", lay, cfg, pairs=pairs))
     return states, local
+
+
+def _direction_grid(lay: _Layout) -> tuple:
+    """The backward passes' grid for one direction: lay.grid without the other direction's programs."""
+    return lay.grid[:2] + (lay.batch,)
 
 
 def _reduce_scatter_sums(bc: Tensor, lay: _Layout, cfg: ScanConfig) -> bool:
@@ -891,14 +905,17 @@ def scan_backward(dout, dz, u, dt, A, bc, D, z, bias, saved, cfg: ScanConfig = D
         raise ValueError(f"scan_backward: dbc's strides {dbc.stride()} differ from bc's {bc.stride()}")
     Bm, Cm = _b_and_c(bc)
     dA, dD, dbias = torch.zeros(2, n, e, **f32), torch.zeros(2, e, **f32), torch.zeros(2, e, **f32)
-    args = (l, e, n, b, lay.seg_len, lay.chunks, 0, *_scan_strides(u, bc), z.stride(0), z.stride(1), dout.stride(0),
-            dout.stride(1), dz.stride(0), dz.stride(1))
     outputs = (du, ddt, dz, *_b_and_c(dbc), dA, dD, dbias)
-    states, local = _chunk_states(u, dt, A, bc, D, bias, z, dout, init, lay, cfg)
-    mu = states if local is None else _carries(local, dsum, A, lay, cfg, forward=False)
-    _scan_bwd[lay.grid](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, mu, *outputs, *args,
-                        **pass_constants("backward", lay, cfg, pairs=states.dtype == torch.int32,
-                                         lane_sums=_reduce_scatter_sums(bc, lay, cfg)))
+    lane_sums = _reduce_scatter_sums(bc, lay, cfg)
+    for direction in (0, 1):  # one after the other: the transient chunk states of one direction at a time
+        states, local = _chunk_states(u, dt, A, bc, D, bias, z, dout, init, direction, lay, cfg)
+        mu = states if local is None else _carries(local, dsum, A, lay, cfg, forward=False, direction=direction)
+        _scan_bwd[_direction_grid(lay)](u, dt, Bm, Cm, z, dout, ys, A, D, bias, states, mu, *outputs, l, e, n, b,
+                                        lay.seg_len, lay.chunks, direction, 0, *_scan_strides(u, bc), z.stride(0),
+                                        z.stride(1), dout.stride(0), dout.stride(1), dz.stride(0), dz.stride(1),
+                                        **pass_constants("backward", lay, cfg, pairs=states.dtype == torch.int32,
+                                                         lane_sums=lane_sums))
+        del states, local, mu  # freed before the next direction's are allocated
     return du, ddt, dbc, dA, dD, dbias
 
 

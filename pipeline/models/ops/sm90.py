@@ -52,9 +52,9 @@ def compile_pass(name: str, batch: int, length: int, channels: int, states: int 
             paired = arg == "states_ptr" and consts["PAIRS"]  # bf16 pairs in 32-bit words
             signature[arg] = "*fp32" if arg in _FP32_POINTERS else "*i32" if paired else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        else:  # "zero" stays unspecialized, as at run time
+        else:  # "zero" and "D0" stay unspecialized, as at run time
             signature[arg] = "i32"
-            if arg != "zero" and ints[arg] % 16 == 0:
+            if arg not in ("zero", "D0") and ints[arg] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
