@@ -123,14 +123,10 @@ def measured_peaks() -> dict:
 
 
 def measured_scan_ms(shape: tuple) -> float:
-    from fused import graphed_ms
+    """The fused scan's forward+backward at (B, E, L, N), bf16, replayed as one CUDA graph (bench/fused.py's way)."""
+    from fused import graphed_ms, scan_tensors
     from pipeline.models.ops.bimamba_triton import bidirectional_selective_scan
-    from test_bimamba_triton import scan_inputs
-    b, e, l, n = shape
-    inputs = {k: v.cuda() for k, v in scan_inputs(b, l, e, n, 3, 0, torch.bfloat16).items()}
-    inputs = {k: (v.float() if k in ("A", "D", "delta_bias") else v) for k, v in inputs.items()}
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    dout = torch.randn(b, l, e, device="cuda", dtype=torch.bfloat16)
+    _, leaves, dout = scan_tensors(shape)
     return graphed_ms(lambda: bidirectional_selective_scan(**leaves).backward(dout), list(leaves.values()))
 
 

@@ -133,12 +133,19 @@ def scan_floor_bytes(b, e, l, n, itemsize, backward: bool) -> int:
     return fwd + (bwd if backward else 0)
 
 
-def time_scan(ssf, shape, dtype=torch.bfloat16) -> list:
+def scan_tensors(shape, dtype=torch.bfloat16) -> tuple:
+    """(inputs, the same as autograd leaves, a random output gradient) of the scan at (B, E, L, N) on CUDA: dtype, with
+    A, D and the delta bias in fp32 as the mixer passes them."""
     b, e, l, n = shape
     inputs = {k: v.cuda() for k, v in scan_inputs(b, l, e, n, 3, 0, dtype).items()}
     inputs = {k: (v.float() if k in ("A", "D", "delta_bias") else v) for k, v in inputs.items()}
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    dout = torch.randn(b, l, e, device="cuda", dtype=dtype)
+    return inputs, leaves, torch.randn(b, l, e, device="cuda", dtype=dtype)
+
+
+def time_scan(ssf, shape, dtype=torch.bfloat16) -> list:
+    b, e, l, n = shape
+    inputs, leaves, dout = scan_tensors(shape, dtype)
     rows = []
     floor_f = scan_floor_bytes(b, e, l, n, dtype.itemsize, False) / BANDWIDTH * 1e3
     floor_fb = scan_floor_bytes(b, e, l, n, dtype.itemsize, True) / BANDWIDTH * 1e3
