@@ -16,8 +16,8 @@ to the backward (in bf16 they are 32 bytes per (token, channel), 16x the op's ow
   h = a h + B (delta u) [1 FMUL, 1 FFMA];
 - forward, the outputs from each segment's carried-in state: the same, and y += C h [1 FFMA];
 - backward: the state recomputed [as above, 3 + 1 MUFU]; the adjoint lam = mu + C g, mu = a lam [2]; du's
-  sum lam B [1]; d(delta)'s sum lam (a h) A and dA's lam (a h) delta [3]; dB = lam (delta u) and dC = h g, each
-  a product and at least one add of the sum over channels [4].
+  sum lam B [1]; d(delta)'s sum lam (a h) A and dA's lam (a h) delta [4: a h, lam (a h), an FFMA each]; dB =
+  lam (delta u) and dC = h g, each a product and at least one add of the sum over channels [4].
 
 That is 21 fp32 operations and 3 exponentials per element. Everything per (token, channel) (softplus, the gate,
 loads, conversions) is left out, so the floor is below any real kernel. The SFU's exponentials can partly move to
