@@ -38,6 +38,9 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fused import BANDWIDTH, graphed_ms, scan_floor_bytes, scan_tensors  # noqa: E402
+from pipeline.models.ops.bimamba_triton import bidirectional_selective_scan  # noqa: E402
+
 FP32_OPS = 21  # per element, fwd+bwd: summary 3, output 4, backward 14 (the docstring)
 EXPS = 3  # per element: summary, output, backward
 DEFAULT_SHAPES = ["8,1152,1569,16", "1,384,12545,16"]
@@ -69,7 +72,6 @@ def nominal_peaks(sms: int, clock_ghz: float, bandwidth: float) -> dict:
 
 
 def bound_row(shape: tuple, peaks: dict, exp_ops: int, nominal_bandwidth: float) -> dict:
-    from fused import scan_floor_bytes
     b, e, l, n = shape
     x = elements(b, e, l, n)
     floor_bytes = scan_floor_bytes(b, e, l, n, 2, True)
@@ -90,6 +92,7 @@ def _sfu_chains(out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
         x = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * -0.5], dtype=tl.float32,
                                       is_pure=True, pack=1)
     tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), x)
+
 
 @triton.jit
 def _fma_chains(out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
@@ -124,8 +127,6 @@ def measured_peaks() -> dict:
 
 def measured_scan_ms(shape: tuple) -> float:
     """The fused scan's forward+backward at (B, E, L, N), bf16, replayed as one CUDA graph (bench/fused.py's way)."""
-    from fused import graphed_ms, scan_tensors
-    from pipeline.models.ops.bimamba_triton import bidirectional_selective_scan
     _, leaves, dout = scan_tensors(shape)
     return graphed_ms(lambda: bidirectional_selective_scan(**leaves).backward(dout), list(leaves.values()))
 
@@ -141,7 +142,7 @@ def main() -> int:
     parser.add_argument("--sms", type=int, default=132, help="without a GPU: SMs (H200: 132)")
     parser.add_argument("--clock-ghz", type=float, default=1.98, help="without a GPU: SM clock (H200 boost)")
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="without a GPU: bytes/s (H200 nominal)")
-    parser.add_argument("--nominal-bandwidth", type=float, default=3.0e12,
+    parser.add_argument("--nominal-bandwidth", type=float, default=BANDWIDTH,
                         help="the bandwidth issue 7's floors were stated at (bench/fused.py's BANDWIDTH)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
