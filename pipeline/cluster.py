@@ -1,5 +1,6 @@
 """The one place that talks to Ray: connecting to a cluster (or starting a local one) and running a training stage
-in Ray Train workers. The sharding job (`shards.runner`) and `videomamba pretrain --ray-workers` use it.
+in Ray Train workers, and running tasks (evaluations). The sharding job (`shards.runner`), `videomamba pretrain
+--ray-workers` and `videomamba run` use it.
 
 Without an address a local cluster is started for the job and stopped afterwards; with `auto` or HOST:PORT an existing
 cluster is joined; when Ray is already initialised in this process (tests, notebooks) that connection is used and
@@ -12,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from pipeline.errors import ConfigError
 
@@ -103,3 +104,23 @@ def _ray_train_worker(config: dict) -> None:
         os.makedirs(os.path.dirname(config["summary_file"]), exist_ok=True)
         with open(config["summary_file"], "w") as f:
             json.dump(summary, f, default=str)
+
+
+def run_tasks(fn: Callable[..., Any], calls: list[tuple], gpus: Optional[float] = None, retries: int = 0) -> list:
+    """Runs fn(*args) for each args of `calls` as its own Ray task on the connected cluster, as many at once as its
+    resources allow (one CPU each, and `gpus` GPUs; None: one GPU when the cluster has any); returns per call its
+    result or the exception it raised (one task's failure does not stop the others). A task lost with its node is
+    retried up to `retries` times."""
+    import ray
+
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    remote = ray.remote(fn).options(num_cpus=1, num_gpus=gpus, max_retries=retries)
+    refs = [remote.remote(*args) for args in calls]
+    outcomes: list = []
+    for ref in refs:
+        try:
+            outcomes.append(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - handed back per task; RayTaskError carries the task's own error
+            outcomes.append(getattr(e, "cause", None) or e)
+    return outcomes

@@ -302,8 +302,38 @@ def _flatten(schema: type, raw: dict, source: str, prefix: str) -> dict[str, tup
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {dotted!r} is a section; expected a mapping, got {value!r}")
             flat.update(_flatten(sub, value, source, prefix=dotted + "."))
+        elif _entry_schema(sub) is not None:
+            flat = _with_entries(flat, _entry_schema(sub), value, source, dotted)
         else:
             flat[dotted] = (value, source)
+    return flat
+
+
+def _entry_schema(tp: Any) -> Optional[type]:
+    """The entries' dataclass of a `dict[str, SomeDataclass]` field (named entries, e.g. a recipe's corpora), else
+    None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return args[1]
+    return None
+
+
+def _with_entries(flat: dict[str, tuple[Any, str]], schema: type, value: Any, source: str,
+                  dotted: str) -> dict[str, tuple[Any, str]]:
+    """`flat` with the named entries of `value` added key by key (so `corpora.webvid.input=URL` changes one key of
+    one entry); an entry given as null is left out. Each entry's presence is kept as the key `dotted.name` (its
+    value None for a left-out entry)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {dotted!r} holds named entries; expected a mapping, got {value!r}")
+    for name, entry in value.items():
+        key = f"{dotted}.{name}"
+        if entry is None:
+            flat[key] = (None, source)
+            continue
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: {key!r} is an entry; expected a mapping, got {entry!r}")
+        flat[key] = ({}, source)
+        flat.update(_flatten(schema, entry, source, prefix=key + "."))
     return flat
 
 
@@ -351,6 +381,10 @@ def _build(schema: type, flat: dict[str, tuple[Any, str]], prefix: str) -> Any:
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, flat, dotted + ".")
+        elif _entry_schema(tp) is not None:
+            names = dict.fromkeys(k[len(dotted) + 1:].split(".")[0] for k in flat if k.startswith(dotted + "."))
+            kwargs[f.name] = {name: _build(_entry_schema(tp), flat, f"{dotted}.{name}.") for name in names
+                              if flat.get(f"{dotted}.{name}", ({}, ""))[0] is not None}
         elif dotted in flat:
             value, source = flat[dotted]
             kwargs[f.name] = _checked(tp, value, dotted, source)

@@ -37,7 +37,11 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     model, tokenizer = build_video_text_model(cfg, cfg.data.num_frames, cfg.data.img_size,
                                               teacher.width if teacher is not None else None)
     if cfg.init:
-        _load_stage1(model, run_weights(cfg.init, "init"), cfg.init)
+        state = run_weights(cfg.init, "init")
+        if state is not None and _is_stage2(state):
+            _load_stage2(model, state, cfg.init)
+        else:
+            _load_stage1(model, state, cfg.init)
     grid = model.backbone.patch_grid
     alignment = (MaskedAlignment(teacher, grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.align_kind,
                                  cfg.model.tubelet_size) if teacher is not None else None)
@@ -48,6 +52,30 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     summary = Trainer(model, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
                       graph_modules=model.backbone.chained_blocks()).fit(resume)
     return run_summary(cfg, summary)
+
+
+def _is_stage2(state: dict[str, Tensor]) -> bool:
+    """True for a stage-2 run's weights (more than a stage-1 student's backbone and heads)."""
+    return any(not k.startswith(("backbone.", "align_head.", "distill_head.")) for k in state)
+
+
+def _load_stage2(model: VideoTextModel, state: dict[str, Tensor], source: str) -> None:
+    """Loads a stage-2 run's whole model: the start of stage 2's unmasked phase (the official recipe's
+    `*_unmasked` configs load the masked run's checkpoint, videomamba/video_mm/exp_pt/videomamba_middle_5m_unmasked/
+    config.py `pretrained_path`). The alignment head is loaded when both have it (the unmasked phase has none)."""
+    own = model.state_dict()
+    optional = ("align_head.",)
+    missing = [k for k in own if k not in state and not k.startswith(optional)]
+    unexpected = [k for k in state if k not in own and not k.startswith(optional)]
+    if missing or unexpected:
+        raise ConfigError(f"init={source}: a stage-2 run whose model does not fit this config (missing "
+                          f"{missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    except RuntimeError as e:
+        raise ConfigError(f"init={source}: its weights do not fit model.* / text.* of this config "
+                          f"({str(e).splitlines()[0]} ...)") from None
+    log.info("stage 2 starts from %s: the whole stage-2 model", source)
 
 
 def _load_stage1(model: VideoTextModel, state: Optional[dict[str, Tensor]], source: str) -> None:

@@ -1,0 +1,152 @@
+"""A recipe: what `videomamba run` runs, as typed config (configs/recipes/*.yaml).
+
+A recipe names its inputs: corpora (manifests or media folders on any fsspec URL, or shards made already), the
+teacher checkpoint, the text encoder's directory and the evaluation sets; and its steps: sharding, stage 1, stage 2,
+the unmasked phase of stage 2 and the evaluations. A step whose `config` is empty is not run. `{out}` in any path
+stands for the run folder. The synthetic demo is the recipe with `synth.enabled` (its corpus and its tiny teacher are
+made by the run itself).
+
+Also here: the arithmetic of a plan (samples -> steps -> GPU-hours) from the throughput measured in bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class SynthStep:
+    """The demo's own corpus (`videomamba synth` into OUT/corpus); off in real recipes."""
+
+    enabled: bool = False
+    videos: int = 240
+    images: int = 120
+    eval_videos: int = 64
+    seed: int = 0
+    size: int = 64
+    frames: int = 16
+    fps: int = 8
+    codec: str = "h264"
+
+
+@dataclass
+class CorpusSpec:
+    input: str = ""  # a manifest (jsonl/csv/parquet) or a media folder, any fsspec URL; sharded into OUT/shards/NAME
+    shards: str = ""  # shards made already (index.json or brace URL patterns): used as they are, `input` ignored
+    samples: Optional[int] = None  # the corpus's size as published, for --plan before it is sharded (or listed)
+    samples_per_shard: Optional[int] = None  # None: shard.samples_per_shard
+
+
+@dataclass
+class ShardStep:
+    samples_per_shard: int = 1000
+    workers: Optional[int] = None  # Ray tasks at once; None: the cluster's CPUs
+    ray_address: Optional[str] = None  # kept for old demo configs; ray.address is the run's cluster
+
+
+@dataclass
+class TeacherSpec:
+    """The frozen CLIP teacher of stage 1 and stage 2's alignment loss (the stages' teacher.* keys)."""
+
+    model: Optional[str] = None  # an open_clip model name; None keeps each stage YAML's
+    pretrained: Optional[str] = None  # a checkpoint file / URL or an open_clip tag; None keeps the stage YAML's
+    # the demo's own teacher (synth.enabled): a tiny open_clip trained briefly on the synthetic frames
+    steps: int = 300
+    img_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class TextSpec:
+    pretrained: Optional[str] = None  # the text encoder's directory (a BERT folder): stage 2's text.pretrained
+
+
+@dataclass
+class TrainStep:
+    """A training step: the stage YAML, the corpora it reads (mixed by `weights`) and how long it runs."""
+
+    config: str = ""  # the stage's YAML (relative to the recipe's folder or its parent); empty: the step is skipped
+    corpora: list[str] = field(default_factory=list)  # names under `corpora`
+    weights: Optional[list[float]] = None  # mixing weight per corpus (data.weights); None: the stage's default
+    workers: int = 1  # Ray Train workers (one GPU each on a GPU cluster); 0: in this process, without Ray Train
+    epochs: Optional[float] = None  # passes over the corpora's samples -> train.max_steps; None: the YAML's steps
+    warmup_epochs: Optional[float] = None  # -> train.warmup_steps; None: the YAML's
+    overrides: list[str] = field(default_factory=list)  # key.sub=value for the stage's config
+
+
+@dataclass
+class EvalSetSpec:
+    annotations: str = ""  # the benchmark's annotation file (any fsspec URL)
+    videos: str = ""  # its video folder (any fsspec URL)
+    dataset: Optional[str] = None  # the annotation format (msrvtt|didemo|anet|lsmdc|msvd|synthetic); None: the name
+
+
+@dataclass
+class EvalStep:
+    config: str = ""  # the retrieval YAML; empty: no evaluation
+    overrides: list[str] = field(default_factory=list)
+    gpus: Optional[float] = None  # GPUs per evaluation task; None: 1 when the cluster has GPUs, else 0
+
+
+@dataclass
+class RayOptions:
+    address: Optional[str] = None  # None: a local cluster for the run; auto or HOST:PORT: join one (--ray-address)
+    max_failures: int = 2  # Ray Train restarts the workers of a training step up to this many times
+    task_retries: int = 1  # an evaluation task is retried this many times (a lost node)
+
+
+@dataclass
+class PlanOptions:
+    gpu: Literal["H200", "H100"] = "H200"  # the GPU whose measured throughput prices the training steps
+    list_sizes: bool = True  # --plan lists the inputs' sizes (local files only); false: it touches no data at all
+
+
+@dataclass
+class RecipeConfig:
+    name: str = ""
+    ray: RayOptions = field(default_factory=RayOptions)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    synth: SynthStep = field(default_factory=SynthStep)
+    shard: ShardStep = field(default_factory=ShardStep)
+    corpora: dict[str, CorpusSpec] = field(default_factory=dict)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    text: TextSpec = field(default_factory=TextSpec)
+    eval_teacher: EvalStep = field(default_factory=EvalStep)  # the demo's: the teacher's own zero-shot retrieval
+    stage1: TrainStep = field(default_factory=TrainStep)
+    stage2: TrainStep = field(default_factory=TrainStep)
+    unmasked: TrainStep = field(default_factory=TrainStep)  # stage 2's short unmasked phase, from stage 2's run
+    eval_stage2: EvalStep = field(default_factory=EvalStep)  # the final model on every set of `evals`
+    evals: dict[str, EvalSetSpec] = field(default_factory=dict)
+    paper: dict[str, float] = field(default_factory=dict)  # the paper's T2V R@1 per benchmark for this recipe
+
+
+TRAIN_STEPS = ("stage1", "stage2", "unmasked")
+
+# Clips per second of one training step of the backbone (forward + backward, batch 4, bf16, 224 px, every token),
+# by (model.size, data.num_frames, GPU), as measured in bench/RESULTS.md:
+#   middle/H200: "The VideoMamba-M step on the H200" (python -m bench.backbone --sizes middle, triton backend);
+#   middle/H100: the H100 table of the same benchmark (mamba_ssm backend);
+#   tiny/H200:   "The step's small kernels" (8 frames eager 57.1) and the backward-one-direction rounds (64 frames
+#                graphed 46.4; eager 39.0 in "CUDA graphs for the backbone's blocks").
+# A masked step runs fewer backbone tokens but adds the teacher (and stage 2's text model), so these price the
+# steps roughly; a size or frame count not measured is priced "unknown".
+CLIPS_PER_S: dict[tuple[str, int, str], float] = {
+    ("middle", 8, "H200"): 16.95,
+    ("middle", 16, "H200"): 8.65,
+    ("middle", 8, "H100"): 19.95,
+    ("middle", 16, "H100"): 12.07,
+    ("tiny", 8, "H200"): 57.1,
+    ("tiny", 64, "H200"): 38.97,
+}
+
+
+def steps_for(epochs: float, samples: int, global_batch: int) -> int:
+    """Optimizer steps for `epochs` passes over `samples` at `global_batch` clips a step (at least 1)."""
+    return max(1, math.ceil(epochs * samples / global_batch))
+
+
+def gpu_hours(clips: int, size: str, frames: int, gpu: str) -> Optional[float]:
+    """GPU-hours to train on `clips` clips at the measured throughput, or None when it was not measured."""
+    rate = CLIPS_PER_S.get((size, frames, gpu))
+    return None if rate is None else clips / rate / 3600.0
