@@ -480,7 +480,7 @@ def _train_plan(cfg: RecipeConfig, name: str, recipe_dir: str, out: str, previou
     spec: TrainStep = getattr(cfg, name)
     samples = _step_samples(cfg, spec, out, look=cfg.plan.list_sizes)
     _, stage_cfg = stage_config(cfg, name, recipe_dir, out, previous, samples)
-    inputs = ", ".join(f"{c} ({corpus_samples(cfg, c, out, cfg.plan.list_sizes) or 'unknown'} samples"
+    inputs = ", ".join(f"{c} ({_count(corpus_samples(cfg, c, out, cfg.plan.list_sizes))} samples"
                        f"{', weight ' + str(w) if spec.weights else ''})"
                        for c, w in zip(spec.corpora, spec.weights or [None] * len(spec.corpora)))
     if previous:
@@ -495,10 +495,15 @@ def _train_plan(cfg: RecipeConfig, name: str, recipe_dir: str, out: str, previou
                                                                       cfg.plan.gpu)
     steps = f"{stage_cfg.train.max_steps:,} x {batch} clips" + (f" ({spec.epochs} epochs)" if spec.epochs else "")
     shown = "unknown (throughput not measured for this model)" if hours is None else (
-        f"{hours:,.1f} ({hours / max(1, spec.workers):,.1f} h on {max(1, spec.workers)} GPUs)")
+        f"{hours:,.2f} ({hours / max(1, spec.workers):,.2f} h on {max(1, spec.workers)} GPU"
+        f"{'s' if spec.workers > 1 else ''})")
     return {"inputs": inputs, "samples": samples if samples is not None else "unknown", "steps": steps,
             "gpu_hours": shown, "model": f"VideoMamba-{model.size} {stage_cfg.data.num_frames}x"
                                          f"{stage_cfg.data.img_size}²"}
+
+
+def _count(n: Optional[int]) -> str:
+    return "unknown" if n is None else f"{n:,}"
 
 
 def _eval_plan(cfg: RecipeConfig) -> dict:
@@ -520,5 +525,6 @@ def plan_table(cfg: RecipeConfig, steps: list[Step]) -> str:
                      f"{p['steps']} | {p['gpu_hours']} |")
         if step.kind == "train" and p["gpu_hours"][:1].isdigit():
             total += float(p["gpu_hours"].split(" ")[0].replace(",", ""))
-    lines += ["", f"Training total: {total:,.1f} GPU-hours (known steps only)."]
+    lines += ["", f"Training total: {total:,.2f} GPU-hours (the steps priced above). The figures time the backbone's "
+              "step on every token; a masked step runs fewer tokens but adds the teacher (and stage 2's text model)."]
     return "\n".join(lines)
