@@ -117,3 +117,21 @@ def test_resolved_config_round_trips(tmp_path):
     write_resolved(cfg, str(out))
     again = load_config(AlignStageConfig, str(out))
     assert resolved_dict(again) == resolved_dict(cfg)
+
+
+def test_named_entries_merge_key_by_key_and_null_leaves_one_out(tmp_path):
+    """A `dict[str, dataclass]` field (a recipe's corpora): entries from the base and the file, one key of one entry
+    changed on the command line, an entry left out with null, and an unknown key inside an entry named."""
+    from pipeline.recipe import RecipeConfig
+
+    write(tmp_path / "base.yaml", {"corpora": {"webvid": {"input": "a.jsonl", "samples": 10},
+                                               "cc3m": {"input": "b.jsonl"}}})
+    recipe = write(tmp_path / "r.yaml", {"_base_": "base.yaml", "corpora": {"coco": {"shards": "c/index.json"}}})
+    cfg = load_config(RecipeConfig, recipe, ["corpora.webvid.input=s3://x/w.jsonl", "corpora.cc3m=null"])
+    assert list(cfg.corpora) == ["webvid", "coco"]
+    assert (cfg.corpora["webvid"].input, cfg.corpora["webvid"].samples) == ("s3://x/w.jsonl", 10)
+    assert cfg.corpora["coco"].shards == "c/index.json" and cfg.corpora["coco"].input == ""
+    with pytest.raises(ConfigError, match=r"unknown key 'corpora.webvid.inptu' \(did you mean 'corpora.webvid.input'"):
+        load_config(RecipeConfig, recipe, ["corpora.webvid.inptu=x"])
+    with pytest.raises(ConfigError, match=r"'corpora.webvid.samples' expects int or null"):
+        load_config(RecipeConfig, recipe, ["corpora.webvid.samples=many"])
