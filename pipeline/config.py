@@ -167,7 +167,7 @@ class VideoTextStageConfig:
     """Stage 2: joint video-text pretraining of the stage-1 backbone with a text encoder and a cross-modal decoder."""
 
     stage: Literal["video_text"] = "video_text"
-    init: Optional[str] = None  # the stage-1 run (its folder or one checkpoint) whose backbone starts stage 2
+    init: Optional[str] = None  # a stage-1 run (folder or checkpoint): its backbone; a stage-2 run: its whole model
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)

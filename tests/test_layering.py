@@ -19,6 +19,8 @@ FORBIDDEN = {
     "pipeline.objectives": UPPER,
     "pipeline.stages": ("pipeline.orchestrate", "pipeline.cli"),
     "pipeline.cluster": UPPER + ("shards",),
+    "pipeline.recipe": UPPER + ("pipeline.cluster", "shards"),  # a recipe's schema and the plan's arithmetic
+    "pipeline.run_report": UPPER + ("pipeline.cluster", "shards"),  # reads a run folder's files only
     "shards": UPPER + ("pipeline.config",),
 }
 
