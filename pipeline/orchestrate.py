@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("pipeline").setLevel(logging.INFO)
     out = os.path.abspath(args.out)
     cfg = with_out(load_config(RecipeConfig, args.config, args.overrides), out)
-    if args.ray_address:
-        cfg.ray.address = args.ray_address
+    # under `ray job submit` RAY_ADDRESS names the cluster the job was given
+    cfg.ray.address = args.ray_address or cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     recipe_dir = os.path.dirname(os.path.abspath(args.config))
     cluster = Cluster(cfg.ray.address)
     steps = pipeline_steps(cfg, recipe_dir, out, cluster)

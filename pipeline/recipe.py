@@ -42,7 +42,6 @@ class CorpusSpec:
 class ShardStep:
     samples_per_shard: int = 1000
     workers: Optional[int] = None  # Ray tasks at once; None: the cluster's CPUs
-    ray_address: Optional[str] = None  # kept for old demo configs; ray.address is the run's cluster
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""`videomamba run`: the whole pipeline on a tiny synthetic corpus, end to end, then again with every step skipped."""
+"""`videomamba run`: the demo recipe end to end, then again with every step skipped; the general runner on a recipe
+of other manifests (VP9, 80 px); a failing step; a killed Ray Train worker in stage 2; --plan of the 25M recipe."""
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,49 @@ def test_a_recipe_naming_an_unknown_corpus_is_a_config_error(tmp_path, capsys):
     recipe.write_text("stage1:\n  config: stage1_align.yaml\n  corpora: [k400]\n")
     assert main(["run", "--config", str(recipe), "--plan"]) == 2
     assert "reads corpus 'k400', which is not under corpora" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage2_in_two_ray_workers_survives_a_killed_worker_with_the_same_losses(vp9_corpus, tmp_path):
+    """Stage 2 inside the pipeline as a 2-worker Ray Train job (gloo, ZeRO-2): one worker is killed with SIGKILL
+    after the step-6 checkpoint; Ray restarts the workers (ray.max_failures), they resume from the newest checkpoint,
+    the steps done twice give the same losses, and the step completes with every step logged once."""
+    import psutil
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", vp9_corpus)
+    out = tmp_path / "run"
+    args = ["stage1.workers=0", "unmasked.config=", "eval_stage2.config=", "ray.max_failures=1", "stage2.workers=2",
+            "stage2.overrides=[" + ", ".join(TINY_MODEL + TINY_TEXT + [
+                "train.max_steps=16", "train.ckpt_every=3", "deepspeed.zero_stage=2", "train.batch_size=2"]) + "]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(recipe), "--out", str(out),
+                             *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics_file = out / "stage2" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 600
+        while proc.poll() is None and not ((out / "stage2" / "checkpoints" / "step_00000006").exists()
+                                           and len(_complete_lines(metrics_file)) >= 8):
+            assert time.time() < deadline, "no step-6 checkpoint and step 8 of stage 2 within 600 s"
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        before = {r["step"]: r["loss"] for r in map(json.loads, _complete_lines(metrics_file))}
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(
+            p.info["cmdline"] or [])]
+        assert workers, "no Ray Train worker process found"
+        workers[-1].kill()
+        output, _ = proc.communicate(timeout=800)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    marker = json.loads((out / "steps" / "stage2.json").read_text())
+    resumed = int(marker["resumed_from"].rsplit("_", 1)[1])
+    assert resumed >= 6 and max(before) > resumed and marker["step"] == 16  # some steps were done twice
+    after = {r["step"]: r["loss"] for r in map(json.loads, _complete_lines(metrics_file))}
+    assert sorted(after) == list(range(1, 17))
+    assert all(after[step] == loss for step, loss in before.items()), (before, after)
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The lines of a file being written that are complete (the last one may be cut)."""
+    text = path.read_text() if path.exists() else ""
+    return [line for line in text.split("\n")[:-1] if line.strip()]
