@@ -41,8 +41,6 @@ from pipeline.errors import ConfigError
 from pipeline.recipe import TRAIN_STEPS, EvalStep, RecipeConfig, TrainStep, gpu_hours, steps_for
 from pipeline.run_report import write_report
 
-log = logging.getLogger(__name__)
-
 # the demo's held-out sets, made by its synth step: (name, annotation file under OUT/corpus/eval/)
 DEMO_EVAL_SETS = (("msrvtt", "msrvtt_test.json"), ("msvd", "msvd_test.json"))
 # the folder under OUT of each evaluation step's results
@@ -81,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("pipeline").setLevel(logging.INFO)
     out = os.path.abspath(args.out)
     cfg = with_out(load_config(RecipeConfig, args.config, args.overrides), out)
-    # under `ray job submit` RAY_ADDRESS names the cluster the job was given
-    cfg.ray.address = args.ray_address or cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+    cfg.ray.address = args.ray_address or cfg.ray.address  # None: RAY_ADDRESS (ray job submit), else a local one
     recipe_dir = os.path.dirname(os.path.abspath(args.config))
     cluster = Cluster(cfg.ray.address)
     steps = pipeline_steps(cfg, recipe_dir, out, cluster)
@@ -167,12 +164,12 @@ def run_step(out: str, step: Step) -> bool:
         raise ConfigError(f"step {step.name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any failure stops the run with the step's name and log
         _failed(out, step.name, log_path, e)
-        where = f"; the training workers' logs are under {out}/{step.name}/ray" if step.kind == "train" else ""
-        print(f"videomamba run: step {step.name} failed: {type(e).__name__}: {e}\n"
-              f"  log: {log_path}{where}\n"
-              f"  the steps before it are complete and kept; fix the cause and run the same command again: it "
-              f"skips them and {'resumes ' + step.name + ' from its newest checkpoint' if step.kind == 'train' else 'redoes ' + step.name}",
-              file=sys.stderr, flush=True)
+        train = step.kind == "train"
+        where = f"; the training workers' logs are under {out}/{step.name}/ray" if train else ""
+        then = f"resumes {step.name} from its newest checkpoint" if train else f"redoes {step.name}"
+        print(f"videomamba run: step {step.name} failed: {type(e).__name__}: {e}\n  log: {log_path}{where}\n"
+              f"  the steps before it are complete and kept; fix the cause and run the same command again: it skips "
+              f"them and {then}", file=sys.stderr, flush=True)
         return False
     finally:
         logging.getLogger().removeHandler(handler)
@@ -435,24 +432,30 @@ def eval_sets(cfg: RecipeConfig, out: str) -> dict:
 
 def evaluate_set(retrieval: RetrievalConfig, checkpoint: str, dataset: str, annotations: str, videos: str,
                  folder: str, set_name: str) -> dict:
-    """One evaluation (a Ray task): writes FOLDER/retrieval_<set_name>.json/.md/.png and returns its summary."""
+    """One evaluation (a Ray task): writes FOLDER/retrieval_<set_name>.* (json, md, png, ...) and returns its
+    summary. The files are written aside and moved in place when complete, so a rerun redoes only the sets that have
+    no result."""
     from pipeline.eval.report import result_markdown
     from pipeline.stages.retrieval import evaluate_retrieval
 
-    result = evaluate_retrieval(retrieval, checkpoint, dataset, annotations, videos, folder + "/.tmp_" + set_name,
-                                progress=False)
-    for ext in ("json", "md", "png"):  # in place only when complete: a rerun redoes the sets without a result
-        os.replace(os.path.join(folder, f".tmp_{set_name}", f"retrieval_{dataset}.{ext}"),
-                   os.path.join(folder, f"retrieval_{set_name}.{ext}"))
-    os.rmdir(os.path.join(folder, f".tmp_{set_name}"))
+    aside = os.path.join(folder, f".tmp_{set_name}")
+    result = evaluate_retrieval(retrieval, checkpoint, dataset, annotations, videos, aside, progress=False)
+    for file_name in sorted(os.listdir(aside), key=lambda n: n.endswith(".json")):  # the .json, its marker, last
+        os.replace(os.path.join(aside, file_name),
+                   os.path.join(folder, file_name.replace(f"retrieval_{dataset}", f"retrieval_{set_name}", 1)))
+    os.rmdir(aside)
     print(result_markdown(result), flush=True)
     return _eval_summary(result)
 
 
 def _eval_summary(result: dict) -> dict:
-    counts = result["counts"]
+    """What the marker and the report keep of an evaluation: counts, chance level and the final recalls (fractions)
+    both ways."""
+    counts, metrics = result["counts"], result["metrics"]
     return {"dataset": result["dataset"], "videos": counts["videos_evaluated"], "texts": counts["texts_evaluated"],
-            "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"], **result["metrics"]}
+            "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"],
+            "t2v": {k: metrics["text_to_video"][k] for k in ("R@1", "R@5", "R@10")},
+            "v2t": {k: metrics["video_to_text"][k] for k in ("R@1", "R@5", "R@10")}}
 
 
 # -------------------------------------------------------------------------------------------------------- the plan

@@ -41,9 +41,9 @@ def recall_table(evals: list[tuple[str, dict]], paper: dict[str, float]) -> list
     rows = []
     for step, results in evals:
         for bench, r in results.items():
-            if not isinstance(r, dict) or "text_to_video" not in r:
+            if not isinstance(r, dict) or "t2v" not in r:
                 continue
-            t2v, v2t = r["text_to_video"], r["video_to_text"]
+            t2v, v2t = r["t2v"], r["v2t"]
             ref = paper.get(bench) if step == "eval_stage2" else None
             rows.append(f"| {step} | {bench} | {r['videos']} | {100 * t2v['R@1']:.1f} | {100 * t2v['R@5']:.1f} | "
                         f"{100 * t2v['R@10']:.1f} | {100 * v2t['R@1']:.1f} | {100 * v2t['R@5']:.1f} | "
@@ -97,9 +97,9 @@ def _eval_summary(results: dict, model: str) -> str:
     """R@1/5/10 text->video and R@1 video->text per benchmark, with the number of videos and chance level."""
     parts = []
     for bench, r in results.items():
-        if not isinstance(r, dict) or "text_to_video" not in r:
+        if not isinstance(r, dict) or "t2v" not in r:
             continue
-        t2v, v2t = r["text_to_video"], r["video_to_text"]
+        t2v, v2t = r["t2v"], r["v2t"]
         parts.append(f"T2V R@1 {t2v['R@1']:.2f} / R@5 {t2v['R@5']:.2f} / R@10 {t2v['R@10']:.2f}, V2T R@1 "
                      f"{v2t['R@1']:.2f} ({bench.upper()} format, {r['videos']} videos; chance 1/{r['videos']}"
                      f"{', ' + str(r['texts']) + ' captions' if r['texts'] != r['videos'] else ''})")
