@@ -114,7 +114,7 @@ def pipeline_steps(cfg: RecipeConfig, recipe_dir: str, out: str, cluster: "Clust
             if not spec.input:
                 raise ConfigError(f"recipe: corpora.{name} needs input (a manifest or media folder URL) or shards")
             steps.append(Step(f"shard_{name}", "shard", _bind(_shard, cfg, name, out, cluster),
-                              _bind(_shard_plan, cfg, name)))
+                              _bind(_shard_plan, cfg, name, out)))
     if cfg.synth.enabled:
         steps.append(Step("teacher", "teacher", lambda: _demo_teacher(cfg, out), lambda: _nothing("synthetic frames")))
     if cfg.eval_teacher.config:
@@ -472,10 +472,11 @@ def _size(url: str, look: bool) -> str:
     return f"{os.path.getsize(url) / 1e6:.1f} MB"
 
 
-def _shard_plan(cfg: RecipeConfig, name: str) -> dict:
+def _shard_plan(cfg: RecipeConfig, name: str, out: str) -> dict:
     spec = cfg.corpora[name]
+    samples = corpus_samples(cfg, name, out, cfg.plan.list_sizes)
     return {"inputs": f"{spec.input} ({_size(spec.input, cfg.plan.list_sizes)})",
-            "samples": spec.samples if spec.samples is not None else "unknown", "steps": "-",
+            "samples": samples if samples is not None else "unknown", "steps": "-",
             "gpu_hours": "- (CPU tasks)"}
 
 

@@ -126,8 +126,8 @@ TRAIN_STEPS = ("stage1", "stage2", "unmasked")
 # by (model.size, data.num_frames, GPU), as measured in bench/RESULTS.md:
 #   middle/H200: "The VideoMamba-M step on the H200" (python -m bench.backbone --sizes middle, triton backend);
 #   middle/H100: the H100 table of the same benchmark (mamba_ssm backend);
-#   tiny/H200:   "The step's small kernels" (8 frames eager 57.1) and the backward-one-direction rounds (64 frames
-#                graphed 46.4; eager 39.0 in "CUDA graphs for the backbone's blocks").
+#   tiny/H200:   8 frames eager 57.1 ("The step's small kernels"), 64 frames eager 38.97 ("CUDA graphs for the
+#                backbone's blocks"); both the Triton backend without CUDA graphs, the stage configs' default.
 # A masked step runs fewer backbone tokens but adds the teacher (and stage 2's text model), so these price the
 # steps roughly; a size or frame count not measured is priced "unknown".
 CLIPS_PER_S: dict[tuple[str, int, str], float] = {
