@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import RetrievalConfig
 from pipeline.eval.annotations import read_annotations
-from pipeline.stages.retrieval import retrieval_result
+from pipeline.eval.retrieval import retrieval_result
 from pipeline.stages.teacher_warmup import save_open_clip
 from tests.conftest import tiny_clip, tiny_clip_config
 
