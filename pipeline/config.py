@@ -188,15 +188,23 @@ class RetrievalModelConfig:
 @dataclass
 class RetrievalDataConfig:
     # null: a videomamba run's own data.num_frames / data.img_size (its config.yaml), else 8 frames of 224 px
-    num_frames: Optional[int] = None  # frames per video: the middle frame of each of T equal segments
-    img_size: Optional[int] = None  # frame side after resize + centre crop
+    num_frames: Optional[int] = None  # frames per video: UMT's "middle" sampling
+    img_size: Optional[int] = None  # frame side
+    # auto: the model's own (videomamba: ImageNet's, as the official evaluation; open_clip: the model's); imagenet or
+    # clip to match what a run was trained with
+    normalize: Literal["auto", "imagenet", "clip"] = "auto"
 
 
 @dataclass
 class RetrievalEvalConfig:
-    batch_size: int = 16  # videos (and texts) encoded per forward
-    rerank_k: int = 128  # top-k candidates re-ranked by the model's matching head, when it has one; 0: never
-    num_workers: int = 2  # decoding processes
+    batch_size: int = 16  # videos encoded per forward
+    rerank_k: int = 128  # UMT's k_test: each query's top k re-ranked by the model's matching head, when it has one
+    rerank_batch: int = 512  # (text, video) pairs per call of the fusion layers
+    num_workers: int = 2  # reading (and, with the CPU decoder, decoding) processes
+    decoder: Literal["auto", "cpu", "dali"] = "auto"  # auto: DALI where it and a GPU are present
+    # false: a missing or undecodable video stops the evaluation before scoring, listing them; true: the rest are
+    # scored and every headline says "on N of M videos". null: false for the benchmarks, true for `synthetic`
+    allow_missing: Optional[bool] = None
 
 
 @dataclass

@@ -69,7 +69,7 @@ def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, t
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "retrieval_msrvtt.json").read_text())
     assert result["counts"]["videos_evaluated"] == result["counts"]["videos"] > 0
-    assert result["rerank"]["applied"] and "text_to_video" in result["reranked_metrics"]
+    assert result["rerank"]["applied"] and "img_r1" in result["metrics"]["reranked"]
     assert result["model"] == "videomamba stage-2 video-text model"
 
 
