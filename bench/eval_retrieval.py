@@ -68,7 +68,7 @@ def write_set(folder: str, count: int, frames: int, size: int, workers: int) -> 
     """Writes the videos and msrvtt_ret_test1k.json under `folder`; returns the annotations' path."""
     videos = os.path.join(folder, "videos")
     os.makedirs(videos, exist_ok=True)
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(max(1, workers)) as pool:
         list(pool.map(_write_video, [(videos, i, frames, size) for i in range(count)], chunksize=16))
     rng = np.random.default_rng(0)
     entries = [{"video": f"video{i}.mp4", "caption": " ".join(rng.choice(WORDS, int(rng.integers(6, 14))))}
