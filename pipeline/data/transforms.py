@@ -58,6 +58,9 @@ class EvalFrames:
 # video_mm/dataset/__init__.py, test_transform: Resize((res, res), BICUBIC) of the (T, C, H, W) uint8 frames,
 # /255, Normalize(ImageNet). torchvision 0.16 (the repo's requirements.txt) resizes tensors without antialiasing.
 VIDEOMAMBA_EVAL_FRAMES = EvalFrames("whole", "bicubic", False, IMAGENET_MEAN, IMAGENET_STD)
+# A model trained by this project's stages saw ClipPlan's default normalization (CLIP's): it is evaluated with the
+# official geometry and the normalization it was trained with.
+RUN_EVAL_FRAMES = EvalFrames("whole", "bicubic", False, ClipPlan.mean, ClipPlan.std)
 
 
 def open_clip_eval_frames(mean: tuple[float, ...], std: tuple[float, ...]) -> EvalFrames:

@@ -17,22 +17,23 @@ model from a checkpoint and calls this; training calls it every train.eval_every
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import fsspec
 import torch
 from tqdm import tqdm
 
-from pipeline.config import RetrievalConfig
+from pipeline.config import RetrievalConfig, RetrievalEvalConfig
 from pipeline.data.decode import (CpuDecoder, DaliDecoder, DecodeError, EncodedSample, dali_device, probe,
                                   resolved_decoder_name)
-from pipeline.data.transforms import eval_plan
+from pipeline.data.transforms import RUN_EVAL_FRAMES, eval_plan
 from pipeline.errors import ConfigError
-from pipeline.eval.annotations import RetrievalAnnotations
+from pipeline.eval.annotations import RetrievalAnnotations, read_annotations
 from pipeline.eval.metrics import contrastive_metrics, reranked_metrics
-from pipeline.eval.models import VideoTextModel
+from pipeline.eval.models import VideoMambaRetrieval, VideoTextModel
 from pipeline.eval.protocol import BENCHMARKS
 from pipeline.eval.rerank import umt_reranked
 
@@ -147,6 +148,35 @@ def scored_retrieval(model: VideoTextModel, cfg: RetrievalConfig, ann: Retrieval
         "timing": {k: round(v, 3) for k, v in timer.seconds.items()},
     }
     return Evaluation(result, RetrievalScores(similarity, text_video, names, texts, t2v, v2t))
+
+
+def training_evaluation(settings: RetrievalEvalConfig, annotations: str, videos: str, dataset: Optional[str],
+                        num_frames: int, img_size: int, tokenizer, max_len: int
+                        ) -> Callable[[torch.nn.Module, int], dict]:
+    """Returns `evaluate(model, step)` for the trainer: this evaluation of the training stage-2 model (eval mode,
+    no_grad: the trainer's part) on the set, at the run's frame count and size, with the frames it is trained on;
+    it returns R@1 both ways and R mean (re-ranked when the model re-ranks, also the contrastive ones), in %. The
+    annotations are read now, so a bad file stops the run before training."""
+    ann = read_annotations(annotations, dataset)
+    cfg = RetrievalConfig()
+    cfg.data.num_frames, cfg.data.img_size = num_frames, img_size
+    cfg.eval = RetrievalEvalConfig(**{f.name: getattr(settings, f.name)
+                                      for f in dataclasses.fields(RetrievalEvalConfig)})
+    check_retrieval_config(cfg)
+
+    def evaluate(model: torch.nn.Module, step: int) -> dict:
+        device = next(model.parameters()).device
+        wrapper = VideoMambaRetrieval(model, tokenizer, max_len, device, RUN_EVAL_FRAMES)
+        metrics = scored_retrieval(wrapper, cfg, ann, videos, device, progress=False).result["metrics"]
+        out = {}
+        for kind, prefix in (("contrastive", "eval/itc_"), ("reranked", "eval/")):
+            if kind in metrics:
+                m = metrics[kind]
+                out.update({f"{prefix}t2v_r1": m["img_r1"], f"{prefix}v2t_r1": m["txt_r1"],
+                            f"{prefix}r_mean": m["r_mean"]})
+        return out
+
+    return evaluate
 
 
 def rerank_outcome(model: VideoTextModel, k: int) -> dict:
