@@ -21,7 +21,7 @@ Main keys (configs/eval_retrieval.yaml; override any as key.sub=value):
                     <name>.json sits beside the checkpoint)
   data.num_frames   frames per video          data.img_size   frame side in pixels
                     (null, the default: a videomamba run's own, from its config.yaml; otherwise 8 and 224)
-  data.normalize    auto (the model's own) | imagenet | clip
+  data.normalize    auto (the model's own: open_clip's; a stage-2 run's training normalization) | imagenet | clip
   eval.batch_size   videos per forward        eval.num_workers   reading/decoding processes (0: in this process)
   eval.decoder      auto | cpu | dali          eval.rerank_k      UMT's k_test (128)
   eval.rerank_batch (text, video) pairs per call of the fusion layers
@@ -51,7 +51,7 @@ import open_clip
 import torch
 
 from pipeline.config import RetrievalConfig, RetrievalModelConfig, VideoTextStageConfig, load_config, resolved_dict
-from pipeline.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, RUN_EVAL_FRAMES
 from pipeline.engine.weights import run_weights
 from pipeline.errors import ConfigError
 from pipeline.eval.annotations import read_annotations
@@ -184,7 +184,8 @@ def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch
     if missing or unexpected:
         raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: missing "
                           f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
-    return VideoMambaRetrieval(model.to(device).eval(), tokenizer, cfg.text.max_len, device)
+    # a run of this project is fed the official test geometry with the normalization it was trained with
+    return VideoMambaRetrieval(model.to(device).eval(), tokenizer, cfg.text.max_len, device, RUN_EVAL_FRAMES)
 
 
 def run_config(checkpoint: str) -> str:
