@@ -2,9 +2,9 @@
 
     python -m bench.eval_retrieval [--videos 1000] [--frames 8] [--size 224] [--k-test 128] [--batch 64]
                                    [--rerank-batch 512] [--workers 16] [--decoder auto|cpu|dali] [--runs 2]
-                                   [--text-size bert-base|small] [--keep DIR]
+                                   [--text-size bert-base|small] [--keep DIR] [--quick]
 
-(from the repository root; `python bench/eval_retrieval.py` works too where the package is installed.)
+(from the repository root, as a module: run as a script, bench/shards.py would shadow the `shards` package.)
 
 A synthetic set shaped like MSRVTT's 1k-A test: `--videos` real mp4 files (H.264, `--frames` frames at `--size`²,
 8 fps; a moving square on a gradient, each video its own colours), written first with all CPU cores and not timed,
@@ -16,7 +16,8 @@ runs after loading the model: decode (DALI when installed, else PyAV in `--worke
 and the texts, the similarity, UMT's re-ranking with k_test both ways, the metrics. Timed after the model is built
 and on the GPU; the first run includes the kernels' compilation and autotuning, so `--runs 2` times a second one.
 Prints the wall time of each run and its split: decode (waiting for frames), video encoding, text encoding,
-similarity, re-rank (with the number of (text, video) pairs scored), metrics.
+similarity, re-rank (with the number of (text, video) pairs scored), metrics. `--quick` (what `videomamba bench`
+passes): 16 videos of 4 frames at 64², the small text encoder, k_test 8, one run.
 """
 from __future__ import annotations
 
@@ -101,7 +102,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--text-size", default="bert-base", choices=tuple(TEXT_SIZES))
     parser.add_argument("--keep", metavar="DIR", help="write the set here (and keep it) instead of a temporary folder")
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the script (see above)")
     args = parser.parse_args()
+    if args.quick:
+        args.videos, args.frames, args.size, args.text_size, args.k_test, args.runs = 16, 4, 64, "small", 8, 1
+        args.batch, args.workers = 8, min(args.workers, 2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
         print("note: no GPU here; this runs on the CPU and its times say nothing about the target")
