@@ -166,9 +166,9 @@ def _eval_summary(results: dict, model: str = "CLIP meanP") -> str:
     format (every caption a query)."""
     msrvtt, msvd = results["msrvtt"], results["msvd"]
     return (f"zero-shot ({model}) T2V R@1 {msrvtt['img_r1']:.1f} / R@5 {msrvtt['img_r5']:.1f} / "
-            f"R@10 {msrvtt['img_r10']:.1f}, V2T R@1 {msrvtt['txt_r1']:.1f} (%, {msrvtt['scores']}; MSRVTT format, "
-            f"{msrvtt['videos']} videos; chance 1/{msrvtt['videos']}); MSVD format ({msvd['texts']} captions): "
-            f"T2V R@1 {msvd['img_r1']:.1f}, V2T R@1 {msvd['txt_r1']:.1f}")
+            f"R@10 {msrvtt['img_r10']:.1f}, V2T R@1 {msrvtt['txt_r1']:.1f} (MSRVTT format, {msrvtt['videos']} "
+            f"videos; chance 1/{msrvtt['videos']}); MSVD format ({msvd['texts']} captions): T2V R@1 "
+            f"{msvd['img_r1']:.1f}, V2T R@1 {msvd['txt_r1']:.1f}; recalls in %, {msrvtt['scores']} scores")
 
 
 def _run_step(out: str, name: str, step: Callable[[], dict]) -> None:
