@@ -4,7 +4,7 @@
                                    [--rerank-batch 512] [--workers 16] [--decoder auto|cpu|dali] [--runs 2]
                                    [--text-size bert-base|small] [--keep DIR] [--quick]
 
-(from the repository root, as a module: run as a script, bench/shards.py would shadow the `shards` package.)
+(from the repository root; or `videomamba bench eval_retrieval -- ARGS`; `--full` is needed there, else --quick.)
 
 A synthetic set shaped like MSRVTT's 1k-A test: `--videos` real mp4 files (H.264, `--frames` frames at `--size`²,
 8 fps; a moving square on a gradient, each video its own colours), written first with all CPU cores and not timed,
