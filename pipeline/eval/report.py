@@ -1,5 +1,5 @@
 """The outputs of a retrieval evaluation: OUT/retrieval_<dataset>.json (the result), .md (the table, also printed),
-.png (R@1/5/10 bar chart) and scores.npz (every score ranked by: `pipeline.eval.scores`), written through fsspec.
+.png (R@1/5/10 bar chart) and .scores.npz (every score ranked by: `pipeline.eval.scores`), written through fsspec.
 
 Every headline of an evaluation that left videos out says "on N of M videos"."""
 from __future__ import annotations
@@ -52,14 +52,14 @@ def result_markdown(result: dict) -> str:
 
 
 def write_outputs(result: dict, out: str, dataset: str, scores=None) -> dict:
-    """Writes the .json, .md, .png of `result` and, given the `RetrievalScores`, scores.npz under `out` (any fsspec
+    """Writes the .json, .md, .png of `result` and, given the `RetrievalScores`, .scores.npz under `out` (any fsspec
     URL); returns their URLs."""
     fs, folder = fsspec.core.url_to_fs(out)
     fs.makedirs(folder, exist_ok=True)
     base = f"{out.rstrip('/')}/retrieval_{dataset}"
     paths = {"json": base + ".json", "md": base + ".md", "png": base + ".png"}
     if scores is not None:
-        paths["scores"] = f"{out.rstrip('/')}/scores.npz"
+        paths["scores"] = base + ".scores.npz"  # per dataset: several evaluations may share OUT
         write_scores(paths["scores"], scores.similarity, scores.text_video, scores.videos, scores.texts, scores.t2v,
                      scores.v2t)
     with fsspec.open(paths["json"], "w") as f:

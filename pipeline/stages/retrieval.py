@@ -28,7 +28,7 @@ Main keys (configs/eval_retrieval.yaml; override any as key.sub=value):
   eval.allow_missing  see above
 
 Writes OUT/retrieval_<dataset>.json (metrics, counts, skipped videos, timing, the resolved config), .md (the table,
-also printed), .png (R@1/5/10 bar chart) and OUT/scores.npz (every score matrix: `pipeline.eval.scores`).
+also printed), .png (R@1/5/10 bar chart) and .scores.npz (every score matrix: `pipeline.eval.scores`).
 
 Examples:
   videomamba eval --config configs/eval_retrieval.yaml --checkpoint openai \\
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_retrieval(cfg: RetrievalConfig, checkpoint: str, dataset: Optional[str], annotations: str, videos: str,
                        out: str, progress: bool = True) -> dict:
-    """Runs the evaluation, writes OUT/retrieval_<dataset>.json/.md/.png and OUT/scores.npz and returns the JSON's
+    """Runs the evaluation, writes OUT/retrieval_<dataset>.json/.md/.png/.scores.npz and returns the JSON's
     content."""
     started = time.time()
     if dataset is not None and dataset not in DATASETS:
