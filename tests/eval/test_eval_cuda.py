@@ -29,12 +29,14 @@ def small_stage2(frames: int, size: int):
 
 
 class CountingCalls:
-    def __init__(self, wrapper):
-        self.wrapper, self.sizes = wrapper, []
+    """The wrapper's match_logits, recording how many pairs each call of the fusion layers gets."""
+
+    def __init__(self, match_logits):
+        self.match_logits, self.sizes = match_logits, []
 
     def __call__(self, texts, videos):
         self.sizes.append(len(texts))
-        out = self.wrapper.match_logits(texts, videos)
+        out = self.match_logits(texts, videos)
         assert out.is_cuda
         return out
 
@@ -48,7 +50,7 @@ def test_the_evaluation_runs_on_the_gpu_and_agrees_with_the_cpu(synth_corpus, tm
     model, tokenizer, max_len = small_stage2(4, 64)
     cuda = torch.device("cuda")
     wrapper = VideoMambaRetrieval(copy.deepcopy(model).to(cuda), tokenizer, max_len, cuda)
-    counting = CountingCalls(wrapper)
+    counting = CountingCalls(wrapper.match_logits)
     wrapper.match_logits = counting
     gpu = scored_retrieval(wrapper, cfg, ann, videos, cuda, progress=False)
     assert gpu.scores.similarity.is_cuda and gpu.scores.t2v.is_cuda and gpu.scores.v2t.is_cuda
