@@ -87,9 +87,14 @@ class VideoMambaRetrieval:
         return min(max_len, self.max_len)
 
     def _autocast(self):
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast on a GPU (the official evaluation's); a model whose weights are in half precision (a bf16
+        or fp16 training run evaluated as it trains) runs under autocast to its own dtype, on the CPU too."""
+        weights = next(self.model.parameters()).dtype
+        if weights in (torch.float16, torch.bfloat16):
+            return torch.autocast(self.device.type, dtype=weights)
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def encode_videos(self, clips: torch.Tensor) -> torch.Tensor:
