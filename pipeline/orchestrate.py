@@ -449,13 +449,15 @@ def evaluate_set(retrieval: RetrievalConfig, checkpoint: str, dataset: str, anno
 
 
 def _eval_summary(result: dict) -> dict:
-    """What the marker and the report keep of an evaluation: counts, chance level and the final recalls (fractions)
-    both ways."""
-    counts, metrics = result["counts"], result["metrics"]
+    """What the marker and the report keep of an evaluation: counts, chance level and the final recalls in % both
+    ways (re-ranked when the model has a matching head, else contrastive), under `scores`."""
+    counts = result["counts"]
+    scores = "reranked" if "reranked" in result["metrics"] else "contrastive"
+    metrics = result["metrics"][scores]
     return {"dataset": result["dataset"], "videos": counts["videos_evaluated"], "texts": counts["texts_evaluated"],
-            "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"],
-            "t2v": {k: metrics["text_to_video"][k] for k in ("R@1", "R@5", "R@10")},
-            "v2t": {k: metrics["video_to_text"][k] for k in ("R@1", "R@5", "R@10")}}
+            "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"], "scores": scores,
+            "t2v": {f"R@{k}": metrics[f"img_r{k}"] for k in (1, 5, 10)},
+            "v2t": {f"R@{k}": metrics[f"txt_r{k}"] for k in (1, 5, 10)}}
 
 
 # -------------------------------------------------------------------------------------------------------- the plan

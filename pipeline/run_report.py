@@ -24,8 +24,9 @@ def write_report(out: str, name: str, steps: list[tuple[str, str]], paper: dict[
     plots = _write_plots(out, [n for n, kind in steps if kind == "train"])
     md = ["\n".join(table)]
     if recall:
-        md.append("Zero-shot text-to-video and video-to-text retrieval (R@k in %; the paper's T2V R@1 for this "
-                  "recipe beside it):\n\n" + "\n".join(recall))
+        md.append("Zero-shot text-to-video and video-to-text retrieval (R@k in %, UMT's protocol; `scores`: re-ranked "
+                  "by the matching head or contrastive; the paper's T2V R@1 for this recipe beside it):\n\n"
+                  + "\n".join(recall))
     if plots:
         md.append("Plots: " + ", ".join(f"[{title}]({path})" for title, path in plots))
     text = "\n\n".join(md)
@@ -45,13 +46,13 @@ def recall_table(evals: list[tuple[str, dict]], paper: dict[str, float]) -> list
                 continue
             t2v, v2t = r["t2v"], r["v2t"]
             ref = paper.get(bench) if step == "eval_stage2" else None
-            rows.append(f"| {step} | {bench} | {r['videos']} | {100 * t2v['R@1']:.1f} | {100 * t2v['R@5']:.1f} | "
-                        f"{100 * t2v['R@10']:.1f} | {100 * v2t['R@1']:.1f} | {100 * v2t['R@5']:.1f} | "
+            rows.append(f"| {step} | {bench} | {r['videos']} | {r['scores']} | {t2v['R@1']:.1f} | {t2v['R@5']:.1f} | "
+                        f"{t2v['R@10']:.1f} | {v2t['R@1']:.1f} | {v2t['R@5']:.1f} | "
                         f"{'-' if ref is None else f'{ref:.1f}'} |")
     if not rows:
         return []
-    return ["| step | benchmark | videos | T2V R@1 | T2V R@5 | T2V R@10 | V2T R@1 | V2T R@5 | paper T2V R@1 |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"] + rows
+    return ["| step | benchmark | videos | scores | T2V R@1 | T2V R@5 | T2V R@10 | V2T R@1 | V2T R@5 | paper T2V R@1 |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"] + rows
 
 
 def _marker(out: str, name: str) -> dict:
@@ -94,16 +95,17 @@ def _training_summary(records: list[dict], losses: dict[str, str], digits: int) 
 
 
 def _eval_summary(results: dict, model: str) -> str:
-    """R@1/5/10 text->video and R@1 video->text per benchmark, with the number of videos and chance level."""
+    """R@1/5/10 text->video and R@1 video->text (in %, the final scores) per benchmark, with the number of videos
+    and chance level."""
     parts = []
     for bench, r in results.items():
         if not isinstance(r, dict) or "t2v" not in r:
             continue
         t2v, v2t = r["t2v"], r["v2t"]
-        parts.append(f"T2V R@1 {t2v['R@1']:.2f} / R@5 {t2v['R@5']:.2f} / R@10 {t2v['R@10']:.2f}, V2T R@1 "
-                     f"{v2t['R@1']:.2f} ({bench.upper()} format, {r['videos']} videos; chance 1/{r['videos']}"
-                     f"{', ' + str(r['texts']) + ' captions' if r['texts'] != r['videos'] else ''})")
-    return f"zero-shot ({model}) " + "; ".join(parts)
+        parts.append(f"T2V R@1 {t2v['R@1']:.1f} / R@5 {t2v['R@5']:.1f} / R@10 {t2v['R@10']:.1f}, V2T R@1 "
+                     f"{v2t['R@1']:.1f} ({bench.upper()} format, {r['videos']} videos; chance 1/{r['videos']}"
+                     f"{', ' + str(r['texts']) + ' captions' if r['texts'] != r['videos'] else ''}), {r['scores']}")
+    return f"zero-shot ({model}) " + "; ".join(parts) + "; recalls in %"
 
 
 # --------------------------------------------------------------------------------------------------------- plots

@@ -18,6 +18,7 @@ from pipeline.data import build_loader
 from pipeline.engine import Trainer
 from pipeline.engine.weights import run_weights
 from pipeline.errors import ConfigError
+from pipeline.eval.retrieval import training_evaluation
 from pipeline.models.factory import build_video_text_model
 from pipeline.models.teacher import build_teacher, check_teacher_grid
 from pipeline.models.video_text import VideoTextModel
@@ -48,9 +49,12 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     weights = {"vtc": cfg.loss.vtc, "vtm": cfg.loss.vtm, "mlm": cfg.loss.mlm, "align": cfg.loss.align}
     objective = VideoTextObjective(tokenizer, cfg.text.max_len, len(tokenizer.encoder), grid, cfg.mask.kind,
                                    cfg.mask.ratio, weights, cfg.loss.mlm_prob, alignment)
+    evaluate = (training_evaluation(cfg.eval, cfg.eval.annotations, cfg.eval.videos, cfg.eval.dataset,
+                                    cfg.data.num_frames, cfg.data.img_size, tokenizer, cfg.text.max_len)
+                if cfg.train.eval_every > 0 else None)
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed)
     summary = Trainer(model, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
-                      graph_modules=model.backbone.chained_blocks()).fit(resume)
+                      graph_modules=model.backbone.chained_blocks(), evaluate=evaluate).fit(resume)
     return run_summary(cfg, summary)
 
 
@@ -116,6 +120,11 @@ def check_config(cfg: VideoTextStageConfig) -> None:
         raise ConfigError("mask.kind=attention needs the teacher's attention: set loss.align > 0 or another kind")
     if cfg.mask.ratio > 0:
         check_mask_on_grid(cfg)
+    if cfg.train.eval_every < 0:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every}: must be at least 0 (0: no evaluation)")
+    if cfg.train.eval_every > 0 and not (cfg.eval.annotations and cfg.eval.videos):
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs an eval set: eval.annotations and "
+                          f"eval.videos")
 
 
 VIDEO_TEXT = Stage("video_text", VideoTextStageConfig, check_config, train_video_text)

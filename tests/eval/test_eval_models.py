@@ -17,7 +17,8 @@ def test_video_features_are_the_normalized_mean_of_normalized_frame_features(tmp
     clip = tiny_clip(tmp_path, NAME, image_size=32).eval()
     path = save_open_clip(clip, NAME, tiny_clip_config(image_size=32), str(tmp_path / "clip.pt"))
     model = load_retrieval_model(RetrievalModelConfig(kind="open_clip", name=NAME), path, 32, torch.device("cpu"))
-    assert isinstance(model, OpenClipMeanP) and model.match_score is None
+    assert isinstance(model, OpenClipMeanP) and model.match_logits is None
+    assert model.frames.box == "centre" and model.frames.interp == "bicubic"  # open_clip's own preprocessing
     torch.manual_seed(1)
     clips = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
@@ -26,7 +27,7 @@ def test_video_features_are_the_normalized_mean_of_normalized_frame_features(tmp
     videos = model.encode_videos(clips)
     assert videos.shape == (2, 48) and torch.allclose(videos[1], expected, atol=1e-5)
     assert torch.allclose(videos.norm(dim=-1), torch.ones(2), atol=1e-5)
-    texts = model.encode_texts(["a red circle", "two blue squares", "a red circle"])
+    texts = model.encode_texts(["a red circle", "two blue squares", "a red circle"], 32)
     assert texts.shape == (3, 48) and torch.allclose(texts[0], texts[2])
     assert torch.allclose(texts.norm(dim=-1), torch.ones(3), atol=1e-5)
 
