@@ -36,10 +36,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from pipeline import safe_load
 from pipeline.config import ConfigError, DeepSpeedConfig, TrainConfig
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine import dist
-from pipeline.engine.ds_config import deepspeed_config
+from pipeline.engine.ds_config import check_micro_batch, deepspeed_config
 from pipeline.engine.graphs import GraphedChain, graph_chain
 from pipeline.engine.metrics import MetricsLog, ProgressBar, TensorBoardLog
 from pipeline.engine.optim import SkippableAdamW, build_optimizer
@@ -107,10 +108,12 @@ class Trainer:
         """Trains up to `train.max_steps` optimizer steps; `resume` is None, "auto" or a checkpoint/run path."""
         started = time.perf_counter()
         info = self.dist = dist.init_distributed()
+        check_micro_batch(self.cfg, self.ds_cfg, info.world_size)  # before DeepSpeed starts
         _quiet_deepspeed()
         ckpt.seed_everything(self.cfg.seed + info.rank)
         ref = self._resume_choice(resume)
-        trainer_state = torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False) if ref else None
+        state_file = os.path.join(ref.path, ckpt.TRAINER_STATE) if ref else ""
+        trainer_state = safe_load.load(state_file, state_file) if ref else None
         if ref and trainer_state["world_size"] != info.world_size:  # before DeepSpeed partitions them anew
             self._load_consolidated_weights(ref, trainer_state["world_size"])
         engine, optimizer, scheduler = self._build(info)
@@ -302,11 +305,20 @@ class Trainer:
                 log.info("removed %s left by an interrupted run", gone)
             try:
                 choice = ckpt.resolve_resume(resume, self.run_dir)
+                if choice is not None:  # before DeepSpeed, whose loaders unpickle with arbitrary globals, reads it
+                    ckpt.check_torch_files(choice.path)
             except (ckpt.CorruptCheckpoint, FileNotFoundError) as e:  # a path asked for by name that cannot be used
                 choice = ConfigError(f"resume={resume!r}: {e}")
+            except ConfigError as e:  # an unsafe file (safe_load.UnsafeFile)
+                choice = e
             if resume is None and ckpt.list_checkpoints(ckpt.checkpoints_root(self.run_dir)):
                 choice = ConfigError(f"{ckpt.checkpoints_root(self.run_dir)} holds checkpoints of an earlier run: "
-                                     "resume it (--resume auto) or give this run its own train.out")
+                                     "resume it (--resume auto), start over in this folder (--resume restart: "
+                                     "they are moved aside) or give this run its own train.out")
+            if resume == ckpt.RESTART:
+                aside = ckpt.set_aside(ckpt.checkpoints_root(self.run_dir))
+                if aside:
+                    log.warning("resume=restart: starting at step 0; the earlier checkpoints were moved to %s", aside)
             if resume == "auto" and choice is None:
                 log.info("resume=auto: no complete checkpoint under %s; starting at step 0", self.run_dir)
         choice = dist.broadcast_object(choice)
@@ -338,7 +350,8 @@ class Trainer:
                                              f"'{ckpt.DEEPSPEED_TAG}' states")
         move_to_step(scheduler, trainer_state["step"])
         rank = self.dist.rank if self.dist.rank < saved_world else 0
-        rank_state = torch.load(os.path.join(ref.path, ckpt.rank_file_name(rank)), weights_only=False)
+        rank_file = os.path.join(ref.path, ckpt.rank_file_name(rank))
+        rank_state = safe_load.load(rank_file, rank_file)
         try:
             self.data.load_state_dict(rank_state["data"])
         except ValueError as e:

@@ -196,6 +196,7 @@ def test_user_deepspeed_json_whose_micro_batch_is_not_the_datas_is_refused(tmp_p
     trainer.ds_cfg = DeepSpeedConfig(config=str(path))
     with pytest.raises(ConfigError, match="micro batch 16 per process, but the data yields train.batch_size=4"):
         trainer.fit()
+    assert trainer.engine is None  # refused before DeepSpeed started
 
 
 def test_url_run_directory_is_refused():
