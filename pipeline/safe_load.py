@@ -66,7 +66,7 @@ def load(source: Source, name: str, *, foreign_configs: bool = False, mmap: bool
     """Returns the object in the torch file `source` (a local path, the file's bytes or an open binary file), on
     the CPU, read with the restricted unpickler. `name` is how messages name the file. Raises UnsafeFile (exit 2)
     when the file holds anything but tensors, plain values and the allowed types, and ValueError when it is not a
-    torch file at all."""
+    torch file at all (a file the restricted unpickler cannot parse is refused as UnsafeFile too)."""
     allowed = _library_types()
     if foreign_configs:
         allowed += [(OrderedDict, g) for g in FOREIGN_CONFIG_GLOBALS]
@@ -74,14 +74,23 @@ def load(source: Source, name: str, *, foreign_configs: bool = False, mmap: bool
         with torch.serialization.safe_globals(allowed):
             return torch.load(_reopenable(source), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise UnsafeFile(f"{name}: refused: the file holds objects a weights-only load does not create"
-                         f"{_globals_named(source, allowed)}; loading it could run code from it, so it is not loaded "
-                         f"(only tensors and plain values are read). ({str(e).splitlines()[0]})") from None
+        raise UnsafeFile(f"{name}: refused: a weights-only load cannot read it ({_reason(e)}){_globals_named(source, allowed)}"
+                         f"; it holds objects whose loading could run code, or is not a torch file. Nothing of it "
+                         f"was run; only tensors and plain values are read from files") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise ValueError(f"{name}: not a readable torch file ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
+
+
+def _reason(e: Exception) -> str:
+    """The restricted unpickler's own reason, without torch's advice to load the file unrestricted."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip().split("\n\n")[0]
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def check_torch_files(directory: str) -> int:
