@@ -202,3 +202,23 @@ def test_user_deepspeed_json_whose_micro_batch_is_not_the_datas_is_refused(tmp_p
 def test_url_run_directory_is_refused():
     with pytest.raises(ConfigError, match="train.out: s3://bucket/run is a URL"):
         toy.build("s3://bucket/run")
+
+
+def test_every_checkpoint_damaged_is_refused_listing_them_and_restart_must_be_asked_for(tmp_path, reference):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference[0], run_dir)
+    root = ckpt.checkpoints_root(run_dir)
+    for name in step_dirs(run_dir):
+        with open(os.path.join(root, name, ckpt.TRAINER_STATE), "ab") as f:
+            f.write(b"\x00")
+    before = {name: os.path.getmtime(os.path.join(root, name, ckpt.MARKER)) for name in step_dirs(run_dir)}
+    with pytest.raises(ConfigError) as e:
+        toy.build(run_dir).fit(resume="auto")
+    message = str(e.value)
+    assert "every one is damaged" in message and "--resume restart" in message
+    assert all(f"{name}: file trainer_state.pt has" in message for name in before)
+    assert {n: os.path.getmtime(os.path.join(root, n, ckpt.MARKER)) for n in step_dirs(run_dir)} == before
+    summary = toy.build(run_dir).fit(resume="restart")  # asked for: starts over, the damaged ones moved aside
+    assert summary.start_step == 0 and toy.losses(run_dir) == toy.losses(reference[0])
+    aside = [n for n in os.listdir(run_dir) if n.startswith("checkpoints.replaced-")]
+    assert len(aside) == 1 and sorted(os.listdir(os.path.join(run_dir, aside[0]))) == sorted(before)
