@@ -165,3 +165,13 @@ def test_a_folder_caption_that_is_not_utf8_fails_its_row_not_silently_replaced(t
     rows = read_manifest(str(tmp_path)).rows
     assert [r.error[0] if r.error else None for r in rows] == [None, "not_utf8", None]
     assert "b.txt" in rows[1].error[1] and "0xe9" in rows[1].error[1]
+
+
+def test_planning_refuses_rows_that_share_a_key():
+    from shards.index import plan_shards
+    from shards.manifest import ManifestRow
+    from shards.media import ProcessOptions
+
+    rows = [ManifestRow(0, "a", "a.mp4", ("x",)), ManifestRow(1, "b", "b.mp4", ("y",)), ManifestRow(2, "a", "c.mp4")]
+    with pytest.raises(ValueError, match="manifest rows 0 and 2 share the key 'a'"):
+        plan_shards(rows, 2, "shard", ProcessOptions())
