@@ -78,6 +78,9 @@ class DataConfig:
     num_workers: int = ranged(2, ge=0)
     shuffle_buffer: int = ranged(256, ge=0)
     epochs: Optional[int] = ranged(None, ge=1)  # None streams forever (training is bounded by train.max_steps)
+    # a tar of a URL-pattern corpus that is cut short or unreadable: false uses its readable samples and reports the
+    # damage (as inside an indexed corpus), true refuses the run (exit 2 naming the tar)
+    strict: bool = False
 
 
 @dataclass

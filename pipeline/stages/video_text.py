@@ -56,7 +56,8 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     weights = {"vtc": cfg.loss.vtc, "vtm": cfg.loss.vtm, "mlm": cfg.loss.mlm, "align": cfg.loss.align}
     objective = VideoTextObjective(tokenizer, cfg.text.max_len, len(tokenizer.encoder), grid, cfg.mask.kind,
                                    cfg.mask.ratio, weights, cfg.loss.mlm_prob, alignment)
-    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed)
+    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
+                        run_dir=cfg.train.out)
     summary = Trainer(model, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
                       graph_modules=model.backbone.chained_blocks()).fit(resume)
     return run_summary(cfg, summary)
