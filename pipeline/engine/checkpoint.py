@@ -251,6 +251,30 @@ def set_aside(root: str) -> Optional[str]:
     return aside
 
 
+# --------------------------------------------------------------------------------------------------- full disk
+FULL_BELOW_BYTES = 16 << 20  # a write that failed with less than this left is taken as a full disk
+
+
+def disk_is_full(path: str) -> bool:
+    """True when the file system holding `path` has (almost) no space left for this process."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
+
+
+def disk_full_message(run_dir: str, step: int) -> str:
+    """Says that the disk of `run_dir` is full, which checkpoint is the newest intact one and how to resume."""
+    st = os.statvfs(run_dir)
+    newest = newest_complete(checkpoints_root(run_dir))
+    kept = (f"the newest intact checkpoint is {newest.path} (step {newest.step}); a resume continues from it, the "
+            f"steps after it are done again" if newest else
+            "there is no intact checkpoint yet (the run would start over at step 0)")
+    return (f"checkpoint step {step} could not be written: the disk of train.out ({run_dir}) is full "
+            f"({st.f_bavail * st.f_frsize >> 20} MiB free of {st.f_blocks * st.f_frsize >> 20} MiB; the partial "
+            f"checkpoint was removed). {kept[0].upper() + kept[1:]}. Free space on that disk (or lower "
+            f"train.keep_last, or copy {run_dir} to a larger disk and set train.out there), then run the same "
+            f"command with --resume auto")
+
+
 # --------------------------------------------------------------------------------------------------- weights
 def model_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Returns the module's weights in checkpoint `path` as one fp32 state dict on the CPU, whatever the ZeRO stage

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -57,6 +58,11 @@ class NonFiniteLoss(RuntimeError):
 
 class DataExhausted(RuntimeError):
     """The data iterable ended before `train.max_steps`."""
+
+
+class DiskFull(RuntimeError):
+    """A checkpoint could not be written because the file system of `train.out` is full; the message names the
+    newest intact checkpoint and how to resume."""
 
 
 @dataclass
@@ -282,20 +288,45 @@ class Trainer:
             ckpt.fresh_temp_dir(root, step)
         dist.barrier()
         temp = ckpt.temp_dir_for(root, step)
-        engine.save_checkpoint(temp, tag=ckpt.DEEPSPEED_TAG, save_latest=False)
-        torch.save({"data": self.data.state_dict(), "rng": ckpt.rng_state()},
-                   os.path.join(temp, ckpt.rank_file_name(info.rank)))
-        if info.is_main:
-            torch.save({"step": step, "skipped_steps": skipped, "scheduler": scheduler.state_dict(),
-                        "world_size": info.world_size}, os.path.join(temp, ckpt.TRAINER_STATE))
+        failed: Optional[BaseException] = None
+        try:
+            engine.save_checkpoint(temp, tag=ckpt.DEEPSPEED_TAG, save_latest=False)
+            torch.save({"data": self.data.state_dict(), "rng": ckpt.rng_state()},
+                       os.path.join(temp, ckpt.rank_file_name(info.rank)))
+            if info.is_main:
+                torch.save({"step": step, "skipped_steps": skipped, "scheduler": scheduler.state_dict(),
+                            "world_size": info.world_size}, os.path.join(temp, ckpt.TRAINER_STATE))
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as "enforce fail ... unexpected pos"
+            failed = e
+        self._stop_together_if(failed, step, temp)
         dist.barrier()
         path = ""
         if info.is_main:
-            path = ckpt.publish(temp, step, info.world_size)
+            try:
+                path = ckpt.publish(temp, step, info.world_size)
+            except OSError as e:
+                failed = e
+        self._stop_together_if(failed, step, temp)
+        if info.is_main:
             for old in ckpt.prune(root, self.cfg.keep_last):
                 log.info("removed old checkpoint %s (train.keep_last=%d)", old, self.cfg.keep_last)
         dist.barrier()
         return dist.broadcast_object(path)
+
+    def _stop_together_if(self, failed: Optional[BaseException], step: int, temp: str) -> None:
+        """Every rank raises when any rank could not write its part of checkpoint `step` (the others would wait
+        in the next collective forever): DiskFull, saying so plainly, when train.out's file system is full, else
+        the error itself. The partial checkpoint is removed, freeing what it took."""
+        if not dist.all_reduce_sum(torch.tensor([int(failed is not None)], device=self.dist.device)).item():
+            return
+        full = ckpt.disk_is_full(self.run_dir)
+        if self.dist.is_main:
+            shutil.rmtree(temp, ignore_errors=True)
+        if full:
+            raise DiskFull(ckpt.disk_full_message(self.run_dir, step)) from None
+        if failed is not None:
+            raise failed
+        raise RuntimeError(f"checkpoint step {step}: another process could not write its part (see its error)")
 
     def _resume_choice(self, resume: Optional[str]) -> Optional[ckpt.CheckpointRef]:
         """Rank 0 picks the checkpoint (and clears leftovers of a killed run); every rank gets its choice."""

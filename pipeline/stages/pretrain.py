@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     train = getattr(importlib.import_module(module_name), function)
     from pipeline.data.loader import NoUsableSamples
     from pipeline.engine import dist
-    from pipeline.engine.trainer import DataExhausted, NonFiniteLoss
+    from pipeline.engine.trainer import DataExhausted, DiskFull, NonFiniteLoss
 
     try:
         if args.ray_workers:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                                    {"auto": None, "yes": True, "no": False}[args.ray_gpu], args.ray_max_failures)
         else:
             summary = train(cfg, resume=args.resume)
-    except (NonFiniteLoss, DataExhausted, NoUsableSamples) as e:  # a stop with a message, not a traceback
+    except (NonFiniteLoss, DataExhausted, NoUsableSamples, DiskFull) as e:  # a stop with a message, not a traceback
         print(f"videomamba pretrain: stage {stage} stopped: {e}", file=sys.stderr)
         return 1
     if dist.rank() == 0:

@@ -222,3 +222,33 @@ def test_every_checkpoint_damaged_is_refused_listing_them_and_restart_must_be_as
     assert summary.start_step == 0 and toy.losses(run_dir) == toy.losses(reference[0])
     aside = [n for n in os.listdir(run_dir) if n.startswith("checkpoints.replaced-")]
     assert len(aside) == 1 and sorted(os.listdir(os.path.join(run_dir, aside[0]))) == sorted(before)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 100 KiB (tmpfs, mounted here; needs root): room for two toy checkpoints, not three."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (not root?): {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_a_full_disk_says_so_names_the_newest_intact_checkpoint_and_the_run_resumes(small_disk, reference):
+    run_dir = str(small_disk / "run")
+    with pytest.raises(Exception) as e:  # checkpoints at 3 and 6 fit, the one at step 8 does not
+        toy.build(run_dir).fit(resume="auto")
+    message = str(e.value)
+    assert type(e.value).__name__ == "DiskFull", message
+    assert f"the disk of train.out ({run_dir}) is full" in message and "checkpoint step 8" in message
+    assert "newest intact checkpoint is " + os.path.join(ckpt.checkpoints_root(run_dir), "step_00000006") \
+        in message and "--resume auto" in message
+    assert "inline_container" not in message
+    assert step_dirs(run_dir) == ["step_00000003", "step_00000006"]  # the partial one removed, the rest intact
+    for name in step_dirs(run_dir):
+        ckpt.verify(os.path.join(ckpt.checkpoints_root(run_dir), name))
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)  # space freed: resume
+    summary = toy.build(run_dir).fit(resume="auto")
+    assert summary.start_step == 6 and toy.losses(run_dir) == toy.losses(reference[0])
