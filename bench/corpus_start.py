@@ -13,7 +13,9 @@ Starts moto's S3 server as its own process on 127.0.0.1 (loopback only), uploads
 - stats files: `resolved_corpus` now with video2dataset's `{shard}_stats.json` beside every tar (one listing and
   one concurrent fetch of the small JSON files; no tar is opened);
 - resume: `resolved_corpus` with the counts a first start kept in the run folder (`corpus_counts.json`): no request.
-Prints a markdown table (median of --repeat runs).
+Prints a markdown table: median seconds of --repeat runs and the HTTP requests of one (counted in the server's
+request log). On loopback a request costs the server's CPU time, not a network round trip, so the seconds mostly
+measure moto; the request counts, and which of them wait one after the other, carry over to real object storage.
 """
 from __future__ import annotations
 
@@ -52,9 +54,10 @@ def tar_of(shard: int, samples: int, sample_bytes: int) -> bytes:
     return buf.getvalue()
 
 
-def start_server(port: int) -> subprocess.Popen:
+def start_server(port: int, log_file) -> subprocess.Popen:
+    """Starts moto's S3 server; its request log (one line per HTTP request) goes to `log_file`."""
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log_file, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
@@ -72,14 +75,22 @@ def fresh_s3():
     return fsspec.filesystem("s3", skip_instance_cache=True)
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
+def requests_logged(log_path: str) -> int:
+    time.sleep(0.2)  # the server's log lines of the last requests
+    with open(log_path, errors="replace") as f:
+        return sum("HTTP/1.1" in line for line in f)
+
+
+def timed(fn, repeat: int, log_path: str) -> tuple[float, object, float]:
+    """Returns (median seconds, the result, HTTP requests per run)."""
     times, result = [], None
+    before = requests_logged(log_path)
     for _ in range(repeat):
         fresh_s3()
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+    return statistics.median(times), result, (requests_logged(log_path) - before) / repeat
 
 
 def main(argv=None) -> int:
@@ -95,7 +106,9 @@ def main(argv=None) -> int:
                        "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
     from pipeline.data import stream
 
-    server = start_server(port)
+    log_path = os.path.join(tempfile.mkdtemp(prefix="bench_moto_"), "requests.log")
+    log_file = open(log_path, "w")
+    server = start_server(port, log_file)
     try:
         fs = fresh_s3()
         fs.mkdir(BUCKET)
@@ -109,29 +122,30 @@ def main(argv=None) -> int:
             return tuple(sum(1 for _ in stream._tar_samples(u, wanted=lambda i: False)) for u in urls)
 
         rows = []
-        t, counts = timed(sequential, args.repeat)
-        rows.append(("sequential scan (before)", t, counts == want))
-        t, corpus = timed(lambda: stream.resolved_corpus(pattern), args.repeat)
-        rows.append((f"parallel scan ({stream.SCAN_THREADS} threads)", t, corpus.counts == want))
+        t, counts, n = timed(sequential, args.repeat, log_path)
+        rows.append(("sequential scan (before)", t, n, counts == want))
+        t, corpus, n = timed(lambda: stream.resolved_corpus(pattern), args.repeat, log_path)
+        rows.append((f"parallel scan ({stream.SCAN_THREADS} threads)", t, n, corpus.counts == want))
         with tempfile.TemporaryDirectory(prefix="bench_corpus_") as run_dir:
             stream.keep_counts(run_dir, [corpus])
-            t, resumed = timed(lambda: stream.resolved_corpus(pattern, known=stream.known_counts(run_dir)),
-                               args.repeat)
+            resume = timed(lambda: stream.resolved_corpus(pattern, known=stream.known_counts(run_dir)),
+                           args.repeat, log_path)
         stats = {f"{n}{stream.STATS_SUFFIX}": json.dumps({"count": args.samples, "successes": args.samples}).encode()
                  for n in names}
         fresh_s3().pipe(stats)
-        t_stats, from_stats = timed(lambda: stream.resolved_corpus(pattern), args.repeat)
-        rows.append(("video2dataset stats files", t_stats, from_stats.counts == want))
-        rows.append(("resume (counts kept in the run folder)", t, resumed.counts == want))
+        t, from_stats, n = timed(lambda: stream.resolved_corpus(pattern), args.repeat, log_path)
+        rows.append(("video2dataset stats files", t, n, from_stats.counts == want))
+        rows.append(("resume (counts kept in the run folder)", resume[0], resume[2], resume[1].counts == want))
     finally:
         server.terminate()
         server.wait()
+        log_file.close()
     print(f"\n{args.shards} tars of {args.samples} samples ({args.sample_bytes} B media each) on a local moto S3 "
           f"server (own process, 127.0.0.1); median of {args.repeat}; {os.cpu_count()} CPUs on this machine.\n")
-    print("| start-up | seconds | counts right |")
-    print("|---|---|---|")
-    for name, seconds, ok in rows:
-        print(f"| {name} | {seconds:.2f} | {ok} |")
+    print("| start-up | seconds | HTTP requests | counts right |")
+    print("|---|---|---|---|")
+    for name, seconds, requests, ok in rows:
+        print(f"| {name} | {seconds:.2f} | {requests:.0f} | {ok} |")
     return 0
 
 
