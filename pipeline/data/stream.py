@@ -268,20 +268,26 @@ class RawSample:
     problem: Optional[str] = None
 
 
-def shard_run_samples(url: str, indices: list[int]) -> Iterator[tuple[int, str, Optional[dict], Optional[str]]]:
+def shard_run_samples(url: str, indices: list[int],
+                      counted: Optional[int] = None) -> Iterator[tuple[int, str, Optional[dict], Optional[str]]]:
     """Yields (sample index, key, files, problem) for the increasing `indices` of one shard, in that order.
 
     A sample the tar does not have (short or truncated tar) comes back with problem "missing_sample"; a tar that
-    cannot be opened at all gives "unreadable_shard" for each index not yet yielded.
+    cannot be opened at all gives "unreadable_shard" for each index not yet yielded. When the run reads the last of
+    the `counted` samples the shard is believed to hold, a sample after it (a count that came from a stats file that
+    counted source videos, not the clips written) is reported once per shard: those samples are not read.
     """
     want = set(indices)
     pending = iter(indices)
     nxt = next(pending, None)
     try:
-        for i, (key, files) in enumerate(_tar_samples(url, wanted=want.__contains__)):
+        samples = enumerate(_tar_samples(url, wanted=want.__contains__))
+        for i, (key, files) in samples:
             if nxt is None:
                 return
             if i == nxt:
+                if counted is not None and i == counted - 1 and _more_after(samples):
+                    _report_uncounted(url, counted)  # looked at before the yield: the reader may stop after it
                 yield i, key, files, None
                 nxt = next(pending, None)
     except (OSError, tarfile.TarError, EOFError) as e:
@@ -296,6 +302,26 @@ def shard_run_samples(url: str, indices: list[int]) -> Iterator[tuple[int, str, 
     while nxt is not None:
         yield nxt, "", None, problem
         nxt = next(pending, None)
+
+
+_UNCOUNTED_REPORTED: set[str] = set()
+
+
+def _more_after(samples: Iterator) -> bool:
+    """True when the tar has another sample (damage after the counted samples is no such sample)."""
+    try:
+        return next(samples, None) is not None
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+
+
+def _report_uncounted(url: str, counted: int) -> None:
+    if url not in _UNCOUNTED_REPORTED:
+        _UNCOUNTED_REPORTED.add(url)
+        log.warning("shard %s holds more than the %d samples its count says (its index entry, or a video2dataset "
+                    "stats file that counts source videos, not the clips written); the samples after them are not "
+                    "read. Remove its %s (and the run folder's %s) to have the tar scanned instead", url, counted,
+                    STATS_SUFFIX, COUNTS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------- layout
@@ -465,7 +491,8 @@ class CorpusStream:
             run = [r for r in range(i, j) if r in needed]
             if run:
                 by_index = {int(self._samples[r]): r for r in run}
-                for index, key, files, problem in shard_run_samples(corpus.urls[shard], sorted(by_index)):
+                for index, key, files, problem in shard_run_samples(corpus.urls[shard], sorted(by_index),
+                                                                    corpus.counts[shard]):
                     yield by_index[index], shard, index, key, files, problem
             i = j
 

@@ -282,3 +282,13 @@ def test_counts_are_kept_in_the_run_folder_and_a_resume_scans_nothing(shard_writ
         moved.rename(moved.with_suffix(".tar"))
     again.load_state_dict(state)  # the fingerprint (names and counts) matches: the position restores
     assert len(all_keys(again)) == 9 - 4
+
+
+def test_a_stats_file_that_undercounts_is_reported_when_its_tar_is_read(shard_writer, data_cfg, tmp_path, caplog):
+    """video2dataset's "successes" counts source videos; with clip subsampling a tar holds more samples."""
+    pattern = url_pattern(shard_writer, tmp_path, shards=1)
+    (tmp_path / "v" / "v-000000_stats.json").write_text(json.dumps({"count": 2, "successes": 2}))
+    loader = build_loader(data_cfg(pattern, epochs=1), 4, rank=0, world_size=1, seed=0)
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        assert len(all_keys(loader)) == 2
+    assert "v-000000.tar holds more than the 2 samples its count says" in caplog.text
