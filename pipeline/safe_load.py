@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Union
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 Source = Union[str, bytes, BinaryIO]
 
