@@ -1,7 +1,7 @@
 """Start-up of a foreign corpus on object storage: the time to count the samples of N small tars given as a brace URL
 pattern (what a video2dataset user has), on a local S3 server.
 
-    python bench/corpus_start.py [--shards 1000] [--samples 4] [--sample-bytes 2048] [--repeat 3]
+    python -m bench.corpus_start [--shards 1000] [--samples 4] [--sample-bytes 2048] [--repeat 3] [--quick]
 
 Starts moto's S3 server as its own process on 127.0.0.1 (loopback only), uploads N tars of `--samples` samples each
 (`{key}.mp4` of --sample-bytes random bytes, `{key}.txt`, `{key}.json`), and times `resolved_corpus` on the pattern
@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -30,8 +31,6 @@ import sys
 import tarfile
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BUCKET = "bench"
 
@@ -99,14 +98,18 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=4, help="samples per tar")
     parser.add_argument("--sample-bytes", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="50 tars, one run each (a smoke run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.shards, args.repeat = 50, 1
 
     port = free_port()
     os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
                        "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
     from pipeline.data import stream
 
-    log_path = os.path.join(tempfile.mkdtemp(prefix="bench_moto_"), "requests.log")
+    log_dir = tempfile.mkdtemp(prefix="bench_moto_")
+    log_path = os.path.join(log_dir, "requests.log")
     log_file = open(log_path, "w")
     server = start_server(port, log_file)
     try:
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
         server.terminate()
         server.wait()
         log_file.close()
+        shutil.rmtree(log_dir, ignore_errors=True)
     print(f"\n{args.shards} tars of {args.samples} samples ({args.sample_bytes} B media each) on a local moto S3 "
           f"server (own process, 127.0.0.1); median of {args.repeat}; {os.cpu_count()} CPUs on this machine.\n")
     print("| start-up | seconds | HTTP requests | counts right |")

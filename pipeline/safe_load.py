@@ -74,9 +74,10 @@ def load(source: Source, name: str, *, foreign_configs: bool = False, mmap: bool
         with torch.serialization.safe_globals(allowed):
             return torch.load(_reopenable(source), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise UnsafeFile(f"{name}: refused: a weights-only load cannot read it ({_reason(e)}){_globals_named(source, allowed)}"
-                         f"; it holds objects whose loading could run code, or is not a torch file. Nothing of it "
-                         f"was run; only tensors and plain values are read from files") from None
+        raise UnsafeFile(f"{name}: refused: a weights-only load cannot read it ({_reason(e)})"
+                         f"{_globals_named(source, allowed)}; it holds objects whose loading could run code, or is "
+                         f"not a torch file. Nothing of it was run; only tensors and plain values are read from "
+                         f"files") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError):
             raise

@@ -87,7 +87,8 @@ def test_exponent_notation_is_a_float(tmp_path):
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("train:\n  min_lr: 1e-6\n")
     cfg = load_config(AlignStageConfig, str(cfg_file), ["train.lr=1e-3", "train.weight_decay=+2.5E+0"])
-    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay) == (1e-3, 1e-6, 2.5)  # a negative one is out of range
+    # (a negative weight decay is out of range)
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay) == (1e-3, 1e-6, 2.5)
     assert load_config(AlignStageConfig, None, ["train.out=1e3run"]).train.out == "1e3run"
 
 
