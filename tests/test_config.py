@@ -153,6 +153,7 @@ def test_every_numeric_key_of_every_schema_has_a_range():
     import typing
 
     from pipeline.config import RetrievalConfig, VideoTextStageConfig
+    from pipeline.orchestrate import RunConfig
 
     def numeric(tp):
         args = typing.get_args(tp)
@@ -167,5 +168,5 @@ def test_every_numeric_key_of_every_schema_has_a_range():
             elif numeric(hints[f.name]) and "range" not in f.metadata:
                 yield prefix + f.name
 
-    missing = [k for s in (AlignStageConfig, VideoTextStageConfig, RetrievalConfig) for k in unranged(s)]
+    missing = [k for s in (AlignStageConfig, VideoTextStageConfig, RetrievalConfig, RunConfig) for k in unranged(s)]
     assert missing == []
