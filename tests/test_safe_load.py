@@ -93,3 +93,17 @@ def test_a_hostile_file_behind_matching_hashes_is_refused_before_deepspeed_reads
     with pytest.raises(safe_load.UnsafeFile, match="deepspeed/mp_rank_00_model_states.pt: refused"):
         ckpt.model_state_dict(str(step))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_checkpoints_load_safely_and_resume(tmp_path, zero_stage, precision):
+    """bf16/fp16 states hold DeepSpeed's loss scalers and bf16 optimizer records: all on the allowed list. fp16 needs
+    a GPU (run with DS_ACCELERATOR=cuda there)."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        pytest.skip("DeepSpeed's fp16 needs a GPU")
+    toy.build(str(tmp_path), max_steps=2, ckpt_every=2, zero_stage=zero_stage, precision=precision).fit()
+    ref = ckpt.newest_complete(ckpt.checkpoints_root(str(tmp_path)))
+    assert safe_load.check_torch_files(ref.path) >= 3
+    resumed = toy.build(str(tmp_path), max_steps=3, ckpt_every=3, zero_stage=zero_stage, precision=precision)
+    assert resumed.fit(resume="auto").start_step == 2
