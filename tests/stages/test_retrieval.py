@@ -119,4 +119,4 @@ def test_bad_input_exits_2_naming_it(setup, tmp_path, capsys, change, message):
 
 def test_bad_config_value_exits_2(setup, tmp_path, capsys):
     assert main(eval_command(setup, tmp_path)[3:] + ["eval.batch_size=0"]) == 2
-    assert "eval.batch_size=0: must be at least 1" in capsys.readouterr().err
+    assert "'eval.batch_size' must be >= 1, got 0" in capsys.readouterr().err  # refused as the config loads
