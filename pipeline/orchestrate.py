@@ -20,25 +20,25 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from pipeline.config import (AlignStageConfig, ConfigError, RetrievalConfig, VideoTextStageConfig, load_config,
-                             write_resolved)
+                             ranged, write_resolved)
 
 
 @dataclass
 class SynthStep:
-    videos: int = 240
-    images: int = 120
-    eval_videos: int = 64
-    seed: int = 0
-    size: int = 64
-    frames: int = 16
-    fps: int = 8
+    videos: int = ranged(240, ge=1)
+    images: int = ranged(120, ge=0)
+    eval_videos: int = ranged(64, ge=1)
+    seed: int = ranged(0, ge=0)
+    size: int = ranged(64, ge=16)
+    frames: int = ranged(16, ge=1)
+    fps: int = ranged(8, ge=1)
     codec: str = "h264"
 
 
 @dataclass
 class ShardStep:
-    samples_per_shard: int = 32
-    workers: int = 2
+    samples_per_shard: int = ranged(32, ge=1)
+    workers: int = ranged(2, ge=1)
     ray_address: Optional[str] = None
 
 
@@ -46,9 +46,9 @@ class ShardStep:
 class TeacherStep:
     """The demo's teacher: a small open_clip model trained briefly on the synthetic frames, then frozen."""
 
-    steps: int = 300
-    img_size: int = 64
-    seed: int = 0
+    steps: int = ranged(300, ge=1)
+    img_size: int = ranged(64, ge=16)
+    seed: int = ranged(0, ge=0)
 
 
 @dataclass
