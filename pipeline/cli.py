@@ -69,6 +69,26 @@ def without_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def parsed(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parses `argv`, taking `key.sub=value` overrides anywhere on the line (`--resume auto train.max_steps=9`, which
+    argparse alone refuses once an option has ended the positional list); they keep the order typed, later ones
+    win. Anything else argparse does not know is refused as usual (exit 2)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if _looks_like_override(a)]
+    unknown = [a for a in extra if not _looks_like_override(a)]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + overrides
+    elif overrides:
+        unknown = extra
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _looks_like_override(arg: str) -> bool:
+    return not arg.startswith("-") and "=" in arg and not arg.startswith("=")
+
+
 def _import_subcommand(module_name: str):
     try:
         return importlib.import_module(module_name)
@@ -82,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = without_local_rank(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=command if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    args = parsed(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -39,17 +40,26 @@ def yaml_load(stream: Any) -> Any:
     return yaml.load(stream, Loader=_Loader)
 
 
+def ranged(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+           ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+           lt: Optional[float] = None) -> Any:
+    """A dataclass field whose numeric value (or each item of a list or value of a dict; None passes) must lie in
+    the range given;
+    `load_config` checks it before any work. Every float must also be finite, ranged or not."""
+    return field(default=default, default_factory=default_factory, metadata={"range": (ge, gt, le, lt)})
+
+
 # --------------------------------------------------------------------------------------------------- schema sections
 @dataclass
 class ModelConfig:
     size: Literal["tiny", "small", "middle", "base"] = "tiny"
-    patch_size: int = 16
-    tubelet_size: int = 1
-    depth: Optional[int] = None  # overrides the size's depth (tiny test models)
-    embed_dim: Optional[int] = None  # overrides the size's width
-    drop_path_rate: Optional[float] = None  # None: the size's (Ti 0.1, S 0.15, M 0.4, B 0.4)
+    patch_size: int = ranged(16, ge=1)
+    tubelet_size: int = ranged(1, ge=1)
+    depth: Optional[int] = ranged(None, ge=1)  # overrides the size's depth (tiny test models)
+    embed_dim: Optional[int] = ranged(None, ge=1)  # overrides the size's width
+    drop_path_rate: Optional[float] = ranged(None, ge=0, lt=1)  # None: the size's (Ti 0.1, S 0.15, M 0.4, B 0.4)
     token_order: Literal["spatial_first", "temporal_first", "st_interleave", "ts_interleave"] = "spatial_first"
-    checkpoint_blocks: int = 0  # activation checkpointing of the first k blocks
+    checkpoint_blocks: int = ranged(0, ge=0)  # activation checkpointing of the first k blocks
     scan_backend: Literal["auto", "torch", "mamba_ssm", "triton"] = "auto"  # auto: triton on CUDA, torch elsewhere
     residual_in_fp32: bool = True
     pretrained: Optional[str] = None  # an official VideoMamba checkpoint (path or fsspec URL)
@@ -58,32 +68,36 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # shard index(es) or brace URL patterns, several joined by ','
-    weights: Optional[list[float]] = None  # mixing weight per entry of `train`
-    num_frames: int = 8
-    img_size: int = 224
-    fps: Optional[float] = None  # resample to this frame rate before segment sampling; None keeps the source's
+    weights: Optional[list[float]] = ranged(None, ge=0)  # mixing weight per entry of `train`
+    num_frames: int = ranged(8, ge=1)
+    img_size: int = ranged(224, ge=1)
+    # resample to this frame rate before segment sampling; None keeps the source's
+    fps: Optional[float] = ranged(None, gt=0)
     decoder: Literal["auto", "cpu", "dali"] = "auto"
-    num_workers: int = 2
-    shuffle_buffer: int = 256
-    epochs: Optional[int] = None  # None streams forever (training is bounded by train.max_steps)
+    num_workers: int = ranged(2, ge=0)
+    shuffle_buffer: int = ranged(256, ge=0)
+    epochs: Optional[int] = ranged(None, ge=1)  # None streams forever (training is bounded by train.max_steps)
+    # a tar of a URL-pattern corpus that is cut short or unreadable: false uses its readable samples and reports the
+    # damage (as inside an indexed corpus), true refuses the run (exit 2 naming the tar)
+    strict: bool = False
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 8  # per rank and micro-step
-    grad_accum: int = 1
-    lr: float = 1.5e-4
-    min_lr: float = 1e-6
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    clip_grad: float = 1.0  # 0 turns clipping off
+    max_steps: int = ranged(1000, ge=1)
+    batch_size: int = ranged(8, ge=1)  # per rank and micro-step
+    grad_accum: int = ranged(1, ge=1)
+    lr: float = ranged(1.5e-4, gt=0)
+    min_lr: float = ranged(1e-6, ge=0)
+    warmup_steps: int = ranged(100, ge=0)
+    weight_decay: float = ranged(0.05, ge=0)
+    betas: list[float] = ranged(default_factory=lambda: [0.9, 0.98], ge=0, lt=1)
+    clip_grad: float = ranged(1.0, ge=0)  # 0 turns clipping off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    ckpt_every: int = 500
-    keep_last: int = 3
-    log_every: int = 1
-    seed: int = 42
+    ckpt_every: int = ranged(500, ge=0)
+    keep_last: int = ranged(3, ge=0)
+    log_every: int = ranged(1, ge=0)
+    seed: int = ranged(42, ge=0)
     out: str = "runs/run"
     nan_policy: Literal["stop", "skip"] = "stop"
     progress: bool = True
@@ -94,7 +108,7 @@ class TrainConfig:
     # every this many optimizer steps, the stage's evaluation (stage 2: zero-shot retrieval on `eval.annotations`)
     # runs on the training model and its R@1 goes to metrics.jsonl; 0: never. Every rank runs it (ZeRO-3 gathers
     # weights collectively); it touches neither the data position nor the RNG streams, so exact resume holds
-    eval_every: int = 0
+    eval_every: int = ranged(0, ge=0)
 
 
 @dataclass
@@ -107,13 +121,13 @@ class DeepSpeedConfig:
 class TeacherConfig:
     model: str = "ViT-B-16"  # an open_clip model name
     pretrained: Optional[str] = "openai"  # an open_clip pretrained tag or a checkpoint file
-    img_size: int = 224
+    img_size: int = ranged(224, ge=1)
 
 
 @dataclass
 class MaskConfig:
     kind: Literal["random", "tube", "frame_row", "clip_row", "attention"] = "clip_row"
-    ratio: float = 0.8
+    ratio: float = ranged(0.8, ge=0, lt=1)
 
 
 @dataclass
@@ -126,9 +140,9 @@ class DistillConfig:
     enabled: bool = False
     checkpoint: Optional[str] = None  # the trained smaller VideoMamba that guides the student
     size: Literal["tiny", "small", "middle", "base"] = "tiny"
-    depth: Optional[int] = None
-    embed_dim: Optional[int] = None
-    weight: float = 1.0
+    depth: Optional[int] = ranged(None, ge=1)
+    embed_dim: Optional[int] = ranged(None, ge=1)
+    weight: float = ranged(1.0, ge=0)
 
 
 @dataclass
@@ -148,30 +162,32 @@ class AlignStageConfig:
 
 @dataclass
 class TextConfig:
-    width: int = 256  # the text encoder's width (the tokenizer is open_clip's BPE, 49,408 ids + [MASK])
-    depth: int = 6  # layers in all
-    heads: int = 4
-    fusion_layers: int = 2  # the last layers, which cross-attend to the video tokens (the cross-modal decoder)
-    max_len: int = 32  # token ids per text, start and end tokens included
-    embed_dim: int = 256  # the joint video-text space of the contrastive loss
+    width: int = ranged(256, ge=1)  # the text encoder's width (the tokenizer is open_clip's BPE, 49,408 ids + [MASK])
+    depth: int = ranged(6, ge=1)  # layers in all
+    heads: int = ranged(4, ge=1)
+    # the last layers, which cross-attend to the video tokens (the cross-modal decoder)
+    fusion_layers: int = ranged(2, ge=0)
+    max_len: int = ranged(32, ge=2)  # token ids per text, start and end tokens included
+    embed_dim: int = ranged(256, ge=1)  # the joint video-text space of the contrastive loss
 
 
 @dataclass
 class VideoTextLossConfig:
-    vtc: float = 1.0  # weight of the video-text contrastive loss
-    vtm: float = 1.0  # video-text matching on hard negatives
-    mlm: float = 1.0  # masked language modelling on the cross-modal layers
-    align: float = 1.0  # stage 1's unmasked-token alignment to the teacher (0: no teacher is loaded)
+    vtc: float = ranged(1.0, ge=0)  # weight of the video-text contrastive loss
+    vtm: float = ranged(1.0, ge=0)  # video-text matching on hard negatives
+    mlm: float = ranged(1.0, ge=0)  # masked language modelling on the cross-modal layers
+    align: float = ranged(1.0, ge=0)  # stage 1's unmasked-token alignment to the teacher (0: no teacher is loaded)
     align_kind: Literal["mse", "cosine"] = "mse"
-    mlm_prob: float = 0.15
+    mlm_prob: float = ranged(0.15, gt=0, lt=1)
 
 
 @dataclass
 class RetrievalEvalConfig:
-    batch_size: int = 16  # videos encoded per forward
-    rerank_k: int = 128  # UMT's k_test: each query's top k re-ranked by the model's matching head, when it has one
-    rerank_batch: int = 512  # (text, video) pairs per call of the fusion layers
-    num_workers: int = 2  # reading (and, with the CPU decoder, decoding) processes
+    batch_size: int = ranged(16, ge=1)  # videos encoded per forward
+    # UMT's k_test: each query's top k re-ranked by the model's matching head, when it has one; 0: never
+    rerank_k: int = ranged(128, ge=0)
+    rerank_batch: int = ranged(512, ge=1)  # (text, video) pairs per call of the fusion layers
+    num_workers: int = ranged(2, ge=0)  # reading (and, with the CPU decoder, decoding) processes
     decoder: Literal["auto", "cpu", "dali"] = "auto"  # auto: DALI where it and a GPU are present
     # false: a missing or undecodable video stops the evaluation before scoring, listing them; true: the rest are
     # scored and every headline says "on N of M videos". null: false for the benchmarks, true for `synthetic`
@@ -214,8 +230,8 @@ class RetrievalModelConfig:
 @dataclass
 class RetrievalDataConfig:
     # null: a videomamba run's own data.num_frames / data.img_size (its config.yaml), else 8 frames of 224 px
-    num_frames: Optional[int] = None  # frames per video: UMT's "middle" sampling
-    img_size: Optional[int] = None  # frame side
+    num_frames: Optional[int] = ranged(None, ge=1)  # frames per video: UMT's "middle" sampling
+    img_size: Optional[int] = ranged(None, ge=1)  # frame side
     # auto: the model's own (videomamba: ImageNet's, as the official evaluation; open_clip: the model's); imagenet or
     # clip to match what a run was trained with
     normalize: Literal["auto", "imagenet", "clip"] = "auto"
@@ -409,7 +425,7 @@ def _build(schema: type, flat: dict[str, tuple[Any, str]], prefix: str) -> Any:
                               if flat.get(f"{dotted}.{name}", ({}, ""))[0] is not None}
         elif dotted in flat:
             value, source = flat[dotted]
-            kwargs[f.name] = _checked(tp, value, dotted, source)
+            kwargs[f.name] = _in_range(f, _checked(tp, value, dotted, source), dotted, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {dotted!r}")
     return schema(**kwargs)
@@ -421,6 +437,23 @@ def _checked(tp: Any, value: Any, key: str, source: str) -> Any:
     if not ok:
         raise ConfigError(f"{source}: {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return converted
+
+
+def _in_range(f: dataclasses.Field, value: Any, key: str, source: str) -> Any:
+    """Returns `value` when it (each item of a list) is finite and within the field's `ranged` bounds, else raises
+    naming key and source (a NaN fails every bound)."""
+    ge, gt, le, lt = f.metadata.get("range", (None, None, None, None))
+    for item in value if isinstance(value, list) else value.values() if isinstance(value, dict) else [value]:
+        if not isinstance(item, (int, float)) or isinstance(item, bool):
+            continue
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{source}: {key!r} must be a finite number, got {item!r}")
+        bad = ((ge is not None and not item >= ge) or (gt is not None and not item > gt) or
+               (le is not None and not item <= le) or (lt is not None and not item < lt))
+        if bad:
+            bounds = [f"{op} {b}" for op, b in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if b is not None]
+            raise ConfigError(f"{source}: {key!r} must be {' and '.join(bounds)}, got {item!r}")
+    return value
 
 
 def _convert(tp: Any, value: Any) -> tuple[bool, Any]:

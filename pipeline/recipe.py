@@ -14,19 +14,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from pipeline.config import ranged
+
 
 @dataclass
 class SynthStep:
     """The demo's own corpus (`videomamba synth` into OUT/corpus); off in real recipes."""
 
     enabled: bool = False
-    videos: int = 240
-    images: int = 120
-    eval_videos: int = 64
-    seed: int = 0
-    size: int = 64
-    frames: int = 16
-    fps: int = 8
+    videos: int = ranged(240, ge=1)
+    images: int = ranged(120, ge=0)
+    eval_videos: int = ranged(64, ge=1)
+    seed: int = ranged(0, ge=0)
+    size: int = ranged(64, ge=16)
+    frames: int = ranged(16, ge=1)
+    fps: int = ranged(8, ge=1)
     codec: str = "h264"
 
 
@@ -34,14 +36,14 @@ class SynthStep:
 class CorpusSpec:
     input: str = ""  # a manifest (jsonl/csv/parquet) or a media folder, any fsspec URL; sharded into OUT/shards/NAME
     shards: str = ""  # shards made already (index.json or brace URL patterns): used as they are, `input` ignored
-    samples: Optional[int] = None  # the corpus's size as published, for --plan before it is sharded (or listed)
-    samples_per_shard: Optional[int] = None  # None: shard.samples_per_shard
+    samples: Optional[int] = ranged(None, ge=1)  # the published size, for --plan before it is sharded
+    samples_per_shard: Optional[int] = ranged(None, ge=1)  # None: shard.samples_per_shard
 
 
 @dataclass
 class ShardStep:
-    samples_per_shard: int = 1000
-    workers: Optional[int] = None  # Ray tasks at once; None: the cluster's CPUs
+    samples_per_shard: int = ranged(1000, ge=1)
+    workers: Optional[int] = ranged(None, ge=1)  # Ray tasks at once; None: the cluster's CPUs
 
 
 @dataclass
@@ -51,9 +53,9 @@ class TeacherSpec:
     model: Optional[str] = None  # an open_clip model name; None keeps each stage YAML's
     pretrained: Optional[str] = None  # a checkpoint file / URL or an open_clip tag; None keeps the stage YAML's
     # the demo's own teacher (synth.enabled): a tiny open_clip trained briefly on the synthetic frames
-    steps: int = 300
-    img_size: int = 64
-    seed: int = 0
+    steps: int = ranged(300, ge=1)
+    img_size: int = ranged(64, ge=16)
+    seed: int = ranged(0, ge=0)
 
 
 @dataclass
@@ -67,10 +69,10 @@ class TrainStep:
 
     config: str = ""  # the stage's YAML (relative to the recipe's folder or its parent); empty: the step is skipped
     corpora: list[str] = field(default_factory=list)  # names under `corpora`
-    weights: Optional[list[float]] = None  # mixing weight per corpus (data.weights); None: the stage's default
-    workers: int = 1  # Ray Train workers (one GPU each on a GPU cluster); 0: in this process, without Ray Train
-    epochs: Optional[float] = None  # passes over the corpora's samples -> train.max_steps; None: the YAML's steps
-    warmup_epochs: Optional[float] = None  # -> train.warmup_steps; None: the YAML's
+    weights: Optional[list[float]] = ranged(None, ge=0)  # per corpus (data.weights); None: by their samples
+    workers: int = ranged(1, ge=0)  # Ray Train workers (one GPU each on GPUs); 0: in this process, no Ray Train
+    epochs: Optional[float] = ranged(None, gt=0)  # passes over the corpora -> train.max_steps; None: the YAML's
+    warmup_epochs: Optional[float] = ranged(None, ge=0)  # -> train.warmup_steps; None: the YAML's
     overrides: list[str] = field(default_factory=list)  # key.sub=value for the stage's config
 
 
@@ -85,14 +87,14 @@ class EvalSetSpec:
 class EvalStep:
     config: str = ""  # the retrieval YAML; empty: no evaluation
     overrides: list[str] = field(default_factory=list)
-    gpus: Optional[float] = None  # GPUs per evaluation task; None: 1 when the cluster has GPUs, else 0
+    gpus: Optional[float] = ranged(None, ge=0)  # GPUs per evaluation task; None: 1 when the cluster has GPUs, else 0
 
 
 @dataclass
 class RayOptions:
     address: Optional[str] = None  # None: a local cluster for the run; auto or HOST:PORT: join one (--ray-address)
-    max_failures: int = 2  # Ray Train restarts the workers of a training step up to this many times
-    task_retries: int = 1  # an evaluation task is retried this many times (a lost node)
+    max_failures: int = ranged(2, ge=0)  # Ray Train restarts the workers of a training step up to this many times
+    task_retries: int = ranged(1, ge=0)  # an evaluation task is retried this many times (a lost node)
 
 
 @dataclass
@@ -117,7 +119,7 @@ class RecipeConfig:
     unmasked: TrainStep = field(default_factory=TrainStep)  # stage 2's short unmasked phase, from stage 2's run
     eval_stage2: EvalStep = field(default_factory=EvalStep)  # the final model on every set of `evals`
     evals: dict[str, EvalSetSpec] = field(default_factory=dict)
-    paper: dict[str, float] = field(default_factory=dict)  # the paper's T2V R@1 per benchmark for this recipe
+    paper: dict[str, float] = ranged(default_factory=dict, ge=0, le=100)  # the paper's T2V R@1 per benchmark
 
 
 TRAIN_STEPS = ("stage1", "stage2", "unmasked")

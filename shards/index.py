@@ -30,7 +30,14 @@ def shard_name(prefix: str, index: int) -> str:
 
 def plan_shards(rows: Sequence[ManifestRow], samples_per_shard: int, prefix: str,
                 process: ProcessOptions) -> list[ShardPlan]:
-    """Returns the shard plans: consecutive runs of `samples_per_shard` manifest rows."""
+    """Returns the shard plans: consecutive runs of `samples_per_shard` manifest rows. Two rows with one key would
+    merge into one sample in a WebDataset reader (a row silently lost): refused before any shard is written."""
+    seen: dict[str, int] = {}
+    for r in rows:
+        if r.key in seen:
+            raise ValueError(f"manifest rows {seen[r.key]} and {r.row} share the key {r.key!r}; keys must be unique "
+                             "in a corpus (shards.manifest gives repeated keys free ones)")
+        seen[r.key] = r.row
     plans = []
     for i, first in enumerate(range(0, len(rows), samples_per_shard)):
         chunk = tuple(rows[first:first + samples_per_shard])

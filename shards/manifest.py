@@ -120,12 +120,14 @@ def _read_records(url: str, fmt: str) -> list[Any]:
 
             with fsspec.open(url, "rb") as f:
                 return pq.read_table(f).to_pylist()
-        with fsspec.open(url, "rt", compression="infer", encoding="utf-8", newline="") as f:
+        # bytes that are not UTF-8 become lone surrogates here, so that only the rows holding them fail (not_utf8)
+        with fsspec.open(url, "rt", compression="infer", encoding="utf-8", errors="surrogateescape",
+                         newline="") as f:
             text = f.read()
     except (OSError, ValueError) as e:
         raise ConfigError(f"--input {url}: cannot read the manifest: {e}") from None
     if fmt in ("csv", "tsv"):
-        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
+        return [_utf8_checked(r) for r in csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")]
     if fmt == "json":
         try:
             data = json.loads(text)
@@ -133,15 +135,44 @@ def _read_records(url: str, fmt: str) -> list[Any]:
             raise ConfigError(f"--input {url}: not valid JSON: {e}") from None
         if not isinstance(data, list):
             raise ConfigError(f"--input {url}: a .json manifest must hold a list of objects, got {type(data).__name__}")
-        return data
+        return [_utf8_checked(r) if isinstance(r, dict) else r for r in data]
     return [_parse_json_line(line) for line in text.splitlines() if line.strip()]
 
 
+class NotUtf8(ValueError):
+    """A row holding bytes that are not UTF-8 (failure reason `not_utf8`)."""
+
+
 def _parse_json_line(line: str) -> Any:
+    bad = _not_utf8(line)
+    if bad:
+        return NotUtf8(bad)
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
         return ValueError(f"not valid JSON: {e}")
+
+
+def _utf8_checked(record: dict) -> Any:
+    """Returns a record, or NotUtf8 naming the column whose name or value holds bytes that are not UTF-8."""
+    for column, value in record.items():
+        bad = _not_utf8(column) if isinstance(column, str) else ""
+        bad = bad or _not_utf8(json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value)
+        if bad:
+            return NotUtf8(f"column {column!r}: {bad}")
+    return record
+
+
+def _not_utf8(text: str) -> str:
+    """'' when `text` decoded cleanly, else where its first byte that is not UTF-8 is (read with surrogateescape)."""
+    m = _ESCAPED.search(text)
+    if m is None:
+        return ""
+    return (f"byte 0x{ord(m.group()) - 0xDC00:02x} at character {m.start()} is not UTF-8 "
+            f"(near {text[max(m.start() - 20, 0):m.start()].encode('utf-8', 'replace').decode()!r})")
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")
 
 
 def _columns(records: Iterable[Any]) -> list[str]:
@@ -186,7 +217,8 @@ def _pick_column(url: str, columns: list[str], wanted: Optional[str], aliases: S
 def _row(url: str, i: int, key: str, rec: Any, media_col: str, caption_cols: list[str],
          start_col: Optional[str], end_col: Optional[str]) -> ManifestRow:
     if isinstance(rec, Exception):
-        return ManifestRow(i, key, None, error=("bad_manifest_row", str(rec)))
+        return ManifestRow(i, key, None, error=("not_utf8" if isinstance(rec, NotUtf8) else "bad_manifest_row",
+                                                str(rec)))
     if not isinstance(rec, dict):
         return ManifestRow(i, key, None, error=("bad_manifest_row", f"expected an object, got {type(rec).__name__}"))
     meta = {k: json_safe(v) for k, v in rec.items() if k not in caption_cols}
@@ -231,12 +263,16 @@ def _seconds(value: Any) -> Optional[float]:
 
 
 def _unique_key(raw: Any, row: int, used: set[str]) -> str:
-    """Returns a WebDataset-safe key (no dots or slashes: WebDataset splits the key at the first dot); a repeated
-    key gets the row number appended so that no two samples merge."""
+    """Returns a WebDataset-safe key (no dots or slashes: WebDataset splits the key at the first dot) that no earlier
+    row of the corpus has: a repeated key gets the row number appended (`a-r7`), and when that is taken too (a row
+    keyed `a-r7` came first) a counter after it (`a-r7-2`), so that no two samples ever share a key and merge."""
     key = re.sub(r"[^A-Za-z0-9_-]+", "_", str(raw)).strip("_") if raw not in (None, "") else ""
     key = key or f"{row:09d}"
     if key in used:
-        key = f"{key}-r{row}"
+        renamed, n = f"{key}-r{row}", 2
+        while renamed in used:
+            renamed, n = f"{key}-r{row}-{n}", n + 1
+        key = renamed
     used.add(key)
     return key
 
@@ -292,7 +328,12 @@ def _folder_row(i: int, key: str, media_url: str, rel: str, txt: Any, meta_raw: 
             meta.update({k: json_safe(v) for k, v in loaded.items()})
     captions = _captions(meta.pop("captions", None)) + _captions(meta.pop("caption", None))
     if txt is not None:
-        captions = [line.strip() for line in txt.decode("utf-8", "replace").splitlines() if line.strip()] + captions
+        try:
+            text = txt.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return ManifestRow(i, key, media_url, error=("not_utf8", f"{_stem(rel)}.txt: byte 0x{txt[e.start]:02x} "
+                                                                    f"at offset {e.start} is not UTF-8"))
+        captions = [line.strip() for line in text.splitlines() if line.strip()] + captions
     return ManifestRow(i, key, media_url, tuple(captions), meta=meta)
 
 

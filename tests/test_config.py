@@ -86,8 +86,9 @@ def test_int_is_accepted_for_float_and_null_for_optional():
 def test_exponent_notation_is_a_float(tmp_path):
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("train:\n  min_lr: 1e-6\n")
-    cfg = load_config(AlignStageConfig, str(cfg_file), ["train.lr=1e-3", "train.weight_decay=-2.5E+0"])
-    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay) == (1e-3, 1e-6, -2.5)
+    cfg = load_config(AlignStageConfig, str(cfg_file), ["train.lr=1e-3", "train.weight_decay=+2.5E+0"])
+    # (a negative weight decay is out of range)
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay) == (1e-3, 1e-6, 2.5)
     assert load_config(AlignStageConfig, None, ["train.out=1e3run"]).train.out == "1e3run"
 
 
@@ -135,3 +136,58 @@ def test_named_entries_merge_key_by_key_and_null_leaves_one_out(tmp_path):
         load_config(RecipeConfig, recipe, ["corpora.webvid.inptu=x"])
     with pytest.raises(ConfigError, match=r"'corpora.webvid.samples' expects int or null"):
         load_config(RecipeConfig, recipe, ["corpora.webvid.samples=many"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.num_workers=-1", "'data.num_workers' must be >= 0, got -1"),
+    ("data.num_frames=0", "'data.num_frames' must be >= 1, got 0"),
+    ("train.lr=.nan", "'train.lr' must be a finite number, got nan"),
+    ("train.lr=-.inf", "'train.lr' must be a finite number"),
+    ("train.max_steps=-3", "'train.max_steps' must be >= 1, got -3"),
+    ("train.batch_size=0", "'train.batch_size' must be >= 1, got 0"),
+    ("train.lr=0", "'train.lr' must be > 0, got 0"),
+    ("train.betas=[0.9, 1.0]", "'train.betas' must be >= 0 and < 1, got 1.0"),
+    ("mask.ratio=1.2", "'mask.ratio' must be >= 0 and < 1"),
+    ("data.weights=[1, -1]", "'data.weights' must be >= 0, got -1"),
+    ("model.drop_path_rate=.nan", "'model.drop_path_rate' must be a finite number"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(AlignStageConfig, None, [override])
+    assert fragment in str(e.value) and "the command line" in str(e.value)
+
+
+def test_out_of_range_value_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  warmup_steps: -5\n")
+    with pytest.raises(ConfigError, match=f"{path}: 'train.warmup_steps' must be >= 0, got -5"):
+        load_config(AlignStageConfig, str(path))
+
+
+def test_every_numeric_key_of_every_schema_has_a_range():
+    """A value declared once, its range with it: every int and float key of the command schemas carries one
+    (`ranged`), except those whose every value is valid (ZeRO stage literals, booleans)."""
+    import dataclasses
+    import typing
+
+    from pipeline.config import RetrievalConfig, VideoTextStageConfig
+    from pipeline.recipe import RecipeConfig
+
+    def numeric(tp):
+        args = typing.get_args(tp)
+        return tp in (int, float) or any(numeric(a) for a in args if a is not type(None)) and \
+            typing.get_origin(tp) is not typing.Literal
+
+    def unranged(schema, prefix=""):
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            entries = typing.get_args(hints[f.name])[-1:] if typing.get_origin(hints[f.name]) is dict else ()
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from unranged(hints[f.name], prefix + f.name + ".")
+            elif entries and dataclasses.is_dataclass(entries[0]):  # named entries (a recipe's corpora)
+                yield from unranged(entries[0], prefix + f.name + ".NAME.")
+            elif numeric(hints[f.name]) and "range" not in f.metadata:
+                yield prefix + f.name
+
+    missing = [k for s in (AlignStageConfig, VideoTextStageConfig, RetrievalConfig, RecipeConfig) for k in unranged(s)]
+    assert missing == []

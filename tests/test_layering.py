@@ -10,6 +10,8 @@ UPPER = ("pipeline.stages", "pipeline.orchestrate", "pipeline.cli")
 # package (or module) -> the modules it must not import from
 FORBIDDEN = {
     "pipeline.errors": ("pipeline", "shards"),
+    "pipeline.safe_load": UPPER + ("pipeline.config", "pipeline.models", "pipeline.engine", "pipeline.data",
+                                   "pipeline.eval", "pipeline.objectives", "shards"),
     "pipeline.models": UPPER + ("pipeline.engine", "pipeline.data", "pipeline.eval", "pipeline.objectives",
                                 "pipeline.cluster"),
     "pipeline.engine": UPPER + ("pipeline.models", "pipeline.eval", "pipeline.objectives"),

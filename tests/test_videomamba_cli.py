@@ -54,3 +54,31 @@ def test_the_deepspeed_launchers_local_rank_is_accepted(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--local_rank=0", "pretrain", "--help"])
     assert e.value.code == 0 and "--config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--config", "configs/stage1_align.yaml", "--resume", "auto", "data.num_frames=0"],
+    ["pretrain", "--config", "configs/stage1_align.yaml", "train.seed=1", "--resume", "auto", "data.num_frames=0"],
+    ["pretrain", "data.num_frames=0", "--config", "configs/stage1_align.yaml", "--resume", "auto"],
+    ["eval", "--config", "configs/eval_retrieval.yaml", "--checkpoint", "x", "--dataset", "synthetic",
+     "--annotations", "a.json", "--videos", "v", "--out", "o", "data.num_frames=0"],
+    ["run", "--config", "configs/demo.yaml", "synth.videos=1", "--out", "o", "stage1.overrides=7"],
+])
+def test_overrides_are_taken_anywhere_on_the_line(argv, capsys):
+    """`--resume auto key=value`: argparse alone refuses overrides after an option ("unrecognized arguments")."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err and "config error" in err, err
+
+
+def test_overrides_keep_their_order_and_unknown_options_are_still_refused(capsys):
+    from pipeline.cli import parsed
+
+    parser = build_parser(only="pretrain")
+    args = parsed(parser, ["pretrain", "--config", "c.yaml", "a.b=1", "--resume", "auto", "a.b=2", "c.d=3"])
+    assert args.overrides == ["a.b=1", "a.b=2", "c.d=3"] and args.resume == "auto"
+    with pytest.raises(SystemExit) as e:
+        parsed(parser, ["pretrain", "--config", "c.yaml", "--no-such-option", "a.b=1"])
+    assert e.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # `shard` takes no overrides
+        parsed(build_parser(only="shard"), ["shard", "--input", "m.csv", "--out", "o", "a.b=1"])

@@ -18,6 +18,8 @@ Kinds: corrupt_video, corrupt_image, empty_video (no video stream or no frames),
 `{key}.json` "captions" nor `{key}.txt`), bad_metadata (`{key}.json` not JSON, or "captions" not strings),
 missing_media (no video/image file), wrong_type (an image in a video corpus or the reverse), missing_sample and
 unreadable_shard (a tar shorter than its index says, or one that cannot be opened; logged with the shard's URL).
+damaged_shards (rank 0 only) is the number of tars of URL-pattern corpora found cut short or unreadable when they
+were counted: their whole samples before the damage are used (`pipeline.data.stream.shard_counts`).
 A reader that goes through a whole epoch of its shards without one usable sample raises NoUsableSamples naming
 them: an endless stream would otherwise wait forever for a batch that cannot come.
 """
@@ -39,7 +41,8 @@ from pipeline.config import ConfigError, DataConfig
 from pipeline.data.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, CpuDecoder, DaliDecoder, DecodeError,
                                   EncodedSample, dali_device, nvdec_ready, probe, resolved_decoder_name)
 from pipeline.data.stream import (Corpus, Layout, RawSample, SlotStream, StreamSpec, exclusions_from_state,
-                                  exclusions_to_state, relayout, resolved_corpus, split_sources)
+                                  exclusions_to_state, keep_counts, known_counts, relayout, resolved_corpus,
+                                  split_sources)
 from pipeline.data.transforms import clip_plan
 
 STATE_VERSION = 1
@@ -337,6 +340,9 @@ class StreamingLoader:
         total = Counter(self._main_skips)
         for s in self._slots:
             total.update(s.get("skips", {}))
+        damaged = sum(len(c.damaged) for c in self.spec.corpora)
+        if damaged and self.rank == 0:  # a property of the corpus: counted once, not once per rank
+            total["damaged_shards"] = damaged
         return dict(sorted(total.items()))
 
     def rank_state(self) -> dict:
@@ -412,12 +418,17 @@ def corpus_weights(corpora: list[Corpus], weights: Optional[list[float]]) -> lis
 
 
 def build_loader(data_cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
-                 train: bool = True) -> StreamingLoader:
-    """Returns the loader of this rank (see the module docstring and docs/CONTRACTS.md)."""
+                 train: bool = True, run_dir: Optional[str] = None) -> StreamingLoader:
+    """Returns the loader of this rank (see the module docstring and docs/CONTRACTS.md). With `run_dir`, the sample
+    counts of URL-pattern corpora are read from it when an earlier start kept them there, else found (stats files,
+    a parallel scan) and kept there by rank 0, so that a resume does not scan the tars again."""
     sources = split_sources(data_cfg.train)
     if not sources:
         raise ConfigError("data.train is empty: give a shard index.json or a brace URL pattern")
-    corpora = [resolved_corpus(s) for s in sources]
+    known = known_counts(run_dir)
+    corpora = [resolved_corpus(s, data_cfg.strict, known) for s in sources]
+    if run_dir and rank == 0 and any(s not in known for s in sources if not s.endswith(".json")):
+        keep_counts(run_dir, corpora)
     for c in corpora:
         if c.samples == 0:
             raise ConfigError(f"data.train: {c.source} has no samples")

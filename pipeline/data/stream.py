@@ -24,12 +24,14 @@ what the old layout would have produced.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import posixpath
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import braceexpand
 import fsspec
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 MEDIA_KINDS = ("video", "image")
+STATS_SUFFIX = "_stats.json"  # video2dataset / img2dataset: {shard}_stats.json beside {shard}.tar
+SCAN_THREADS = 32  # tars scanned at once (object storage: latency-bound requests)
+COUNTS_FILE = "corpus_counts.json"  # in the run folder: the counts of URL-pattern corpora, so a resume scans nothing
 
 
 # ----------------------------------------------------------------------------------------------------- corpora
@@ -52,6 +57,8 @@ class Corpus:
     urls: tuple[str, ...]
     counts: tuple[int, ...]
     media: Optional[str]
+    damaged: tuple[tuple[str, str], ...] = ()  # (url, why) of tars cut short or unreadable: their readable samples
+    # are counted and used, the rest reported (see `shard_counts`)
 
     @property
     def samples(self) -> int:
@@ -77,35 +84,146 @@ def split_sources(train: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def resolved_corpus(source: str) -> Corpus:
-    """Returns the corpus of a shard index (`.../index.json`) or a brace URL pattern (its tars are scanned once)."""
+def resolved_corpus(source: str, strict: bool = False, known: Optional[dict] = None) -> Corpus:
+    """Returns the corpus of a shard index (`.../index.json`) or a brace URL pattern. A pattern's sample counts come
+    from `known` (what `known_counts` read from a run folder: a resume scans nothing), else from `shard_counts`
+    (video2dataset's stats files, then a parallel scan of the remaining tars)."""
     if source.endswith(".json"):
-        return _indexed_corpus(source)
+        return _indexed_corpus(source, strict)
     urls = tuple(braceexpand.braceexpand(source))
-    counts = tuple(len(shard_keys(u)) for u in urls)
-    return Corpus(source, urls, counts, None)
+    entry = (known or {}).get(source)
+    if entry and tuple(entry.get("urls", ())) == urls:
+        return Corpus(source, urls, tuple(entry["counts"]), None, tuple(map(tuple, entry.get("damaged", ()))))
+    counts, damaged = shard_counts(urls, strict)
+    return Corpus(source, urls, counts, None, damaged)
 
 
-def _indexed_corpus(source: str) -> Corpus:
+def _indexed_corpus(source: str, strict: bool = False) -> Corpus:
     index = read_json(source, "shard index", label="data.train: ")
     shards = index.get("shards") if isinstance(index, dict) else None
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "url" in s for s in shards):
         raise ConfigError(f"data.train: {source} has no list of shards with a 'url' each under 'shards'")
     base = source.rsplit("/", 1)[0] if "/" in source else "."
     urls = tuple(s["url"] if "://" in s["url"] or s["url"].startswith("/") else f"{base}/{s['url']}" for s in shards)
-    counts = tuple(int(s["samples"]) if "samples" in s else len(shard_keys(u)) for s, u in zip(shards, urls))
+    uncounted = [u for s, u in zip(shards, urls) if "samples" not in s]
+    scanned, damaged = shard_counts(uncounted, strict, stats_files=False) if uncounted else ((), ())
+    found = dict(zip(uncounted, scanned))
+    counts = tuple(int(s["samples"]) if "samples" in s else found[u] for s, u in zip(shards, urls))
     media = index.get("media")
     if media is not None and media not in MEDIA_KINDS:
         raise ConfigError(f"data.train: {source}: media must be one of {MEDIA_KINDS}, got {media!r}")
-    return Corpus(source, urls, counts, media)
+    return Corpus(source, urls, counts, media, damaged)
 
 
-def shard_keys(url: str) -> list[str]:
-    """Returns the sample keys of a tar in order, reading only the member headers."""
+def shard_counts(urls: Sequence[str], strict: bool = False,
+                 stats_files: bool = True) -> tuple[tuple[int, ...], tuple[tuple[str, str], ...]]:
+    """Returns (the sample count of each tar, (url, why) of those cut short or unreadable).
+
+    A tar with a video2dataset/img2dataset stats file beside it (`{shard}_stats.json`) counts its "successes" (the
+    samples written into the tar); the rest are scanned, reading member headers only, in SCAN_THREADS threads. A tar
+    that ends early (truncated) or cannot be opened counts the whole samples read before the damage: they are used,
+    the damage is logged and kept in `Corpus.damaged`, and the run goes on (as a damaged shard inside an indexed
+    corpus does); with `strict` it is refused (ConfigError naming the tar) instead."""
+    counts: dict[str, int] = _stats_counts(urls) if stats_files else {}
+    rest = [u for u in urls if u not in counts]
+    damaged: list[tuple[str, str]] = []
+    if rest:
+        with ThreadPoolExecutor(min(SCAN_THREADS, len(rest)), thread_name_prefix="shard-scan") as pool:
+            for url, (n, problem) in zip(rest, pool.map(_scanned, rest)):
+                counts[url] = n
+                if problem:
+                    if strict:
+                        raise ConfigError(f"data.train: cannot read shard {url}: {problem} (data.strict=true; "
+                                          f"with false its {n} readable samples are used and the damage reported)")
+                    log.warning("shard %s: %s; its %d whole samples before the damage are used, the rest is "
+                                "counted as lost (data.strict=true refuses such a shard)", url, problem, n)
+                    damaged.append((url, problem))
+    return tuple(counts[u] for u in urls), tuple(damaged)
+
+
+def _scanned(url: str) -> tuple[int, Optional[str]]:
+    """Returns (samples in the tar, None), or (whole samples before the damage, what the damage is) for a tar cut
+    short (a header or a member's data past the end of the file) or unreadable. Reads member headers only; the
+    sample in progress when the damage shows is not counted (it may lack members)."""
+    done, key = 0, None
     try:
-        return [key for key, _ in _tar_samples(url, wanted=lambda i: False)]
-    except (OSError, tarfile.TarError) as e:
-        raise ConfigError(f"data.train: cannot read shard {url}: {e}") from None
+        with fsspec.open(url, "rb") as raw:
+            size = raw.seek(0, 2)
+            raw.seek(0)
+            with tarfile.open(fileobj=raw, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    k, _ = sample_key(member.name)
+                    if k != key:
+                        done, key = done + (key is not None), k
+                    if member.offset_data + member.size > size:
+                        return done, (f"cut short: member {member.name} ends at byte "
+                                      f"{member.offset_data + member.size}, the file has {size}")
+                end = tar.offset  # tarfile ends quietly at a partial or invalid header: look at what stopped it
+            raw.seek(end)
+            block = raw.read(tarfile.BLOCKSIZE)
+            if block.strip(b"\0"):
+                why = "cut short inside a header" if len(block) < tarfile.BLOCKSIZE else "an invalid header"
+                return done, f"{why} at byte {end} of {size}"
+    except (OSError, tarfile.TarError, EOFError) as e:
+        return done, f"{type(e).__name__}: {e}"
+    return done + (key is not None), None
+
+
+def _stats_counts(urls: Sequence[str]) -> dict[str, int]:
+    """Returns {tar url: samples} from the stats files beside the tars, listing each folder once and fetching the
+    files together (concurrently on object storage); tars without a readable one are left out."""
+    wanted = {u[:-len(".tar")] + STATS_SUFFIX: u for u in urls if u.endswith(".tar")}
+    if not wanted:
+        return {}
+    found: dict[str, int] = {}
+    folders: dict[str, list[str]] = {}
+    for stats in wanted:
+        folders.setdefault(stats.rsplit("/", 1)[0] if "/" in stats else ".", []).append(stats)
+    for folder, names in folders.items():
+        try:
+            fs, path = fsspec.core.url_to_fs(names[0])
+            present = {posixpath.basename(p) for p in fs.ls(path.rsplit("/", 1)[0], detail=False)}
+        except (OSError, ValueError):
+            continue
+        names = [n for n in names if posixpath.basename(n) in present]
+        if not names:
+            continue
+        paths = [fsspec.core.url_to_fs(n)[1] for n in names]
+        raw = fs.cat(paths, on_error="return") if len(paths) > 1 else {paths[0]: fs.cat(paths[0])}
+        for name, p in zip(names, paths):
+            try:
+                successes = json.loads(raw[p])["successes"]
+            except (TypeError, ValueError, KeyError):  # an error object, not JSON, no "successes"
+                continue
+            if isinstance(successes, int) and successes >= 0:
+                found[wanted[name]] = successes
+    return found
+
+
+def known_counts(run_dir: Optional[str]) -> dict:
+    """Returns the counts kept in a run folder by `keep_counts` ({} when there are none)."""
+    if not run_dir:
+        return {}
+    try:
+        with fsspec.open(posixpath.join(run_dir, COUNTS_FILE), "r") as f:
+            kept = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def keep_counts(run_dir: str, corpora: Sequence[Corpus]) -> None:
+    """Writes the counts of the URL-pattern corpora to the run folder (atomically), for a resume to read."""
+    kept = {c.source: {"urls": list(c.urls), "counts": list(c.counts), "damaged": [list(d) for d in c.damaged]}
+            for c in corpora if not c.source.endswith(".json")}
+    if not kept:
+        return
+    fs, path = fsspec.core.url_to_fs(posixpath.join(run_dir, COUNTS_FILE))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path + ".part", json.dumps(kept, indent=1).encode())
+    fs.mv(path + ".part", path)
 
 
 # ---------------------------------------------------------------------------------------------------- tar reading
@@ -150,20 +268,26 @@ class RawSample:
     problem: Optional[str] = None
 
 
-def shard_run_samples(url: str, indices: list[int]) -> Iterator[tuple[int, str, Optional[dict], Optional[str]]]:
+def shard_run_samples(url: str, indices: list[int],
+                      counted: Optional[int] = None) -> Iterator[tuple[int, str, Optional[dict], Optional[str]]]:
     """Yields (sample index, key, files, problem) for the increasing `indices` of one shard, in that order.
 
     A sample the tar does not have (short or truncated tar) comes back with problem "missing_sample"; a tar that
-    cannot be opened at all gives "unreadable_shard" for each index not yet yielded.
+    cannot be opened at all gives "unreadable_shard" for each index not yet yielded. When the run reads the last of
+    the `counted` samples the shard is believed to hold, a sample after it (a count that came from a stats file that
+    counted source videos, not the clips written) is reported once per shard: those samples are not read.
     """
     want = set(indices)
     pending = iter(indices)
     nxt = next(pending, None)
     try:
-        for i, (key, files) in enumerate(_tar_samples(url, wanted=want.__contains__)):
+        samples = enumerate(_tar_samples(url, wanted=want.__contains__))
+        for i, (key, files) in samples:
             if nxt is None:
                 return
             if i == nxt:
+                if counted is not None and i == counted - 1 and _more_after(samples):
+                    _report_uncounted(url, counted)  # looked at before the yield: the reader may stop after it
                 yield i, key, files, None
                 nxt = next(pending, None)
     except (OSError, tarfile.TarError, EOFError) as e:
@@ -178,6 +302,26 @@ def shard_run_samples(url: str, indices: list[int]) -> Iterator[tuple[int, str, 
     while nxt is not None:
         yield nxt, "", None, problem
         nxt = next(pending, None)
+
+
+_UNCOUNTED_REPORTED: set[str] = set()
+
+
+def _more_after(samples: Iterator) -> bool:
+    """True when the tar has another sample (damage after the counted samples is no such sample)."""
+    try:
+        return next(samples, None) is not None
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+
+
+def _report_uncounted(url: str, counted: int) -> None:
+    if url not in _UNCOUNTED_REPORTED:
+        _UNCOUNTED_REPORTED.add(url)
+        log.warning("shard %s holds more than the %d samples its count says (its index entry, or a video2dataset "
+                    "stats file that counts source videos, not the clips written); the samples after them are not "
+                    "read. Remove its %s (and the run folder's %s) to have the tar scanned instead", url, counted,
+                    STATS_SUFFIX, COUNTS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------- layout
@@ -347,7 +491,8 @@ class CorpusStream:
             run = [r for r in range(i, j) if r in needed]
             if run:
                 by_index = {int(self._samples[r]): r for r in run}
-                for index, key, files, problem in shard_run_samples(corpus.urls[shard], sorted(by_index)):
+                for index, key, files, problem in shard_run_samples(corpus.urls[shard], sorted(by_index),
+                                                                    corpus.counts[shard]):
                     yield by_index[index], shard, index, key, files, problem
             i = j
 

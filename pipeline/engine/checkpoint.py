@@ -35,6 +35,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pipeline import safe_load
+from pipeline.safe_load import check_torch_files
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
@@ -197,13 +200,22 @@ def newest_complete(root: str) -> Optional[CheckpointRef]:
     return None
 
 
+RESTART = "restart"
+
+
 def resolve_resume(resume: Optional[str], run_dir: str) -> Optional[CheckpointRef]:
-    """Returns the checkpoint to resume from: None (fresh start), "auto" (newest complete one in the run, if any), a
-    checkpoint directory (must verify) or a run/checkpoints directory (its newest complete one, which must exist)."""
-    if resume is None:
+    """Returns the checkpoint to resume from: None (fresh start; also for "restart"), "auto" (newest complete one in
+    the run, None when the run has none), a checkpoint directory (must verify) or a run/checkpoints directory (its
+    newest complete one). Checkpoints that exist but none of which verifies raise CorruptCheckpoint listing each
+    with its damage: starting over then has to be asked for (`--resume restart`), it is never a silent fallback."""
+    if resume is None or resume == RESTART:
         return None
     if resume == "auto":
-        return newest_complete(checkpoints_root(run_dir))
+        root = checkpoints_root(run_dir)
+        ref = newest_complete(root)
+        if ref is None and list_checkpoints(root):
+            raise CorruptCheckpoint(_none_complete(root))
+        return ref
     path = os.path.normpath(resume)
     if os.path.isfile(os.path.join(path, MARKER)) or STEP_DIR.match(os.path.basename(path)):
         manifest = verify(path)
@@ -212,9 +224,55 @@ def resolve_resume(resume: Optional[str], run_dir: str) -> Optional[CheckpointRe
         if list_checkpoints(root):
             ref = newest_complete(root)
             if ref is None:
-                raise CorruptCheckpoint(f"--resume {resume}: no checkpoint under {root} is complete")
+                raise CorruptCheckpoint(_none_complete(root))
             return ref
     raise FileNotFoundError(f"--resume {resume}: neither a checkpoint directory nor a directory holding checkpoints")
+
+
+def _none_complete(root: str) -> str:
+    damage = []
+    for ref in list_checkpoints(root):
+        try:
+            verify(ref.path)
+        except CorruptCheckpoint as e:
+            damage.append(f"  {e}")
+    return (f"no checkpoint under {root} is complete; every one is damaged:\n" + "\n".join(damage) +
+            f"\nnothing was overwritten. To start over from step 0 in this run folder, ask for it: --resume restart "
+            f"(the damaged checkpoints are moved aside, not deleted)")
+
+
+def set_aside(root: str) -> Optional[str]:
+    """Moves the checkpoints directory `root` (a run starting over) to `root.replaced-<UTC time>` beside it; returns
+    the new path, or None when there was nothing to move."""
+    if not os.path.isdir(root) or not os.listdir(root):
+        return None
+    aside = f"{root}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    os.rename(root, aside)
+    return aside
+
+
+# --------------------------------------------------------------------------------------------------- full disk
+FULL_BELOW_BYTES = 16 << 20  # a write that failed with less than this left is taken as a full disk
+
+
+def disk_is_full(path: str) -> bool:
+    """True when the file system holding `path` has (almost) no space left for this process."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
+
+
+def disk_full_message(run_dir: str, step: int) -> str:
+    """Says that the disk of `run_dir` is full, which checkpoint is the newest intact one and how to resume."""
+    st = os.statvfs(run_dir)
+    newest = newest_complete(checkpoints_root(run_dir))
+    kept = (f"the newest intact checkpoint is {newest.path} (step {newest.step}); a resume continues from it, the "
+            f"steps after it are done again" if newest else
+            "there is no intact checkpoint yet (the run would start over at step 0)")
+    return (f"checkpoint step {step} could not be written: the disk of train.out ({run_dir}) is full "
+            f"({st.f_bavail * st.f_frsize >> 20} MiB free of {st.f_blocks * st.f_frsize >> 20} MiB; the partial "
+            f"checkpoint was removed). {kept[0].upper() + kept[1:]}. Free space on that disk (or lower "
+            f"train.keep_last, or copy {run_dir} to a larger disk and set train.out there), then run the same "
+            f"command with --resume auto")
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -222,6 +280,7 @@ def model_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Returns the module's weights in checkpoint `path` as one fp32 state dict on the CPU, whatever the ZeRO stage
     and world size that wrote it (for evaluation and export without a DeepSpeed engine)."""
     verify(path)
+    check_torch_files(path)  # DeepSpeed's zero_to_fp32 unpickles with arbitrary globals: only files that need none
     ds_dir = os.path.join(path, DEEPSPEED_TAG)
     if any(name.endswith("optim_states.pt") and name.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_"))
            for name in os.listdir(ds_dir)):
@@ -229,14 +288,18 @@ def model_state_dict(path: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(path, tag=DEEPSPEED_TAG))
-    states = torch.load(os.path.join(ds_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    model_states = os.path.join(ds_dir, "mp_rank_00_model_states.pt")
+    states = safe_load.load(model_states, model_states)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
 # --------------------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
-    """Returns this process's random number generator states (torch CPU and CUDA, numpy, python)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Returns this process's random number generator states (torch CPU and CUDA, numpy, python), as tensors and
+    plain values only (numpy's key array as a list), which a weights-only load reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -244,7 +307,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]  # a list (since the weights-only format) or numpy's tuple
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -68,3 +68,19 @@ def deepspeed_config(train: TrainConfig, ds: Optional[DeepSpeedConfig]) -> dict:
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 1 << 30)
     return cfg
+
+
+def check_micro_batch(train: TrainConfig, ds: Optional[DeepSpeedConfig], world_size: int) -> None:
+    """Raises ConfigError, before DeepSpeed starts, when the DeepSpeed config makes a micro batch per process other
+    than `train.batch_size` (what the data yields per micro-step), with the value to set. DeepSpeed's own rule:
+    train_batch_size = micro batch * gradient_accumulation_steps * world size, the missing one derived."""
+    cfg = deepspeed_config(train, ds)
+    micro, accum, total = (cfg.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                "train_batch_size"))
+    if micro is None and total is not None:
+        micro = total // ((accum or 1) * world_size)
+    if micro is not None and micro != train.batch_size:
+        where = f"deepspeed.config ({ds.config})" if ds is not None and ds.config else "the DeepSpeed config"
+        raise ConfigError(f"{where} makes the micro batch {micro} per process, but the data yields "
+                          f"train.batch_size={train.batch_size} samples per micro-step (world size {world_size}): "
+                          f"set train.batch_size={micro} (or change the file's batch keys)")

@@ -30,16 +30,18 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from pipeline import safe_load
 from pipeline.config import ConfigError, DeepSpeedConfig, TrainConfig
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine import dist
-from pipeline.engine.ds_config import deepspeed_config
+from pipeline.engine.ds_config import check_micro_batch, deepspeed_config
 from pipeline.engine.graphs import GraphedChain, graph_chain
 from pipeline.engine.metrics import MetricsLog, ProgressBar, TensorBoardLog
 from pipeline.engine.optim import SkippableAdamW, build_optimizer
@@ -57,6 +59,11 @@ class NonFiniteLoss(RuntimeError):
 
 class DataExhausted(RuntimeError):
     """The data iterable ended before `train.max_steps`."""
+
+
+class DiskFull(RuntimeError):
+    """A checkpoint could not be written because the file system of `train.out` is full; the message names the
+    newest intact checkpoint and how to resume."""
 
 
 @dataclass
@@ -111,10 +118,12 @@ class Trainer:
         """Trains up to `train.max_steps` optimizer steps; `resume` is None, "auto" or a checkpoint/run path."""
         started = time.perf_counter()
         info = self.dist = dist.init_distributed()
+        check_micro_batch(self.cfg, self.ds_cfg, info.world_size)  # before DeepSpeed starts
         _quiet_deepspeed()
         ckpt.seed_everything(self.cfg.seed + info.rank)
         ref = self._resume_choice(resume)
-        trainer_state = torch.load(os.path.join(ref.path, ckpt.TRAINER_STATE), weights_only=False) if ref else None
+        state_file = os.path.join(ref.path, ckpt.TRAINER_STATE) if ref else ""
+        trainer_state = safe_load.load(state_file, state_file) if ref else None
         if ref and trainer_state["world_size"] != info.world_size:  # before DeepSpeed partitions them anew
             self._load_consolidated_weights(ref, trainer_state["world_size"])
         engine, optimizer, scheduler = self._build(info)
@@ -305,20 +314,45 @@ class Trainer:
             ckpt.fresh_temp_dir(root, step)
         dist.barrier()
         temp = ckpt.temp_dir_for(root, step)
-        engine.save_checkpoint(temp, tag=ckpt.DEEPSPEED_TAG, save_latest=False)
-        torch.save({"data": self.data.state_dict(), "rng": ckpt.rng_state()},
-                   os.path.join(temp, ckpt.rank_file_name(info.rank)))
-        if info.is_main:
-            torch.save({"step": step, "skipped_steps": skipped, "scheduler": scheduler.state_dict(),
-                        "world_size": info.world_size}, os.path.join(temp, ckpt.TRAINER_STATE))
+        failed: Optional[BaseException] = None
+        try:
+            engine.save_checkpoint(temp, tag=ckpt.DEEPSPEED_TAG, save_latest=False)
+            torch.save({"data": self.data.state_dict(), "rng": ckpt.rng_state()},
+                       os.path.join(temp, ckpt.rank_file_name(info.rank)))
+            if info.is_main:
+                torch.save({"step": step, "skipped_steps": skipped, "scheduler": scheduler.state_dict(),
+                            "world_size": info.world_size}, os.path.join(temp, ckpt.TRAINER_STATE))
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as "enforce fail ... unexpected pos"
+            failed = e
+        self._stop_together_if(failed, step, temp)
         dist.barrier()
         path = ""
         if info.is_main:
-            path = ckpt.publish(temp, step, info.world_size)
+            try:
+                path = ckpt.publish(temp, step, info.world_size)
+            except OSError as e:
+                failed = e
+        self._stop_together_if(failed, step, temp)
+        if info.is_main:
             for old in ckpt.prune(root, self.cfg.keep_last):
                 log.info("removed old checkpoint %s (train.keep_last=%d)", old, self.cfg.keep_last)
         dist.barrier()
         return dist.broadcast_object(path)
+
+    def _stop_together_if(self, failed: Optional[BaseException], step: int, temp: str) -> None:
+        """Every rank raises when any rank could not write its part of checkpoint `step` (the others would wait
+        in the next collective forever): DiskFull, saying so plainly, when train.out's file system is full, else
+        the error itself. The partial checkpoint is removed, freeing what it took."""
+        if not dist.all_reduce_sum(torch.tensor([int(failed is not None)], device=self.dist.device)).item():
+            return
+        full = ckpt.disk_is_full(self.run_dir)
+        if self.dist.is_main:
+            shutil.rmtree(temp, ignore_errors=True)
+        if full:
+            raise DiskFull(ckpt.disk_full_message(self.run_dir, step)) from None
+        if failed is not None:
+            raise failed
+        raise RuntimeError(f"checkpoint step {step}: another process could not write its part (see its error)")
 
     def _resume_choice(self, resume: Optional[str]) -> Optional[ckpt.CheckpointRef]:
         """Rank 0 picks the checkpoint (and clears leftovers of a killed run); every rank gets its choice."""
@@ -328,11 +362,20 @@ class Trainer:
                 log.info("removed %s left by an interrupted run", gone)
             try:
                 choice = ckpt.resolve_resume(resume, self.run_dir)
+                if choice is not None:  # before DeepSpeed, whose loaders unpickle with arbitrary globals, reads it
+                    ckpt.check_torch_files(choice.path)
             except (ckpt.CorruptCheckpoint, FileNotFoundError) as e:  # a path asked for by name that cannot be used
                 choice = ConfigError(f"resume={resume!r}: {e}")
+            except ConfigError as e:  # an unsafe file (safe_load.UnsafeFile)
+                choice = e
             if resume is None and ckpt.list_checkpoints(ckpt.checkpoints_root(self.run_dir)):
                 choice = ConfigError(f"{ckpt.checkpoints_root(self.run_dir)} holds checkpoints of an earlier run: "
-                                     "resume it (--resume auto) or give this run its own train.out")
+                                     "resume it (--resume auto), start over in this folder (--resume restart: "
+                                     "they are moved aside) or give this run its own train.out")
+            if resume == ckpt.RESTART:
+                aside = ckpt.set_aside(ckpt.checkpoints_root(self.run_dir))
+                if aside:
+                    log.warning("resume=restart: starting at step 0; the earlier checkpoints were moved to %s", aside)
             if resume == "auto" and choice is None:
                 log.info("resume=auto: no complete checkpoint under %s; starting at step 0", self.run_dir)
         choice = dist.broadcast_object(choice)
@@ -364,7 +407,8 @@ class Trainer:
                                              f"'{ckpt.DEEPSPEED_TAG}' states")
         move_to_step(scheduler, trainer_state["step"])
         rank = self.dist.rank if self.dist.rank < saved_world else 0
-        rank_state = torch.load(os.path.join(ref.path, ckpt.rank_file_name(rank)), weights_only=False)
+        rank_file = os.path.join(ref.path, ckpt.rank_file_name(rank))
+        rank_state = safe_load.load(rank_file, rank_file)
         try:
             self.data.load_state_dict(rank_state["data"])
         except ValueError as e:

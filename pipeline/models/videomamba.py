@@ -12,9 +12,7 @@ of `forward_features`/the constructor; the default path computes exactly the off
 """
 from __future__ import annotations
 
-import io
 import math
-import pickle
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
+from pipeline import safe_load
 from pipeline.models.mamba import BidirectionalMamba
 
 # size -> (depth, width); d_state 16 and expand 2 for all
@@ -353,10 +352,9 @@ def _capped(items: list[str], limit: int = 8) -> str:
 def _read_state_dict(path_or_url: str) -> dict[str, Tensor]:
     with fsspec.open(path_or_url, "rb") as f:
         raw = f.read()
-    try:
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # official training checkpoints also pickle their argparse.Namespace
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    # never an unrestricted unpickle: official training checkpoints also pickle their run's config (argparse
+    # Namespace, EasyDict), which safe_load reads as plain dicts; anything else is refused (UnsafeFile, exit 2)
+    obj = safe_load.load(raw, path_or_url, foreign_configs=True)
     return _unwrapped(obj, path_or_url)
 
 

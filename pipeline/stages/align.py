@@ -50,7 +50,8 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
     student = AlignStudent(backbone, teacher.width, guide.embed_dim if guide is not None else None)
     objective = MaskedAlignment(teacher, backbone.patch_grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.kind,
                                 cfg.model.tubelet_size, guide, cfg.distill.weight)
-    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed)
+    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
+                        run_dir=cfg.train.out)
     summary = Trainer(student, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
                       graph_modules=backbone.chained_blocks()).fit(resume)
     return run_summary(cfg, summary)

@@ -5,7 +5,9 @@ VTM on hard negatives, MLM and the stage-1 alignment), starting from a stage-1 r
 The config's top-level `stage` picks the stage (`align`, the default). Any key can be overridden as key.sub=value
 (values are YAML). Runs single-process, under torchrun / the deepspeed launcher (one process per GPU; the engine
 reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or in Ray Train workers on a Ray cluster (--ray-workers). With
---resume auto a run continues from its newest complete checkpoint, also with another number of processes.
+--resume auto a run continues from its newest complete checkpoint, also with another number of processes; when
+every checkpoint is damaged it stops (exit 2) listing them, and starting over must be asked for (--resume restart).
+Overrides (key.sub=value) may come anywhere on the line, after --resume too.
 
 Main keys:
   model.size            tiny | small | middle | base  (model.depth / model.embed_dim override the size's)
@@ -47,7 +49,7 @@ from pipeline.cluster import train_on_ray
 from pipeline.config import BASE_KEY, load_config
 from pipeline.data.loader import NoUsableSamples
 from pipeline.engine import dist
-from pipeline.engine.trainer import DataExhausted, NonFiniteLoss
+from pipeline.engine.trainer import DataExhausted, DiskFull, NonFiniteLoss
 from pipeline.errors import ConfigError
 from pipeline.stages.align import ALIGN
 from pipeline.stages.base import Stage, with_absolute_paths
@@ -59,8 +61,10 @@ DEFAULT_STAGE = ALIGN.name
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the stage's YAML config (path or URL)")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="continue from the newest complete checkpoint under train.out (auto) or from PATH")
+    parser.add_argument("--resume", default=None, metavar="auto|restart|PATH",
+                        help="continue from the newest complete checkpoint under train.out (auto) or from PATH; "
+                             "auto refuses (exit 2) when every checkpoint there is damaged; restart starts over at "
+                             "step 0 in train.out, moving its checkpoints aside to checkpoints.replaced-TIME/")
     ray = parser.add_argument_group("training workers on Ray Train (instead of torchrun / the deepspeed launcher)")
     ray.add_argument("--ray-workers", type=int, default=0, metavar="N",
                      help="run the stage in N Ray Train workers (one process per GPU, or per CPU slot)")
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                                    args.ray_max_failures)
         else:
             summary = stage.train(cfg, resume=args.resume)
-    except (NonFiniteLoss, DataExhausted, NoUsableSamples) as e:  # a stop with a message, not a traceback
+    except (NonFiniteLoss, DataExhausted, NoUsableSamples, DiskFull) as e:  # a stop with a message, not a traceback
         print(f"videomamba pretrain: stage {stage.name} stopped: {e}", file=sys.stderr)
         return 1
     if dist.rank() == 0:

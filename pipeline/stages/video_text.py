@@ -52,7 +52,8 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     evaluate = (training_evaluation(cfg.eval, cfg.eval.annotations, cfg.eval.videos, cfg.eval.dataset,
                                     cfg.data.num_frames, cfg.data.img_size, tokenizer, cfg.text.max_len)
                 if cfg.train.eval_every > 0 else None)
-    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed)
+    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
+                        run_dir=cfg.train.out)
     summary = Trainer(model, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
                       graph_modules=model.backbone.chained_blocks(), evaluate=evaluate).fit(resume)
     return run_summary(cfg, summary)

@@ -224,3 +224,71 @@ def test_state_dict_gathers_every_rank_under_torch_distributed(shard_writer, tmp
     states = [torch.load(tmp_path / f"state{r}.pt") for r in range(2)]
     assert states[0] == states[1] and [r["rank"] for r in states[0]["ranks"]] == [0, 1]
     assert all(r["slots"][0]["stream"]["draws"] == 2 for r in states[0]["ranks"])
+
+
+def url_pattern(shard_writer, tmp_path, name="v", shards=3, per_shard=3) -> str:
+    shard_writer.corpus(name, shards=shards, per_shard=per_shard)
+    (tmp_path / name / "index.json").unlink()  # a foreign corpus: tars only
+    return str(tmp_path / name / f"{name}-{{000000..{shards - 1:06d}}}.tar")
+
+
+@pytest.mark.parametrize("cut", ["in_data", "in_header"])
+def test_a_truncated_tar_in_a_url_pattern_corpus_is_used_as_far_as_it_reads(shard_writer, data_cfg, tmp_path,
+                                                                          caplog, cut):
+    """As inside an indexed corpus: the whole samples before the cut are used, the damage reported, the run goes on;
+    data.strict=true refuses it instead, naming the tar."""
+    import tarfile
+
+    pattern = url_pattern(shard_writer, tmp_path)
+    tar = tmp_path / "v" / "v-000001.tar"
+    with tarfile.open(tar) as t:
+        third = [m for m in t if m.name.startswith("v0005.")]  # the third sample of the second tar
+    at = third[0].offset_data + 100 if cut == "in_data" else third[1].offset + 100
+    tar.write_bytes(tar.read_bytes()[:at])
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        loader = build_loader(data_cfg(pattern, epochs=1), 4, rank=0, world_size=1, seed=0)
+    assert loader.spec.corpora[0].counts == (3, 2, 3)
+    assert "v-000001.tar" in caplog.text and "used" in caplog.text
+    keys = all_keys(loader)
+    assert sorted(keys) == sorted(f"v{i:04d}" for i in range(9) if i != 5)
+    assert loader.stats() == {"damaged_shards": 1}
+    assert build_loader(data_cfg(pattern, epochs=1), 4, rank=1, world_size=2, seed=0).stats() == {}  # once, rank 0
+    with pytest.raises(ConfigError, match=r"cannot read shard .*v-000001.tar.*data.strict=true"):
+        build_loader(data_cfg(pattern, epochs=1, strict=True), 4, rank=0, world_size=1, seed=0)
+
+
+def test_video2dataset_stats_files_are_read_instead_of_the_tars(shard_writer, data_cfg, tmp_path):
+    pattern = url_pattern(shard_writer, tmp_path)
+    for i, successes in enumerate((2, 3)):  # shard 2 has none: scanned
+        (tmp_path / "v" / f"v-{i:06d}_stats.json").write_text(json.dumps(
+            {"count": 4, "successes": successes, "failed_to_download": 4 - successes, "failed_to_subsample": 0}))
+    (tmp_path / "v" / "v-000000.tar").write_bytes(b"")  # the stats file is believed: the tar is not read now
+    loader = build_loader(data_cfg(pattern, epochs=1), 4, rank=0, world_size=1, seed=0)
+    assert loader.spec.corpora[0].counts == (2, 3, 3) and loader.spec.corpora[0].damaged == ()
+
+
+def test_counts_are_kept_in_the_run_folder_and_a_resume_scans_nothing(shard_writer, data_cfg, tmp_path):
+    pattern = url_pattern(shard_writer, tmp_path)
+    run = tmp_path / "run"
+    first = build_loader(data_cfg(pattern, epochs=1), 4, rank=0, world_size=1, seed=0, run_dir=str(run))
+    kept = json.loads((run / "corpus_counts.json").read_text())
+    assert kept[pattern]["counts"] == [3, 3, 3]
+    state = next(iter(first)) and first.state_dict()
+    for tar in (tmp_path / "v").glob("*.tar"):  # would read as (0, 0, 0) if scanned again
+        tar.rename(tar.with_suffix(".moved"))
+    again = build_loader(data_cfg(pattern, epochs=1), 4, rank=0, world_size=1, seed=0, run_dir=str(run))
+    assert again.spec.corpora[0].counts == (3, 3, 3)
+    for moved in (tmp_path / "v").glob("*.moved"):
+        moved.rename(moved.with_suffix(".tar"))
+    again.load_state_dict(state)  # the fingerprint (names and counts) matches: the position restores
+    assert len(all_keys(again)) == 9 - 4
+
+
+def test_a_stats_file_that_undercounts_is_reported_when_its_tar_is_read(shard_writer, data_cfg, tmp_path, caplog):
+    """video2dataset's "successes" counts source videos; with clip subsampling a tar holds more samples."""
+    pattern = url_pattern(shard_writer, tmp_path, shards=1)
+    (tmp_path / "v" / "v-000000_stats.json").write_text(json.dumps({"count": 2, "successes": 2}))
+    loader = build_loader(data_cfg(pattern, epochs=1), 4, rank=0, world_size=1, seed=0)
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        assert len(all_keys(loader)) == 2
+    assert "v-000000.tar holds more than the 2 samples its count says" in caplog.text

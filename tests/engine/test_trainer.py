@@ -228,8 +228,59 @@ def test_user_deepspeed_json_whose_micro_batch_is_not_the_datas_is_refused(tmp_p
     trainer.ds_cfg = DeepSpeedConfig(config=str(path))
     with pytest.raises(ConfigError, match="micro batch 16 per process, but the data yields train.batch_size=4"):
         trainer.fit()
+    assert trainer.engine is None  # refused before DeepSpeed started
 
 
 def test_url_run_directory_is_refused():
     with pytest.raises(ConfigError, match="train.out: s3://bucket/run is a URL"):
         toy.build("s3://bucket/run")
+
+
+def test_every_checkpoint_damaged_is_refused_listing_them_and_restart_must_be_asked_for(tmp_path, reference):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference[0], run_dir)
+    root = ckpt.checkpoints_root(run_dir)
+    for name in step_dirs(run_dir):
+        with open(os.path.join(root, name, ckpt.TRAINER_STATE), "ab") as f:
+            f.write(b"\x00")
+    before = {name: os.path.getmtime(os.path.join(root, name, ckpt.MARKER)) for name in step_dirs(run_dir)}
+    with pytest.raises(ConfigError) as e:
+        toy.build(run_dir).fit(resume="auto")
+    message = str(e.value)
+    assert "every one is damaged" in message and "--resume restart" in message
+    assert all(f"{name}: file trainer_state.pt has" in message for name in before)
+    assert {n: os.path.getmtime(os.path.join(root, n, ckpt.MARKER)) for n in step_dirs(run_dir)} == before
+    summary = toy.build(run_dir).fit(resume="restart")  # asked for: starts over, the damaged ones moved aside
+    assert summary.start_step == 0 and toy.losses(run_dir) == toy.losses(reference[0])
+    aside = [n for n in os.listdir(run_dir) if n.startswith("checkpoints.replaced-")]
+    assert len(aside) == 1 and sorted(os.listdir(os.path.join(run_dir, aside[0]))) == sorted(before)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 100 KiB (tmpfs, mounted here; needs root): room for two toy checkpoints, not three."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (not root?): {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_a_full_disk_says_so_names_the_newest_intact_checkpoint_and_the_run_resumes(small_disk, reference):
+    run_dir = str(small_disk / "run")
+    with pytest.raises(Exception) as e:  # checkpoints at 3 and 6 fit, the one at step 8 does not
+        toy.build(run_dir).fit(resume="auto")
+    message = str(e.value)
+    assert type(e.value).__name__ == "DiskFull", message
+    assert f"the disk of train.out ({run_dir}) is full" in message and "checkpoint step 8" in message
+    assert "newest intact checkpoint is " + os.path.join(ckpt.checkpoints_root(run_dir), "step_00000006") \
+        in message and "--resume auto" in message
+    assert "inline_container" not in message
+    assert step_dirs(run_dir) == ["step_00000003", "step_00000006"]  # the partial one removed, the rest intact
+    for name in step_dirs(run_dir):
+        ckpt.verify(os.path.join(ckpt.checkpoints_root(run_dir), name))
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)  # space freed: resume
+    summary = toy.build(run_dir).fit(resume="auto")
+    assert summary.start_step == 6 and toy.losses(run_dir) == toy.losses(reference[0])

@@ -190,3 +190,32 @@ def test_synthetic_corpus_shards_through_the_same_job(ray_cluster, synth_corpus,
         assert [s["__key__"] for s in samples] == [json.loads(r)["key"] for r in rows]
         first = json.loads(samples[0]["json"])
         assert first["captions"] == json.loads(rows[0])["captions"] and "attributes" in first
+
+
+def test_colliding_keys_and_bad_bytes_lose_no_row(ray_cluster, tmp_path, make_mp4):
+    """Keys a, a-r2, a (the third renamed, and a-r2 is taken) and a caption byte that is not UTF-8: every good row is
+    a sample of its own in the tars (counted with a plain tarfile scan), the bad row is a failure, none is lost."""
+    for i in range(5):
+        make_mp4(tmp_path / f"v{i}.mp4")
+    captions = [b"one", b"two", b"three", b"caf\xe9 four", b"five"]
+    keys = [b"a", b"a-r2", b"a", b"b", b"a-r2"]
+    (tmp_path / "m.csv").write_bytes(b"key,path,caption\n" + b"".join(
+        k + b",v%d.mp4," % i + c + b"\n" for i, (k, c) in enumerate(zip(keys, captions))))
+    outcome = shard_corpus(job(tmp_path / "m.csv", tmp_path / "out", n=2))
+    members = []
+    for name in sorted(os.listdir(tmp_path / "out")):
+        if name.endswith(".tar"):
+            with tarfile.open(tmp_path / "out" / name) as tar:
+                members += tar.getnames()
+    samples = {m.rsplit(".", 1)[0] for m in members if m.endswith(".mp4")}
+    assert len([m for m in members if m.endswith(".mp4")]) == len(samples) == 4  # no key twice
+    assert len(members) == 3 * 4 and {m.rsplit(".", 1)[0] for m in members} == samples
+    assert outcome.summary["samples"] == 4 and outcome.index["samples"] == 4
+    assert [(f["row"], f["reason"]) for f in outcome.failures] == [(3, "not_utf8")]
+    assert outcome.summary["rows"] == 5 == outcome.summary["samples"] + len(outcome.failures)
+    texts = {}
+    for name in sorted(os.listdir(tmp_path / "out")):
+        if name.endswith(".tar"):
+            with tarfile.open(tmp_path / "out" / name) as tar:
+                texts.update({m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".txt")})
+    assert sorted(texts.values()) == sorted([b"one", b"two", b"three", b"five"])

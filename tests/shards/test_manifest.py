@@ -114,3 +114,64 @@ def test_unknown_manifest_format_is_a_config_error(tmp_path):
     (tmp_path / "m.xlsx").write_text("x")
     with pytest.raises(ConfigError, match="m.xlsx: unknown manifest format"):
         read_manifest(str(tmp_path / "m.xlsx"))
+
+
+@pytest.mark.parametrize("raw_keys, want", [
+    (["a", "a-r2", "a"], ["a", "a-r2", "a-r2-2"]),  # the renamed third `a` would have been row 1's key
+    (["a", "a", "a-r1"], ["a", "a-r1", "a-r1-r2"]),  # a row's own key taken by an earlier rename
+    (["a.b", "a/b", "a_b", "a_b-r1", "a_b-r2"], ["a_b", "a_b-r1", "a_b-r2", "a_b-r1-r3", "a_b-r2-r4"]),
+])
+def test_a_renamed_key_is_free_so_no_two_rows_share_one(tmp_path, raw_keys, want):
+    rows = [{"key": k, "path": f"{i}.mp4", "caption": "x"} for i, k in enumerate(raw_keys)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = [r.key for r in read_manifest(str(tmp_path / "m.jsonl")).rows]
+    assert keys == want and len(set(keys)) == len(keys)
+
+
+def test_folder_stems_that_collide_after_cleaning_get_free_keys(tmp_path):
+    for name in ("a_b.mp4", "a.b.mp4", "a/b.mp4", "a_b-r1.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    keys = [r.key for r in read_manifest(str(tmp_path)).rows]
+    assert len(set(keys)) == len(keys) == 4
+
+
+BAD = b"caf\xe9"  # Latin-1, not UTF-8
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json", "csv.gz"])
+def test_a_byte_that_is_not_utf8_fails_its_row_only(tmp_path, fmt):
+    import gzip
+
+    good = [("a.mp4", b"a dog runs"), ("b.mp4", b"a " + BAD + b" at night"), ("c.mp4", b"the sea")]
+    if fmt.startswith("csv"):
+        data = b"path,caption\n" + b"".join(p.encode() + b"," + c + b"\n" for p, c in good)
+    elif fmt == "jsonl":
+        data = b"".join(b'{"path": "' + p.encode() + b'", "caption": "' + c + b'"}\n' for p, c in good)
+    else:
+        data = b"[" + b",".join(b'{"path": "' + p.encode() + b'", "caption": "' + c + b'"}' for p, c in good) + b"]"
+    path = tmp_path / f"m.{fmt}"
+    path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
+    rows = read_manifest(str(path)).rows
+    assert [r.error[0] if r.error else None for r in rows] == [None, "not_utf8", None]
+    assert "byte 0xe9" in rows[1].error[1] and "caption" in rows[1].error[1]
+    assert rows[0].captions == ("a dog runs",) and rows[2].captions == ("the sea",)
+
+
+def test_a_folder_caption_that_is_not_utf8_fails_its_row_not_silently_replaced(tmp_path):
+    for stem, caption in (("a", b"fine"), ("b", BAD), ("c", b"also fine")):
+        (tmp_path / f"{stem}.mp4").write_bytes(b"x")
+        (tmp_path / f"{stem}.txt").write_bytes(caption + b"\n")
+    rows = read_manifest(str(tmp_path)).rows
+    assert [r.error[0] if r.error else None for r in rows] == [None, "not_utf8", None]
+    assert "b.txt" in rows[1].error[1] and "0xe9" in rows[1].error[1]
+
+
+def test_planning_refuses_rows_that_share_a_key():
+    from shards.index import plan_shards
+    from shards.manifest import ManifestRow
+    from shards.media import ProcessOptions
+
+    rows = [ManifestRow(0, "a", "a.mp4", ("x",)), ManifestRow(1, "b", "b.mp4", ("y",)), ManifestRow(2, "a", "c.mp4")]
+    with pytest.raises(ValueError, match="manifest rows 0 and 2 share the key 'a'"):
+        plan_shards(rows, 2, "shard", ProcessOptions())
