@@ -94,18 +94,20 @@ def official_to_project(model, state: dict[str, Tensor]) -> tuple[dict[str, Tens
     backbone, vision_notes = adapt_state_dict(model.backbone, vision)
     notes += vision_notes
     out.update({f"backbone.{k}": v for k, v in backbone.items()})
-    return _checked(model, out, unmapped, "official video_mm"), notes
+    return _checked(model, out, unmapped, "an official video_mm", lambda k: k.replace("backbone.", VISION, 1)), notes
 
 
-def _checked(model, state: dict[str, Tensor], unmapped: list[str], layout: str) -> dict[str, Tensor]:
+def _checked(model, state: dict[str, Tensor], unmapped: list[str], layout: str,
+             origin=lambda key: key) -> dict[str, Tensor]:
     """`state` completed with the model's own alignment head (no checkpoint layout carries a compatible one) after
-    checking that it fills the model exactly; ValueError naming what did not fit otherwise."""
+    checking that it fills the model exactly; ValueError naming what did not fit otherwise (the checkpoint's own
+    names, `origin` of a mapped key)."""
     own = model.state_dict()
     for key in own:
         if key.startswith("align_head.") and key not in state:
             state[key] = own[key]
     missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own)) + sorted(unmapped)
+    unexpected = sorted(origin(k) for k in set(state) - set(own)) + sorted(unmapped)
     wrong = sorted(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
@@ -134,7 +136,7 @@ def load_video_text_weights(model, source: Union[str, dict[str, Tensor]]) -> lis
         fitted, notes = adapt_state_dict(model.backbone, backbone) if backbone else ({}, [])
         rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
         rest.update({f"backbone.{k}": v for k, v in fitted.items()})
-        state = _checked(model, rest, [], "project or official video_mm")
+        state = _checked(model, rest, [], "a stage-2 or an official video_mm")
     model.load_state_dict(state, strict=True)
     model.text_encoder.tie_weights()
     return notes
