@@ -2,6 +2,8 @@
 or named in the dropped list, the load is strict and exact, position embeddings follow the model's grid, the
 full-size layout (VideoMamba-M + BERT-base fused from layer 9) fits the full-size model, and a checkpoint of neither
 layout is refused with the keys that did not fit."""
+import argparse
+
 import pytest
 import torch
 from transformers import BertConfig
@@ -80,9 +82,6 @@ def test_a_checkpoint_of_neither_layout_is_refused_with_the_keys(tiny_bert_dir):
 
 
 def test_only_tensors_are_unpickled(tmp_path):
-    class Config(dict):
-        pass
-
-    torch.save({"model": {"w": torch.zeros(1)}, "config": Config(a=1)}, tmp_path / "with_config.pth")
+    torch.save({"model": {"w": torch.zeros(1)}, "config": argparse.Namespace(a=1)}, tmp_path / "with_config.pth")
     with pytest.raises(ValueError, match="pickles objects other than tensors"):
         read_checkpoint(str(tmp_path / "with_config.pth"))
