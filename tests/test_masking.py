@@ -119,7 +119,7 @@ def test_same_generator_seed_gives_the_same_mask():
     ("diagonal", 0.8, None, "not one of"),
     ("random", 1.0, None, "must be in"),
     ("clip_row", 0.95, None, "masks all 6 rows"),
-    ("attention", 0.8, None, "needs the teacher"),
+    ("attention", 0.8, None, "need the teacher"),
     ("attention", 0.8, torch.rand(B, 7), "does not match"),
 ])
 def test_bad_arguments_are_named(kind, ratio, attention, message):
