@@ -1,7 +1,7 @@
 """Backbone cost against clip length: forward+backward clips/s and peak memory of VideoMamba-Ti/-S and a joint
 space-time attention ViT of the same width and depth (torch's scaled_dot_product_attention).
 
-    python bench/backbone.py [--device cpu|cuda] [--frames 8 16 32 64] [--sizes tiny small] [--img-size 224]
+    python -m bench.backbone [--device cpu|cuda] [--frames 8 16 32 64] [--sizes tiny small] [--img-size 224]
                              [--batch B] [--backends auto torch mamba_ssm triton] [--cuda-graphs] [--quick]
 
 On the GPU: bf16 autocast, 224x224, 8/16/32/64 frames, batch 4; each VideoMamba mixer backend that works here is
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import time
@@ -27,11 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.engine.graphs import graph_chain  # noqa: E402
-from pipeline.models import build_videomamba  # noqa: E402
-from pipeline.models.videomamba import SIZES  # noqa: E402
+from pipeline.engine.graphs import graph_chain
+from pipeline.models import build_videomamba
+from pipeline.models.videomamba import SIZES
 
 
 class AttentionBlock(nn.Module):

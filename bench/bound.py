@@ -1,7 +1,7 @@
 """Lower bounds for the bidirectional selective scan, forward+backward: what any exact implementation must move (the
 memory floor) and what it must compute (the arithmetic floor), against the GPU's measured peaks and the fused scan.
 
-    python bench/bound.py [--shapes 8,1152,1569,16 1,384,12545,16] [--exp-ops 7] [--out DIR]
+    python -m bench.bound [--shapes 8,1152,1569,16 1,384,12545,16] [--exp-ops 7] [--out DIR]
 
 On a CUDA GPU it measures three peaks (a device-to-device copy, `ex2.approx` on the SFU, fp32 FMAs), then times
 `bidirectional_selective_scan` (forward+backward, one CUDA graph, bf16) at each shape. Without one it prints the
@@ -35,11 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from fused import BANDWIDTH, graphed_ms, scan_floor_bytes, scan_tensors  # noqa: E402
-from pipeline.models.ops.bimamba_triton import bidirectional_selective_scan  # noqa: E402
+from bench.fused import BANDWIDTH, graphed_ms, scan_floor_bytes, scan_tensors
+from pipeline.models.ops.bimamba import bidirectional_selective_scan
 
 FP32_OPS = 21  # per element, fwd+bwd: summary 3, output 4, backward 14 (the docstring)
 EXPS = 3  # per element: summary, output, backward

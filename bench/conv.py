@@ -1,7 +1,7 @@
 """The fused mixer's depthwise conv kernels on a GPU: forward (conv + SiLU, both directions) and backward (dp with the
 weight gradients, then dx) for a sweep of tile sizes, against the memory floor.
 
-    python bench/conv.py [--shape B L E] [--out DIR] [--quick]
+    python -m bench.conv [--shape B L E] [--out DIR] [--quick]
 
 The shape defaults to VideoMamba-Ti's at 64 frames, batch 4: (4, 12545, 384), x a view of the in_proj output
 (B, L, 2E) as in the mixer, bf16. The floor is the bytes each kernel must move (forward: x read, u written for two
@@ -19,9 +19,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from pipeline.models.ops.bimamba_triton import ScanConfig, conv_silu, conv_silu_backward  # noqa: E402
+from pipeline.models.ops.bimamba import ScanConfig, conv_silu, conv_silu_backward
 
 FWD = [dict(conv_block_t=t, conv_block_e=e, conv_warps=w) for t, e, w in
        ((64, 64, 4), (32, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 4), (128, 32, 4), (16, 128, 4),

@@ -1,6 +1,6 @@
 """Streaming data: clips/s that `build_loader` delivers, by decoder, at T frames and S x S pixels.
 
-    python bench/data.py [--decoder cpu dali] [--device cpu|cuda] [--frames 8 16] [--size 224] [--workers W]
+    python -m bench.data [--decoder cpu dali] [--device cpu|cuda] [--frames 8 16] [--size 224] [--workers W]
                          [--clips N] [--dali BATCHxTHREADSxPIPELINES ...] [--step-clips-per-s X] [--quick]
 
 It writes a small corpus of real clips (PyAV; H.264, or VP9 where DALI must run on its CPU backend) into WebDataset
@@ -29,15 +29,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.config import DataConfig  # noqa: E402
-from pipeline.data import build_loader  # noqa: E402
-from pipeline.data.decode import (CpuDecoder, DaliDecoder, EncodedSample, dali_available, nvdec_ready,  # noqa: E402
+from pipeline.config import DataConfig
+from pipeline.data import build_loader
+from pipeline.data.decode import (CpuDecoder, DaliDecoder, EncodedSample, dali_available, nvdec_ready,
                                   probe)
-from pipeline.data.loader import DaliSettings, default_dali_settings  # noqa: E402
-from pipeline.data.transforms import CLIP_STD, clip_plan  # noqa: E402
-from shards.synth import encode_mp4  # noqa: E402
+from pipeline.data.loader import DaliSettings, default_dali_settings
+from pipeline.data.transforms import CLIP_STD, clip_plan
+from shards.synth import encode_mp4
 
 
 def source_clip(seed: int, frames: int, width: int, height: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The fused bidirectional scan on a GPU: correctness, then the scan and a Ti block stack timed against their floors.
 
-    python bench/fused.py [--quick] [--out DIR]
+    python -m bench.fused [--quick] [--out DIR]
 
 1. Correctness (fp32 and bf16): `bidirectional_selective_scan` vs the naive fp64 recurrence and, where mamba-ssm
    imports, vs its `selective_scan_fn` run once per direction on flipped inputs (outputs and gradients); the whole
@@ -27,11 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "models"))
-
-from pipeline.models.ops.bimamba_triton import ScanConfig, bidirectional_selective_scan, bimamba_forward  # noqa: E402
-from test_bimamba_triton import TinyBiMixer, naive_bidirectional_scan, rel, scan_inputs  # noqa: E402
+from pipeline.models.ops.bimamba import ScanConfig, bidirectional_selective_scan, bimamba_forward
+from pipeline.models.ops.bimamba.reference import TinyBiMixer, naive_bidirectional_scan, rel, scan_inputs
 
 STACK_CONFIG = [ScanConfig()]  # replaced by the fastest configuration of the scan sweep
 BANDWIDTH = 3.0e12  # bytes/s, a device-to-device copy on the lent H100 (/work/shared/GPU.md)

@@ -5,10 +5,10 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/bench-out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python bench/data.py --decoder cpu dali --device cuda --frames 8 16 --workers 16 2>&1 | tee "$out/data.md"
+python -m bench.data --decoder cpu dali --device cuda --frames 8 16 --workers 16 2>&1 | tee "$out/data.md"
 bash /tmp/gpu/build-mamba.sh wait
 export PYTHONPATH=/tmp/mambasite:$PYTHONPATH
 python -c "import mamba_ssm; print('mamba_ssm', mamba_ssm.__version__)"
-python bench/scan.py --device cuda 2>&1 | tee "$out/scan.md"
-python bench/backbone.py --device cuda --sizes tiny small --frames 8 16 32 64 --backends mamba_ssm triton --repeats 5 2>&1 | tee "$out/backbone.md"
-python bench/backbone.py --device cuda --sizes middle --frames 8 16 --backends mamba_ssm --repeats 5 2>&1 | tee "$out/backbone_middle.md"
+python -m bench.scan --device cuda 2>&1 | tee "$out/scan.md"
+python -m bench.backbone --device cuda --sizes tiny small --frames 8 16 32 64 --backends mamba_ssm triton --repeats 5 2>&1 | tee "$out/backbone.md"
+python -m bench.backbone --device cuda --sizes middle --frames 8 16 --backends mamba_ssm --repeats 5 2>&1 | tee "$out/backbone_middle.md"

@@ -10,12 +10,12 @@ mkdir -p "$OUT/mamba"
 if [ -d .gpu1 ]; then
   bash .gpu1/unpack.sh add .gpu1 > /dev/null && bash /tmp/gpu/build-mamba.sh
 fi
-python3 bench/fused.py --out "$OUT" 2>&1 | tee "$OUT/fused.log" | grep -v "^|" | grep -v "^\s*$" | tail -25
+python3 -m bench.fused --out "$OUT" 2>&1 | tee "$OUT/fused.log" | grep -v "^|" | grep -v "^\s*$" | tail -25
 grep "^|" "$OUT/fused.log"
 if [ -d .gpu1 ]; then
   bash /tmp/gpu/build-mamba.sh wait > /dev/null
   export PYTHONPATH=/tmp/mambasite:${PYTHONPATH:-}
-  python3 bench/fused.py --mamba-only --out "$OUT/mamba" 2>&1 | tee "$OUT/fused_mamba.log" | grep "^|"
+  python3 -m bench.fused --mamba-only --out "$OUT/mamba" 2>&1 | tee "$OUT/fused_mamba.log" | grep "^|"
 fi
-python3 bench/backbone.py --sizes tiny --frames 8 64 --backends triton mamba_ssm --repeats 5 2>&1 \
+python3 -m bench.backbone --sizes tiny --frames 8 64 --backends triton mamba_ssm --repeats 5 2>&1 \
   | tee "$OUT/backbone.log" | tail -14

@@ -9,16 +9,25 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/gpu-stage1}; mkdir -p "$out"
 work=$(mktemp -d)
 python - "$work" <<'PY'
+import json
 import sys
 from pathlib import Path
 
 from pipeline.stages.teacher_warmup import train_tiny_clip
+from shards.index import build_index, plan_shards
+from shards.manifest import read_manifest
+from shards.media import ProcessOptions
 from shards.synth import write_corpus
-from tests.stages.stage_helpers import write_shards
+from shards.writer import ShardOptions, write_shard
 
 work = Path(sys.argv[1])
 write_corpus(str(work / "corpus"), videos=192, images=0, seed=0, frames=16, eval_videos=8, progress=False)
-write_shards(work / "corpus", work / "shards", per_shard=16)
+# the shards written in this process, one after another (the GPU machine has no Ray)
+manifest = read_manifest(str(work / "corpus" / "videos.jsonl"))
+plans = plan_shards(manifest.rows, 16, "shard", ProcessOptions())
+(work / "shards").mkdir()
+results = {p.index: write_shard(p, ShardOptions(str(work / "shards"))) for p in plans}
+(work / "shards" / "index.json").write_text(json.dumps(build_index(manifest.url, 16, plans, results)))
 train_tiny_clip(str(work / "corpus" / "videos.jsonl"), str(work / "teacher" / "tiny_clip.pt"), steps=150)
 PY
 args=(--config configs/stage1_align.yaml "data.train=$work/shards/index.json" teacher.model=tiny-clip

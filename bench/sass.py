@@ -1,8 +1,8 @@
 """The scan's four passes compiled for an H100/H200 without a GPU: registers, warps a scheduler can hold, and the
 token loop's instructions, the most frequent opcodes and where its loads sit (pipeline/models/ops/sm90.py).
 
-    python bench/sass.py --batch 4 --length 12545 --channels 384         # with the venv's Triton
-    PYTHONPATH=/tmp/tri36:. python bench/sass.py ...                     # with the lent GPU's Triton (3.6):
+    python -m bench.sass --batch 4 --length 12545 --channels 384         # with the venv's Triton
+    PYTHONPATH=/tmp/tri36:. python -m bench.sass ...                     # with the lent GPU's Triton (3.6):
     pip install --no-deps --target /tmp/tri36 /opt/pypi/files/triton-3.6.0-*.whl    # matches the device's ncu
 
 Instruction counts per token and register counts predict kernel time well where occupancy does not change
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton
 
-import triton  # noqa: E402
-
-from pipeline.models.ops import sm90  # noqa: E402
-from pipeline.models.ops.bimamba_triton import ScanConfig  # noqa: E402
+from pipeline.models.ops import sm90
+from pipeline.models.ops.bimamba import ScanConfig
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Selective-scan backends: forward+backward time and peak memory of one scan against the sequence length.
 
-    python bench/scan.py [--device cpu|cuda] [--lengths 197 785 1569 ...] [--dim 384] [--batch 2] [--dtype bf16]
+    python -m bench.scan [--device cpu|cuda] [--lengths 197 785 1569 ...] [--dim 384] [--batch 2] [--dtype bf16]
                          [--quick]
 
 On the CPU it compares this project's chunked pure-PyTorch scan with the `mambapy` package's parallel (Blelloch)
@@ -13,7 +13,6 @@ steps after warmup; peak memory (CUDA) is torch.cuda.max_memory_allocated over a
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -22,9 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.models.selective_scan import mamba_ssm_importable, selective_scan  # noqa: E402
+from pipeline.models.selective_scan import mamba_ssm_importable, selective_scan
 
 D_STATE = 16
 

@@ -1,6 +1,6 @@
 """Sharding throughput: samples/s and MB/s of `videomamba shard` on the synthetic corpus with 1 and 2 Ray workers.
 
-    python bench/shards.py [--videos 512] [--size 128] [--frames 48] [--samples-per-shard 32] [--workers 1 2]
+    python -m bench.shards [--videos 512] [--size 128] [--frames 48] [--samples-per-shard 32] [--workers 1 2]
                            [--reencode-side 32] [--quick]
 
 Writes the synthetic corpus once into a temporary folder, starts one local Ray cluster with as many CPUs as the
@@ -18,11 +18,9 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from shards.media import ProcessOptions  # noqa: E402
-from shards.runner import ShardJobConfig, shard_corpus  # noqa: E402
-from shards.synth import write_corpus  # noqa: E402
+from shards.media import ProcessOptions
+from shards.runner import ShardJobConfig, shard_corpus
+from shards.synth import write_corpus
 
 
 def measured(manifest: str, out: str, workers: int, samples_per_shard: int, process: ProcessOptions) -> dict:

@@ -2,7 +2,7 @@
 time against the step's wall time (the gap is launch and host overhead), for VideoMamba (any mixer backend) or the
 space-time SDPA ViT of bench/backbone.py; with --host also the Python functions of the host side (cProfile).
 
-    python bench/step_profile.py [--model videomamba|vit] [--size tiny] [--frames 64] [--batch 4] [--backend triton]
+    python -m bench.step_profile [--model videomamba|vit] [--size tiny] [--frames 64] [--batch 4] [--backend triton]
                             [--steps 3] [--top 25] [--trace trace.json] [--host] [--cuda-graphs] [--quick]
 
 bf16 autocast on CUDA (fp32 on the CPU); the loss and step are bench/backbone.py's. Kernels are grouped by name, so
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import sys
 import time
@@ -22,12 +21,10 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.backbone import SpaceTimeViT, blocks_of  # noqa: E402
-from pipeline.engine.graphs import graph_chain  # noqa: E402
-from pipeline.models import build_videomamba  # noqa: E402
-from pipeline.models.videomamba import SIZES  # noqa: E402
+from bench.backbone import SpaceTimeViT, blocks_of
+from pipeline.engine.graphs import graph_chain
+from pipeline.models import build_videomamba
+from pipeline.models.videomamba import SIZES
 
 
 def build(model: str, size: str, frames: int, img_size: int, backend: str) -> tuple[torch.nn.Module, Callable]:

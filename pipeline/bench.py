@@ -1,4 +1,5 @@
-"""Run the benchmarks under bench/ (each a standalone script that prints a markdown table).
+"""Run the benchmarks under bench/ (each a module of the `bench` package, `python -m bench.NAME`, that prints a markdown
+table).
 
 Examples:
   videomamba bench                     every benchmark with its quick CPU settings
@@ -14,11 +15,12 @@ import os
 import subprocess
 import sys
 
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "bench")
 
 
 def available() -> list[str]:
-    """Returns the benchmark names: the scripts in bench/."""
+    """Returns the benchmark names: the modules in bench/."""
     if not os.path.isdir(BENCH_DIR):
         return []
     return sorted(f[:-3] for f in os.listdir(BENCH_DIR) if f.endswith(".py") and not f.startswith("_"))
@@ -39,10 +41,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown benchmark(s) {unknown}; available: {available()}")
     extra = [a for a in args.script_args if a != "--"]
     failed = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     for name in names:
-        cmd = [sys.executable, os.path.join(BENCH_DIR, f"{name}.py")] + ([] if args.full else ["--quick"]) + extra
+        cmd = [sys.executable, "-m", f"bench.{name}"] + ([] if args.full else ["--quick"]) + extra
         print(f"## {name}\n$ {' '.join(cmd)}", flush=True)
-        if subprocess.call(cmd) != 0:
+        if subprocess.call(cmd, env=env) != 0:
             failed.append(name)
     if failed:
         print(f"videomamba bench: failed: {failed}", file=sys.stderr)

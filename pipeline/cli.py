@@ -17,7 +17,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 # name -> (module that defines add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS = {

@@ -20,12 +20,10 @@ from typing import Any, Literal, Optional, Union
 import fsspec
 import yaml
 
+from pipeline.errors import ConfigError  # noqa: F401 - re-exported: pipeline.config.ConfigError stays importable
+
 BASE_KEY = "_base_"
 COMMAND_LINE = "the command line"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and where it came from."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -189,8 +187,9 @@ class RetrievalModelConfig:
 
 @dataclass
 class RetrievalDataConfig:
-    num_frames: int = 8  # frames per video: the middle frame of each of T equal segments
-    img_size: int = 224  # frame side after resize + centre crop
+    # null: a videomamba run's own data.num_frames / data.img_size (its config.yaml), else 8 frames of 224 px
+    num_frames: Optional[int] = None  # frames per video: the middle frame of each of T equal segments
+    img_size: Optional[int] = None  # frame side after resize + centre crop
 
 
 @dataclass

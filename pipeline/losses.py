@@ -1,15 +1,13 @@
-"""Training losses of the stages.
+"""Training losses as pure functions of tensors (no model, no teacher, no process group); the objectives in
+`pipeline.objectives` put them together.
 
-Stage 1 (masked alignment, UMT / VideoMamba): the student's visible tokens, through a projection head (LayerNorm +
-Linear to the teacher's width), are pulled onto the frozen CLIP teacher's features of the same patches. Both sides
-are L2-normalized per token; ``mse`` is the squared distance |s - t|^2 summed over channels (UMT's "l2" loss,
-= 2 - 2 cos, in [0, 4]) and ``cosine`` is 1 - cos (in [0, 2]); each is averaged over tokens. Optionally, the
-VideoMamba paper's self-distillation adds `distill.weight` times `pipeline.models.distill.distillation_loss`.
+Alignment (UMT / VideoMamba stage 1): student and teacher tokens are L2-normalized per token; ``mse`` is the squared
+distance |s - t|^2 summed over channels (UMT's "l2" loss, = 2 - 2 cos, in [0, 4]) and ``cosine`` is 1 - cos (in
+[0, 2]); each is averaged over tokens. The VideoMamba paper's self-distillation loss is the ``mse`` alignment of the
+student's projected final features to the frozen guide's.
 
-Stage 2 (joint video-text pretraining, UMT): `VideoTextObjective` adds, with weights, the video-text contrastive loss
-(VTC, symmetric InfoNCE over the global batch: embeddings are gathered from every rank), video-text matching on hard negatives (VTM: for every pair one negative
-text and one negative video drawn by contrastive similarity, ALBEF's sampling), masked language modelling on the
-cross-modal layers (MLM, BERT's 15% with 80/10/10 replacement) and stage 1's alignment of the visible tokens.
+Video-text (UMT stage 2): the symmetric InfoNCE contrastive loss, ALBEF's hard-negative sampling for video-text
+matching, and BERT's masking for masked language modelling (15% with 80/10/10 replacement).
 """
 from __future__ import annotations
 
@@ -18,10 +16,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from pipeline.engine import dist
-from pipeline.masking import build_mask
-from pipeline.models.distill import FrozenGuide, distillation_loss
 
 ALIGN_LOSSES = ("mse", "cosine")
 
@@ -53,56 +47,16 @@ def visible_targets(teacher_tokens: Tensor, mask: Tensor) -> Tensor:
     return teacher_tokens[~mask.to(teacher_tokens.device)].reshape(batch, -1, width)
 
 
-class MaskedAlignment:
-    """The stage-1 objective, `loss_fn(model, batch) -> (loss, parts)` for the engine.
-
-    Per batch: the frozen teacher encodes every frame (under no_grad, outside the trained module); a mask of
-    `mask_kind` hides `mask_ratio` of the student's tokens (the attention-guided one from the teacher's [cls]
-    attention); the student (`model(video, mask)` -> projected visible tokens, distillation features or None) is
-    aligned to the teacher's tokens of the patches it sees. Masks come from torch's global RNG, which the engine
-    seeds per rank and checkpoints, so a resumed run draws the same masks.
-    """
-
-    def __init__(self, teacher: nn.Module, grid: tuple[int, int, int], mask_kind: str, mask_ratio: float,
-                 loss_kind: str = "mse", tubelet: int = 1, guide: Optional[FrozenGuide] = None,
-                 distill_weight: float = 1.0):
-        self.teacher, self.grid, self.tubelet = teacher, grid, tubelet
-        self.mask_kind, self.mask_ratio, self.loss_kind = mask_kind, mask_ratio, loss_kind
-        self.guide, self.distill_weight = guide, distill_weight
-
-    def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, float]]:
-        video = batch["video"]
-        targets, attention = self.teacher_targets(video)
-        mask = build_mask(self.mask_kind, self.mask_ratio, self.grid, video.shape[0], attention=attention)
-        mask = mask.to(video.device)
-        aligned, distilled = model(video, mask)
-        align = alignment_loss(aligned, visible_targets(targets, mask), self.loss_kind)
-        parts = {"align": float(align.detach())}
-        loss = align
-        if self.guide is not None:
-            self.guide.to(device=video.device, dtype=video.dtype)  # bf16/fp16 batches: the guide runs in kind
-            distill = distillation_loss(distilled, self.guide(video, mask=mask))
-            parts["distill"] = float(distill.detach())
-            loss = loss + self.distill_weight * distill
-        return loss, parts
-
-    @torch.no_grad()
-    def teacher_targets(self, video: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Returns the teacher's tokens (B, T'*h*w, C) of a clip (B, 3, T, H, W) and its [cls] attention (B, T'*h*w)
-        when the mask needs it; with tubelets of several frames, both are averaged over a tubelet's frames."""
-        batch, _, frames, height, width = video.shape
-        self.teacher.to(device=video.device, dtype=video.dtype)
-        features = self.teacher(video.transpose(1, 2).reshape(batch * frames, 3, height, width),
-                                with_attention=self.mask_kind == "attention")
-        t = frames // self.tubelet
-        tokens = features.tokens.reshape(batch, t, self.tubelet, -1, features.tokens.shape[-1]).mean(2)
-        attention = features.cls_attention
-        if attention is not None:
-            attention = attention.reshape(batch, t, self.tubelet, -1).mean(2).reshape(batch, -1)
-        return tokens.reshape(batch, -1, tokens.shape[-1]), attention
+def distillation_loss(student_feats: Tensor, teacher_feats: Tensor, head: Optional[nn.Module] = None) -> Tensor:
+    """Mean over tokens of |normalize(head(student)) - normalize(teacher)|^2; (B, N, Ds) and (B, N, Dt): the ``mse``
+    alignment loss of the projected student features."""
+    projected = head(student_feats) if head is not None else student_feats
+    if projected.shape != teacher_feats.shape:
+        raise ValueError(f"distillation_loss: student features {tuple(projected.shape)} (after the head) and "
+                         f"teacher features {tuple(teacher_feats.shape)} differ; pass a DistillHead when widths do")
+    return alignment_loss(projected, teacher_feats, "mse")
 
 
-# ------------------------------------------------------------------------------------------------ stage 2
 def contrastive_loss(video: Tensor, text: Tensor, scale: Tensor, video_all: Optional[Tensor] = None,
                      text_all: Optional[Tensor] = None, offset: int = 0) -> Tensor:
     """Symmetric InfoNCE of paired, normalized embeddings (B, E): row i of each side matches row i of the other.
@@ -114,18 +68,6 @@ def contrastive_loss(video: Tensor, text: Tensor, scale: Tensor, video_all: Opti
     scale = scale.float()  # logits in fp32 also under bf16 training
     return (F.cross_entropy(scale * video.float() @ text_all.float().T, labels)
             + F.cross_entropy(scale * text.float() @ video_all.float().T, labels)) / 2
-
-
-def gathered_embeddings(video: Tensor, text: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Every rank's video and text embeddings (rank order, gradients flowing back to each rank's own) and this
-    rank's offset in them, so the contrastive loss sees the global batch as UMT's does. With one process, or when
-    the ranks' batch sizes differ this step (a short last batch), this rank's own rows and offset 0."""
-    if dist.world_size() == 1:
-        return video, text, 0
-    sizes = dist.gather_no_grad(torch.tensor([video.shape[0]], device=video.device))
-    if bool((sizes != sizes[0]).any()):
-        return video, text, 0
-    return dist.all_gather_with_grad(video), dist.all_gather_with_grad(text), dist.rank() * video.shape[0]
 
 
 def hard_negatives(video: Tensor, text: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
@@ -158,65 +100,3 @@ def mlm_masked(ids: Tensor, pad: Tensor, special: Tensor, mask_id: int, vocab_si
     masked = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, masked)
     positions = chosen.nonzero()
     return masked, positions, ids[positions[:, 0], positions[:, 1]]
-
-
-class VideoTextObjective:
-    """The stage-2 objective, `loss_fn(model, batch) -> (loss, parts)` for the engine; `model` is the
-    `pipeline.models.video_text.VideoTextModel` (or the DeepSpeed engine around it).
-
-    Texts are tokenized here (open_clip's BPE, `max_len` ids). Masks and MLM draws come from torch's global RNG,
-    which the engine seeds per rank and checkpoints. `alignment` (stage 1's MaskedAlignment with its teacher) is
-    None when the alignment weight is 0; then masks are drawn without a teacher (the attention mask needs one)."""
-
-    def __init__(self, tokenizer, max_len: int, vocab_size: int, grid: tuple[int, int, int], mask_kind: str,
-                 mask_ratio: float, weights: dict[str, float], mlm_prob: float = 0.15,
-                 alignment: Optional[MaskedAlignment] = None):
-        self.tokenizer, self.max_len, self.vocab_size = tokenizer, max_len, vocab_size
-        self.grid, self.mask_kind, self.mask_ratio = grid, mask_kind, mask_ratio
-        self.weights, self.mlm_prob, self.alignment = weights, mlm_prob, alignment
-        self.special = torch.tensor([tokenizer.sot_token_id, tokenizer.eot_token_id])
-
-    def tokens(self, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        """Token ids (B, max_len) and the padding mask (True = padding)."""
-        ids = self.tokenizer(texts, context_length=self.max_len).to(device)
-        return ids, ids == 0
-
-    def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, float]]:
-        video = batch["video"]
-        ids, pad = self.tokens(batch["text"], video.device)
-        targets, attention = None, None
-        if self.alignment is not None:
-            targets, attention = self.alignment.teacher_targets(video)
-        mask = None
-        if self.mask_ratio > 0:
-            mask = build_mask(self.mask_kind, self.mask_ratio, self.grid, video.shape[0], attention=attention)
-            mask = mask.to(video.device)
-        out = model(video, mask, ids, pad)
-        net = getattr(model, "module", model)  # the heads below run outside the engine's forward
-        video_all, text_all, offset = gathered_embeddings(out.video_embed, out.text_embed)
-        parts: dict[str, Tensor] = {"vtc": contrastive_loss(out.video_embed, out.text_embed, out.logit_scale,
-                                                            video_all, text_all, offset)}
-        if self.weights.get("vtm", 0) > 0 and video.shape[0] >= 2:
-            parts["vtm"] = self._matching_loss(net, out, pad)
-        if self.weights.get("mlm", 0) > 0:
-            masked, positions, labels = mlm_masked(ids, pad, self.special.to(ids.device), net.text.mask_id,
-                                                   self.vocab_size, self.mlm_prob)
-            logits = net.mlm_logits(masked, pad, out.video_tokens, positions)
-            parts["mlm"] = F.cross_entropy(logits.float(), labels)
-        if self.alignment is not None:
-            visible = visible_targets(targets, mask) if mask is not None else targets
-            parts["align"] = alignment_loss(out.aligned, visible, self.alignment.loss_kind)
-        loss = sum(self.weights.get(name, 0.0) * value for name, value in parts.items())
-        return loss, {name: float(value.detach()) for name, value in parts.items()}
-
-    @staticmethod
-    def _matching_loss(net, out, pad: Tensor) -> Tensor:
-        """Cross-entropy of the matching head on the B positive pairs and 2B hard negatives."""
-        neg_text, neg_video = hard_negatives(out.video_embed, out.text_embed)
-        text = torch.cat([out.text_hidden, out.text_hidden[neg_text], out.text_hidden])
-        text_pad = torch.cat([pad, pad[neg_text], pad])
-        video = torch.cat([out.video_tokens, out.video_tokens, out.video_tokens[neg_video]])
-        logits = net.match_logits(text, text_pad, video)
-        b = out.video_tokens.shape[0]
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
-        return F.cross_entropy(logits.float(), labels)

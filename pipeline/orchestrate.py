@@ -1,6 +1,5 @@
 """Run the whole pipeline from one config: synthetic corpus -> shards -> teacher -> teacher's zero-shot retrieval ->
 stage 1 -> stage 2 -> the stage-2 model's zero-shot retrieval.
-(`train_on_ray` below is the other job of this module: a training stage in Ray Train workers.)
 
 Each step writes its outputs under --out (corpus/, shards/, teacher/, eval/, stage1/, stage2/, eval_stage2/,
 report.md) and a marker `OUT/steps/<step>.json` when it is complete; running the same
@@ -14,8 +13,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib
 import json
 import os
 import time
@@ -91,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     stage1_cfg = _stage_config(AlignStageConfig, cfg.stage1, config_dir, out, "stage1")  # fail early on bad keys
     eval_cfg = _eval_config(cfg.eval_teacher, config_dir, cfg.teacher.img_size)
     stage2_cfg = _stage2_config(cfg.stage2, config_dir, out) if cfg.stage2.config else None
-    eval2_cfg = _eval_stage2_config(cfg.eval_stage2, config_dir, stage2_cfg) if stage2_cfg else None
+    eval2_cfg = _eval_stage2_config(cfg.eval_stage2, config_dir) if stage2_cfg else None
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("synth", lambda: _synth(cfg.synth, out)),
         ("shard_videos", lambda: _shard(os.path.join(out, "corpus", "videos.jsonl"), os.path.join(out, "shards",
@@ -251,7 +248,8 @@ def _eval_teacher(cfg: RetrievalConfig, out: str) -> dict:
 def _evaluate(cfg: RetrievalConfig, checkpoint: str, out: str, folder_name: str) -> dict:
     """Evaluates a model on the held-out videos in each annotation format; returns per format the counts and
     metrics (the full results are OUT/<folder_name>/retrieval_<dataset>.json/.md/.png)."""
-    from pipeline.stages.retrieval import evaluate_retrieval, result_markdown
+    from pipeline.eval.report import result_markdown
+    from pipeline.stages.retrieval import evaluate_retrieval
 
     folder = os.path.join(out, "corpus", "eval")
     results = {}
@@ -282,93 +280,14 @@ def _stage2_config(step: StageStep, config_dir: str, out: str) -> VideoTextStage
     return load_config(VideoTextStageConfig, path, wired + list(step.overrides))
 
 
-def _eval_stage2_config(step: StageStep, config_dir: str, stage2: VideoTextStageConfig) -> RetrievalConfig:
-    """The retrieval config of the stage-2 model: the step's YAML at stage 2's frame count and size."""
+def _eval_stage2_config(step: StageStep, config_dir: str) -> RetrievalConfig:
+    """The retrieval config of the stage-2 model: the step's YAML; frames and size are the run's own (its
+    config.yaml) unless the YAML or the step's overrides set them."""
     path = _step_yaml(step, config_dir, "eval_stage2")
-    wired = ["model.kind=videomamba", f"data.num_frames={stage2.data.num_frames}",
-             f"data.img_size={stage2.data.img_size}"]
-    return load_config(RetrievalConfig, path, wired + list(step.overrides))
+    return load_config(RetrievalConfig, path, ["model.kind=videomamba"] + list(step.overrides))
 
 
 def _stage2(cfg: VideoTextStageConfig) -> dict:
     from pipeline.stages.video_text import train_video_text
 
     return train_video_text(cfg, resume="auto")
-
-
-# ------------------------------------------------------------------------------------------- training on Ray Train
-def train_on_ray(target: str, cfg, resume: Optional[str], workers: int, address: Optional[str] = None,
-                 use_gpu: Optional[bool] = None, max_failures: int = 0) -> dict:
-    """Runs a training stage (`target` = "module:function", called as function(cfg, resume=...)) in `workers` Ray
-    Train workers that form one process group (NCCL on GPUs, gloo on CPUs), on the cluster at `address` or on a local
-    one; returns rank 0's summary. use_gpu None: GPUs when the cluster has one per worker. With max_failures > 0 Ray
-    restarts the workers after a failure (a lost node, a killed process) and they resume from the newest complete
-    checkpoint, which needs resume="auto"."""
-    if max_failures and resume != "auto":
-        raise ConfigError("--ray-max-failures: restarted workers continue from the newest checkpoint; add "
-                          "--resume auto")
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from shards.runner import check_reachable, ray_connection
-
-    if address and address != "auto":
-        check_reachable(address)
-    cfg = with_absolute_paths(cfg)
-    storage = os.path.join(cfg.train.out, "ray")
-    summary_file = os.path.join(storage, "summary.json")
-    if os.path.exists(summary_file):
-        os.remove(summary_file)
-    with ray_connection(address, workers):
-        import ray
-
-        gpu = use_gpu if use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= workers
-        trainer = TorchTrainer(
-            _ray_train_worker, train_loop_config={"target": target, "cfg": cfg, "resume": resume,
-                                                  "summary_file": summary_file},
-            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
-            run_config=RunConfig(name="ray_train", storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=max_failures),
-                                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if gpu else "cpu"}}))
-        trainer.fit()
-    with open(summary_file) as f:
-        return json.load(f)
-
-
-def with_absolute_paths(cfg):
-    """A copy of a stage config whose local paths are absolute. Ray Train runs each worker in its own trial folder,
-    so a relative path (train.out=runs/s1, init=runs/s1, data.train=shards/index.json) would be read, or the run
-    written, there. URLs are left alone, and so are pretrained tags (teacher.pretrained=openai): an optional input is
-    made absolute only when it exists here."""
-    from pipeline.data.stream import split_sources
-
-    def local(path: str) -> bool:
-        return bool(path) and "://" not in path and not os.path.isabs(path)
-
-    cfg = copy.deepcopy(cfg)
-    cfg.train.out = os.path.abspath(cfg.train.out)
-    cfg.data.train = ",".join(os.path.abspath(s) if local(s) else s for s in split_sources(cfg.data.train))
-    for section, key in (("teacher", "pretrained"), ("model", "pretrained"), ("deepspeed", "config"),
-                         ("distill", "checkpoint"), (None, "init")):
-        owner = getattr(cfg, section, None) if section else cfg
-        value = getattr(owner, key, None) if owner is not None else None
-        if isinstance(value, str) and local(value) and os.path.exists(value):
-            setattr(owner, key, os.path.abspath(value))
-    return cfg
-
-
-def _ray_train_worker(config: dict) -> None:
-    """One Ray Train worker: the stage in the process group Ray made (the engine joins it as it is); rank 0 leaves
-    the stage's summary in a file for the driver (train.out sits on a file system every node shares)."""
-    import gc
-
-    import ray.train
-
-    module, function = config["target"].split(":")
-    summary = getattr(importlib.import_module(module), function)(config["cfg"], resume=config["resume"])
-    gc.collect()  # free the DeepSpeed engine's collective handles before Ray closes the group
-    if ray.train.get_context().get_world_rank() == 0:
-        os.makedirs(os.path.dirname(config["summary_file"]), exist_ok=True)
-        with open(config["summary_file"], "w") as f:
-            json.dump(summary, f, default=str)

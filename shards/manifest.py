@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 import fsspec
 from fsspec.core import url_to_fs
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 MEDIA_ALIASES = ("path", "video", "videoLoc", "url", "image", "filepath")
 CAPTION_ALIASES = ("caption", "captions", "text", "name")

@@ -1,23 +1,20 @@
 """The sharding job on Ray: plan the shards, skip the complete ones, run one task per remaining shard, write the index.
 
-This is the only module of `shards` that talks to Ray. Without an address it starts a local cluster for the job and
-stops it afterwards; with `auto` or HOST:PORT it joins an existing cluster; when Ray is already initialised in this
-process (tests, notebooks) it uses that connection and leaves it open. Tasks are spread over the cluster's nodes
-and at most `workers` run at once.
+The cluster comes from `pipeline.cluster.ray_connection` (a local one started for the job, or `auto` / HOST:PORT
+joined); this module runs the tasks on it. Tasks are spread over the cluster's nodes and at most `workers` run at
+once.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import socket
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-from pipeline.config import ConfigError
+from pipeline.cluster import check_reachable, ray_connection
+from pipeline.errors import ConfigError
 from shards.index import all_failures, build_index, completed_shards, plan_shards, remove_stale_temporaries, \
     summarize, write_outputs
 from shards.manifest import read_manifest
@@ -103,19 +100,6 @@ def _check(cfg: ShardJobConfig) -> None:
         check_reachable(cfg.ray_address)
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Raises ConfigError when nothing listens at a HOST:PORT Ray address (ray.init would wait for minutes)."""
-    host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"--ray-address {address!r}: expected auto or HOST:PORT (the head node's GCS, e.g. "
-                          "10.0.0.1:6379)")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise ConfigError(f"--ray-address {address}: nothing answers there ({e}); start the head node with "
-                          "`ray start --head` or give the right address") from None
-
-
 def _check_codec(codec: str) -> None:
     import av
 
@@ -133,30 +117,6 @@ def _make_out_dir(out: str) -> None:
         fs.makedirs(path, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the output folder: {e}") from None
-
-
-# ------------------------------------------------------------------------------------------------------------- Ray
-@contextlib.contextmanager
-def ray_connection(address: Optional[str], workers: Optional[int]) -> Iterator[int]:
-    """Yields the cluster's CPU count, connecting first unless this process is connected already: to the cluster at
-    `address` ("auto" or HOST:PORT), or to a local one started with `workers` CPUs (all of them when None)."""
-    import ray
-
-    if ray.is_initialized():
-        yield int(ray.cluster_resources().get("CPU", 1))
-        return
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
-    try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=workers or os.cpu_count(), **kwargs)
-    except (ConnectionError, ValueError) as e:
-        raise ConfigError(f"--ray-address {address}: cannot connect to a Ray cluster: {e}") from None
-    try:
-        yield int(ray.cluster_resources().get("CPU", 1))
-    finally:
-        ray.shutdown()
 
 
 def shard_task(plan: ShardPlan, opts: ShardOptions, prefetched) -> tuple[ShardResult, str]:

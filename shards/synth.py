@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------------- the attributes
 SHAPES = ("circle", "square", "triangle", "diamond")

@@ -5,7 +5,7 @@ Protocol (`VideoTextModel`): `encode_videos(clips (B, 3, T, H, W) CLIP-normalize
 is None, or a video-text matching head `(text_indices, video_indices) -> scores` over the texts and videos encoded
 last, which the evaluation uses to re-rank the top-k (see `pipeline.eval.rerank`).
 
-Implementations, picked by `model.kind` in `build_video_text_model`:
+Implementations (`videomamba eval` builds them from --checkpoint by `model.kind`, in `pipeline.stages.retrieval`):
 - `open_clip`: `OpenClipMeanP`, an image CLIP applied frame by frame with the frame features mean-pooled over time
   (CLIP4Clip's zero-shot "meanP" baseline); any open_clip model, the demo's `tiny-clip` included.
 - `videomamba`: `VideoMambaRetrieval`, a stage-2 run (`--checkpoint`: its folder or one of its checkpoints; the
@@ -14,15 +14,10 @@ Implementations, picked by `model.kind` in `build_video_text_model`:
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Protocol
 
-import open_clip
 import torch
 import torch.nn.functional as F
-
-from pipeline.config import ConfigError, RetrievalModelConfig, VideoTextStageConfig, load_config
-from pipeline.models.teacher import OpenClipKeys, create_open_clip
 
 
 class VideoTextModel(Protocol):
@@ -98,52 +93,3 @@ class VideoMambaRetrieval:
                                              self._videos[0][v].to(self.device).float())
             scores.append(logits.float().softmax(dim=-1)[:, 1].cpu())
         return torch.cat(scores)
-
-
-def build_video_text_model(model_cfg: RetrievalModelConfig, checkpoint: str, img_size: int,
-                           device: torch.device, num_frames: int = 8) -> VideoTextModel:
-    """Returns the model of `model_cfg.kind` with the weights of `checkpoint` (for open_clip: a checkpoint file or
-    URL with `<model.name>.json` beside it for a custom model, or a pretrained tag; for videomamba: a stage-2 run)."""
-    if model_cfg.kind == "open_clip":
-        model = create_open_clip(model_cfg.name, checkpoint, img_size, OpenClipKeys("model.name", "--checkpoint"))
-        return OpenClipMeanP(model, open_clip.get_tokenizer(model_cfg.name), device)
-    if model_cfg.kind == "videomamba":
-        return _stage2_model(checkpoint, num_frames, img_size, device)
-    raise ValueError(f"model.kind {model_cfg.kind!r} has no implementation")
-
-
-def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch.device) -> VideoMambaRetrieval:
-    from pipeline.models.videomamba import load_official_checkpoint
-    from pipeline.stages.align import run_weights
-    from pipeline.stages.video_text import build_video_text_model as build_stage2
-
-    config = _run_config(checkpoint)
-    cfg = load_config(VideoTextStageConfig, config)
-    state = run_weights(checkpoint, "--checkpoint", "stage-2 run")
-    if state is None:
-        raise ConfigError(f"--checkpoint {checkpoint}: model.kind=videomamba needs a stage-2 run folder or one of its "
-                          f"checkpoint folders")
-    model, tokenizer = build_stage2(cfg, num_frames, img_size)
-    try:  # the backbone.* weights, position embeddings fitted to this frame count and size
-        load_official_checkpoint(model.backbone, state)
-    except ValueError as e:
-        raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
-    rest = {k: v for k, v in state.items() if not k.startswith(("backbone.", "align_head."))}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
-    if missing or unexpected:
-        raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: missing "
-                          f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
-    return VideoMambaRetrieval(model, tokenizer, cfg.text.max_len, device)
-
-
-def _run_config(checkpoint: str) -> str:
-    """The config.yaml of the run that `checkpoint` (the run folder, its checkpoints/ or one checkpoint) belongs to."""
-    path = os.path.abspath(checkpoint)
-    for _ in range(3):
-        candidate = os.path.join(path, "config.yaml")
-        if os.path.isfile(candidate):
-            return candidate
-        path = os.path.dirname(path)
-    raise ConfigError(f"--checkpoint {checkpoint}: no config.yaml in the run folder above it (a stage-2 run writes "
-                      f"one)")

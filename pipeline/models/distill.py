@@ -2,7 +2,7 @@
 student by aligning their final features. As in the official distillation model, the student's final features go
 through a head (RMSNorm + Linear to the teacher's width), both sides are L2-normalised per token, and the loss is
 their mean squared distance per token (= 2 - 2 cos). The stages switch it on with `distill.enabled` and add
-`distill.weight * distillation_loss(...)`.
+`distill.weight * pipeline.losses.distillation_loss(...)`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.config import ConfigError, DistillConfig
@@ -49,17 +48,6 @@ class DistillHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.norm(x))
-
-
-def distillation_loss(student_feats: Tensor, teacher_feats: Tensor, head: Optional[nn.Module] = None) -> Tensor:
-    """Mean over tokens of |normalize(head(student)) - normalize(teacher)|^2; (B, N, Ds) and (B, N, Dt)."""
-    projected = head(student_feats) if head is not None else student_feats
-    if projected.shape != teacher_feats.shape:
-        raise ValueError(f"distillation_loss: student features {tuple(projected.shape)} (after the head) and "
-                         f"teacher features {tuple(teacher_feats.shape)} differ; pass a DistillHead when widths do")
-    s = F.normalize(projected.float(), dim=-1)
-    t = F.normalize(teacher_feats.detach().float(), dim=-1)
-    return (s - t).square().sum(-1).mean()
 
 
 def build_guide(cfg: DistillConfig, num_frames: int, img_size: int, patch_size: int = 16, tubelet_size: int = 1,

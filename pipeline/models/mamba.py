@@ -7,7 +7,7 @@ out_proj. As there, the two directions are summed, not averaged: out_proj(y_forw
 
 Backends of the forward pass (`backend`): "torch" (pipeline.models.selective_scan's chunked pure-PyTorch scan),
 "mamba_ssm" (the stock package's fused kernels, once per direction; imported lazily, CUDA only), "triton"
-(pipeline.models.ops.bimamba_triton.bimamba_forward, the whole mixer), "auto" = choose_backend(device).
+(pipeline.models.ops.bimamba.bimamba_forward, the whole mixer), "auto" = choose_backend(device).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class BidirectionalMamba(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         backend = self.resolved_backend(hidden_states.device)
         if backend == "triton":
-            from pipeline.models.ops.bimamba_triton import bimamba_forward
+            from pipeline.models.ops.bimamba import bimamba_forward
             return bimamba_forward(self, hidden_states)
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
         if backend == "mamba_ssm":

@@ -126,7 +126,7 @@ class VideoMamba(nn.Module):
                              f"{num_frames} a multiple of tubelet_size {tubelet_size}")
         self.embed_dim = self.num_features = embed_dim
         self.num_classes = num_classes
-        self.patch_grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        self.patch_grid = token_grid(num_frames, img_size, patch_size, tubelet_size)
         self.token_order = token_order
         self.checkpoint_blocks = checkpoint_blocks
         _, h, w = self.patch_grid
@@ -244,6 +244,12 @@ class VideoMamba(nn.Module):
         if t != temporal.shape[1]:
             temporal = interpolate_temporal_pos_embed(temporal, t)
         return spatial, temporal
+
+
+def token_grid(num_frames: int, img_size: int, patch_size: int = 16, tubelet_size: int = 1) -> tuple[int, int, int]:
+    """Returns the (T', h, w) token grid of clips of `num_frames` frames of `img_size`² pixels: one token per tubelet
+    of `tubelet_size` frames and `patch_size`² pixels."""
+    return num_frames // tubelet_size, img_size // patch_size, img_size // patch_size
 
 
 def build_videomamba(size: str, num_frames: int = 8, img_size: int = 224, num_classes: int = 0,

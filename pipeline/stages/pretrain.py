@@ -34,7 +34,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -44,12 +43,18 @@ from typing import Optional, Sequence
 import fsspec
 import yaml
 
-from pipeline.config import BASE_KEY, AlignStageConfig, ConfigError, VideoTextStageConfig, load_config
+from pipeline.cluster import train_on_ray
+from pipeline.config import BASE_KEY, load_config
+from pipeline.data.loader import NoUsableSamples
+from pipeline.engine import dist
+from pipeline.engine.trainer import DataExhausted, NonFiniteLoss
+from pipeline.errors import ConfigError
+from pipeline.stages.align import ALIGN
+from pipeline.stages.base import Stage, with_absolute_paths
+from pipeline.stages.video_text import VIDEO_TEXT
 
-# stage name -> (config schema, "module:function" that trains it and returns a summary dict)
-STAGES = {"align": (AlignStageConfig, "pipeline.stages.align:train_align"),
-          "video_text": (VideoTextStageConfig, "pipeline.stages.video_text:train_video_text")}
-DEFAULT_STAGE = "align"
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (ALIGN, VIDEO_TEXT)}  # the registry, by name
+DEFAULT_STAGE = ALIGN.name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,28 +79,21 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:  # our own progress at INFO; libraries (open_clip, DeepSpeed) warnings only
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
         logging.getLogger("pipeline").setLevel(logging.INFO)
-    stage = stage_name(args.config, args.overrides)
-    schema, target = STAGES[stage]
-    cfg = load_config(schema, args.config, args.overrides)
-    module_name, function = target.split(":")
-    train = getattr(importlib.import_module(module_name), function)
-    from pipeline.data.loader import NoUsableSamples
-    from pipeline.engine import dist
-    from pipeline.engine.trainer import DataExhausted, NonFiniteLoss
-
+    stage = STAGES[stage_name(args.config, args.overrides)]
+    cfg = load_config(stage.config, args.config, args.overrides)
     try:
         if args.ray_workers:
-            from pipeline.orchestrate import train_on_ray
-
-            summary = train_on_ray(target, cfg, args.resume, args.ray_workers, args.ray_address,
-                                   {"auto": None, "yes": True, "no": False}[args.ray_gpu], args.ray_max_failures)
+            stage.check(cfg)  # here, before a cluster is started
+            summary = train_on_ray(stage.train, with_absolute_paths(cfg), args.resume, args.ray_workers,
+                                   args.ray_address, {"auto": None, "yes": True, "no": False}[args.ray_gpu],
+                                   args.ray_max_failures)
         else:
-            summary = train(cfg, resume=args.resume)
+            summary = stage.train(cfg, resume=args.resume)
     except (NonFiniteLoss, DataExhausted, NoUsableSamples) as e:  # a stop with a message, not a traceback
-        print(f"videomamba pretrain: stage {stage} stopped: {e}", file=sys.stderr)
+        print(f"videomamba pretrain: stage {stage.name} stopped: {e}", file=sys.stderr)
         return 1
     if dist.rank() == 0:
-        print(f"videomamba pretrain: stage {stage} done: " + json.dumps(summary, default=str))
+        print(f"videomamba pretrain: stage {stage.name} done: " + json.dumps(summary, default=str))
     dist.shutdown()
     return 0
 

@@ -16,6 +16,7 @@ Main keys (configs/eval_retrieval.yaml; override any as key.sub=value):
   model.name        the open_clip model name (ViT-B-16, ..., or a custom one such as the demo's tiny-clip, whose
                     <name>.json sits beside the checkpoint)
   data.num_frames   frames per video          data.img_size   frame side in pixels
+                    (null, the default: a videomamba run's own, from its config.yaml; otherwise 8 and 224)
   eval.batch_size   videos/texts per forward  eval.num_workers   decoding processes (0: in this process)
   eval.rerank_k     candidates re-ranked by a matching head (models without one, like CLIP, skip it)
 
@@ -32,29 +33,27 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
+import copy
+import os
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import fsspec
-import numpy as np
+import open_clip
 import torch
-from tqdm import tqdm
 
-from pipeline.config import ConfigError, RetrievalConfig, load_config, resolved_dict
-from pipeline.data.decode import CpuDecoder, DecodeError, EncodedSample, probe
-from pipeline.data.transforms import clip_plan
-from pipeline.eval.annotations import DATASETS, RetrievalAnnotations, read_annotations
-from pipeline.eval.metrics import RECALL_AT, retrieval_metrics
-from pipeline.eval.models import VideoTextModel, build_video_text_model
-from pipeline.eval.rerank import reranked
+from pipeline.config import RetrievalConfig, RetrievalModelConfig, VideoTextStageConfig, load_config, resolved_dict
+from pipeline.engine.weights import run_weights
+from pipeline.errors import ConfigError
+from pipeline.eval.annotations import DATASETS, read_annotations
+from pipeline.eval.models import OpenClipMeanP, VideoMambaRetrieval, VideoTextModel
+from pipeline.eval.report import result_markdown, write_outputs
+from pipeline.eval.retrieval import NoUsableVideos, check_retrieval_config, retrieval_result
+from pipeline.models.factory import build_video_text_model
+from pipeline.models.teacher import OpenClipKeys, create_open_clip
+from pipeline.models.videomamba import load_official_checkpoint
 
-DIRECTIONS = {"text_to_video": "text→video", "video_to_text": "video→text"}
-
-
-class NoUsableVideos(RuntimeError):
-    """Not one listed video could be read and decoded."""
+DEFAULT_FRAMES, DEFAULT_IMG_SIZE = 8, 224  # data.num_frames / data.img_size when null and not taken from a run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +88,7 @@ def evaluate_retrieval(cfg: RetrievalConfig, checkpoint: str, dataset: str, anno
                        out: str, progress: bool = True) -> dict:
     """Runs the evaluation, writes OUT/retrieval_<dataset>.json/.md/.png and returns the JSON's content."""
     started = time.time()
+    cfg = with_run_frames(cfg, checkpoint)
     check_retrieval_config(cfg)
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset {dataset!r} is not one of {', '.join(DATASETS)}")
@@ -97,7 +97,7 @@ def evaluate_retrieval(cfg: RetrievalConfig, checkpoint: str, dataset: str, anno
     if not fs.isdir(path):
         raise ConfigError(f"--videos {videos}: no such folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_video_text_model(cfg.model, checkpoint, cfg.data.img_size, device, cfg.data.num_frames)
+    model = load_retrieval_model(cfg.model, checkpoint, cfg.data.img_size, device, cfg.data.num_frames)
     result = retrieval_result(model, cfg, ann, videos, progress)
     described = (f"{cfg.model.kind} {cfg.model.name} (frame features mean-pooled, meanP)"
                  if cfg.model.kind == "open_clip" else "videomamba stage-2 video-text model")
@@ -107,178 +107,72 @@ def evaluate_retrieval(cfg: RetrievalConfig, checkpoint: str, dataset: str, anno
     return result
 
 
-def check_retrieval_config(cfg: RetrievalConfig) -> None:
-    """Raises ConfigError for values no evaluation can use."""
-    for key, value, least in (("data.num_frames", cfg.data.num_frames, 1), ("data.img_size", cfg.data.img_size, 1),
-                              ("eval.batch_size", cfg.eval.batch_size, 1), ("eval.rerank_k", cfg.eval.rerank_k, 0),
-                              ("eval.num_workers", cfg.eval.num_workers, 0)):
-        if value < least:
-            raise ConfigError(f"{key}={value}: must be at least {least}")
+def with_run_frames(cfg: RetrievalConfig, checkpoint: str) -> RetrievalConfig:
+    """`cfg` with data.num_frames / data.img_size filled where they are null: for a videomamba run, the run's own
+    (data.* of its config.yaml); otherwise, and for a checkpoint outside a run, the defaults."""
+    if cfg.data.num_frames is not None and cfg.data.img_size is not None:
+        return cfg
+    run = load_config(VideoTextStageConfig, run_config(checkpoint)).data if _in_a_run(cfg, checkpoint) else None
+    cfg = copy.deepcopy(cfg)
+    if cfg.data.num_frames is None:
+        cfg.data.num_frames = run.num_frames if run is not None else DEFAULT_FRAMES
+    if cfg.data.img_size is None:
+        cfg.data.img_size = run.img_size if run is not None else DEFAULT_IMG_SIZE
+    return cfg
 
 
-def retrieval_result(model: VideoTextModel, cfg: RetrievalConfig, ann: RetrievalAnnotations, videos: str,
-                     progress: bool) -> dict:
-    """Returns the metrics, counts, skipped videos and re-ranking outcome of `model` on `ann`."""
-    video_features, kept, skipped = encoded_videos(model, ann.videos, videos, cfg, progress)
-    if not kept:
-        raise NoUsableVideos(f"none of the {len(ann.videos)} videos under {videos} could be used: "
-                             f"{skipped[0]['video']}: {skipped[0]['reason']} (and {len(skipped) - 1} more)")
-    column = {v: j for j, v in enumerate(kept)}
-    texts = [(t, column[v]) for t, v in zip(ann.texts, ann.text_video) if v in column]
-    text_features = torch.cat([model.encode_texts([t for t, _ in texts[i:i + cfg.eval.batch_size]])
-                               for i in range(0, len(texts), cfg.eval.batch_size)])
-    text_video = [v for _, v in texts]
-    similarity = (text_features @ video_features.T).float().cpu()
-    result = {
-        "counts": {"videos": len(ann.videos), "texts": len(ann.texts), "videos_evaluated": len(kept),
-                   "texts_evaluated": len(texts), "videos_skipped": len(skipped)},
-        "chance_r1": 1.0 / len(kept),
-        "metrics": retrieval_metrics(similarity, text_video),
-        "skipped": skipped,
-    }
-    result.update(rerank_outcome(model, similarity, text_video, cfg.eval.rerank_k))
-    return result
+def _in_a_run(cfg: RetrievalConfig, checkpoint: str) -> bool:
+    return cfg.model.kind == "videomamba" and os.path.isdir(checkpoint) and _found_run_config(checkpoint) is not None
 
 
-def rerank_outcome(model: VideoTextModel, similarity: torch.Tensor, text_video: list[int], k: int) -> dict:
-    """Returns {"rerank": what was done} and, when the model has a matching head and k > 0, the re-ranked metrics.
-
-    The head's indices count the texts and videos in the order they were encoded (each once, skipped ones never)."""
-    match = getattr(model, "match_score", None)
-    if match is None or k == 0:
-        why = "eval.rerank_k is 0" if k == 0 else "the model has no video-text matching head"
-        return {"rerank": {"k": k, "applied": False, "why": why}}
-    t2v = reranked(similarity, k, match)
-    v2t = reranked(similarity.T, k, lambda q, c: match(c, q))
-    t2v_metrics = retrieval_metrics(t2v, text_video)["text_to_video"]
-    v2t_metrics = retrieval_metrics(v2t.T, text_video)["video_to_text"]
-    return {"rerank": {"k": k, "applied": True},
-            "reranked_metrics": {"text_to_video": t2v_metrics, "video_to_text": v2t_metrics}}
+# ---------------------------------------------------------------------------------- the model from --checkpoint
+def load_retrieval_model(model_cfg: RetrievalModelConfig, checkpoint: str, img_size: int, device: torch.device,
+                         num_frames: int = DEFAULT_FRAMES) -> VideoTextModel:
+    """Returns the model of `model_cfg.kind` with the weights of `checkpoint` (for open_clip: a checkpoint file or
+    URL with `<model.name>.json` beside it for a custom model, or a pretrained tag; for videomamba: a stage-2 run)."""
+    if model_cfg.kind == "open_clip":
+        model = create_open_clip(model_cfg.name, checkpoint, img_size, OpenClipKeys("model.name", "--checkpoint"))
+        return OpenClipMeanP(model, open_clip.get_tokenizer(model_cfg.name), device)
+    if model_cfg.kind == "videomamba":
+        return _stage2_model(checkpoint, num_frames, img_size, device)
+    raise ValueError(f"model.kind {model_cfg.kind!r} has no implementation")
 
 
-# ---------------------------------------------------------------------------------------------------- decoding
-@dataclass
-class _Decoded:
-    index: int
-    clip: Optional[torch.Tensor]
-    kind: str = ""
-    reason: str = ""
+def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch.device) -> VideoMambaRetrieval:
+    config = run_config(checkpoint)
+    cfg = load_config(VideoTextStageConfig, config)
+    state = run_weights(checkpoint, "--checkpoint", "stage-2 run")
+    if state is None:
+        raise ConfigError(f"--checkpoint {checkpoint}: model.kind=videomamba needs a stage-2 run folder or one of its "
+                          f"checkpoint folders")
+    model, tokenizer = build_video_text_model(cfg, num_frames, img_size)
+    try:  # the backbone.* weights, position embeddings fitted to this frame count and size
+        load_official_checkpoint(model.backbone, state)
+    except ValueError as e:
+        raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
+    rest = {k: v for k, v in state.items() if not k.startswith(("backbone.", "align_head."))}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: missing "
+                          f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+    return VideoMambaRetrieval(model, tokenizer, cfg.text.max_len, device)
 
 
-class _EvalClips(torch.utils.data.Dataset):
-    """The listed videos decoded with the evaluation plan; one that cannot be read comes back with the reason."""
-
-    def __init__(self, root: str, names: list[str], num_frames: int, img_size: int):
-        self.root, self.names, self.num_frames, self.img_size = root.rstrip("/"), names, num_frames, img_size
-        self.decoder = CpuDecoder(threads=1)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i: int) -> _Decoded:
-        url = f"{self.root}/{self.names[i]}"
-        try:
-            with fsspec.open(url, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return _Decoded(i, None, "missing", f"no such file: {url}")
-        try:
-            info = probe(data, "video")
-            plan = clip_plan(info.frames, info.fps, info.width, info.height, self.num_frames, self.img_size,
-                             train=False, target_fps=None, rng=np.random.default_rng(0))
-            return _Decoded(i, self.decoder.decode_one(EncodedSample(self.names[i], "video", data, plan)))
-        except DecodeError as e:
-            return _Decoded(i, None, e.kind, str(e))
+def run_config(checkpoint: str) -> str:
+    """The config.yaml of the run that `checkpoint` (the run folder, its checkpoints/ or one checkpoint) belongs to."""
+    found = _found_run_config(checkpoint)
+    if found is None:
+        raise ConfigError(f"--checkpoint {checkpoint}: no config.yaml in the run folder above it (a stage-2 run "
+                          f"writes one)")
+    return found
 
 
-def encoded_videos(model: VideoTextModel, names: list[str], root: str, cfg: RetrievalConfig,
-                   progress: bool) -> tuple[torch.Tensor, list[int], list[dict]]:
-    """Returns the features (kept, D) of the videos that decoded, their indices into `names`, and the skipped ones
-    as {"video", "kind", "reason"}."""
-    loader = torch.utils.data.DataLoader(_EvalClips(root, names, cfg.data.num_frames, cfg.data.img_size),
-                                         batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers,
-                                         collate_fn=list)
-    features, kept, skipped = [], [], []
-    with tqdm(total=len(names), desc="[eval] encoding videos", unit="video", disable=not progress) as bar:
-        for batch in loader:
-            good = [d for d in batch if d.clip is not None]
-            skipped += [{"video": names[d.index], "kind": d.kind, "reason": d.reason} for d in batch if d.clip is None]
-            if good:
-                features.append(model.encode_videos(torch.stack([d.clip for d in good])).cpu())
-                kept += [d.index for d in good]
-            bar.update(len(batch))
-    return (torch.cat(features) if features else torch.empty(0)), kept, skipped
-
-
-# ------------------------------------------------------------------------------------------------------ outputs
-def result_markdown(result: dict) -> str:
-    """Returns the result as a markdown table with a heading line (what is printed and written to the .md)."""
-    c = result["counts"]
-    lines = [f"## Zero-shot retrieval: {result['dataset']}", "",
-             f"{result['model']}; {c['videos_evaluated']} videos, {c['texts_evaluated']} texts "
-             f"({c['videos_skipped']} videos skipped); chance R@1 {result['chance_r1']:.3f}", ""]
-    lines += _metrics_table(result["metrics"], "")
-    if result["rerank"]["applied"]:
-        lines += _metrics_table(result["reranked_metrics"], f" (re-ranked top {result['rerank']['k']})")
-    else:
-        lines.append(f"\nNo re-ranking: {result['rerank']['why']}.")
-    if result["skipped"]:
-        lines += ["", "Skipped videos:"] + [f"- {s['video']}: {s['kind']} ({s['reason']})" for s in result["skipped"]]
-    return "\n".join(lines)
-
-
-def _metrics_table(metrics: dict, suffix: str) -> list[str]:
-    head = " | ".join(f"R@{k}" for k in RECALL_AT)
-    rows = ["| direction | " + head + " | MdR | MnR |", "|---|" + "---:|" * (len(RECALL_AT) + 2)]
-    for key, label in DIRECTIONS.items():
-        m = metrics[key]
-        recalls = " | ".join(f"{m[f'R@{k}']:.3f}" for k in RECALL_AT)
-        rows.append(f"| {label}{suffix} | {recalls} | {m['MdR']:g} | {m['MnR']:.1f} |")
-    return rows
-
-
-def write_outputs(result: dict, out: str, dataset: str) -> dict:
-    """Writes the .json, .md and .png of `result` under `out` (any fsspec URL); returns their URLs."""
-    fs, folder = fsspec.core.url_to_fs(out)
-    fs.makedirs(folder, exist_ok=True)
-    base = f"{out.rstrip('/')}/retrieval_{dataset}"
-    paths = {"json": base + ".json", "md": base + ".md", "png": base + ".png"}
-    with fsspec.open(paths["json"], "w") as f:
-        json.dump({**result, "outputs": paths}, f, indent=2)
-    with fsspec.open(paths["md"], "w") as f:
-        f.write(result_markdown(result) + "\n")
-    with fsspec.open(paths["png"], "wb") as f:
-        recall_chart(result).save(f, format="PNG")
-    return paths
-
-
-def recall_chart(result: dict, width: int = 480, height: int = 260):
-    """Returns a PIL bar chart of R@1/5/10 for both directions (0 to 1 on the vertical axis, chance R@1 dashed)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 40, width - 10, 30, height - 40
-    draw.text((left, 8), f"zero-shot retrieval: {result['dataset']} ({result['counts']['videos_evaluated']} videos)",
-              fill="black")
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
-    for tick in (0.0, 0.5, 1.0):
-        y = bottom - tick * (bottom - top)
-        draw.text((8, y - 6), f"{tick:.1f}", fill="black")
-    colours = {"text_to_video": (66, 120, 200), "video_to_text": (230, 140, 50)}
-    group = (right - left) / len(RECALL_AT)
-    bar = group / 3
-    for g, k in enumerate(RECALL_AT):
-        for d, key in enumerate(DIRECTIONS):
-            value = result["metrics"][key][f"R@{k}"]
-            x0 = left + g * group + bar / 2 + d * bar
-            draw.rectangle([x0, bottom - value * (bottom - top), x0 + bar - 2, bottom], fill=colours[key])
-        draw.text((left + g * group + group / 2 - 10, bottom + 6), f"R@{k}", fill="black")
-    chance_y = bottom - result["chance_r1"] * (bottom - top)
-    for x in range(left, right, 8):
-        draw.line([(x, chance_y), (x + 4, chance_y)], fill="grey")
-    draw.text((right - 64, chance_y - 12), "chance R@1", fill="grey")
-    for d, (key, label) in enumerate(DIRECTIONS.items()):
-        draw.rectangle([left + d * 120, height - 16, left + d * 120 + 10, height - 6], fill=colours[key])
-        draw.text((left + d * 120 + 14, height - 18), label.replace("→", "->"), fill="black")
-    return image
+def _found_run_config(checkpoint: str) -> Optional[str]:
+    path = os.path.abspath(checkpoint)
+    for _ in range(3):
+        candidate = os.path.join(path, "config.yaml")
+        if os.path.isfile(candidate):
+            return candidate
+        path = os.path.dirname(path)
+    return None

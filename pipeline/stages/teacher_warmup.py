@@ -18,7 +18,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import fsspec
 import numpy as np
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 
 from pipeline.data.decode import probe, video_frames
 from pipeline.data.transforms import centre_box, clip_plan, planned_clip, ClipPlan
+from pipeline.engine.schedule import lr_factor
+from pipeline.losses import contrastive_loss
 
 TINY_CLIP_NAME = "tiny-clip"
 FRAMES_PER_CLIP = 8  # frames decoded per clip (evenly spread); each step samples one of them per clip
@@ -85,9 +86,11 @@ def train_tiny_clip(videos_jsonl: str, out_file: str, steps: int = 300, img_size
     losses = []
     model.train()
     for step in range(steps):
-        _set_lr(optimizer, lr, step, steps)
+        for group in optimizer.param_groups:  # linear warm-up over the first 10% of steps, then cosine to zero
+            group["lr"] = lr * lr_factor(step, lr, 0.0, max(1, steps // 10), steps)
         images, texts = _train_batch(train, img_size, rng)
-        loss = _contrastive_loss(model, images, tokenizer(texts))
+        loss = contrastive_loss(F.normalize(model.encode_image(images), dim=-1),
+                                F.normalize(model.encode_text(tokenizer(texts)), dim=-1), model.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -182,23 +185,3 @@ def _frames_tensor(frames: np.ndarray, img_size: int) -> torch.Tensor:
     height, width = frames.shape[1:3]
     plan = ClipPlan(tuple(range(len(frames))), centre_box(width, height), False, img_size)
     return planned_clip(torch.from_numpy(np.ascontiguousarray(frames)), plan).transpose(0, 1)
-
-
-def _contrastive_loss(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    image = F.normalize(model.encode_image(images), dim=-1)
-    text = F.normalize(model.encode_text(tokens), dim=-1)
-    logits = model.logit_scale.exp() * image @ text.T
-    target = torch.arange(len(images))
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, peak: float, step: int, steps: int,
-            warmup: Optional[int] = None) -> None:
-    """Linear warm-up over the first 10% of steps, then cosine decay to zero."""
-    warmup = warmup if warmup is not None else max(1, steps // 10)
-    if step < warmup:
-        value = peak * (step + 1) / warmup
-    else:
-        value = 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-    for group in optimizer.param_groups:
-        group["lr"] = value

@@ -3,7 +3,7 @@
 Wires the parts: the stage-1 backbone (weights from `init`, a stage-1 run) with a text encoder, cross-modal layers
 and heads (`pipeline.models.video_text.VideoTextModel`, one module so DeepSpeed trains all of it), the frozen teacher
 for the unmasked-token alignment (only when `loss.align` > 0), the stream of video-text and image-text shards, and
-the objective (`pipeline.losses.VideoTextObjective`: VTC, VTM on hard negatives, MLM, alignment), handed to the
+the objective (`pipeline.objectives.VideoTextObjective`: VTC, VTM on hard negatives, MLM, alignment), handed to the
 engine.
 """
 from __future__ import annotations
@@ -11,37 +11,25 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor
 
-from pipeline.config import ConfigError, VideoTextStageConfig
+from pipeline.config import VideoTextStageConfig
 from pipeline.data import build_loader
-from pipeline.data.stream import split_sources
 from pipeline.engine import Trainer
-from pipeline.engine.ds_config import user_config
-from pipeline.losses import MaskedAlignment, VideoTextObjective
-from pipeline.masking import masked_count
-from pipeline.models import build_from_config
+from pipeline.engine.weights import run_weights
+from pipeline.errors import ConfigError
+from pipeline.models.factory import build_video_text_model
 from pipeline.models.teacher import build_teacher, check_teacher_grid
-from pipeline.stages.run import begin_run, run_summary
-from pipeline.models.video_text import TextSpec, VideoTextModel
-from pipeline.stages.align import run_weights
+from pipeline.models.video_text import VideoTextModel
+from pipeline.objectives import MaskedAlignment, VideoTextObjective
+from pipeline.stages.base import Stage, begin_run, check_inputs, check_mask_on_grid, check_teacher_size, run_summary
 
 log = logging.getLogger(__name__)
 
 
-def build_video_text_model(cfg: VideoTextStageConfig, num_frames: int, img_size: int,
-                           teacher_dim: Optional[int] = None) -> tuple[VideoTextModel, SimpleTokenizer]:
-    """The stage-2 model that `cfg` describes (random weights; the caller loads them) and its tokenizer."""
-    tokenizer = SimpleTokenizer()
-    t = cfg.text
-    spec = TextSpec(len(tokenizer.encoder), t.width, t.depth, t.heads, t.fusion_layers, t.max_len, t.embed_dim)
-    return VideoTextModel(build_from_config(cfg.model, num_frames, img_size), spec, teacher_dim), tokenizer
-
-
 def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) -> dict:
     """Runs stage 2 as `cfg` says (resume: None, "auto" or a checkpoint path); returns a summary of the run."""
-    _check_config(cfg)
+    check_config(cfg)
     teacher = build_teacher(cfg.teacher) if cfg.loss.align > 0 else None
     if teacher is not None:
         check_teacher_grid(teacher, cfg.data.img_size, cfg.model.patch_size)
@@ -84,31 +72,22 @@ def _load_stage1(model: VideoTextModel, state: Optional[dict[str, Tensor]], sour
         log.info("stage 2 starts from %s: backbone", source)
 
 
-def _check_config(cfg: VideoTextStageConfig) -> None:
+def check_config(cfg: VideoTextStageConfig) -> None:
     """Raises ConfigError, before any work, for missing training data, an unusable DeepSpeed file, a text model
     that cannot be built, or a mask that cannot be made on the student's token grid."""
-    if not split_sources(cfg.data.train):
-        raise ConfigError("data.train is empty: give a shard index (.../index.json, as `videomamba shard` writes it) "
-                          "or brace URL patterns of tars, several joined by ','")
-    if cfg.deepspeed.config is not None:
-        user_config(cfg.deepspeed.config)
+    check_inputs(cfg)
     if not 0 < cfg.text.fusion_layers <= cfg.text.depth:
         raise ConfigError(f"text.fusion_layers={cfg.text.fusion_layers} must be in 1..text.depth={cfg.text.depth}")
     if cfg.text.width % cfg.text.heads:
         raise ConfigError(f"text.width={cfg.text.width} is not a multiple of text.heads={cfg.text.heads}")
     if cfg.text.max_len < 3:
         raise ConfigError(f"text.max_len={cfg.text.max_len}: a text needs its start and end tokens and one more")
-    if cfg.loss.align > 0 and cfg.teacher.img_size != cfg.data.img_size:
-        raise ConfigError(f"teacher.img_size={cfg.teacher.img_size} differs from data.img_size={cfg.data.img_size}: "
-                          f"the alignment targets are per patch; set teacher.img_size={cfg.data.img_size} "
-                          f"(or loss.align=0)")
+    if cfg.loss.align > 0:
+        check_teacher_size(cfg, " (or loss.align=0)")
     if cfg.mask.kind == "attention" and cfg.loss.align <= 0:
         raise ConfigError("mask.kind=attention needs the teacher's attention: set loss.align > 0 or another kind")
-    grid = (cfg.data.num_frames // cfg.model.tubelet_size, cfg.data.img_size // cfg.model.patch_size,
-            cfg.data.img_size // cfg.model.patch_size)
     if cfg.mask.ratio > 0:
-        try:
-            masked_count(cfg.mask.kind, cfg.mask.ratio, grid)
-        except ValueError as e:
-            raise ConfigError(f"mask.ratio={cfg.mask.ratio} / mask.kind={cfg.mask.kind!r} on a {grid} token grid: "
-                              f"{e}") from None
+        check_mask_on_grid(cfg)
+
+
+VIDEO_TEXT = Stage("video_text", VideoTextStageConfig, check_config, train_video_text)

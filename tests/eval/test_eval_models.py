@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, RetrievalModelConfig
-from pipeline.eval.models import OpenClipMeanP, build_video_text_model
+from pipeline.eval.models import OpenClipMeanP
+from pipeline.stages.retrieval import load_retrieval_model
 from pipeline.stages.teacher_warmup import save_open_clip
 from tests.conftest import tiny_clip, tiny_clip_config
 
@@ -15,7 +16,7 @@ NAME = "meanp-clip"
 def test_video_features_are_the_normalized_mean_of_normalized_frame_features(tmp_path, one_thread):
     clip = tiny_clip(tmp_path, NAME, image_size=32).eval()
     path = save_open_clip(clip, NAME, tiny_clip_config(image_size=32), str(tmp_path / "clip.pt"))
-    model = build_video_text_model(RetrievalModelConfig(kind="open_clip", name=NAME), path, 32, torch.device("cpu"))
+    model = load_retrieval_model(RetrievalModelConfig(kind="open_clip", name=NAME), path, 32, torch.device("cpu"))
     assert isinstance(model, OpenClipMeanP) and model.match_score is None
     torch.manual_seed(1)
     clips = torch.randn(2, 3, 4, 32, 32)
@@ -32,4 +33,4 @@ def test_video_features_are_the_normalized_mean_of_normalized_frame_features(tmp
 
 def test_a_missing_checkpoint_names_the_option(tmp_path):
     with pytest.raises(ConfigError, match=r"--checkpoint='.*none.pt': no such checkpoint file"):
-        build_video_text_model(RetrievalModelConfig(name=NAME), str(tmp_path / "none.pt"), 32, torch.device("cpu"))
+        load_retrieval_model(RetrievalModelConfig(name=NAME), str(tmp_path / "none.pt"), 32, torch.device("cpu"))

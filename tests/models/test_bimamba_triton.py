@@ -6,93 +6,21 @@ The interpreter must be switched on before triton is first imported, so every ch
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pipeline.models.ops import bimamba_triton
-from pipeline.models.ops.bimamba_triton import ScanConfig, bidirectional_selective_scan, bimamba_forward, packed_params
+from pipeline.models.ops.bimamba import (ScanConfig, autograd, bidirectional_selective_scan, bimamba_forward, launch,
+                                         packed_params, primitives)
+from pipeline.models.ops.bimamba.reference import TinyBiMixer, naive_bidirectional_scan, rel, scan_inputs
 
 TOL_FP32 = 1e-5
 TOL_BF16 = 1e-2
-
-
-# ------------------------------------------------------------------------------------------------ references
-def naive_scan(u, dt, A, Bm, Cm, D, z, bias):
-    """One direction, left to right, token by token: (y + D u) * silu(z), all (B, L, E) token-major."""
-    delta = F.softplus(dt + bias)
-    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
-    ys = []
-    for t in range(u.shape[1]):
-        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * Bm[:, t, None, :]
-        ys.append((h * Cm[:, t, None, :]).sum(-1) + D * u[:, t])
-    return torch.stack(ys, 1) * F.silu(z)
-
-
-def naive_bidirectional_scan(u, dt, A, Bm, Cm, D, z, bias):
-    """Direction 0 as is plus direction 1 run on flipped inputs and flipped back (the way mamba-ssm is used)."""
-    forward = naive_scan(u[0], dt[0], A[0], Bm[0], Cm[0], D[0], z, bias[0])
-    flip = lambda t: t.flip(1)  # noqa: E731
-    backward = naive_scan(flip(u[1]), flip(dt[1]), A[1], flip(Bm[1]), flip(Cm[1]), D[1], flip(z), bias[1])
-    return forward + flip(backward)
-
-
-class TinyBiMixer(nn.Module):
-    """The official bimamba v2 parameters (names and shapes) and its plain forward with flipped copies."""
-
-    def __init__(self, d_model: int, d_state: int, expand: int = 2):
-        super().__init__()
-        e, self.n, self.r = expand * d_model, d_state, math.ceil(d_model / 16)
-        self.in_proj = nn.Linear(d_model, 2 * e, bias=False)
-        for suffix in ("", "_b"):
-            setattr(self, "conv1d" + suffix, nn.Conv1d(e, e, 4, groups=e, bias=True, padding=3))
-            setattr(self, "x_proj" + suffix, nn.Linear(e, self.r + 2 * d_state, bias=False))
-            setattr(self, "dt_proj" + suffix, nn.Linear(self.r, e, bias=True))
-        self.A_log = nn.Parameter(torch.log(torch.rand(e, d_state) * 4 + 0.5))
-        self.A_b_log = nn.Parameter(torch.log(torch.rand(e, d_state) * 4 + 0.5))
-        self.D = nn.Parameter(torch.randn(e))
-        self.D_b = nn.Parameter(torch.randn(e))
-        self.out_proj = nn.Linear(e, d_model, bias=False)
-
-    def forward(self, h):
-        length = h.shape[1]
-        x, z = self.in_proj(h).chunk(2, dim=-1)
-        total = 0
-        for suffix, flip in (("", False), ("_b", True)):
-            xd, zd = (x.flip(1), z.flip(1)) if flip else (x, z)
-            conv = getattr(self, "conv1d" + suffix)
-            u = F.silu(conv(xd.transpose(1, 2))[..., :length]).transpose(1, 2)
-            x_dbl = getattr(self, "x_proj" + suffix)(u)
-            dt_proj = getattr(self, "dt_proj" + suffix)
-            dt = x_dbl[..., :self.r] @ dt_proj.weight.T
-            A = -torch.exp(getattr(self, "A_log" if suffix == "" else "A_b_log"))
-            y = naive_scan(u, dt, A, x_dbl[..., self.r:self.r + self.n], x_dbl[..., self.r + self.n:],
-                           getattr(self, "D" + suffix), zd, dt_proj.bias)
-            total = total + (y.flip(1) if flip else y)
-        return self.out_proj(total)
-
-
-def scan_inputs(b, l, e, n, r, seed, dtype):
-    """Random scan inputs; B and C are strided views into one x_proj-like output, as in the mixer."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    x_dbl = rnd(2, b, l, r + 2 * n)
-    return dict(u=rnd(2, b, l, e).to(dtype), delta=(rnd(2, b, l, e) * 0.5 - 1).to(dtype),
-                A=-(torch.rand(2, e, n, generator=g, dtype=torch.float64) * 3 + 0.2),
-                B=x_dbl[..., r:r + n].to(dtype), C=x_dbl[..., r + n:].to(dtype), D=rnd(2, e),
-                z=rnd(b, l, 2 * e)[..., e:].to(dtype), delta_bias=rnd(2, e) * 0.3)
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 # ------------------------------------------------------------------------------------------------ checks (subprocess)
@@ -183,8 +111,8 @@ def check_pack(e, k, r, n, conv_bias, xz_dtype, seed, param_dtype="float32") -> 
 def _activations(x_ptr, softplus_ptr, sigmoid_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs)
-    tl.store(softplus_ptr + offs, bimamba_triton._softplus(x))
-    tl.store(sigmoid_ptr + offs, bimamba_triton._sigmoid(x))
+    tl.store(softplus_ptr + offs, primitives._softplus(x))
+    tl.store(sigmoid_ptr + offs, primitives._sigmoid(x))
 
 
 def check_activations(lo, hi, count) -> dict:
@@ -202,7 +130,7 @@ def check_state_pairs(seed) -> dict:
     """The scan in bf16 with its chunk states saved as bf16 pairs in 32-bit words (the default) and as plain bf16:
     the largest difference between the two runs' outputs and gradients (the same rounding: none expected), and
     whether the first run did pair them (each direction's)."""
-    pairs, paired = bimamba_triton._state_pairs, []
+    pairs, paired = launch._state_pairs, []
 
     def recorded(dtype, lay):
         paired.append(pairs(dtype, lay))
@@ -210,12 +138,12 @@ def check_state_pairs(seed) -> dict:
 
     results = []
     for choice in (recorded, lambda dtype, lay: False):
-        bimamba_triton._state_pairs = choice
+        launch._state_pairs = choice
         leaves = {k: v.requires_grad_() for k, v in scan_inputs(2, 29, 40, 16, 3, seed, torch.bfloat16).items()}
         out = bidirectional_selective_scan(**leaves, cfg=ScanConfig(segments=3))
         out.backward(torch.ones_like(out))
         results.append([out] + [leaves[k].grad for k in sorted(leaves)])
-    bimamba_triton._state_pairs = pairs
+    launch._state_pairs = pairs
     return {"max_difference": max(float((a.double() - b.double()).abs().max()) for a, b in zip(*results)),
             "paired": bool(paired) and all(paired)}
 
@@ -305,13 +233,13 @@ def test_weight_grads_per_direction_equal_the_batched_product(monkeypatch):
     a, b = torch.randn(2, 70, 12), torch.randn(2, 70, 20)
     expected = torch.einsum("dkm,dkn->dmn", a.double(), b.double())
     for threshold in (71, 70):  # the batched call, then one mm per direction
-        monkeypatch.setattr(bimamba_triton, "PER_DIRECTION_TOKENS", threshold)
-        got = bimamba_triton._weight_grad(a, b)
+        monkeypatch.setattr(autograd, "PER_DIRECTION_TOKENS", threshold)
+        got = autograd._weight_grad(a, b)
         assert got.shape == (2, 12, 20) and torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5), threshold
 
 
 def test_scan_rejects_mismatched_shapes():
-    code = ("from pipeline.models.ops.bimamba_triton import bidirectional_selective_scan as f; import torch\n"
+    code = ("from pipeline.models.ops.bimamba import bidirectional_selective_scan as f; import torch\n"
             "u = torch.zeros(2, 1, 5, 4)\n"
             "try:\n    f(u, u, torch.zeros(2, 4, 3), torch.zeros(2, 1, 5, 2), torch.zeros(2, 1, 5, 2), "
             "torch.zeros(2, 4), u[0], torch.zeros(2, 4))\nexcept ValueError as e:\n    print(e)\n")

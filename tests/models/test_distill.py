@@ -4,7 +4,8 @@ import torch
 
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.models import build_videomamba
-from pipeline.models.distill import DistillHead, build_guide, distillation_loss, final_features
+from pipeline.losses import distillation_loss
+from pipeline.models.distill import DistillHead, build_guide, final_features
 
 
 def test_guide_is_frozen_and_the_loss_trains_the_student_towards_it(tmp_path):

@@ -7,13 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import RetrievalConfig
-from pipeline.eval.annotations import read_annotations
-from pipeline.stages.retrieval import retrieval_result
 from pipeline.stages.teacher_warmup import save_open_clip
 from tests.conftest import tiny_clip, tiny_clip_config
 
@@ -85,33 +82,25 @@ def test_msvd_format_counts_every_caption_as_a_query(setup, tmp_path, one_thread
     assert result["metrics"]["video_to_text"]["queries"] == 5
 
 
-class _MatchingClip:
-    """A small real model with a matching head: videos are their mean colour, every text the same vector (so all
-    texts rank the videos alike and only one of the 5 finds its video first), and the head knows each text's video
-    (a perfect judge), so re-ranking the top 5 of 5 must give R@1 = 1 both ways."""
+def test_frames_and_size_default_to_the_runs_own(tmp_path):
+    """A videomamba run's evaluation takes the run's data.num_frames and data.img_size unless set; other models
+    (and a checkpoint outside a run) take 8 frames of 224 px."""
+    from pipeline.config import VideoTextStageConfig, load_config, write_resolved
+    from pipeline.stages.retrieval import with_run_frames
 
-    def __init__(self, texts_video):
-        self.texts_video = torch.as_tensor(texts_video)
-
-    def encode_videos(self, clips):
-        return torch.nn.functional.normalize(clips.mean(dim=(2, 3, 4))[:, :3], dim=-1)
-
-    def encode_texts(self, texts):
-        return torch.nn.functional.normalize(torch.ones(len(texts), 3), dim=-1)
-
-    def match_score(self, text_indices, video_indices):
-        return (self.texts_video[text_indices] == video_indices).float() * 10
-
-
-def test_a_matching_head_re_ranks_the_top_k(setup, one_thread):
-    ann = read_annotations(str(setup["good"]), "msrvtt")
-    cfg = RetrievalConfig()
-    cfg.data.num_frames, cfg.data.img_size, cfg.eval.num_workers, cfg.eval.rerank_k = 2, 32, 0, 5
-    result = retrieval_result(_MatchingClip(ann.text_video), cfg, ann, str(setup["videos"]), progress=False)
-    assert result["rerank"] == {"k": 5, "applied": True}
-    assert result["metrics"]["text_to_video"]["R@1"] == 0.2  # one video is everyone's first
-    assert result["reranked_metrics"]["text_to_video"]["R@1"] == 1.0
-    assert result["reranked_metrics"]["video_to_text"]["R@1"] == 1.0
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    write_resolved(load_config(VideoTextStageConfig, None, ["data.num_frames=4", "data.img_size=64"]),
+                   str(tmp_path / "run" / "config.yaml"))
+    videomamba = load_config(RetrievalConfig, str(REPO / "configs" / "eval_retrieval.yaml"), ["model.kind=videomamba"])
+    assert videomamba.data.num_frames is None and videomamba.data.img_size is None
+    for checkpoint in ("run", "run/checkpoints"):
+        cfg = with_run_frames(videomamba, str(tmp_path / checkpoint))
+        assert (cfg.data.num_frames, cfg.data.img_size) == (4, 64)
+    videomamba.data.num_frames = 12
+    assert (with_run_frames(videomamba, str(tmp_path / "run")).data.num_frames,
+            with_run_frames(videomamba, str(tmp_path / "run")).data.img_size) == (12, 64)
+    clip = with_run_frames(RetrievalConfig(), str(tmp_path / "run"))
+    assert (clip.data.num_frames, clip.data.img_size) == (8, 224)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -1,4 +1,4 @@
-"""The scan kernels of `bimamba_triton` compiled for an H100/H200 (sm_90) without a GPU, specialized as a launch at
+"""The scan kernels of `pipeline.models.ops.bimamba` compiled for an H100/H200 (sm_90) without a GPU, specialized as a launch at
 the given shape specializes them (bf16 inputs, as under autocast): the registers, shared memory and instructions
 the GPU will run. Triton's compiler and its bundled ptxas, nvdisasm and cuobjdump run on any machine. Compiled with
 the device's own Triton version (on PYTHONPATH ahead of the venv's), the register counts match the device's ncu
@@ -19,29 +19,31 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pipeline.models.ops import bimamba_triton as bt
+from pipeline.models.ops.bimamba.config import DEFAULT_CONFIG, ScanConfig
+from pipeline.models.ops.bimamba.launch import SCAN_PASSES, _layout, _reduce_scatter_sums, _state_pairs, pass_constants
+from pipeline.models.ops.bimamba.scan_kernels import _scan_bwd, _scan_fwd
 
-PASSES = bt.SCAN_PASSES
+PASSES = SCAN_PASSES
 _FP32_POINTERS = ("a_ptr", "d_ptr", "bias_ptr", "init_ptr", "last_ptr", "dsum_ptr", "mu_ptr", "db_ptr", "dc_ptr",
                   "da_ptr", "dd_ptr", "dbias_ptr")
 
 
 def compile_pass(name: str, batch: int, length: int, channels: int, states: int = 16,
-                 cfg: bt.ScanConfig = bt.DEFAULT_CONFIG):
+                 cfg: ScanConfig = DEFAULT_CONFIG):
     """One pass ("summary", "output", "state" or "backward") compiled for sm_90 as the mixer launches it on
     contiguous bf16 u (2, batch, length, channels), [B, C] (2, batch, length, 2 states) and dout (batch, length,
     channels), z and dz with rows 2 channels apart (halves of in_proj's output). Returns Triton's CompiledKernel."""
     u = torch.empty(2, batch, length, channels, device="meta")
     bc = torch.empty(2, batch, length, 2 * states, device="meta")
-    lay = bt._layout(u, torch.empty(2, states, channels, device="meta"), cfg)
+    lay = _layout(u, torch.empty(2, states, channels, device="meta"), cfg)
     e2, n2 = 2 * channels, 2 * states
     ints = dict(L=length, E=channels, N=states, B_rows=batch, SEG_LEN=lay.seg_len, CHUNKS=lay.chunks,
                 s_ud=batch * length * channels, s_ub=length * channels, s_ul=channels,
                 s_bd=batch * length * n2, s_bb=length * n2, s_bl=n2, s_bn=1, s_zb=length * e2, s_zl=e2,
                 s_gb=length * channels, s_gl=channels, s_dzb=length * e2, s_dzl=e2)
-    fn = bt._scan_bwd if name == "backward" else bt._scan_fwd
-    consts = bt.pass_constants(name, lay, cfg, pairs=bt._state_pairs(torch.bfloat16, lay),
-                               lane_sums=bt._reduce_scatter_sums(bc, lay, cfg))
+    fn = _scan_bwd if name == "backward" else _scan_fwd
+    consts = pass_constants(name, lay, cfg, pairs=_state_pairs(torch.bfloat16, lay),
+                               lane_sums=_reduce_scatter_sums(bc, lay, cfg))
     options = {k: consts.pop(k) for k in ("num_warps", "maxnreg") if k in consts}
     consts.update({k: 1 for k, v in ints.items() if v == 1 and k in fn.arg_names})  # as Triton specializes
     signature, attrs = {}, {}

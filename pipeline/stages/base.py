@@ -1,0 +1,101 @@
+"""What every training stage shares: the `Stage` (a name, its config class, its check and its training function,
+which `videomamba pretrain` looks up by name), the checks both stages make before any work, and what a stage does
+around the engine (join the process group, write the resolved config into the run directory, seed the initial
+weights, report the engine's summary)."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from pipeline.config import write_resolved
+from pipeline.data.stream import split_sources
+from pipeline.engine import dist
+from pipeline.engine.ds_config import user_config
+from pipeline.engine.trainer import FitSummary
+from pipeline.errors import ConfigError
+from pipeline.masking import masked_count
+from pipeline.models.factory import token_grid
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage: `check(cfg)` raises ConfigError before any work; `train(cfg, resume=None|"auto"|PATH)` runs
+    it (checking first) and returns its summary. `train` is a module-level function, so that Ray can send it to its
+    workers."""
+
+    name: str
+    config: type
+    check: Callable[[Any], None]
+    train: Callable[..., dict]
+
+
+# ----------------------------------------------------------------------------------------------- shared checks
+def check_inputs(cfg: Any) -> None:
+    """Raises ConfigError for missing training data or an unusable DeepSpeed file."""
+    if not split_sources(cfg.data.train):
+        raise ConfigError("data.train is empty: give a shard index (.../index.json, as `videomamba shard` writes it) "
+                          "or brace URL patterns of tars, several joined by ','")
+    if cfg.deepspeed.config is not None:
+        user_config(cfg.deepspeed.config)
+
+
+def check_teacher_size(cfg: Any, alternative: str = "") -> None:
+    """Raises ConfigError when the teacher would see frames of another size than the student's (its targets are per
+    patch); `alternative` names another way out, e.g. " (or loss.align=0)"."""
+    if cfg.teacher.img_size != cfg.data.img_size:
+        raise ConfigError(f"teacher.img_size={cfg.teacher.img_size} differs from data.img_size={cfg.data.img_size}: "
+                          f"the teacher's targets are per patch, so it must see the student's frames; set "
+                          f"teacher.img_size={cfg.data.img_size}{alternative}")
+
+
+def check_mask_on_grid(cfg: Any) -> None:
+    """Raises ConfigError when mask.kind / mask.ratio cannot make a mask on the student's token grid."""
+    grid = token_grid(cfg.data.num_frames, cfg.data.img_size, cfg.model.patch_size, cfg.model.tubelet_size)
+    try:
+        masked_count(cfg.mask.kind, cfg.mask.ratio, grid)
+    except ValueError as e:
+        raise ConfigError(f"mask.ratio={cfg.mask.ratio} / mask.kind={cfg.mask.kind!r} on a {grid} token grid: "
+                          f"{e}") from None
+
+
+# ------------------------------------------------------------------------------------------ around the engine
+def begin_run(cfg: Any) -> dist.DistInfo:
+    """Joins (or makes) the process group, writes train.out/config.yaml on rank 0 and seeds torch, so every rank and
+    every run builds the same initial model."""
+    info = dist.init_distributed()
+    if info.is_main:
+        os.makedirs(cfg.train.out, exist_ok=True)
+        write_resolved(cfg, os.path.join(cfg.train.out, "config.yaml"))
+    torch.manual_seed(cfg.train.seed)
+    return info
+
+
+def run_summary(cfg: Any, summary: FitSummary) -> dict:
+    """The summary a stage returns (and `videomamba pretrain` prints)."""
+    return {"run_dir": cfg.train.out, "start_step": summary.start_step, "step": summary.step,
+            "last_loss": summary.last_loss, "resumed_from": summary.resumed_from,
+            "checkpoints": summary.checkpoints, "samples": summary.samples, "wall_s": round(summary.wall_s, 1)}
+
+
+def with_absolute_paths(cfg: Any) -> Any:
+    """A copy of a stage config whose local paths are absolute. Ray Train runs each worker in its own trial folder,
+    so a relative path (train.out=runs/s1, init=runs/s1, data.train=shards/index.json) would be read, or the run
+    written, there. URLs are left alone, and so are pretrained tags (teacher.pretrained=openai): an optional input is
+    made absolute only when it exists here."""
+    def local(path: str) -> bool:
+        return bool(path) and "://" not in path and not os.path.isabs(path)
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.out = os.path.abspath(cfg.train.out)
+    cfg.data.train = ",".join(os.path.abspath(s) if local(s) else s for s in split_sources(cfg.data.train))
+    for section, key in (("teacher", "pretrained"), ("model", "pretrained"), ("deepspeed", "config"),
+                         ("distill", "checkpoint"), (None, "init")):
+        owner = getattr(cfg, section, None) if section else cfg
+        value = getattr(owner, key, None) if owner is not None else None
+        if isinstance(value, str) and local(value) and os.path.exists(value):
+            setattr(owner, key, os.path.abspath(value))
+    return cfg
