@@ -104,11 +104,15 @@ class TeacherConfig:
     model: str = "ViT-B-16"  # an open_clip model name
     pretrained: Optional[str] = "openai"  # an open_clip pretrained tag or a checkpoint file
     img_size: int = 224
+    # false: the last block's patch tokens @ proj, as the official VideoMamba recipe (--clip_return_cls skips ln_post);
+    # true: through ln_post first (UMT's ViT recipe); docs/FIDELITY.md
+    ln_post: bool = False
 
 
 @dataclass
 class MaskConfig:
-    kind: Literal["random", "tube", "frame_row", "clip_row", "attention"] = "clip_row"
+    # attention: the official attention-guided mask (patches drawn by the teacher's [cls] attention); docs/FIDELITY.md
+    kind: Literal["random", "tube", "frame_row", "clip_row", "attention", "attention_topk"] = "attention"
     ratio: float = 0.8
 
 
@@ -144,12 +148,14 @@ class AlignStageConfig:
 
 @dataclass
 class TextConfig:
-    width: int = 256  # the text encoder's width (the tokenizer is open_clip's BPE, 49,408 ids + [MASK])
-    depth: int = 6  # layers in all
-    heads: int = 4
-    fusion_layers: int = 2  # the last layers, which cross-attend to the video tokens (the cross-modal decoder)
-    max_len: int = 32  # token ids per text, start and end tokens included
-    embed_dim: int = 256  # the joint video-text space of the contrastive loss
+    kind: Literal["bert"] = "bert"  # UMT's BERT with fusion layers (pipeline/models/text.py)
+    # a BERT directory in the transformers layout (config.json, weights, vocab) or a hub name in the local cache;
+    # nothing is downloaded (`huggingface-cli download bert-base-uncased --local-dir DIR` once, then text.pretrained=DIR)
+    pretrained: str = "bert-base-uncased"
+    fusion_layer: int = 9  # layers 0..fusion_layer-1 are text-only, the rest cross-attend to the video tokens
+    max_len: int = 32  # token ids per text, [CLS] and [SEP] included
+    embed_dim: int = 512  # the joint video-text space of the contrastive loss
+    temp: float = 0.07  # the initial temperature (learned, clamped to [0.001, 0.5])
 
 
 @dataclass
@@ -159,7 +165,7 @@ class VideoTextLossConfig:
     mlm: float = 1.0  # masked language modelling on the cross-modal layers
     align: float = 1.0  # stage 1's unmasked-token alignment to the teacher (0: no teacher is loaded)
     align_kind: Literal["mse", "cosine"] = "mse"
-    mlm_prob: float = 0.15
+    mlm_prob: float = 0.5  # each token but [PAD] / [CLS] is masked with this probability (the official 0.5)
 
 
 @dataclass
@@ -174,7 +180,7 @@ class VideoTextStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)  # UMT masks 50% in stage 2: configs/stage2_video_text.yaml
+    mask: MaskConfig = field(default_factory=MaskConfig)  # the official video_mm: attention, 0.8
     loss: VideoTextLossConfig = field(default_factory=VideoTextLossConfig)
 
 
@@ -183,6 +189,7 @@ class RetrievalModelConfig:
     kind: Literal["open_clip", "videomamba"] = "open_clip"  # open_clip: an image CLIP, frames mean-pooled (meanP);
     # videomamba: a stage-2 run (--checkpoint: its folder or one checkpoint), with its matching head for re-ranking
     name: str = "ViT-B-16"  # the open_clip model name; its weights come from `videomamba eval --checkpoint`
+    size: Literal["tiny", "small", "middle", "base"] = "middle"  # the VideoMamba of a released video_mm .pth file
 
 
 @dataclass
@@ -204,6 +211,7 @@ class RetrievalConfig:
     """`videomamba eval`: zero-shot text-video retrieval of a video-text model."""
 
     model: RetrievalModelConfig = field(default_factory=RetrievalModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # the text encoder of a released video_mm .pth file
     data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
     eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
 

@@ -1,8 +1,8 @@
 """Run the whole pipeline from one config: synthetic corpus -> shards -> teacher -> teacher's zero-shot retrieval ->
-stage 1 -> stage 2 -> the stage-2 model's zero-shot retrieval.
+stage 1 -> tiny BERT -> stage 2 -> the stage-2 model's zero-shot retrieval.
 
-Each step writes its outputs under --out (corpus/, shards/, teacher/, eval/, stage1/, stage2/, eval_stage2/,
-report.md) and a marker `OUT/steps/<step>.json` when it is complete; running the same
+Each step writes its outputs under --out (corpus/, shards/, teacher/, eval/, stage1/, text/bert/, stage2/,
+eval_stage2/, report.md) and a marker `OUT/steps/<step>.json` when it is complete; running the same
 command again skips complete steps and resumes the training stages from their newest complete checkpoint, so a run
 that was interrupted anywhere continues where it stopped. Delete a step's marker to redo it.
 
@@ -52,6 +52,18 @@ class TeacherStep:
 
 
 @dataclass
+class TextStep:
+    """The demo's BERT (stage 2's text encoder): a WordPiece vocabulary from the corpus captions and a small random
+    BertForMaskedLM, saved in the transformers layout; stage 2 loads it as it loads BERT-base."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    vocab_size: int = 1000
+    seed: int = 0
+
+
+@dataclass
 class StageStep:
     config: str = ""  # the stage's YAML (relative to this file's folder or the working directory)
     overrides: list[str] = field(default_factory=list)
@@ -64,6 +76,7 @@ class RunConfig:
     teacher: TeacherStep = field(default_factory=TeacherStep)
     eval_teacher: StageStep = field(default_factory=StageStep)  # the eval YAML; model and img_size are the teacher's
     stage1: StageStep = field(default_factory=StageStep)
+    text: TextStep = field(default_factory=TextStep)
     stage2: StageStep = field(default_factory=StageStep)  # no config: the run stops after stage 1
     eval_stage2: StageStep = field(default_factory=StageStep)  # the eval YAML for the stage-2 model
 
@@ -100,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         ("stage1", lambda: _stage1(stage1_cfg)),
     ]
     if stage2_cfg is not None:
-        steps += [("stage2", lambda: _stage2(stage2_cfg)),
+        steps += [("text", lambda: _tiny_bert(cfg.text, out)),
+                  ("stage2", lambda: _stage2(stage2_cfg)),
                   ("eval_stage2", lambda: _evaluate(eval2_cfg, os.path.join(out, "stage2"), out, "eval_stage2"))]
     for name, step in steps:
         _run_step(out, name, step)
@@ -276,8 +290,25 @@ def _stage2_config(step: StageStep, config_dir: str, out: str) -> VideoTextStage
     shards = ",".join(os.path.join(out, "shards", kind, "index.json") for kind in ("videos", "images"))
     wired = [f"data.train={shards}", f"init={os.path.join(out, 'stage1')}",
              f"teacher.pretrained={os.path.join(out, 'teacher', 'tiny_clip.pt')}",
-             f"train.out={os.path.join(out, 'stage2')}"]
+             f"text.pretrained={_bert_dir(out)}", f"train.out={os.path.join(out, 'stage2')}"]
     return load_config(VideoTextStageConfig, path, wired + list(step.overrides))
+
+
+def _bert_dir(out: str) -> str:
+    return os.path.join(out, "text", "bert")
+
+
+def _tiny_bert(step: TextStep, out: str) -> dict:
+    """Builds the demo's BERT from the training captions (videos and images) of the corpus."""
+    from pipeline.models.text import build_tiny_bert
+
+    captions = []
+    for manifest in ("videos.jsonl", "images.jsonl"):
+        with open(os.path.join(out, "corpus", manifest)) as f:
+            captions += [c for line in f if line.strip() for c in json.loads(line)["captions"]]
+    path = build_tiny_bert(captions, _bert_dir(out), hidden=step.hidden, layers=step.layers, heads=step.heads,
+                           vocab_size=step.vocab_size, seed=step.seed)
+    return {"bert": path, "captions": len(captions)}
 
 
 def _eval_stage2_config(step: StageStep, config_dir: str) -> RetrievalConfig:

@@ -9,12 +9,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["synth.videos=24", "synth.images=12", "synth.eval_videos=8", "synth.frames=8", "teacher.steps=8",
-        "shard.samples_per_shard=8",
+        "shard.samples_per_shard=8", "text.hidden=32", "text.layers=2", "text.heads=2",
         "stage1.overrides=[model.depth=2, model.embed_dim=64, data.num_frames=4, data.img_size=64, "
         "data.num_workers=0, train.max_steps=4, train.batch_size=4, train.warmup_steps=1, train.ckpt_every=2, "
         "teacher.model=tiny-clip, teacher.img_size=64, train.progress=false, train.tensorboard=false]",
         "stage2.overrides=[model.depth=2, model.embed_dim=64, data.num_frames=4, data.img_size=64, "
-        "data.num_workers=0, text.width=32, text.depth=2, text.heads=2, text.fusion_layers=1, text.max_len=16, "
+        "data.num_workers=0, text.fusion_layer=1, text.max_len=16, "
         "text.embed_dim=32, train.max_steps=4, train.batch_size=4, train.warmup_steps=1, train.ckpt_every=2, "
         "teacher.model=tiny-clip, teacher.img_size=64, train.progress=false, train.tensorboard=false]"]
 
@@ -30,7 +30,7 @@ def test_run_goes_end_to_end_then_skips_complete_steps(tmp_path):
     out = tmp_path / "demo"
     first = run(out)
     assert first.returncode == 0, first.stderr[-3000:]
-    for step in ("synth", "shard_videos", "shard_images", "teacher", "eval_teacher", "stage1", "stage2",
+    for step in ("synth", "shard_videos", "shard_images", "teacher", "eval_teacher", "stage1", "text", "stage2",
                  "eval_stage2"):
         assert (out / "steps" / f"{step}.json").exists(), step
     index = json.loads((out / "shards" / "videos" / "index.json").read_text())

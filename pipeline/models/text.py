@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +227,17 @@ class BertTextEncoder(nn.Module):
         return self.cls(hidden)
 
 
-def load_bert_text_encoder(pretrained: str, fusion_layer: int, cross_width: int,
+def load_bert_text_encoder(pretrained: str, fusion_layer: int, cross_width: int, weights: bool = True,
                            attn_implementation: str = "sdpa") -> tuple[BertTextEncoder, BertTextTokenizer]:
     """The text encoder and tokenizer of `text.pretrained` (a directory or a cached hub name): BERT's weights (a
     `BertForMaskedLM` / `BertForPreTraining` / `BertModel` checkpoint; an MLM head the checkpoint lacks starts fresh)
-    with fresh cross-attention in layers fusion_layer.. . Raises ConfigError when the files cannot be found."""
+    with fresh cross-attention in layers fusion_layer.. ; `weights=False` keeps BERT's random initialisation (for a
+    caller that loads a whole checkpoint next). Raises ConfigError when the files cannot be found."""
     path = resolve_pretrained(pretrained)
     _quiet_transformers()
     encoder = bert_text_encoder(bert_config(path), fusion_layer, cross_width, attn_implementation)
+    if not weights:
+        return encoder, BertTextTokenizer(path)
     missing = load_bert_weights(encoder, path)
     fresh = sorted({k.split(".crossattention.")[0] for k in missing if ".crossattention." in k})
     log.info("text encoder from %s: %d layers (%d text-only), cross-attention new in %s%s", path,

@@ -15,6 +15,8 @@ Main keys (configs/eval_retrieval.yaml; override any as key.sub=value):
   model.kind        open_clip: an image CLIP, frame features mean-pooled over time (CLIP4Clip's zero-shot meanP)
   model.name        the open_clip model name (ViT-B-16, ..., or a custom one such as the demo's tiny-clip, whose
                     <name>.json sits beside the checkpoint)
+  model.size, text.*  for a released video_mm .pth (model.kind=videomamba): the VideoMamba size (middle) and the
+                    BERT (text.pretrained: a directory or a cached hub name; fusion_layer 9, max_len 32, embed_dim 512)
   data.num_frames   frames per video          data.img_size   frame side in pixels
                     (null, the default: a videomamba run's own, from its config.yaml; otherwise 8 and 224)
   eval.batch_size   videos/texts per forward  eval.num_workers   decoding processes (0: in this process)
@@ -26,6 +28,9 @@ OUT/retrieval_<dataset>.md (the table, also printed) and OUT/retrieval_<dataset>
 Examples:
   videomamba eval --config configs/eval_retrieval.yaml --checkpoint openai --dataset msrvtt \\
       --annotations ann/msrvtt_test1k.json --videos s3://bucket/msrvtt/videos --out results/
+  videomamba eval --config configs/eval_retrieval.yaml --checkpoint videomamba_m16_25M_f8_res224.pth \\
+      --dataset msrvtt --annotations ann/msrvtt_test1k.json --videos msrvtt/videos \\
+      model.kind=videomamba model.size=middle text.pretrained=bert-base-uncased
   videomamba eval --config configs/eval_retrieval.yaml --checkpoint demo_out/teacher/tiny_clip.pt \\
       --dataset synthetic --annotations demo_out/corpus/eval/msrvtt_test.json --videos demo_out/corpus/eval/videos \\
       model.name=tiny-clip data.img_size=64
@@ -36,22 +41,24 @@ import argparse
 import copy
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import fsspec
 import open_clip
 import torch
 
-from pipeline.config import RetrievalConfig, RetrievalModelConfig, VideoTextStageConfig, load_config, resolved_dict
+from pipeline.config import (ModelConfig, RetrievalConfig, RetrievalModelConfig, TextConfig, VideoTextStageConfig,
+                             load_config, resolved_dict)
 from pipeline.engine.weights import run_weights
 from pipeline.errors import ConfigError
 from pipeline.eval.annotations import DATASETS, read_annotations
-from pipeline.eval.models import OpenClipMeanP, VideoMambaRetrieval, VideoTextModel
+from pipeline.eval.models import CLIP_NORM, IMAGENET_NORM, OpenClipMeanP, VideoMambaRetrieval, VideoTextModel
 from pipeline.eval.report import result_markdown, write_outputs
 from pipeline.eval.retrieval import NoUsableVideos, check_retrieval_config, retrieval_result
 from pipeline.models.factory import build_video_text_model
 from pipeline.models.teacher import OpenClipKeys, create_open_clip
-from pipeline.models.videomamba import load_official_checkpoint
+from pipeline.models.official import is_official_video_text, load_video_text_weights, read_checkpoint
 
 DEFAULT_FRAMES, DEFAULT_IMG_SIZE = 8, 224  # data.num_frames / data.img_size when null and not taken from a run
 
@@ -60,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the eval YAML config (path or URL)")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="the model's weights: for model.kind=open_clip a checkpoint file/URL or a pretrained tag; "
-                             "for model.kind=videomamba a stage-2 run folder or one of its checkpoints")
+                             "for model.kind=videomamba a stage-2 run folder or one of its checkpoints, or a released "
+                             "video_mm .pth file (with model.size=middle text.pretrained=BERT_DIR)")
     parser.add_argument("--dataset", required=True, metavar="|".join(DATASETS),
                         help="which annotation format --annotations is in (see above)")
     parser.add_argument("--annotations", required=True, metavar="FILE", help="the test annotations JSON (path or URL)")
@@ -97,7 +105,7 @@ def evaluate_retrieval(cfg: RetrievalConfig, checkpoint: str, dataset: str, anno
     if not fs.isdir(path):
         raise ConfigError(f"--videos {videos}: no such folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_retrieval_model(cfg.model, checkpoint, cfg.data.img_size, device, cfg.data.num_frames)
+    model = load_retrieval_model(cfg.model, checkpoint, cfg.data.img_size, device, cfg.data.num_frames, cfg.text)
     result = retrieval_result(model, cfg, ann, videos, progress)
     described = (f"{cfg.model.kind} {cfg.model.name} (frame features mean-pooled, meanP)"
                  if cfg.model.kind == "open_clip" else "videomamba stage-2 video-text model")
@@ -127,12 +135,15 @@ def _in_a_run(cfg: RetrievalConfig, checkpoint: str) -> bool:
 
 # ---------------------------------------------------------------------------------- the model from --checkpoint
 def load_retrieval_model(model_cfg: RetrievalModelConfig, checkpoint: str, img_size: int, device: torch.device,
-                         num_frames: int = DEFAULT_FRAMES) -> VideoTextModel:
+                         num_frames: int = DEFAULT_FRAMES, text_cfg: Optional[TextConfig] = None) -> VideoTextModel:
     """Returns the model of `model_cfg.kind` with the weights of `checkpoint` (for open_clip: a checkpoint file or
-    URL with `<model.name>.json` beside it for a custom model, or a pretrained tag; for videomamba: a stage-2 run)."""
+    URL with `<model.name>.json` beside it for a custom model, or a pretrained tag; for videomamba: a stage-2 run, or
+    a checkpoint file, e.g. a released video_mm one, of the model that model.size and `text_cfg` describe)."""
     if model_cfg.kind == "open_clip":
         model = create_open_clip(model_cfg.name, checkpoint, img_size, OpenClipKeys("model.name", "--checkpoint"))
         return OpenClipMeanP(model, open_clip.get_tokenizer(model_cfg.name), device)
+    if model_cfg.kind == "videomamba" and text_cfg is not None and _is_file(checkpoint):
+        return _released_model(model_cfg, text_cfg, checkpoint, num_frames, img_size, device)
     if model_cfg.kind == "videomamba":
         return _stage2_model(checkpoint, num_frames, img_size, device)
     raise ValueError(f"model.kind {model_cfg.kind!r} has no implementation")
@@ -145,18 +156,41 @@ def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch
     if state is None:
         raise ConfigError(f"--checkpoint {checkpoint}: model.kind=videomamba needs a stage-2 run folder or one of its "
                           f"checkpoint folders")
-    model, tokenizer = build_video_text_model(cfg, num_frames, img_size)
-    try:  # the backbone.* weights, position embeddings fitted to this frame count and size
-        load_official_checkpoint(model.backbone, state)
+    model, tokenizer = build_video_text_model(cfg, num_frames, img_size, bert_weights=False)
+    state = {k: v for k, v in state.items() if not k.startswith("align_head.")}
+    try:  # position embeddings fitted to this frame count and size
+        load_video_text_weights(model, state)
     except ValueError as e:
-        raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
-    rest = {k: v for k, v in state.items() if not k.startswith(("backbone.", "align_head."))}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
-    if missing or unexpected:
-        raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: missing "
-                          f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+        raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: {e}") from None
     return VideoMambaRetrieval(model, tokenizer, cfg.text.max_len, device)
+
+
+def _released_model(model_cfg: RetrievalModelConfig, text_cfg: TextConfig, checkpoint: str, num_frames: int,
+                    img_size: int, device: torch.device) -> VideoMambaRetrieval:
+    """A video-text model from one checkpoint file: a released video_mm .pth (trained on ImageNet-normalized frames,
+    so evaluated on them) or a state dict in the project's layout, of VideoMamba `model.size` and the BERT of
+    `text.*`."""
+    model, tokenizer = build_video_text_model(_ReleasedModel(ModelConfig(size=model_cfg.size), text_cfg), num_frames,
+                                              img_size, bert_weights=False)
+    try:
+        state = read_checkpoint(checkpoint)
+        official = is_official_video_text(state)
+        load_video_text_weights(model, state)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
+    return VideoMambaRetrieval(model, tokenizer, text_cfg.max_len, device,
+                               IMAGENET_NORM if official else CLIP_NORM)
+
+
+@dataclass
+class _ReleasedModel:
+    model: ModelConfig
+    text: TextConfig
+
+
+def _is_file(checkpoint: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    return fs.isfile(path)
 
 
 def run_config(checkpoint: str) -> str:

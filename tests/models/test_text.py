@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertForMaskedLM, BertModel
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.models.text import BertTextTokenizer, load_bert_text_encoder, resolve_pretrained
 
 

@@ -78,3 +78,27 @@ def test_the_matching_head_sees_the_video_and_gradients_reach_both_encoders(tiny
                    "temp"):
         found = [g for name, g in grads.items() if name.startswith(prefix)]
         assert found and all(g is not None and g.abs().sum() > 0 for g in found), prefix
+
+
+def test_the_stage2_builder_starts_from_exactly_the_pretrained_berts_weights(tiny_bert_dir):
+    """configs/stage2_video_text.yaml with text.pretrained=<a tiny BERT>: every BERT tensor the model holds is the
+    directory's, the fusion layers' cross-attention is new, the tokenizer is the directory's."""
+    from pathlib import Path
+
+    from transformers import BertForMaskedLM
+
+    from pipeline.config import VideoTextStageConfig, load_config
+    from pipeline.models.factory import build_video_text_model
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "stage2_video_text.yaml"
+    cfg = load_config(VideoTextStageConfig, str(config), [f"text.pretrained={tiny_bert_dir}", "text.fusion_layer=1",
+                                                          "model.depth=2", "model.embed_dim=24", "text.embed_dim=16"])
+    model, tokenizer = build_video_text_model(cfg, num_frames=2, img_size=32)
+    bert = BertForMaskedLM.from_pretrained(tiny_bert_dir).state_dict()
+    own = model.state_dict()
+    compared = [k for k in bert if f"text_encoder.{k}" in own]
+    assert len(compared) == len([k for k in own if k.startswith("text_encoder.") and ".crossattention." not in k])
+    assert all(torch.equal(own[f"text_encoder.{k}"], bert[k]) for k in compared)
+    assert sum(".crossattention.self.query.weight" in k for k in own) == 2  # layers 1 and 2 of 3 fuse
+    assert tokenizer(["a red ball"], 8).ids[0, 0] == tokenizer.cls_token_id
+    assert model.temp.item() == torch.tensor(0.07).item() and model.vision_proj.out_features == 16

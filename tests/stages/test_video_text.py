@@ -15,15 +15,20 @@ import yaml
 from tests.stages.stage_helpers import REPO, TEACHER, metrics, run_cli, stage_args
 
 pytestmark = pytest.mark.slow
+BERT = []  # the session's tiny BERT directory (the tiny_bert_dir fixture), for stage2_args
 
 
-def stage2_args(shards, teacher_file, out, init, steps, extra=()):
+@pytest.fixture(autouse=True)
+def _bert(tiny_bert_dir):
+    BERT[:] = [tiny_bert_dir]
+
+
+def stage2_args(shards, teacher_file, out, init, steps, extra=(), bert=None):
     return ["pretrain", "--config", str(REPO / "configs" / "stage2_video_text.yaml"), f"init={init}",
             f"data.train={shards}", f"teacher.model={TEACHER}", f"teacher.pretrained={teacher_file}",
             "teacher.img_size=64", "data.img_size=64", "data.num_frames=4", "data.num_workers=1",
             "model.depth=2", "model.embed_dim=64", "model.scan_backend=torch", "model.drop_path_rate=0.0",
-            "text.width=64", "text.depth=3", "text.heads=2", "text.fusion_layers=1", "text.max_len=24",
-            "text.embed_dim=32", f"train.max_steps={steps}", "train.batch_size=4", "train.lr=1.0e-3",
+            f"text.pretrained={bert or BERT[0]}", "text.fusion_layer=2", "text.max_len=24", "text.embed_dim=32", f"train.max_steps={steps}", "train.batch_size=4", "train.lr=1.0e-3",
             "train.warmup_steps=5", "train.ckpt_every=15", "train.progress=false", "train.tensorboard=false",
             f"train.out={out}", *extra]
 
@@ -75,8 +80,11 @@ def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, t
 
 def test_stage2_config_errors_exit_2_naming_the_key(shards, teacher_file, tmp_path, capsys):
     bad = run_cli(stage2_args(shards, teacher_file, tmp_path / "x", tmp_path / "nowhere", steps=2,
-                              extra=["text.fusion_layers=5"]))
-    assert bad.returncode == 2 and "text.fusion_layers=5" in bad.stderr, bad.stderr[-2000:]
+                              extra=["text.fusion_layer=5"]))
+    assert bad.returncode == 2 and "text.fusion_layer=5" in bad.stderr, bad.stderr[-2000:]
+    missing = run_cli(stage2_args(shards, teacher_file, tmp_path / "y", tmp_path / "nowhere", steps=2,
+                                  bert=str(tmp_path / "no-bert")))
+    assert missing.returncode == 2 and "huggingface-cli download" in missing.stderr, missing.stderr[-2000:]
 
 
 def test_stage2_under_torchrun_contrasts_the_global_batch(shards, teacher_file, stage1_run, tmp_path):
