@@ -54,7 +54,9 @@ def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, t
     assert all({"vtc", "vtm", "mlm", "align"} <= r.keys() for r in records)
     assert all(r["loss"] == pytest.approx(r["vtc"] + r["vtm"] + r["mlm"] + r["align"], rel=1e-5) for r in records)
     mlm = [r["mlm"] for r in records]
-    assert np.mean(mlm[-10:]) < np.mean(mlm[:10]) - 0.5, mlm  # from ~log(49,409) = 10.8 towards the captions' words
+    assert np.mean(mlm[-10:]) < np.mean(mlm[:10]) - 0.2, mlm  # from ~log(vocabulary) towards the captions' words
+    losses = [r["loss"] for r in records]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
     assert yaml.safe_load((out / "config.yaml").read_text())["stage"] == "video_text"
 
     copy = tmp_path / "resumed"
@@ -92,7 +94,7 @@ def test_stage2_under_torchrun_contrasts_the_global_batch(shards, teacher_file, 
     the global loss is checked in tests/test_losses.py) and the run checkpoints both ranks."""
     out = tmp_path / "run"
     args = stage2_args(shards, teacher_file, out, stage1_run, steps=3,
-                       extra=["deepspeed.zero_stage=2", "train.ckpt_every=3", "loss.align=0"])
+                       extra=["deepspeed.zero_stage=2", "train.ckpt_every=3", "loss.align=0", "mask.kind=random"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "pipeline.cli", *args],
