@@ -107,6 +107,9 @@ class TeacherConfig:
     # false: the last block's patch tokens @ proj, as the official VideoMamba recipe (--clip_return_cls skips ln_post);
     # true: through ln_post first (UMT's ViT recipe); docs/FIDELITY.md
     ln_post: bool = False
+    # true: the student's [cls] is aligned too, to the teacher's [CLS] averaged over the frames (the official
+    # --clip_return_cls); false: the patch tokens only
+    cls_target: bool = True
 
 
 @dataclass

@@ -35,14 +35,16 @@ class MaskedAlignment:
     Per batch: the frozen teacher encodes every frame (under no_grad, outside the trained module); a mask of
     `mask_kind` hides `mask_ratio` of the student's tokens (the attention-guided one from the teacher's [cls]
     attention); the student (`model(video, mask)` -> projected visible tokens, distillation features or None) is
-    aligned to the teacher's tokens of the patches it sees. Masks come from torch's global RNG, which the engine
-    seeds per rank and checkpoints, so a resumed run draws the same masks.
+    aligned to the teacher's tokens of the patches it sees, and with `cls_target` its [cls] to the teacher's [CLS]
+    averaged over the frames (the official recipe: video_sm/models/clip.py with clip_return_cls; the student then
+    returns its [cls] first). Masks come from torch's global RNG, which the engine seeds per rank and checkpoints, so
+    a resumed run draws the same masks.
     """
 
     def __init__(self, teacher: nn.Module, grid: tuple[int, int, int], mask_kind: str, mask_ratio: float,
                  loss_kind: str = "mse", tubelet: int = 1, guide: Optional[FrozenGuide] = None,
-                 distill_weight: float = 1.0):
-        self.teacher, self.grid, self.tubelet = teacher, grid, tubelet
+                 distill_weight: float = 1.0, cls_target: bool = True):
+        self.teacher, self.grid, self.tubelet, self.cls_target = teacher, grid, tubelet, cls_target
         self.mask_kind, self.mask_ratio, self.loss_kind = mask_kind, mask_ratio, loss_kind
         self.guide, self.distill_weight = guide, distill_weight
 
@@ -52,7 +54,7 @@ class MaskedAlignment:
         mask = build_mask(self.mask_kind, self.mask_ratio, self.grid, video.shape[0], attention=attention)
         mask = mask.to(video.device)
         aligned, distilled = model(video, mask)
-        align = alignment_loss(aligned, visible_targets(targets, mask), self.loss_kind)
+        align = alignment_loss(aligned, self.visible(targets, mask), self.loss_kind)
         parts = {"align": float(align.detach())}
         loss = align
         if self.guide is not None:
@@ -62,10 +64,19 @@ class MaskedAlignment:
             loss = loss + self.distill_weight * distill
         return loss, parts
 
+    def visible(self, targets: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The targets of what the student sees: its visible tokens' (and [cls]'s, first, with cls_target)."""
+        if mask is None:
+            return targets
+        if self.cls_target:
+            mask = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
+        return visible_targets(targets, mask)
+
     @torch.no_grad()
     def teacher_targets(self, video: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Returns the teacher's tokens (B, T'*h*w, C) of a clip (B, 3, T, H, W) and its [cls] attention (B, T'*h*w)
-        when the mask needs it; with tubelets of several frames, both are averaged over a tubelet's frames."""
+        """Returns the teacher's targets (B, [1 +] T'*h*w, C) of a clip (B, 3, T, H, W): with cls_target its [CLS]
+        averaged over the frames first, then the patch tokens; and its [cls] attention (B, T'*h*w) when the mask
+        needs it. With tubelets of several frames, tokens and attention are averaged over a tubelet's frames."""
         batch, _, frames, height, width = video.shape
         self.teacher.to(device=video.device, dtype=video.dtype)
         features = self.teacher(video.transpose(1, 2).reshape(batch * frames, 3, height, width),
@@ -75,7 +86,10 @@ class MaskedAlignment:
         attention = features.cls_attention
         if attention is not None:
             attention = attention.reshape(batch, t, self.tubelet, -1).mean(2).reshape(batch, -1)
-        return tokens.reshape(batch, -1, tokens.shape[-1]), attention
+        tokens = tokens.reshape(batch, -1, tokens.shape[-1])
+        if self.cls_target:
+            tokens = torch.cat([features.cls.reshape(batch, frames, -1).mean(1, keepdim=True), tokens], dim=1)
+        return tokens, attention
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
@@ -140,8 +154,8 @@ class VideoTextObjective:
             logits = net.mlm_logits(masked, attention_mask, out.video_tokens, positions)
             parts["mlm"] = F.cross_entropy(logits.float(), labels)
         if self.alignment is not None:
-            visible = visible_targets(targets, mask) if mask is not None else targets
-            parts["align"] = alignment_loss(out.aligned, visible, self.alignment.loss_kind)
+            parts["align"] = alignment_loss(out.aligned, self.alignment.visible(targets, mask),
+                                            self.alignment.loss_kind)
         loss = sum(self.weights.get(name, 0.0) * value for name, value in parts.items())
         return loss, {name: float(value.detach()) for name, value in parts.items()}
 

@@ -30,6 +30,7 @@ from pipeline.config import ConfigError, TeacherConfig
 @dataclass
 class TeacherFeatures:
     tokens: torch.Tensor  # (N, h*w, C): the last block's patch tokens (ln_post if asked) through the projection
+    cls: torch.Tensor  # (N, C): its [CLS] token the same way (the official recipe's frame-averaged [CLS] target)
     cls_attention: Optional[torch.Tensor]  # (N, h*w): the last block's [cls]->patch attention, mean over heads
 
 
@@ -92,10 +93,10 @@ class ClipTeacher(nn.Module):
             x = block(x)
         attention = _cls_attention(blocks[-1], x, self.name) if with_attention else None
         x = blocks[-1](x)
-        tokens = visual.ln_post(x[:, 1:]) if self.ln_post else x[:, 1:]
+        x = visual.ln_post(x) if self.ln_post else x
         if visual.proj is not None:
-            tokens = tokens @ visual.proj
-        return TeacherFeatures(tokens=tokens, cls_attention=attention)
+            x = x @ visual.proj
+        return TeacherFeatures(tokens=x[:, 1:], cls=x[:, 0], cls_attention=attention)
 
 
 def build_teacher(teacher_cfg: TeacherConfig) -> ClipTeacher:

@@ -40,7 +40,7 @@ class VideoTextOutput:
     text_embed: Tensor  # (B, E) L2-normalized
     video_tokens: Tensor  # (B, N_visible, D): the cross-attention memory (final-normed patch tokens)
     text_hidden: Tensor  # (B, L, H) of the text-only layers
-    aligned: Optional[Tensor]  # (B, N_visible, teacher width) or None without an alignment head
+    aligned: Optional[Tensor]  # (B, [1 +] N_visible, teacher width) ([cls] first with align_cls) or None
     temp: Tensor  # (1,) the temperature: logits are similarity / temp
 
 
@@ -49,8 +49,9 @@ class VideoTextModel(nn.Module):
     and `mlm_logits` run the fusion layers for the matching and masked-language heads."""
 
     def __init__(self, backbone: VideoMamba, text_encoder: BertTextEncoder, embed_dim: int = 512,
-                 temp: float = 0.07, teacher_dim: Optional[int] = None):
+                 temp: float = 0.07, teacher_dim: Optional[int] = None, align_cls: bool = True):
         super().__init__()
+        self.align_cls = align_cls  # the alignment head also projects [cls] (first), for a [CLS] target
         self.backbone = backbone
         self.pool_norm = nn.LayerNorm(backbone.embed_dim)
         self.text_encoder = text_encoder
@@ -71,7 +72,9 @@ class VideoTextModel(nn.Module):
         else:
             pooled = out.cls[:, None] + tokens.mean(1, keepdim=True)
         per_frame = F.normalize(self.vision_proj(self.pool_norm(pooled)).float(), dim=-1)
-        aligned = self.align_head(tokens) if self.align_head is not None else None
+        aligned = None
+        if self.align_head is not None:
+            aligned = self.align_head(torch.cat([out.cls[:, None], tokens], 1) if self.align_cls else tokens)
         return per_frame.mean(1), tokens, aligned
 
     def encode_text(self, ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

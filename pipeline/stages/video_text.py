@@ -48,7 +48,8 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
         _load_checkpoint_file(model, cfg.init)
     grid = model.backbone.patch_grid
     alignment = (MaskedAlignment(teacher, grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.align_kind,
-                                 cfg.model.tubelet_size) if teacher is not None else None)
+                                 cfg.model.tubelet_size, cls_target=cfg.teacher.cls_target)
+                 if teacher is not None else None)
     weights = {"vtc": cfg.loss.vtc, "vtm": cfg.loss.vtm, "mlm": cfg.loss.mlm, "align": cfg.loss.align}
     objective = VideoTextObjective(tokenizer, cfg.text.max_len, grid, cfg.mask.kind, cfg.mask.ratio, weights,
                                    cfg.loss.mlm_prob, alignment)

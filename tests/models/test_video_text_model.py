@@ -26,7 +26,7 @@ def test_forward_shapes_and_embeddings(tiny_bert_dir):
     assert torch.allclose(out.video_embed.norm(dim=-1), torch.ones(3), atol=1e-5)  # masked: one pooled vector
     assert torch.allclose(out.text_embed.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert out.video_tokens.shape == (3, 4, 24)  # the visible patch tokens, no [cls]
-    assert out.aligned.shape == (3, 4, 20)
+    assert out.aligned.shape == (3, 1 + 4, 20)  # [cls] first (the [CLS] target), then the visible tokens
     assert out.text_hidden.shape == (3, 8, 32)
     assert model.match_logits(out.text_hidden, tokens.attention_mask, out.video_tokens).shape == (3, 2)
     positions = torch.tensor([[0, 1], [2, 3]])
