@@ -34,3 +34,19 @@ def test_video_features_are_the_normalized_mean_of_normalized_frame_features(tmp
 def test_a_missing_checkpoint_names_the_option(tmp_path):
     with pytest.raises(ConfigError, match=r"--checkpoint='.*none.pt': no such checkpoint file"):
         load_retrieval_model(RetrievalModelConfig(name=NAME), str(tmp_path / "none.pt"), 32, torch.device("cpu"))
+
+
+def test_clips_are_renormalized_exactly_for_a_model_trained_on_imagenet_normalization():
+    """A released video_mm model was trained on ImageNet-normalized frames (video_mm/dataset/__init__.py); the
+    evaluation's CLIP-normalized clips are mapped onto that normalization exactly."""
+    import torch
+
+    from pipeline.eval.models import CLIP_NORM, IMAGENET_NORM, renormalized
+
+    pixels = torch.rand(2, 3, 4, 8, 8)
+
+    def normalized(norm):
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1, 1) for v in norm)
+        return (pixels - mean) / std
+
+    torch.testing.assert_close(renormalized(normalized(CLIP_NORM)), normalized(IMAGENET_NORM))
