@@ -103,3 +103,24 @@ def test_stage2_under_torchrun_contrasts_the_global_batch(shards, teacher_file, 
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3] and all("align" not in r for r in records)
     assert {"rank_00000.pt", "rank_00001.pt", "COMPLETE.json"} <= set(os.listdir(out / "checkpoints" / "step_00000003"))
+
+
+def test_stage2_starts_from_a_released_video_mm_checkpoint_file(shards, teacher_file, tiny_bert_dir, tmp_path):
+    """init=FILE.pth: a fake official video_mm container (8 frames at 224 px) of this config's shapes starts the whole
+    model, its position embeddings fitted to 4 frames at 64 px."""
+    import torch
+    from transformers import BertConfig
+
+    from tests.models.official_layout import fake_official_video_mm
+
+    bert = BertConfig.from_pretrained(tiny_bert_dir)
+    checkpoint = fake_official_video_mm(
+        depth=2, width=64, embed_dim=32, clip_teacher=dict(width=32, layers=1, output_dim=16),
+        bert=dict(hidden=bert.hidden_size, layers=bert.num_hidden_layers, fusion_layer=2, vocab=bert.vocab_size,
+                  max_positions=bert.max_position_embeddings))
+    path = tmp_path / "videomamba_fake_f8_res224.pth"
+    torch.save(checkpoint, path)
+    done = run_cli(stage2_args(shards, teacher_file, tmp_path / "run", path, steps=2, extra=["train.ckpt_every=2"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the whole video-text model" in done.stderr and "temporal_pos_embedding: 8 -> 4" in done.stderr
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
