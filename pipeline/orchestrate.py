@@ -149,6 +149,10 @@ def report(out: str) -> str:
     stage1 = marker("stage1")
     rows.append(("stage1", _training_summary(stage1["run_dir"], {"alignment loss": "loss"}, digits=3),
                  stage1["seconds"]))
+    if os.path.exists(os.path.join(out, "steps", "text.json")):
+        text = marker("text")
+        rows.append(("text", f"tiny BERT: {text['layers']} layers of {text['hidden']}, a {text['vocab']}-id "
+                             f"WordPiece vocabulary from {text['captions']} captions", text["seconds"]))
     if os.path.exists(os.path.join(out, "steps", "stage2.json")):
         stage2 = marker("stage2")
         names = {name: name for name in ("vtc", "vtm", "mlm", "align")}
@@ -308,7 +312,9 @@ def _tiny_bert(step: TextStep, out: str) -> dict:
             captions += [c for line in f if line.strip() for c in json.loads(line)["captions"]]
     path = build_tiny_bert(captions, _bert_dir(out), hidden=step.hidden, layers=step.layers, heads=step.heads,
                            vocab_size=step.vocab_size, seed=step.seed)
-    return {"bert": path, "captions": len(captions)}
+    with open(os.path.join(path, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    return {"bert": path, "captions": len(captions), "hidden": step.hidden, "layers": step.layers, "vocab": vocab}
 
 
 def _eval_stage2_config(step: StageStep, config_dir: str) -> RetrievalConfig:
