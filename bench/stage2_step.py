@@ -45,8 +45,8 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as bert_dir:
         # BERT-base's shape (768 x 12 layers, 12 heads, 30,522 ids, 512 positions) with random weights
-        build_tiny_bert(CAPTIONS * 8, bert_dir, hidden=768, layers=12, heads=12, max_positions=512)
-        _pad_vocabulary(bert_dir, 30522)
+        build_tiny_bert(CAPTIONS * 8, bert_dir, hidden=768, layers=12, heads=12, max_positions=512,
+                        embedding_rows=30522)
         model, tokenizer = build_video_text_model(_Config(args.size, args.backend, bert_dir), args.frames,
                                                   args.img_size)
     model.to(device).train()
@@ -79,14 +79,6 @@ def main(argv=None) -> None:
               f"{len(missing)}{' ' + str(missing[:3]) if missing else ''}", flush=True)
         if not torch.isfinite(loss):
             raise SystemExit("the loss is not finite")
-
-
-def _pad_vocabulary(bert_dir: str, size: int) -> None:
-    """Grows the saved BERT's config and embeddings to `size` ids (BERT-base's), keeping the tokenizer's ids."""
-    from transformers import BertForMaskedLM
-    model = BertForMaskedLM.from_pretrained(bert_dir)
-    model.resize_token_embeddings(size)
-    model.save_pretrained(bert_dir)
 
 
 if __name__ == "__main__":

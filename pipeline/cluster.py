@@ -40,11 +40,14 @@ def ray_connection(address: Optional[str], workers: Optional[int]) -> Iterator[i
         yield int(ray.cluster_resources().get("CPU", 1))
         return
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+    # Inside `ray job submit` the job's cluster is in RAY_ADDRESS. Otherwise "local" starts a cluster of our own:
+    # a bare ray.init() would join any cluster that `ray start` left on this machine and then refuse num_cpus.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=workers or os.cpu_count(), **kwargs)
+            ray.init(address="local", num_cpus=workers or os.cpu_count(), **kwargs)
     except (ConnectionError, ValueError) as e:
         raise ConfigError(f"--ray-address {address}: cannot connect to a Ray cluster: {e}") from None
     try:

@@ -91,6 +91,10 @@ class TrainConfig:
     # replay the backbone's blocks as CUDA graphs (pipeline.engine.graphs): removes the host's launch cost that
     # bounds small steps on a GPU (VideoMamba-Ti at 8 frames: 5x faster); CUDA and ZeRO stages 0-2 only
     cuda_graphs: bool = False
+    # every this many optimizer steps, the stage's evaluation (stage 2: zero-shot retrieval on `eval.annotations`)
+    # runs on the training model and its R@1 goes to metrics.jsonl; 0: never. Every rank runs it (ZeRO-3 gathers
+    # weights collectively); it touches neither the data position nor the RNG streams, so exact resume holds
+    eval_every: int = 0
 
 
 @dataclass
@@ -172,6 +176,27 @@ class VideoTextLossConfig:
 
 
 @dataclass
+class RetrievalEvalConfig:
+    batch_size: int = 16  # videos encoded per forward
+    rerank_k: int = 128  # UMT's k_test: each query's top k re-ranked by the model's matching head, when it has one
+    rerank_batch: int = 512  # (text, video) pairs per call of the fusion layers
+    num_workers: int = 2  # reading (and, with the CPU decoder, decoding) processes
+    decoder: Literal["auto", "cpu", "dali"] = "auto"  # auto: DALI where it and a GPU are present
+    # false: a missing or undecodable video stops the evaluation before scoring, listing them; true: the rest are
+    # scored and every headline says "on N of M videos". null: false for the benchmarks, true for `synthetic`
+    allow_missing: Optional[bool] = None
+
+
+@dataclass
+class TrainingEvalConfig(RetrievalEvalConfig):
+    """Stage 2's zero-shot retrieval every train.eval_every steps (`videomamba eval`'s eval.* keys, plus the set)."""
+
+    annotations: Optional[str] = None  # the eval set's annotations (any format `videomamba eval` reads)
+    videos: Optional[str] = None  # the folder its videos are in
+    dataset: Optional[str] = None  # the benchmark; null: from the file or its name
+
+
+@dataclass
 class VideoTextStageConfig:
     """Stage 2: joint video-text pretraining of the stage-1 backbone with a text encoder and a cross-modal decoder."""
 
@@ -185,6 +210,7 @@ class VideoTextStageConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)  # the official video_mm: attention, 0.8
     loss: VideoTextLossConfig = field(default_factory=VideoTextLossConfig)
+    eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
 
 
 @dataclass
@@ -198,15 +224,11 @@ class RetrievalModelConfig:
 @dataclass
 class RetrievalDataConfig:
     # null: a videomamba run's own data.num_frames / data.img_size (its config.yaml), else 8 frames of 224 px
-    num_frames: Optional[int] = None  # frames per video: the middle frame of each of T equal segments
-    img_size: Optional[int] = None  # frame side after resize + centre crop
-
-
-@dataclass
-class RetrievalEvalConfig:
-    batch_size: int = 16  # videos (and texts) encoded per forward
-    rerank_k: int = 128  # top-k candidates re-ranked by the model's matching head, when it has one; 0: never
-    num_workers: int = 2  # decoding processes
+    num_frames: Optional[int] = None  # frames per video: UMT's "middle" sampling
+    img_size: Optional[int] = None  # frame side
+    # auto: the model's own (videomamba: ImageNet's, as the official evaluation; open_clip: the model's); imagenet or
+    # clip to match what a run was trained with
+    normalize: Literal["auto", "imagenet", "clip"] = "auto"
 
 
 @dataclass

@@ -179,14 +179,14 @@ def _training_summary(run_dir: str, losses: dict[str, str], digits: int) -> str:
 
 
 def _eval_summary(results: dict, model: str = "CLIP meanP") -> str:
-    """Returns the report's text for a zero-shot retrieval step: R@1/5/10 both ways in the MSRVTT format (with
-    chance level), R@1 both ways in the MSVD format (every caption a query)."""
+    """Returns the report's text for a zero-shot retrieval step (in %, the final scores: re-ranked when the model
+    has a matching head): R@1/5/10 both ways in the MSRVTT format (with chance level), R@1 both ways in the MSVD
+    format (every caption a query)."""
     msrvtt, msvd = results["msrvtt"], results["msvd"]
-    t2v, v2t = msrvtt["text_to_video"], msrvtt["video_to_text"]
-    return (f"zero-shot ({model}) T2V R@1 {t2v['R@1']:.2f} / R@5 {t2v['R@5']:.2f} / R@10 {t2v['R@10']:.2f}, "
-            f"V2T R@1 {v2t['R@1']:.2f} (MSRVTT format, {msrvtt['videos']} videos; chance 1/{msrvtt['videos']}); "
-            f"MSVD format ({msvd['texts']} captions): T2V R@1 {msvd['text_to_video']['R@1']:.2f}, "
-            f"V2T R@1 {msvd['video_to_text']['R@1']:.2f}")
+    return (f"zero-shot ({model}) T2V R@1 {msrvtt['img_r1']:.1f} / R@5 {msrvtt['img_r5']:.1f} / "
+            f"R@10 {msrvtt['img_r10']:.1f}, V2T R@1 {msrvtt['txt_r1']:.1f} (MSRVTT format, {msrvtt['videos']} "
+            f"videos; chance 1/{msrvtt['videos']}); MSVD format ({msvd['texts']} captions): T2V R@1 "
+            f"{msvd['img_r1']:.1f}, V2T R@1 {msvd['txt_r1']:.1f}; recalls in %, {msrvtt['scores']} scores")
 
 
 def _run_step(out: str, name: str, step: Callable[[], dict]) -> None:
@@ -276,9 +276,10 @@ def _evaluate(cfg: RetrievalConfig, checkpoint: str, out: str, folder_name: str)
                                     os.path.join(folder, "videos"), os.path.join(out, folder_name))
         print(result_markdown(result), flush=True)
         counts = result["counts"]
+        final = "reranked" if "reranked" in result["metrics"] else "contrastive"
         results[dataset] = {"videos": counts["videos_evaluated"], "texts": counts["texts_evaluated"],
-                            "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"],
-                            **result["metrics"], "json": result["outputs"]["json"]}
+                            "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"], "scores": final,
+                            **result["metrics"][final], "json": result["outputs"]["json"]}
     return results
 
 

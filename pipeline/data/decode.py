@@ -1,4 +1,4 @@
-"""Decoders: encoded sample bytes + a `ClipPlan` -> CLIP-normalized (3, T, S, S) clips. The only module that talks to
+"""Decoders: encoded sample bytes + a `ClipPlan` -> normalized (3, T, S, S) clips (the plan says how). The only module that talks to
 PyAV, PIL and DALI.
 
 Two implementations of one protocol (`Decoder.decode(samples) -> (video, failures)`):
@@ -22,7 +22,7 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.transforms import CLIP_MEAN, CLIP_STD, ClipPlan, planned_clip
+from pipeline.data.transforms import ClipPlan, planned_clip
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -272,8 +272,8 @@ class DaliDecoder:
         return clips
 
     def _run(self, samples: list[EncodedSample]) -> torch.Tensor:
-        media, t, size = samples[0].media, len(samples[0].plan.indices), samples[0].plan.size
-        pipe = self._pipe(media, t, size)
+        media, plan = samples[0].media, samples[0].plan
+        pipe = self._pipe(media, len(plan.indices), _dali_look(plan))
         pipe.feed_input("encoded", [np.frombuffer(s.data, np.uint8) for s in samples])
         if media == "video":
             pipe.feed_input("frames", [np.asarray(s.plan.indices, np.int32) for s in samples])
@@ -283,7 +283,7 @@ class DaliDecoder:
         (batch,) = pipe.run()
         clips = self._as_torch(batch.as_tensor())
         if media == "image":  # (B, 3, S, S) -> (B, 3, T, S, S): an image is a 1-frame clip repeated to T
-            clips = clips.unsqueeze(2).expand(-1, -1, t, -1, -1).contiguous()
+            clips = clips.unsqueeze(2).expand(-1, -1, len(plan.indices), -1, -1).contiguous()
         return clips
 
     def _as_torch(self, tensor) -> torch.Tensor:
@@ -298,10 +298,10 @@ class DaliDecoder:
     def _torch_device(self) -> torch.device:
         return torch.device("cpu") if self.device == "cpu" else torch.device("cuda", self.device_id)
 
-    def _pipe(self, media: str, t: int, size: int):
-        key = (media, t, size)
+    def _pipe(self, media: str, t: int, look: tuple):
+        key = (media, t, look)
         if key not in self._pipes:
-            pipe = _dali_pipeline(media, size, self.device, batch_size=self.max_batch, num_threads=self.threads,
+            pipe = _dali_pipeline(media, look, self.device, batch_size=self.max_batch, num_threads=self.threads,
                                   device_id=self.device_id if self.device == "gpu" else None,
                                   exec_dynamic=True, prefetch_queue_depth=1)
             pipe.build()
@@ -309,8 +309,15 @@ class DaliDecoder:
         return self._pipes[key]
 
 
-def _dali_pipeline(media: str, size: int, device: str, **pipeline_kwargs):
+def _dali_look(plan: ClipPlan) -> tuple:
+    """What a DALI pipeline is built for, apart from the media and the frame count: size, resize, normalization."""
+    return plan.size, plan.interp, plan.antialias, plan.mean, plan.std
+
+
+def _dali_pipeline(media: str, look: tuple, device: str, **pipeline_kwargs):
     from nvidia.dali import fn, pipeline_def, types
+
+    size, interp, antialias, mean, std = look
 
     @pipeline_def(**pipeline_kwargs)
     def pipeline():
@@ -327,9 +334,10 @@ def _dali_pipeline(media: str, size: int, device: str, **pipeline_kwargs):
             pixels = fn.decoders.image(encoded, device=backend, output_type=types.RGB)
             layout = "CHW"
         pixels = fn.resize(pixels, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-                           interp_type=types.INTERP_LINEAR, antialias=True)
+                           interp_type=types.INTERP_CUBIC if interp == "bicubic" else types.INTERP_LINEAR,
+                           antialias=antialias)
         return fn.crop_mirror_normalize(pixels, mirror=mirror, dtype=types.FLOAT, output_layout=layout,
-                                        mean=[255.0 * m for m in CLIP_MEAN], std=[255.0 * s for s in CLIP_STD])
+                                        mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
     return pipeline()
 

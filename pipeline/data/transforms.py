@@ -16,6 +16,10 @@ import torch.nn.functional as F
 # open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD (the CLIP teacher's normalization)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageNet's: what the official video_mm code normalizes VideoMamba's input with (video_mm/dataset/__init__.py,
+# create_dataset: "videomamba" in the vision encoder's name)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_CROP_SCALE = (0.5, 1.0)  # RandomResizedCrop scale of the UMT / VideoMamba multi-modality recipes
 TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
 
@@ -23,12 +27,46 @@ TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
 @dataclass(frozen=True)
 class ClipPlan:
     """What to take from one decoded clip: source frame indices, a crop box (x0, y0, x1, y1) in source pixels
-    (end exclusive), whether to flip horizontally, and the square output side."""
+    (end exclusive), whether to flip horizontally, the square output side, and how to resize and normalize.
+
+    `interp` "bilinear" (the training recipes') or "bicubic"; a bicubic resize gives 8-bit pixels (rounded and
+    clamped) as an image library or torchvision on uint8 frames does. `mean`/`std` are per channel on a 0-1 scale."""
 
     indices: tuple[int, ...]
     box: tuple[int, int, int, int]
     flip: bool
     size: int
+    interp: str = "bilinear"
+    antialias: bool = True
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass(frozen=True)
+class EvalFrames:
+    """How an evaluation takes frames from a video: `box` "whole" (the whole frame resized to a square, as the
+    official VideoMamba/UMT test transform does) or "centre" (shorter side resized, centre square: open_clip's own
+    preprocessing), the resize and the normalization."""
+
+    box: str
+    interp: str
+    antialias: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# video_mm/dataset/__init__.py, test_transform: Resize((res, res), BICUBIC) of the (T, C, H, W) uint8 frames,
+# /255, Normalize(ImageNet). torchvision 0.16 (the repo's requirements.txt) resizes tensors without antialiasing.
+VIDEOMAMBA_EVAL_FRAMES = EvalFrames("whole", "bicubic", False, IMAGENET_MEAN, IMAGENET_STD)
+# A model trained by this project's stages saw ClipPlan's default normalization (CLIP's): it is evaluated with the
+# official geometry and the normalization it was trained with.
+RUN_EVAL_FRAMES = EvalFrames("whole", "bicubic", False, ClipPlan.mean, ClipPlan.std)
+
+
+def open_clip_eval_frames(mean: tuple[float, ...], std: tuple[float, ...]) -> EvalFrames:
+    """open_clip's test preprocessing: Resize(shorter side, BICUBIC) of a PIL image (antialiased), CenterCrop,
+    Normalize with the model's own mean and std."""
+    return EvalFrames("centre", "bicubic", True, tuple(mean), tuple(std))
 
 
 def resampled_frames(num_source: int, source_fps: float, target_fps: float | None) -> np.ndarray:
@@ -77,6 +115,36 @@ def centre_box(width: int, height: int) -> tuple[int, int, int, int]:
     return x0, y0, x0 + side, y0 + side
 
 
+def umt_middle_frames(num: int, t: int) -> np.ndarray:
+    """Returns UMT's test-time frame indices (`get_frame_indices(..., sample="middle")`, video_mm/dataset/
+    video_utils.py): min(t, num) equal intervals of range(num), the middle of each, padded with the last index to t.
+
+    It differs from `segment_frames` only when the video has fewer than t frames: each frame once, then the last
+    one repeated (segment_frames spreads the repeats)."""
+    count = min(t, num)
+    edges = np.linspace(0, num, count + 1).astype(int)
+    picks = [(lo + hi - 1) // 2 for lo, hi in zip(edges[:-1], edges[1:])]
+    return np.asarray(picks + [picks[-1]] * (t - count), dtype=int)
+
+
+def trimmed_frame_count(num_frames: int, fps: float, seconds: float | None) -> int:
+    """Returns how many frames of a video an evaluation may use: all of them, or (UMT's `trimmed30` for DiDeMo,
+    video_mm/dataset/video_utils.py read_frames_decord) int(seconds * fps) when the video lasts longer."""
+    if seconds is None or fps <= 0 or num_frames / fps <= seconds:
+        return num_frames
+    return max(1, int(seconds * fps))
+
+
+def eval_plan(num_frames: int, fps: float, width: int, height: int, t: int, size: int, frames: EvalFrames,
+              trim_seconds: float | None = None) -> ClipPlan:
+    """Returns the test-time plan of a video (an image is a 1-frame clip): UMT's "middle" frames of the (trimmed)
+    video, the whole frame or its centre square, resized and normalized as `frames` says."""
+    usable = trimmed_frame_count(num_frames, fps, trim_seconds)
+    box = (0, 0, width, height) if frames.box == "whole" else centre_box(width, height)
+    return ClipPlan(tuple(int(i) for i in umt_middle_frames(usable, t)), box, False, size, frames.interp,
+                    frames.antialias, frames.mean, frames.std)
+
+
 def clip_plan(num_frames: int, fps: float, width: int, height: int, t: int, size: int, train: bool,
               target_fps: float | None, rng: np.random.Generator) -> ClipPlan:
     """Returns the plan for a clip of `num_frames` frames at `fps` (an image is a 1-frame clip)."""
@@ -88,14 +156,18 @@ def clip_plan(num_frames: int, fps: float, width: int, height: int, t: int, size
 
 
 def planned_clip(frames: torch.Tensor, plan: ClipPlan) -> torch.Tensor:
-    """Returns (3, T, S, S) float CLIP-normalized from (T, H, W, 3) uint8 frames already ordered as `plan.indices`."""
+    """Returns (3, T, S, S) float, normalized as the plan says, from (T, H, W, 3) uint8 frames already ordered as
+    `plan.indices`."""
     x0, y0, x1, y1 = plan.box
     x = frames[:, y0:y1, x0:x1].permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(plan.size, plan.size), mode="bilinear", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(plan.size, plan.size), mode=plan.interp, align_corners=False,
+                      antialias=plan.antialias)
+    if plan.interp == "bicubic":
+        x = x.round().clamp(0, 255)
     if plan.flip:
         x = x.flip(-1)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0
+    mean = torch.tensor(plan.mean).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(plan.std).view(1, 3, 1, 1) * 255.0
     return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
 
 

@@ -48,6 +48,7 @@ from pipeline.engine.schedule import build_scheduler, move_to_step
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any], "tuple[torch.Tensor, dict[str, float]]"]
+EvaluateFn = Callable[[torch.nn.Module, int], "dict[str, float]"]  # (module, step) -> numbers to log
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,9 +82,11 @@ class _StepResult:
 class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, data: Iterable, train_cfg: TrainConfig,
                  ds_cfg: Optional[DeepSpeedConfig] = None, run_dir: Optional[str] = None,
-                 graph_modules: Sequence[torch.nn.Module] = ()):
+                 graph_modules: Sequence[torch.nn.Module] = (), evaluate: Optional[EvaluateFn] = None):
         """graph_modules: submodules of `model` that each step runs as a chain, each on the previous one's outputs
-        (a backbone's blocks); with `train.cuda_graphs` on a GPU they replay as CUDA graphs (pipeline.engine.graphs)."""
+        (a backbone's blocks); with `train.cuda_graphs` on a GPU they replay as CUDA graphs (pipeline.engine.graphs).
+        evaluate: the stage's evaluation, `evaluate(model, step) -> {name: number}`, run every `train.eval_every`
+        steps on every rank with the model in eval mode under no_grad; rank 0 logs what it returns with the step."""
         run_dir = run_dir or train_cfg.out
         if "://" in run_dir:
             raise ConfigError(f"train.out: {run_dir} is a URL; checkpoints need a local or shared file system path "
@@ -98,6 +101,7 @@ class Trainer:
         self.ds_cfg = ds_cfg or DeepSpeedConfig()
         self.run_dir = run_dir
         self.graph_modules = list(graph_modules)
+        self.evaluate = evaluate
         self.graphs: Optional[GraphedChain] = None  # the replayed chain, once fit() has built it with cuda_graphs
         self.engine: Any = None  # the DeepSpeed engine, once fit() has built it
         self.dist: Optional[dist.DistInfo] = None
@@ -136,6 +140,8 @@ class Trainer:
                 summary.samples += samples_per_step
                 record = self._record(step, result, lr, samples_per_step / (time.perf_counter() - t0),
                                       skipped)
+                if self._evaluation_due(step):
+                    record.update(self._evaluated(engine, step))
                 if logs:
                     logs.write(step, record)
                 if self._checkpoint_due(step):
@@ -266,6 +272,26 @@ class Trainer:
             for name, n in counters.items():
                 totals[name] = totals.get(name, 0) + int(n)
         return {f"data/{name}": n for name, n in sorted(totals.items())}
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def _evaluation_due(self, step: int) -> bool:
+        return self.evaluate is not None and self.cfg.eval_every > 0 and step % self.cfg.eval_every == 0
+
+    def _evaluated(self, engine: Any, step: int) -> dict:
+        """Runs the stage's evaluation on the trained module, leaving the RNG streams (which exact resume replays)
+        and the module's mode as they were; the data iterator is not touched."""
+        module = getattr(engine, "module", engine)
+        rng, was_training = ckpt.rng_state(), module.training
+        started = time.perf_counter()
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = dict(self.evaluate(module, step))
+        finally:
+            module.train(was_training)
+            ckpt.set_rng_state(rng)
+        out["eval_s"] = time.perf_counter() - started
+        return out
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _checkpoint_due(self, step: int) -> bool:

@@ -1,7 +1,12 @@
-"""VTM re-ranking of each query's top-k candidates, as UMT evaluates with its video-text matching head.
+"""UMT's re-ranking with the video-text matching head (tasks/retrieval_utils.py, `evaluation`).
 
-For every query the k most similar candidates get the score similarity + match score (UMT adds the two); every other
-candidate keeps its similarity order, placed below all k. Models without a matching head skip this step.
+For each query (a text for text->video, a video for video->text) the k_test candidates with the highest contrastive
+similarity are scored by the matching head's raw "match" logit, `itm_head(...)[:, 1]`, and nothing else (no
+similarity added, no softmax); every other candidate gets -100. The re-ranked order is that score's.
+
+Here the pairs of both directions are scored together: a (text, video) pair in the top k of both directions is
+scored once (UMT scores it twice, to the same value), and the pairs go through the fusion layers `pairs_per_call`
+at a time, many queries per call (UMT: 32 candidates of one query per call).
 """
 from __future__ import annotations
 
@@ -9,23 +14,35 @@ from typing import Callable
 
 import torch
 
-# (query indices (n,), candidate indices (n,)) -> match scores (n,) of those pairs
-PairScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OUTSIDE_TOP_K = -100.0  # UMT's fill value for the candidates a query does not re-rank
+# (text indices (n,), video indices (n,)) -> the matching head's "match" logit of each pair (n,)
+PairLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def reranked(similarity: torch.Tensor, k: int, pair_score: PairScore) -> torch.Tensor:
-    """Returns a (queries, candidates) score matrix whose row order is each query's re-ranked candidate order.
+def top_k_pairs(similarity: torch.Tensor, k_test: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the (texts, min(k, videos)) text->video and (videos, min(k, texts)) video->text top-k candidate
+    indices of a (texts, videos) similarity, as UMT's `sims.topk(k)` per row picks them."""
+    t2v = similarity.topk(min(k_test, similarity.shape[1]), dim=1).indices
+    v2t = similarity.T.topk(min(k_test, similarity.shape[0]), dim=1).indices
+    return t2v, v2t
 
-    The top-k scores are similarity + pair_score; the rest are shifted to lie below the row's lowest top-k score
-    (their order among themselves unchanged), so ranks computed from the result are the re-ranked ranks.
-    """
-    k = min(k, similarity.shape[1])
-    out = torch.empty_like(similarity)
-    for q in range(similarity.shape[0]):
-        row = similarity[q]
-        top_scores, top = row.topk(k)
-        rescored = top_scores + pair_score(torch.full_like(top, q), top).to(row)
-        floor = rescored.min()
-        out[q] = row - row.max() + floor - 1  # every candidate strictly below the re-scored ones, order kept
-        out[q, top] = rescored
-    return out
+
+def umt_reranked(similarity: torch.Tensor, k_test: int, pair_logits: PairLogits, pairs_per_call: int = 512
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns UMT's re-ranked (texts, videos) text->video and (videos, texts) video->text score matrices (float32,
+    on the similarity's device): the match logit in each query's top k_test, -100 elsewhere."""
+    num_texts, num_videos = similarity.shape
+    t2v_top, v2t_top = top_k_pairs(similarity, k_test)
+    device = similarity.device
+    texts = torch.cat([torch.arange(num_texts, device=device).repeat_interleave(t2v_top.shape[1]), v2t_top.flatten()])
+    videos = torch.cat([t2v_top.flatten(), torch.arange(num_videos, device=device).repeat_interleave(v2t_top.shape[1])])
+    pairs, where = torch.unique(texts * num_videos + videos, return_inverse=True)
+    logits = torch.cat([pair_logits(chunk // num_videos, chunk % num_videos).float().to(device)
+                        for chunk in pairs.split(pairs_per_call)])
+    scores = logits[where]
+    t2v = torch.full((num_texts, num_videos), OUTSIDE_TOP_K, device=device)
+    v2t = torch.full((num_videos, num_texts), OUTSIDE_TOP_K, device=device)
+    split = t2v_top.numel()
+    t2v.scatter_(1, t2v_top, scores[:split].view(t2v_top.shape))
+    v2t.scatter_(1, v2t_top, scores[split:].view(v2t_top.shape))
+    return t2v, v2t

@@ -277,11 +277,13 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def build_tiny_bert(texts: Iterable[str], out_dir: str, hidden: int = 128, layers: int = 4, heads: int = 4,
-                    vocab_size: int = 2000, max_positions: int = 64, seed: int = 0) -> str:
+                    vocab_size: int = 2000, max_positions: int = 64, seed: int = 0,
+                    embedding_rows: Optional[int] = None) -> str:
     """Writes a small BERT in the transformers layout to `out_dir` (config.json, model.safetensors, vocab.txt,
     tokenizer files): an uncased WordPiece vocabulary of at most `vocab_size` ids trained on `texts` with the
-    `tokenizers` library, and a randomly initialised `BertForMaskedLM` (seeded). Loads with `text.pretrained=out_dir`
-    exactly as BERT-base does. Returns `out_dir`."""
+    `tokenizers` library, and a randomly initialised `BertForMaskedLM` (seeded) with one embedding row per id, or
+    `embedding_rows` (e.g. BERT-base's 30,522, for a random model of BERT-base's shape). Loads with
+    `text.pretrained=out_dir` exactly as BERT-base does. Returns `out_dir`."""
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
@@ -293,7 +295,7 @@ def build_tiny_bert(texts: Iterable[str], out_dir: str, hidden: int = 128, layer
     tokenizer = BertTokenizer(vocab=wordpiece.get_vocab(), do_lower_case=True)  # transformers 5: the fast one
     tokenizer.save_pretrained(out_dir)  # tokenizer.json, tokenizer_config.json
     wordpiece.save_model(out_dir)  # vocab.txt, for readers of the classic layout
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+    config = BertConfig(vocab_size=max(len(tokenizer), embedding_rows or 0), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=max_positions,
                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)

@@ -21,6 +21,7 @@ from pipeline.data import build_loader
 from pipeline.engine import Trainer
 from pipeline.engine.weights import run_weights
 from pipeline.errors import ConfigError
+from pipeline.eval.retrieval import training_evaluation
 from pipeline.masking import ATTENTION_KINDS
 from pipeline.models.factory import build_video_text_model
 from pipeline.models.official import load_video_text_weights
@@ -53,9 +54,12 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     weights = {"vtc": cfg.loss.vtc, "vtm": cfg.loss.vtm, "mlm": cfg.loss.mlm, "align": cfg.loss.align}
     objective = VideoTextObjective(tokenizer, cfg.text.max_len, grid, cfg.mask.kind, cfg.mask.ratio, weights,
                                    cfg.loss.mlm_prob, alignment)
+    evaluate = (training_evaluation(cfg.eval, cfg.eval.annotations, cfg.eval.videos, cfg.eval.dataset,
+                                    cfg.data.num_frames, cfg.data.img_size, tokenizer, cfg.text.max_len)
+                if cfg.train.eval_every > 0 else None)
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed)
     summary = Trainer(model, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
-                      graph_modules=model.backbone.chained_blocks()).fit(resume)
+                      graph_modules=model.backbone.chained_blocks(), evaluate=evaluate).fit(resume)
     return run_summary(cfg, summary)
 
 
@@ -106,6 +110,11 @@ def check_config(cfg: VideoTextStageConfig) -> None:
                           f"kind")
     if cfg.mask.ratio > 0:
         check_mask_on_grid(cfg)
+    if cfg.train.eval_every < 0:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every}: must be at least 0 (0: no evaluation)")
+    if cfg.train.eval_every > 0 and not (cfg.eval.annotations and cfg.eval.videos):
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs an eval set: eval.annotations and "
+                          f"eval.videos")
 
 
 def _file_exists(url: str) -> bool:

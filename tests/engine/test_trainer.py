@@ -143,6 +143,38 @@ def test_nan_loss_skip_policy_skips_the_update_and_goes_on(tmp_path, zero_stage,
     assert unchanged == []  # step 4 updated every parameter group again (no skip left over)
 
 
+def test_evaluation_every_n_steps_is_logged_and_changes_no_loss_even_across_a_resume(tmp_path, reference):
+    """The stage's evaluation runs in eval mode without gradients, draws from every RNG stream (as a DataLoader's
+    workers do), and still the losses are the reference's (dropout draws from the RNG every step); resumed
+    mid-way, too."""
+    import random
+
+    import numpy as np
+
+    calls = []
+
+    def evaluate(model, step):
+        calls.append((step, model.training, torch.is_grad_enabled()))
+        torch.randn(100), np.random.rand(), random.random()
+        return {"eval/t2v_r1": float(step)}
+
+    def losses(run_dir):
+        return [r["loss"] for r in read_records(os.path.join(run_dir, "metrics.jsonl"))]
+
+    straight = str(tmp_path / "straight")
+    toy.build(straight, evaluate=evaluate, eval_every=2).fit()
+    assert losses(straight) == losses(reference[0])
+    assert calls == [(2, False, False), (4, False, False), (6, False, False), (8, False, False)]
+    records = read_records(os.path.join(straight, "metrics.jsonl"))
+    assert [r.get("eval/t2v_r1") for r in records] == [None, 2.0, None, 4.0, None, 6.0, None, 8.0]
+    assert all(r["eval_s"] >= 0 for r in records if "eval/t2v_r1" in r)
+
+    for name, kwargs in (("resumed", dict(evaluate=evaluate, eval_every=2)), ("plain", {})):  # 5 steps, then 3 more
+        toy.build(str(tmp_path / name), max_steps=5, ckpt_every=3, **kwargs).fit()
+        toy.build(str(tmp_path / name), max_steps=8, ckpt_every=3, **kwargs).fit(resume="auto")
+    assert losses(str(tmp_path / "resumed")) == losses(str(tmp_path / "plain"))
+
+
 def test_nan_loss_stop_policy_stops_with_a_clear_message(tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 3 .*nan_policy=stop"):
         toy.build(str(tmp_path), nan_batches=(5,), nan_policy="stop", max_steps=4).fit()

@@ -1,5 +1,7 @@
 """`videomamba eval` end to end: a tiny open_clip model saved as a file, a tiny synthetic corpus with a corrupt and a
-missing video added to its annotations, the three output files, the printed table, and exit 2 for bad input."""
+missing video added to its annotations (stopping before scoring, or with eval.allow_missing scored "on N of M"), the
+output files and scores.npz, the printed table, CLIP4Clip's csv with the benchmark detected, UMT's re-ranking with a
+real matching head, and exit 2 for bad input."""
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import RetrievalConfig
+from pipeline.eval.scores import metrics_from_scores
 from pipeline.stages.teacher_warmup import save_open_clip
 from tests.conftest import tiny_clip, tiny_clip_config
 
@@ -45,31 +48,68 @@ def eval_command(setup, out, dataset="msrvtt", annotations=None, *extra):
             "--out", str(out), *OVERRIDES, *extra]
 
 
-def test_eval_writes_json_md_png_and_prints_the_table_counting_bad_videos(setup, tmp_path):
-    out = tmp_path / "out"
+def run_eval(setup, out, *extra, annotations=None, dataset="msrvtt"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run(eval_command(setup, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    command = eval_command(setup, out, dataset, annotations, *extra)
+    if dataset is None:
+        at = command.index("--dataset")
+        del command[at:at + 2]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_missing_or_broken_videos_stop_a_benchmark_before_scoring(setup, tmp_path):
+    done = run_eval(setup, tmp_path / "out")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "2 of the 7 msrvtt videos under" in done.stdout and "eval.allow_missing=true scores the other 5" in done.stdout
+    assert "broken.mp4: corrupt_video" in done.stdout and "gone.mp4: missing" in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_allow_missing_scores_the_rest_and_says_on_n_of_m_writing_json_md_png_and_scores(setup, tmp_path):
+    out = tmp_path / "out"
+    done = run_eval(setup, out, "eval.allow_missing=true")
     assert done.returncode == 0, done.stderr[-3000:]
 
     result = json.loads((out / "retrieval_msrvtt.json").read_text())
     assert result["counts"] == {"videos": 7, "texts": 7, "videos_evaluated": 5, "texts_evaluated": 5,
                                 "videos_skipped": 2}
+    assert result["coverage"] == "on 5 of 7 videos"
     skipped = {s["video"]: s for s in result["skipped"]}
     assert skipped["gone.mp4"]["kind"] == "missing" and skipped["broken.mp4"]["kind"] == "corrupt_video"
-    for direction in ("text_to_video", "video_to_text"):
-        m = result["metrics"][direction]
-        assert m["queries"] == 5 and m["R@5"] == m["R@10"] == 1.0  # 5 candidates: every rank is within 5
-        assert 0.0 <= m["R@1"] <= 1.0 and 1 <= m["MdR"] <= 5 and 1 <= m["MnR"] <= 5
-    assert result["chance_r1"] == pytest.approx(0.2)
+    m = result["metrics"]["contrastive"]
+    assert m["t2v_queries"] == m["v2t_queries"] == 5
+    assert m["img_r5"] == m["img_r10"] == m["txt_r5"] == 100.0  # 5 candidates: every rank is within 5
+    assert 0.0 <= m["img_r1"] <= 100.0 and 1 <= m["t2v_MdR"] <= 5 and 1 <= m["v2t_MnR"] <= 5
+    assert m["r_mean"] == pytest.approx((m["txt_r_mean"] + m["img_r_mean"]) / 2)
+    assert result["chance_r1"] == pytest.approx(20.0) and "reranked" not in result["metrics"]
     assert result["rerank"] == {"k": 128, "applied": False, "why": "the model has no video-text matching head"}
     assert result["config"]["model"]["name"] == NAME and result["config"]["data"]["num_frames"] == 2
+    assert result["protocol"]["text_length"] == tiny_clip_config()["text_cfg"]["context_length"]  # its own
+    assert result["protocol"]["benchmark_text_length"] == 32
+    assert result["protocol"]["frames_preprocessing"]["box"] == "centre"  # open_clip's own
+    assert set(result["timing"]) >= {"decode", "video_encoding", "text_encoding", "rerank"}
 
+    assert metrics_from_scores(result["outputs"]["scores"]) == result["metrics"]
     table = (out / "retrieval_msrvtt.md").read_text()
-    assert "| text→video |" in table and "| video→text |" in table and "2 videos skipped" in table
+    assert table.startswith("## Zero-shot retrieval: msrvtt on 5 of 7 videos")
+    assert "| contrastive | text→video |" in table and "| contrastive | video→text |" in table
     assert "- broken.mp4: corrupt_video" in table and "- gone.mp4: missing" in table
-    assert table.strip() in done.stdout
+    assert table.strip() in done.stdout and "R@1" in done.stdout.splitlines()[-1]
+    assert "on 5 of 7 videos" in done.stdout.splitlines()[-1]
     with Image.open(out / "retrieval_msrvtt.png") as chart:
         assert chart.format == "PNG" and chart.size == (480, 260)
+
+
+def test_clip4clip_csv_is_detected_as_msrvtt(setup, tmp_path):
+    entries = json.loads(setup["good"].read_text())
+    csv = tmp_path / "MSRVTT_JSFUSION_test.csv"
+    csv.write_text("key,vid_key,video_id,sentence\n" + "".join(
+        f"ret{i},msr{i},{e['video'][:-4]},{e['caption']}\n" for i, e in enumerate(entries)))
+    done = run_eval(setup, tmp_path / "out", annotations=csv, dataset=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "retrieval_msrvtt.json").read_text())
+    assert result["format"] == "clip4clip-csv" and result["counts"]["videos_evaluated"] == len(entries)
+    assert result["coverage"] is None and "on " not in done.stdout.splitlines()[-1].split(";")[0]
 
 
 def test_msvd_format_counts_every_caption_as_a_query(setup, tmp_path, one_thread):
@@ -78,8 +118,8 @@ def test_msvd_format_counts_every_caption_as_a_query(setup, tmp_path, one_thread
     result = json.loads((tmp_path / "retrieval_msvd.json").read_text())
     captions = sum(len(e["caption"]) for e in json.loads(setup["msvd"].read_text()))
     assert result["counts"]["texts_evaluated"] == captions > 5
-    assert result["metrics"]["text_to_video"]["queries"] == captions
-    assert result["metrics"]["video_to_text"]["queries"] == 5
+    assert result["metrics"]["contrastive"]["t2v_queries"] == captions
+    assert result["metrics"]["contrastive"]["v2t_queries"] == 5
 
 
 def test_frames_and_size_default_to_the_runs_own(tmp_path):
@@ -115,6 +155,15 @@ def test_bad_input_exits_2_naming_it(setup, tmp_path, capsys, change, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "retrieval_msrvtt.json").exists()
+
+
+def test_an_annotations_file_of_no_benchmark_needs_dataset(setup, tmp_path, capsys):
+    argv = eval_command(setup, tmp_path)[3:]
+    at = argv.index("--dataset")
+    del argv[at:at + 2]
+    assert main(argv) == 2
+    assert "with_bad.json: cannot tell which benchmark this is from its name; name it with --dataset" in \
+        capsys.readouterr().err
 
 
 def test_bad_config_value_exits_2(setup, tmp_path, capsys):

@@ -44,7 +44,10 @@ def stage1_run(shards, teacher_file, tmp_path_factory):
 def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, teacher_file, stage1_run,
                                                                        synth_corpus, tmp_path):
     out = tmp_path / "stage2"
-    done = run_cli(stage2_args(shards, teacher_file, out, stage1_run, steps=30))
+    corpus = Path(synth_corpus)
+    evaluation = ["train.eval_every=10", f"eval.annotations={corpus / 'eval' / 'msrvtt_test.json'}",
+                  f"eval.videos={corpus / 'eval' / 'videos'}", "eval.num_workers=0", "eval.rerank_k=4"]
+    done = run_cli(stage2_args(shards, teacher_file, out, stage1_run, steps=30, extra=evaluation))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stage video_text done" in done.stdout
     assert "starts from" in done.stderr and "backbone and alignment head" in done.stderr
@@ -53,6 +56,9 @@ def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, t
     assert [r["step"] for r in records] == list(range(1, 31))
     assert all({"vtc", "vtm", "mlm", "align"} <= r.keys() for r in records)
     assert all(r["loss"] == pytest.approx(r["vtc"] + r["vtm"] + r["mlm"] + r["align"], rel=1e-5) for r in records)
+    evaluated = [r for r in records if "eval/t2v_r1" in r]  # zero-shot retrieval on the training model
+    assert [r["step"] for r in evaluated] == [10, 20, 30]
+    assert all(0 <= r["eval/t2v_r1"] <= 100 and "eval/itc_v2t_r1" in r for r in evaluated)
     mlm = [r["mlm"] for r in records]
     assert np.mean(mlm[-10:]) < np.mean(mlm[:10]) - 0.2, mlm  # from ~log(vocabulary) towards the captions' words
     losses = [r["loss"] for r in records]
@@ -62,21 +68,23 @@ def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, t
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoints" / "step_00000030")
-    again = run_cli(stage2_args(shards, teacher_file, copy, stage1_run, steps=30) + ["--resume", "auto"])
+    again = run_cli(stage2_args(shards, teacher_file, copy, stage1_run, steps=30, extra=evaluation)
+                    + ["--resume", "auto"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert '"start_step": 15' in again.stdout
-    assert [r["loss"] for r in metrics(copy)] == [r["loss"] for r in records]  # masks, negatives, MLM draws too
+    resumed = metrics(copy)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in records]  # masks, negatives, MLM draws too
+    assert [r["eval/t2v_r1"] for r in resumed if "eval/t2v_r1" in r] == [r["eval/t2v_r1"] for r in evaluated]
 
-    corpus = Path(synth_corpus)
-    evaluated = run_cli(["eval", "--config", str(REPO / "configs" / "eval_retrieval.yaml"), "--checkpoint", str(out),
-                         "--dataset", "msrvtt", "--annotations", str(corpus / "eval" / "msrvtt_test.json"),
-                         "--videos", str(corpus / "eval" / "videos"), "--out", str(tmp_path / "eval"),
-                         "model.kind=videomamba", "data.num_frames=4", "data.img_size=64", "eval.num_workers=0",
-                         "eval.rerank_k=4"])
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    scored = run_cli(["eval", "--config", str(REPO / "configs" / "eval_retrieval.yaml"), "--checkpoint", str(out),
+                      "--dataset", "msrvtt", "--annotations", str(corpus / "eval" / "msrvtt_test.json"),
+                      "--videos", str(corpus / "eval" / "videos"), "--out", str(tmp_path / "eval"),
+                      "model.kind=videomamba", "data.num_frames=4", "data.img_size=64", "eval.num_workers=0",
+                      "eval.rerank_k=4"])
+    assert scored.returncode == 0, scored.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "retrieval_msrvtt.json").read_text())
     assert result["counts"]["videos_evaluated"] == result["counts"]["videos"] > 0
-    assert result["rerank"]["applied"] and "text_to_video" in result["reranked_metrics"]
+    assert result["rerank"]["applied"] and "img_r1" in result["metrics"]["reranked"]
     assert result["model"] == "videomamba stage-2 video-text model"
 
 
