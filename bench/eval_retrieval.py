@@ -9,8 +9,8 @@
 A synthetic set shaped like MSRVTT's 1k-A test: `--videos` real mp4 files (H.264, `--frames` frames at `--size`²,
 8 fps; a moving square on a gradient, each video its own colours), written first with all CPU cores and not timed,
 and one caption per video in UMT's json (msrvtt_ret_test1k.json). The model: VideoMamba-M (32 layers, width 576)
-with a text encoder shaped like BERT-base (12 layers of width 768, 12 heads, the last 3 cross-attending to the
-video, as UMT's BERT with fusion_layer 9; the project's own text encoder, open_clip's tokenizer), random weights,
+with a text encoder shaped like BERT-base (12 layers of width 768, 12 heads, 30,522 ids, the last 3 cross-attending
+to the video, as UMT's BERT with fusion_layer 9; a WordPiece vocabulary from the captions), random weights,
 bf16 autocast (the evaluation's own). Then `pipeline.eval.retrieval.scored_retrieval`, exactly what `videomamba eval`
 runs after loading the model: decode (DALI when installed, else PyAV in `--workers` processes), encode the videos
 and the texts, the similarity, UMT's re-ranking with k_test both ways, the metrics. Timed after the model is built
@@ -37,12 +37,14 @@ from pipeline.eval.annotations import read_annotations
 from pipeline.eval.models import VideoMambaRetrieval
 from pipeline.eval.retrieval import scored_retrieval
 from pipeline.models.factory import build_video_text_model
+from pipeline.models.text import build_tiny_bert
 from shards.synth import encode_mp4
 
 WORDS = ("a man woman dog cat car ball red blue green walks runs plays sings cooks talks about the on in with "
          "kitchen street park song video game news people two small large").split()
-TEXT_SIZES = {"bert-base": dict(width=768, depth=12, heads=12, fusion_layers=3, embed_dim=512),
-              "small": dict(width=256, depth=6, heads=4, fusion_layers=2, embed_dim=256)}
+# random BERTs (pipeline.models.text.build_tiny_bert) and where their fusion starts
+TEXT_SIZES = {"bert-base": dict(hidden=768, layers=12, heads=12, embedding_rows=30522, fusion_layer=9, embed_dim=512),
+              "small": dict(hidden=256, layers=6, heads=4, embedding_rows=None, fusion_layer=4, embed_dim=256)}
 
 
 def synthetic_video(index: int, frames: int, size: int) -> bytes:
@@ -81,11 +83,13 @@ def write_set(folder: str, count: int, frames: int, size: int, workers: int) -> 
 
 
 def built_model(frames: int, size: int, text_size: str, device: torch.device) -> tuple[torch.nn.Module, object, int]:
+    shape = dict(TEXT_SIZES[text_size])
     cfg = VideoTextStageConfig()
     cfg.model.size = "middle"
-    for key, value in TEXT_SIZES[text_size].items():
-        setattr(cfg.text, key, value)
-    model, tokenizer = build_video_text_model(cfg, frames, size)
+    cfg.text.fusion_layer, cfg.text.embed_dim = shape.pop("fusion_layer"), shape.pop("embed_dim")
+    with tempfile.TemporaryDirectory() as bert_dir:
+        cfg.text.pretrained = build_tiny_bert([" ".join(WORDS)] * 4, bert_dir, max_positions=512, **shape)
+        model, tokenizer = build_video_text_model(cfg, frames, size)
     return model.to(device).eval(), tokenizer, cfg.text.max_len
 
 

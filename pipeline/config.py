@@ -122,11 +122,18 @@ class TeacherConfig:
     model: str = "ViT-B-16"  # an open_clip model name
     pretrained: Optional[str] = "openai"  # an open_clip pretrained tag or a checkpoint file
     img_size: int = ranged(224, ge=1)
+    # false: the last block's patch tokens @ proj, as the official VideoMamba recipe (--clip_return_cls skips ln_post);
+    # true: through ln_post first (UMT's ViT recipe); docs/FIDELITY.md
+    ln_post: bool = False
+    # true: the student's [cls] is aligned too, to the teacher's [CLS] averaged over the frames (the official
+    # --clip_return_cls); false: the patch tokens only
+    cls_target: bool = True
 
 
 @dataclass
 class MaskConfig:
-    kind: Literal["random", "tube", "frame_row", "clip_row", "attention"] = "clip_row"
+    # attention: the official attention-guided mask (patches drawn by the teacher's [cls] attention); docs/FIDELITY.md
+    kind: Literal["random", "tube", "frame_row", "clip_row", "attention", "attention_topk"] = "attention"
     ratio: float = ranged(0.8, ge=0, lt=1)
 
 
@@ -162,13 +169,14 @@ class AlignStageConfig:
 
 @dataclass
 class TextConfig:
-    width: int = ranged(256, ge=1)  # the text encoder's width (the tokenizer is open_clip's BPE, 49,408 ids + [MASK])
-    depth: int = ranged(6, ge=1)  # layers in all
-    heads: int = ranged(4, ge=1)
-    # the last layers, which cross-attend to the video tokens (the cross-modal decoder)
-    fusion_layers: int = ranged(2, ge=0)
-    max_len: int = ranged(32, ge=2)  # token ids per text, start and end tokens included
-    embed_dim: int = ranged(256, ge=1)  # the joint video-text space of the contrastive loss
+    kind: Literal["bert"] = "bert"  # UMT's BERT with fusion layers (pipeline/models/text.py)
+    # a BERT directory in the transformers layout (config.json, weights, vocab) or a hub name in the local cache;
+    # nothing is downloaded (`huggingface-cli download bert-base-uncased --local-dir DIR` once, then text.pretrained=DIR)
+    pretrained: str = "bert-base-uncased"
+    fusion_layer: int = ranged(9, ge=0)  # layers 0..fusion_layer-1 are text-only, the rest cross-attend to the video tokens
+    max_len: int = ranged(32, ge=2)  # token ids per text, [CLS] and [SEP] included
+    embed_dim: int = ranged(512, ge=1)  # the joint video-text space of the contrastive loss
+    temp: float = ranged(0.07, gt=0)  # the initial temperature (learned, clamped to [0.001, 0.5])
 
 
 @dataclass
@@ -178,7 +186,7 @@ class VideoTextLossConfig:
     mlm: float = ranged(1.0, ge=0)  # masked language modelling on the cross-modal layers
     align: float = ranged(1.0, ge=0)  # stage 1's unmasked-token alignment to the teacher (0: no teacher is loaded)
     align_kind: Literal["mse", "cosine"] = "mse"
-    mlm_prob: float = ranged(0.15, gt=0, lt=1)
+    mlm_prob: float = ranged(0.5, gt=0, lt=1)  # each token but [PAD] / [CLS] is masked with this probability (the official 0.5)
 
 
 @dataclass
@@ -215,7 +223,7 @@ class VideoTextStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)  # UMT masks 50% in stage 2: configs/stage2_video_text.yaml
+    mask: MaskConfig = field(default_factory=MaskConfig)  # the official video_mm: attention, 0.8
     loss: VideoTextLossConfig = field(default_factory=VideoTextLossConfig)
     eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
 
@@ -225,6 +233,7 @@ class RetrievalModelConfig:
     kind: Literal["open_clip", "videomamba"] = "open_clip"  # open_clip: an image CLIP, frames mean-pooled (meanP);
     # videomamba: a stage-2 run (--checkpoint: its folder or one checkpoint), with its matching head for re-ranking
     name: str = "ViT-B-16"  # the open_clip model name; its weights come from `videomamba eval --checkpoint`
+    size: Literal["tiny", "small", "middle", "base"] = "middle"  # the VideoMamba of a released video_mm .pth file
 
 
 @dataclass
@@ -242,6 +251,7 @@ class RetrievalConfig:
     """`videomamba eval`: zero-shot text-video retrieval of a video-text model."""
 
     model: RetrievalModelConfig = field(default_factory=RetrievalModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # the text encoder of a released video_mm .pth file
     data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
     eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
 

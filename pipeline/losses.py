@@ -6,8 +6,10 @@ distance |s - t|^2 summed over channels (UMT's "l2" loss, = 2 - 2 cos, in [0, 4]
 [0, 2]); each is averaged over tokens. The VideoMamba paper's self-distillation loss is the ``mse`` alignment of the
 student's projected final features to the frozen guide's.
 
-Video-text (UMT stage 2): the symmetric InfoNCE contrastive loss, ALBEF's hard-negative sampling for video-text
-matching, and BERT's masking for masked language modelling (15% with 80/10/10 replacement).
+Video-text (UMT stage 2, as video_mm/models/criterions.py): the symmetric InfoNCE contrastive loss at a learned
+temperature with positives by sample identity, ALBEF's hard-negative sampling (softmax of similarity / temperature)
+for video-text matching, and BERT's masking for masked language modelling (the official probability 0.5 with
+80/10/10 replacement). docs/FIDELITY.md compares them row by row.
 """
 from __future__ import annotations
 
@@ -57,46 +59,70 @@ def distillation_loss(student_feats: Tensor, teacher_feats: Tensor, head: Option
     return alignment_loss(projected, teacher_feats, "mse")
 
 
-def contrastive_loss(video: Tensor, text: Tensor, scale: Tensor, video_all: Optional[Tensor] = None,
-                     text_all: Optional[Tensor] = None, offset: int = 0) -> Tensor:
-    """Symmetric InfoNCE of paired, normalized embeddings (B, E): row i of each side matches row i of the other.
-    With `video_all` / `text_all` (every rank's rows, this rank's starting at `offset`) each row is contrasted with
-    the whole global batch."""
+def positives(ids: Optional[Tensor], ids_all: Optional[Tensor], rows: int, columns: int, offset: int,
+              device: torch.device) -> Tensor:
+    """(rows, columns) contrastive targets: 1 where a row's sample and a column's sample are the same (by `ids`, the
+    samples' identities, e.g. hashed keys), normalized per row, as the official `get_mask(idx, normalize=True)`
+    (video_mm/models/criterions.py); without ids, row i matches column offset + i only."""
+    if ids is None:
+        eye = torch.zeros(rows, columns, device=device)
+        eye[torch.arange(rows), torch.arange(rows) + offset] = 1.0
+        return eye
+    same = (ids.view(-1, 1) == ids_all.view(1, -1)).float().to(device)
+    return same / same.sum(1, keepdim=True)
+
+
+def contrastive_loss(video: Tensor, text: Tensor, temp: Tensor, video_all: Optional[Tensor] = None,
+                     text_all: Optional[Tensor] = None, offset: int = 0, ids: Optional[Tensor] = None,
+                     ids_all: Optional[Tensor] = None) -> Tensor:
+    """Symmetric InfoNCE of paired embeddings (B, E) at temperature `temp` (logits = similarity / temp): each row is
+    contrasted with `video_all` / `text_all` (every rank's rows, this rank's starting at `offset`; default: this
+    rank's), and its positives are the columns of the same sample (`ids` / `ids_all`, see `positives`), the official
+    VTC (criterions.py vtc_loss). Logits in fp32 also under bf16 training."""
     video_all = video if video_all is None else video_all
     text_all = text if text_all is None else text_all
-    labels = torch.arange(video.shape[0], device=video.device) + offset
-    scale = scale.float()  # logits in fp32 also under bf16 training
-    return (F.cross_entropy(scale * video.float() @ text_all.float().T, labels)
-            + F.cross_entropy(scale * text.float() @ video_all.float().T, labels)) / 2
+    ids_all = ids if ids_all is None else ids_all
+    targets = positives(ids, ids_all, video.shape[0], text_all.shape[0], offset, video.device)
+    temp = temp.float()
+    v2t = (video.float() @ text_all.float().T / temp).log_softmax(dim=1)
+    t2v = (text.float() @ video_all.float().T / temp).log_softmax(dim=1)
+    return (-(v2t * targets).sum(1).mean() - (t2v * targets).sum(1).mean()) / 2
 
 
-def hard_negatives(video: Tensor, text: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+def hard_negatives(video: Tensor, text: Tensor, temp: Tensor, ids: Optional[Tensor] = None,
+                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """For every row, the index of a negative text for its video and of a negative video for its text, drawn with
-    probability softmax(similarity) over the other rows (harder negatives more often). Needs B >= 2."""
+    probability softmax(similarity / temp) over the rows of other samples (harder negatives more often; the official
+    vtm_loss with vtm_hard_neg). A row with no other sample in the batch draws uniformly. Needs B >= 2."""
     with torch.no_grad():
-        sim = (video @ text.T).float()
-        eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
-        weights_v2t = sim.masked_fill(eye, float("-inf")).softmax(dim=1)
-        weights_t2v = sim.T.masked_fill(eye, float("-inf")).softmax(dim=1)
+        sim = (video.float() @ text.float().T) / temp.float()
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        same = rows[:, None] == rows[None, :] if ids is None else ids.view(-1, 1).to(sim.device) == ids.view(1, -1)
+        weights_v2t = sim.softmax(dim=1).masked_fill(same, 0.0)
+        weights_t2v = sim.T.softmax(dim=1).masked_fill(same, 0.0)
+        for weights in (weights_v2t, weights_t2v):
+            empty = weights.sum(1) <= 0
+            weights[empty] = (~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device))[empty].float()
         neg_text = torch.multinomial(weights_v2t.cpu(), 1, generator=generator).squeeze(1)
         neg_video = torch.multinomial(weights_t2v.cpu(), 1, generator=generator).squeeze(1)
     return neg_text.to(video.device), neg_video.to(video.device)
 
 
-def mlm_masked(ids: Tensor, pad: Tensor, special: Tensor, mask_id: int, vocab_size: int, prob: float,
+def mlm_masked(ids: Tensor, maskable: Tensor, mask_id: int, vocab_size: int, prob: float,
                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """BERT masking of token ids (B, L): each ordinary token (not padding, not in `special`) is chosen with `prob`
-    (at least one in the batch); of the chosen, 80% become [MASK], 10% a random token, 10% stay. Returns the masked
+    """BERT masking of token ids (B, L) as the official MLMLoss.mask (video_mm/models/criterions.py): each `maskable`
+    token (the official: all but [PAD] and [CLS]) is chosen with `prob` (at least one in the batch); of the chosen,
+    80% become [MASK], half the rest (10%) a random id of the whole vocabulary, the others stay. Returns the masked
     ids, the chosen (row, column) positions (M, 2) and their original ids (M,)."""
-    ordinary = ~pad & ~torch.isin(ids, special)
     draw = torch.rand(ids.shape, generator=generator).to(ids.device)
-    chosen = ordinary & (draw < prob)
-    if not chosen.any():  # a batch of very short texts: mask one ordinary token so the loss is defined
-        first = ordinary.nonzero()[0]
+    chosen = maskable & (draw < prob)
+    if not chosen.any():  # a batch of very short texts: mask one token so the loss is defined
+        first = maskable.nonzero()[0]
         chosen[first[0], first[1]] = True
-    kind = torch.rand(ids.shape, generator=generator).to(ids.device)
+    replaced = chosen & (torch.rand(ids.shape, generator=generator).to(ids.device) < 0.8)
+    randomized = chosen & ~replaced & (torch.rand(ids.shape, generator=generator).to(ids.device) < 0.5)
     random_ids = torch.randint(vocab_size, ids.shape, generator=generator).to(ids.device)
-    masked = torch.where(chosen & (kind < 0.8), torch.full_like(ids, mask_id), ids)
-    masked = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, masked)
+    masked = torch.where(replaced, torch.full_like(ids, mask_id), ids)
+    masked = torch.where(randomized, random_ids, masked)
     positions = chosen.nonzero()
     return masked, positions, ids[positions[:, 0], positions[:, 1]]

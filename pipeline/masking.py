@@ -11,8 +11,11 @@ The kinds (VideoMamba, mask ablation; UMT for the attention-guided mask):
 - ``frame_row``: whole rows (a line of W patches) masked, chosen anew in every frame; ``round(ratio * H)`` rows per
   frame.
 - ``clip_row``: the same rows masked in every frame; ``round(ratio * H)`` rows.
-- ``attention``: in every frame, keep the ``H*W - round(ratio * H*W)`` patches the teacher's [cls] token attends to
-  most and mask the rest (needs the teacher's [cls]->patch attention).
+- ``attention``: UMT / VideoMamba's attention-guided mask: in every frame, ``H*W - round(ratio * H*W)`` patches stay
+  visible, drawn without replacement with probability proportional to the teacher's [cls]->patch attention
+  (``torch.multinomial``, as video_sm/engines/engine_for_pretraining_videomamba.py and video_mm umt_videomamba.py
+  encode_teacher; from torch's global RNG, on the attention's device). Needs the teacher's attention.
+- ``attention_topk``: the deterministic variant: the most-attended patches of every frame stay visible.
 
 Rounding: the structured kinds mask whole units (a patch per frame, a row per frame), so their actual ratio is the
 nearest that whole units allow: with 14 rows and ratio 0.8, 11 rows (78.6%) are masked; with 4 rows, 3 (75%).
@@ -26,8 +29,9 @@ from typing import Literal, Optional
 
 import torch
 
-MaskKind = Literal["random", "tube", "frame_row", "clip_row", "attention"]
-MASK_KINDS: tuple[str, ...] = ("random", "tube", "frame_row", "clip_row", "attention")
+MaskKind = Literal["random", "tube", "frame_row", "clip_row", "attention", "attention_topk"]
+MASK_KINDS: tuple[str, ...] = ("random", "tube", "frame_row", "clip_row", "attention", "attention_topk")
+ATTENTION_KINDS = ("attention", "attention_topk")  # the kinds that need the teacher's attention
 
 
 def masked_count(kind: str, ratio: float, grid: tuple[int, int, int]) -> int:
@@ -35,7 +39,7 @@ def masked_count(kind: str, ratio: float, grid: tuple[int, int, int]) -> int:
     t, h, w = grid
     if kind == "random":
         return _units(ratio, t * h * w, "tokens")
-    if kind in ("tube", "attention"):
+    if kind in ("tube",) + ATTENTION_KINDS:
         return t * _units(ratio, h * w, "patches per frame")
     if kind in ("frame_row", "clip_row"):
         return t * w * _units(ratio, h, "rows per frame")
@@ -46,8 +50,9 @@ def build_mask(kind: str, ratio: float, grid: tuple[int, int, int], batch: int,
                generator: Optional[torch.Generator] = None, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Returns the bool mask (batch, T*H*W) of `kind`, True = masked; see the module docstring for the kinds.
 
-    `attention` ((batch, T*H*W) or (batch, T, H*W), the teacher's [cls]->patch attention) is needed by ``attention``
-    only; that mask is made on the attention's device, the random ones on the CPU (from `generator`).
+    `attention` ((batch, T*H*W) or (batch, T, H*W), the teacher's [cls]->patch attention) is needed by the attention
+    kinds only; their masks are made on the attention's device (``attention`` draws from torch's global RNG there),
+    the others on the CPU (from `generator`).
     """
     masked_count(kind, ratio, grid)  # validates kind and ratio
     t, h, w = grid
@@ -62,21 +67,25 @@ def build_mask(kind: str, ratio: float, grid: tuple[int, int, int], batch: int,
     if kind == "clip_row":
         rows = _random_subset((batch, 1), h, _units(ratio, h, "rows per frame"), generator)
         return rows[..., None].expand(batch, t, h, w).reshape(batch, t * h * w)
-    return attention_mask(attention, ratio, grid, batch)
+    return attention_mask(attention, ratio, grid, batch, sample=kind == "attention")
 
 
 def attention_mask(attention: Optional[torch.Tensor], ratio: float, grid: tuple[int, int, int],
-                   batch: int) -> torch.Tensor:
-    """Returns the mask that keeps, per frame, the patches with the highest [cls] attention and drops the rest."""
+                   batch: int, sample: bool = True) -> torch.Tensor:
+    """Returns the mask that keeps, per frame, patches drawn in proportion to the [cls] attention (`sample`, the
+    official rule) or the most-attended ones, and drops the rest."""
     t, h, w = grid
     if attention is None:
-        raise ValueError("mask kind 'attention' needs the teacher's [cls]->patch attention (attention=None given)")
+        raise ValueError("the attention mask kinds need the teacher's [cls]->patch attention (attention=None given)")
     if attention.numel() != batch * t * h * w:
         raise ValueError(f"attention of shape {tuple(attention.shape)} does not match batch {batch} and token grid "
                          f"{grid} (expected {batch} x {t * h * w} values)")
     scores = attention.detach().float().reshape(batch, t, h * w)
     keep = h * w - _units(ratio, h * w, "patches per frame")
-    kept = scores.topk(keep, dim=-1).indices
+    if sample:
+        kept = torch.multinomial(scores.reshape(batch * t, h * w).clamp_min(1e-12), keep).reshape(batch, t, keep)
+    else:
+        kept = scores.topk(keep, dim=-1).indices
     mask = torch.ones(batch, t, h * w, dtype=torch.bool, device=scores.device)
     mask.scatter_(-1, kept, False)
     return mask.reshape(batch, t * h * w)

@@ -6,14 +6,16 @@ Stage 1 (masked alignment, UMT / VideoMamba): the student's visible tokens, thro
 Linear to the teacher's width), are pulled onto the frozen CLIP teacher's features of the same patches; optionally,
 the VideoMamba paper's self-distillation adds `distill.weight` times `pipeline.losses.distillation_loss`.
 
-Stage 2 (joint video-text pretraining, UMT): `VideoTextObjective` adds, with weights, the video-text contrastive loss
-(VTC, symmetric InfoNCE over the global batch: embeddings are gathered from every rank), video-text matching on hard
-negatives (VTM: for every pair one negative text and one negative video drawn by contrastive similarity, ALBEF's
-sampling), masked language modelling on the cross-modal layers (MLM, BERT's 15% with 80/10/10 replacement) and
-stage 1's alignment of the visible tokens.
+Stage 2 (joint video-text pretraining, UMT / VideoMamba's video_mm): `VideoTextObjective` adds, with weights, the
+video-text contrastive loss (VTC, symmetric InfoNCE over the global batch at the model's learned temperature:
+embeddings and sample identities are gathered from every rank, samples with the same key are positives), video-text
+matching on hard negatives (VTM: for every pair one negative text and one negative video of another sample drawn by
+softmax(similarity / temperature)), masked language modelling through the fusion layers (MLM: BERT's masking with
+the official probability 0.5; [PAD] and [CLS] never chosen) and stage 1's alignment of the visible tokens.
 """
 from __future__ import annotations
 
+import zlib
 from typing import Optional
 
 import torch
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from pipeline.engine import dist
 from pipeline.losses import (alignment_loss, contrastive_loss, distillation_loss, hard_negatives, mlm_masked,
                              visible_targets)
-from pipeline.masking import build_mask
+from pipeline.masking import ATTENTION_KINDS, build_mask
 from pipeline.models.distill import FrozenGuide
 
 
@@ -33,14 +35,16 @@ class MaskedAlignment:
     Per batch: the frozen teacher encodes every frame (under no_grad, outside the trained module); a mask of
     `mask_kind` hides `mask_ratio` of the student's tokens (the attention-guided one from the teacher's [cls]
     attention); the student (`model(video, mask)` -> projected visible tokens, distillation features or None) is
-    aligned to the teacher's tokens of the patches it sees. Masks come from torch's global RNG, which the engine
-    seeds per rank and checkpoints, so a resumed run draws the same masks.
+    aligned to the teacher's tokens of the patches it sees, and with `cls_target` its [cls] to the teacher's [CLS]
+    averaged over the frames (the official recipe: video_sm/models/clip.py with clip_return_cls; the student then
+    returns its [cls] first). Masks come from torch's global RNG, which the engine seeds per rank and checkpoints, so
+    a resumed run draws the same masks.
     """
 
     def __init__(self, teacher: nn.Module, grid: tuple[int, int, int], mask_kind: str, mask_ratio: float,
                  loss_kind: str = "mse", tubelet: int = 1, guide: Optional[FrozenGuide] = None,
-                 distill_weight: float = 1.0):
-        self.teacher, self.grid, self.tubelet = teacher, grid, tubelet
+                 distill_weight: float = 1.0, cls_target: bool = True):
+        self.teacher, self.grid, self.tubelet, self.cls_target = teacher, grid, tubelet, cls_target
         self.mask_kind, self.mask_ratio, self.loss_kind = mask_kind, mask_ratio, loss_kind
         self.guide, self.distill_weight = guide, distill_weight
 
@@ -50,7 +54,7 @@ class MaskedAlignment:
         mask = build_mask(self.mask_kind, self.mask_ratio, self.grid, video.shape[0], attention=attention)
         mask = mask.to(video.device)
         aligned, distilled = model(video, mask)
-        align = alignment_loss(aligned, visible_targets(targets, mask), self.loss_kind)
+        align = alignment_loss(aligned, self.visible(targets, mask), self.loss_kind)
         parts = {"align": float(align.detach())}
         loss = align
         if self.guide is not None:
@@ -60,59 +64,75 @@ class MaskedAlignment:
             loss = loss + self.distill_weight * distill
         return loss, parts
 
+    def visible(self, targets: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The targets of what the student sees: its visible tokens' (and [cls]'s, first, with cls_target)."""
+        if mask is None:
+            return targets
+        if self.cls_target:
+            mask = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
+        return visible_targets(targets, mask)
+
     @torch.no_grad()
     def teacher_targets(self, video: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Returns the teacher's tokens (B, T'*h*w, C) of a clip (B, 3, T, H, W) and its [cls] attention (B, T'*h*w)
-        when the mask needs it; with tubelets of several frames, both are averaged over a tubelet's frames."""
+        """Returns the teacher's targets (B, [1 +] T'*h*w, C) of a clip (B, 3, T, H, W): with cls_target its [CLS]
+        averaged over the frames first, then the patch tokens; and its [cls] attention (B, T'*h*w) when the mask
+        needs it. With tubelets of several frames, tokens and attention are averaged over a tubelet's frames."""
         batch, _, frames, height, width = video.shape
         self.teacher.to(device=video.device, dtype=video.dtype)
         features = self.teacher(video.transpose(1, 2).reshape(batch * frames, 3, height, width),
-                                with_attention=self.mask_kind == "attention")
+                                with_attention=self.mask_kind in ATTENTION_KINDS)
         t = frames // self.tubelet
         tokens = features.tokens.reshape(batch, t, self.tubelet, -1, features.tokens.shape[-1]).mean(2)
         attention = features.cls_attention
         if attention is not None:
             attention = attention.reshape(batch, t, self.tubelet, -1).mean(2).reshape(batch, -1)
-        return tokens.reshape(batch, -1, tokens.shape[-1]), attention
+        tokens = tokens.reshape(batch, -1, tokens.shape[-1])
+        if self.cls_target:
+            tokens = torch.cat([features.cls.reshape(batch, frames, -1).mean(1, keepdim=True), tokens], dim=1)
+        return tokens, attention
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
-def gathered_embeddings(video: Tensor, text: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Every rank's video and text embeddings (rank order, gradients flowing back to each rank's own) and this
-    rank's offset in them, so the contrastive loss sees the global batch as UMT's does. With one process, or when
-    the ranks' batch sizes differ this step (a short last batch), this rank's own rows and offset 0."""
+def sample_ids(keys: list[str], device: torch.device) -> Tensor:
+    """Stable int64 identities of samples (CRC-32 of their keys): the official VTC's `idx`."""
+    return torch.tensor([zlib.crc32(k.encode()) for k in keys], dtype=torch.long, device=device)
+
+
+def gathered_embeddings(video: Tensor, text: Tensor, ids: Optional[Tensor] = None
+                        ) -> tuple[Tensor, Tensor, Optional[Tensor], int]:
+    """Every rank's video and text embeddings (rank order, gradients flowing back to each rank's own), their sample
+    identities, and this rank's offset in them, so the contrastive loss sees the global batch as UMT's does. With one
+    process, or when the ranks' batch sizes differ this step (a short last batch), this rank's own rows and offset
+    0."""
     if dist.world_size() == 1:
-        return video, text, 0
+        return video, text, ids, 0
     sizes = dist.gather_no_grad(torch.tensor([video.shape[0]], device=video.device))
     if bool((sizes != sizes[0]).any()):
-        return video, text, 0
-    return dist.all_gather_with_grad(video), dist.all_gather_with_grad(text), dist.rank() * video.shape[0]
+        return video, text, ids, 0
+    return (dist.all_gather_with_grad(video), dist.all_gather_with_grad(text), dist.gather_no_grad(ids),
+            dist.rank() * video.shape[0])
 
 
 class VideoTextObjective:
     """The stage-2 objective, `loss_fn(model, batch) -> (loss, parts)` for the engine; `model` is the
     `pipeline.models.video_text.VideoTextModel` (or the DeepSpeed engine around it).
 
-    Texts are tokenized here (open_clip's BPE, `max_len` ids). Masks and MLM draws come from torch's global RNG,
-    which the engine seeds per rank and checkpoints. `alignment` (stage 1's MaskedAlignment with its teacher) is
-    None when the alignment weight is 0; then masks are drawn without a teacher (the attention mask needs one)."""
+    Texts are tokenized here (`tokenizer`: the BERT tokenizer, `max_len` ids, padded). Masks and MLM draws come from
+    torch's global RNG, which the engine seeds per rank and checkpoints. `alignment` (stage 1's MaskedAlignment with
+    its teacher) is None when the alignment weight is 0; then masks are drawn without a teacher (the attention
+    masks need one)."""
 
-    def __init__(self, tokenizer, max_len: int, vocab_size: int, grid: tuple[int, int, int], mask_kind: str,
-                 mask_ratio: float, weights: dict[str, float], mlm_prob: float = 0.15,
-                 alignment: Optional[MaskedAlignment] = None):
-        self.tokenizer, self.max_len, self.vocab_size = tokenizer, max_len, vocab_size
+    def __init__(self, tokenizer, max_len: int, grid: tuple[int, int, int], mask_kind: str, mask_ratio: float,
+                 weights: dict[str, float], mlm_prob: float = 0.5, alignment: Optional[MaskedAlignment] = None):
+        self.tokenizer, self.max_len = tokenizer, max_len
         self.grid, self.mask_kind, self.mask_ratio = grid, mask_kind, mask_ratio
         self.weights, self.mlm_prob, self.alignment = weights, mlm_prob, alignment
-        self.special = torch.tensor([tokenizer.sot_token_id, tokenizer.eot_token_id])
-
-    def tokens(self, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        """Token ids (B, max_len) and the padding mask (True = padding)."""
-        ids = self.tokenizer(texts, context_length=self.max_len).to(device)
-        return ids, ids == 0
 
     def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, float]]:
         video = batch["video"]
-        ids, pad = self.tokens(batch["text"], video.device)
+        tokens = self.tokenizer(batch["text"], self.max_len)
+        ids, attention_mask = tokens.ids.to(video.device), tokens.attention_mask.to(video.device)
+        keys = sample_ids(batch["key"], video.device) if "key" in batch else None
         targets, attention = None, None
         if self.alignment is not None:
             targets, attention = self.alignment.teacher_targets(video)
@@ -120,32 +140,34 @@ class VideoTextObjective:
         if self.mask_ratio > 0:
             mask = build_mask(self.mask_kind, self.mask_ratio, self.grid, video.shape[0], attention=attention)
             mask = mask.to(video.device)
-        out = model(video, mask, ids, pad)
+        out = model(video, mask, ids, attention_mask)
         net = getattr(model, "module", model)  # the heads below run outside the engine's forward
-        video_all, text_all, offset = gathered_embeddings(out.video_embed, out.text_embed)
-        parts: dict[str, Tensor] = {"vtc": contrastive_loss(out.video_embed, out.text_embed, out.logit_scale,
-                                                            video_all, text_all, offset)}
+        video_all, text_all, keys_all, offset = gathered_embeddings(out.video_embed, out.text_embed, keys)
+        parts: dict[str, Tensor] = {"vtc": contrastive_loss(out.video_embed, out.text_embed, out.temp, video_all,
+                                                            text_all, offset, keys, keys_all)}
         if self.weights.get("vtm", 0) > 0 and video.shape[0] >= 2:
-            parts["vtm"] = self._matching_loss(net, out, pad)
+            parts["vtm"] = self._matching_loss(net, out, attention_mask, keys)
         if self.weights.get("mlm", 0) > 0:
-            masked, positions, labels = mlm_masked(ids, pad, self.special.to(ids.device), net.text.mask_id,
-                                                   self.vocab_size, self.mlm_prob)
-            logits = net.mlm_logits(masked, pad, out.video_tokens, positions)
+            maskable = attention_mask.bool() & (ids != self.tokenizer.cls_token_id)
+            masked, positions, labels = mlm_masked(ids, maskable, self.tokenizer.mask_token_id,
+                                                   net.text_encoder.vocab_size, self.mlm_prob)
+            logits = net.mlm_logits(masked, attention_mask, out.video_tokens, positions)
             parts["mlm"] = F.cross_entropy(logits.float(), labels)
         if self.alignment is not None:
-            visible = visible_targets(targets, mask) if mask is not None else targets
-            parts["align"] = alignment_loss(out.aligned, visible, self.alignment.loss_kind)
+            parts["align"] = alignment_loss(out.aligned, self.alignment.visible(targets, mask),
+                                            self.alignment.loss_kind)
         loss = sum(self.weights.get(name, 0.0) * value for name, value in parts.items())
         return loss, {name: float(value.detach()) for name, value in parts.items()}
 
     @staticmethod
-    def _matching_loss(net, out, pad: Tensor) -> Tensor:
-        """Cross-entropy of the matching head on the B positive pairs and 2B hard negatives."""
-        neg_text, neg_video = hard_negatives(out.video_embed, out.text_embed)
-        text = torch.cat([out.text_hidden, out.text_hidden[neg_text], out.text_hidden])
-        text_pad = torch.cat([pad, pad[neg_text], pad])
-        video = torch.cat([out.video_tokens, out.video_tokens, out.video_tokens[neg_video]])
-        logits = net.match_logits(text, text_pad, video)
+    def _matching_loss(net, out, attention_mask: Tensor, keys: Optional[Tensor]) -> Tensor:
+        """Cross-entropy of the matching head on the B positive pairs and 2B hard negatives (criterions.py vtm_loss:
+        [video, negative video, video] x [text, text, negative text])."""
+        neg_text, neg_video = hard_negatives(out.video_embed, out.text_embed, out.temp.detach(), keys)
+        text = torch.cat([out.text_hidden, out.text_hidden, out.text_hidden[neg_text]])
+        text_mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+        video = torch.cat([out.video_tokens, out.video_tokens[neg_video], out.video_tokens])
+        logits = net.match_logits(text, text_mask, video)
         b = out.video_tokens.shape[0]
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
         return F.cross_entropy(logits.float(), labels)

@@ -117,6 +117,8 @@ def pipeline_steps(cfg: RecipeConfig, recipe_dir: str, out: str, cluster: "Clust
                               _bind(_shard_plan, cfg, name, out)))
     if cfg.synth.enabled:
         steps.append(Step("teacher", "teacher", lambda: _demo_teacher(cfg, out), lambda: _nothing("synthetic frames")))
+        if cfg.stage2.config:
+            steps.append(Step("text", "text", lambda: _demo_text(cfg, out), lambda: _nothing("the corpus captions")))
     if cfg.eval_teacher.config:
         teacher_eval = _retrieval_config(cfg, cfg.eval_teacher, recipe_dir, "eval_teacher", _teacher_wiring(cfg))
         steps.append(Step("eval_teacher", "eval", _bind(_evaluate, cfg, teacher_eval, _teacher_checkpoint(cfg), out,
@@ -346,6 +348,24 @@ def _demo_teacher(cfg: RecipeConfig, out: str) -> dict:
     path = train_tiny_clip(os.path.join(out, "corpus", "videos.jsonl"), os.path.join(out, "teacher", "tiny_clip.pt"),
                            steps=cfg.teacher.steps, img_size=cfg.teacher.img_size, seed=cfg.teacher.seed)
     return {"checkpoint": str(path)}
+
+
+def _demo_text(cfg: RecipeConfig, out: str) -> dict:
+    """The demo's BERT, built from the training captions (videos and images) of the synthetic corpus."""
+    from pipeline.models.text import build_tiny_bert
+
+    if not cfg.text.pretrained:
+        raise ConfigError("recipe: the demo's text step needs text.pretrained (the folder it writes its BERT to)")
+    captions = []
+    for manifest in ("videos.jsonl", "images.jsonl"):
+        with open(os.path.join(out, "corpus", manifest)) as f:
+            captions += [c for line in f if line.strip() for c in json.loads(line)["captions"]]
+    t = cfg.text
+    path = build_tiny_bert(captions, t.pretrained, hidden=t.hidden, layers=t.layers, heads=t.heads,
+                           vocab_size=t.vocab_size, seed=t.seed)
+    with open(os.path.join(path, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    return {"bert": str(path), "captions": len(captions), "hidden": t.hidden, "layers": t.layers, "vocab": vocab}
 
 
 def _shard(cfg: RecipeConfig, name: str, out: str, cluster: Cluster) -> dict:

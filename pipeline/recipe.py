@@ -61,6 +61,13 @@ class TeacherSpec:
 @dataclass
 class TextSpec:
     pretrained: Optional[str] = None  # the text encoder's directory (a BERT folder): stage 2's text.pretrained
+    # the demo's own BERT (synth.enabled): a WordPiece vocabulary from the corpus captions and a small random
+    # BertForMaskedLM, saved in the transformers layout at `pretrained`; stage 2 loads it as it loads BERT-base
+    hidden: int = ranged(128, ge=8)
+    layers: int = ranged(4, ge=1)
+    heads: int = ranged(4, ge=1)
+    vocab_size: int = ranged(1000, ge=128)
+    seed: int = ranged(0, ge=0)
 
 
 @dataclass

@@ -11,6 +11,9 @@
 - `tiny_clip(folder, name, image_size=32, embed_dim=48, patch_size=16)` registers a tiny open_clip CLIP config (its
   `<name>.json` written in `folder`, as open_clip keeps custom configs beside checkpoints) and returns the model,
   seeded, with random weights: a real open_clip model for loading-path tests, never presented as a trained teacher.
+- `tiny_bert_dir` is a tiny BERT in the transformers layout (`pipeline.models.text.build_tiny_bert`: a WordPiece
+  vocabulary from a few captions, hidden 32, 3 layers, 2 heads, random weights), written once per test session; what
+  `text.pretrained` names in tests. Read-only.
 - `one_thread` runs a test's torch work on one thread: on a shared 2-core machine two OpenMP threads spin against
   other processes and make tiny models many times slower; one thread is fast under any load.
 """
@@ -103,3 +106,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+TINY_BERT_CAPTIONS = ["a red ball rolls to the left", "two blue squares move up slowly",
+                      "a green circle spins on a white background", "the yellow triangle jumps to the right"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    from pipeline.models.text import build_tiny_bert
+    return build_tiny_bert(TINY_BERT_CAPTIONS * 4, str(tmp_path_factory.mktemp("tiny_bert")), hidden=32, layers=3,
+                           heads=2, max_positions=64)

@@ -73,10 +73,10 @@ def test_clip_row_mask_drops_the_same_whole_rows_in_every_frame():
     assert len({tuple(r[0].tolist()) for r in rows}) > 1, "every sample got the same rows"
 
 
-def test_attention_mask_keeps_each_frames_most_attended_patches():
+def test_attention_topk_mask_keeps_each_frames_most_attended_patches():
     t, h, w = GRID
     attention = _attention()
-    mask = _mask("attention", 0.8, attention=attention).view(B, t, h * w)
+    mask = _mask("attention_topk", 0.8, attention=attention).view(B, t, h * w)
     scores = attention.view(B, t, h * w)
     keep = h * w - round(0.8 * h * w)
     for b in range(B):
@@ -87,12 +87,26 @@ def test_attention_mask_keeps_each_frames_most_attended_patches():
             assert visible.min() > hidden.max()
 
 
-def test_attention_mask_accepts_frame_shaped_attention_and_ignores_the_generator():
+def test_attention_topk_mask_accepts_frame_shaped_attention_and_ignores_the_generator():
     t, h, w = GRID
     attention = _attention()
-    flat = _mask("attention", attention=attention, seed=0)
-    framed = _mask("attention", attention=attention.view(B, t, h * w), seed=7)
+    flat = _mask("attention_topk", attention=attention, seed=0)
+    framed = _mask("attention_topk", attention=attention.view(B, t, h * w), seed=7)
     assert torch.equal(flat, framed)
+
+
+def test_attention_mask_samples_patches_in_proportion_to_the_attention():
+    """The official rule: visible patches drawn by torch.multinomial(attention) without replacement, so a patch
+    with most of the attention is nearly always visible, one with none never, and the draw varies."""
+    t, h, w = GRID
+    attention = torch.full((B, t, h * w), 1e-3)
+    attention[..., 0] = 1.0  # one dominant patch per frame
+    attention[..., 1] = 0.0  # one patch nobody attends to
+    torch.manual_seed(0)
+    masks = torch.stack([_mask("attention", 0.8, attention=attention).view(B, t, h * w) for _ in range(20)])
+    assert (~masks[..., 0]).float().mean() > 0.95
+    assert masks[..., 1].all()
+    assert len({tuple(m.flatten().tolist()) for m in masks}) > 1
 
 
 def test_same_generator_seed_gives_the_same_mask():
@@ -105,7 +119,7 @@ def test_same_generator_seed_gives_the_same_mask():
     ("diagonal", 0.8, None, "not one of"),
     ("random", 1.0, None, "must be in"),
     ("clip_row", 0.95, None, "masks all 6 rows"),
-    ("attention", 0.8, None, "needs the teacher"),
+    ("attention", 0.8, None, "need the teacher"),
     ("attention", 0.8, torch.rand(B, 7), "does not match"),
 ])
 def test_bad_arguments_are_named(kind, ratio, attention, message):

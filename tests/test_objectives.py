@@ -52,7 +52,7 @@ def test_objective_aligns_the_visible_tokens_to_the_teachers(teacher, clips, kin
     objective = MaskedAlignment(teacher, student.backbone.patch_grid, kind, ratio)
     loss, parts = objective(student, {"video": clips[:2]})
     targets, _ = objective.teacher_targets(clips[:2])
-    assert targets.shape == (2, 4 * 2 * 2, teacher.width)
+    assert targets.shape == (2, 1 + 4 * 2 * 2, teacher.width)  # the frame-averaged [CLS] first
     assert parts["align"] == pytest.approx(loss.item())
     loss.backward()
     assert all(p.grad is not None for p in student.align_head.parameters())
@@ -84,7 +84,7 @@ def test_tubelets_average_the_teachers_frames(teacher, clips):
     targets, _ = objective.teacher_targets(clips[:1])
     frames = clips[:1].transpose(1, 2).reshape(4, 3, 32, 32)
     per_frame = teacher(frames).tokens  # (4, 4, C)
-    torch.testing.assert_close(targets[0, :4], per_frame[:2].mean(0))
+    torch.testing.assert_close(targets[0, 1:5], per_frame[:2].mean(0))
     loss, _ = objective(student, {"video": clips[:2]})
     assert torch.isfinite(loss)
 
@@ -100,3 +100,23 @@ def test_distillation_adds_its_weighted_term(teacher, clips):
     loss.backward()
     assert all(p.grad is not None for p in student.distill_head.parameters())
     assert all(p.grad is None for p in guide.parameters())
+
+
+def test_the_cls_target_is_the_teachers_cls_averaged_over_the_frames(teacher, clips):
+    """The official --clip_return_cls: the teacher's [CLS] of each frame, projected, averaged over the frames, is the
+    first target and the student's [cls] (first of its aligned outputs) is pulled onto it; cls_target=False aligns
+    the patch tokens only."""
+    student = _student(teacher.width)
+    objective = MaskedAlignment(teacher, student.backbone.patch_grid, "tube", 0.5)
+    targets, _ = objective.teacher_targets(clips[:1])
+    frames = clips[:1].transpose(1, 2).reshape(4, 3, 32, 32)
+    torch.testing.assert_close(targets[0, 0], teacher(frames).cls.mean(0))
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[:, :8] = True
+    assert objective.visible(targets, mask).shape == (1, 1 + 8, teacher.width)
+    aligned, _ = student(clips[:1], mask)
+    assert aligned.shape == (1, 1 + 8, teacher.width)
+    patches_only = MaskedAlignment(teacher, student.backbone.patch_grid, "tube", 0.5, cls_target=False)
+    assert patches_only.teacher_targets(clips[:1])[0].shape == (1, 16, teacher.width)
+    student_patches = AlignStudent(student.backbone, teacher.width, align_cls=False)
+    assert student_patches(clips[:1], mask)[0].shape == (1, 8, teacher.width)

@@ -11,12 +11,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["synth.videos=24", "synth.images=12", "synth.eval_videos=8", "synth.frames=8", "teacher.steps=8",
-        "shard.samples_per_shard=8",
+        "shard.samples_per_shard=8", "text.hidden=32", "text.layers=2", "text.heads=2",
         "stage1.overrides=[model.depth=2, model.embed_dim=64, data.num_frames=4, data.img_size=64, "
         "data.num_workers=0, train.max_steps=4, train.batch_size=4, train.warmup_steps=1, train.ckpt_every=2, "
         "teacher.model=tiny-clip, teacher.img_size=64, train.progress=false, train.tensorboard=false]",
         "stage2.overrides=[model.depth=2, model.embed_dim=64, data.num_frames=4, data.img_size=64, "
-        "data.num_workers=0, text.width=32, text.depth=2, text.heads=2, text.fusion_layers=1, text.max_len=16, "
+        "data.num_workers=0, text.fusion_layer=1, text.max_len=16, "
         "text.embed_dim=32, train.max_steps=4, train.batch_size=4, train.warmup_steps=1, train.ckpt_every=2, "
         "teacher.model=tiny-clip, teacher.img_size=64, train.progress=false, train.tensorboard=false]"]
 
@@ -32,7 +32,7 @@ def test_run_goes_end_to_end_then_skips_complete_steps(tmp_path):
     out = tmp_path / "demo"
     first = run(out)
     assert first.returncode == 0, first.stderr[-3000:]
-    for step in ("synth", "shard_videos", "shard_images", "teacher", "eval_teacher", "stage1", "stage2",
+    for step in ("synth", "shard_videos", "shard_images", "teacher", "eval_teacher", "stage1", "text", "stage2",
                  "eval_stage2"):
         assert (out / "steps" / f"{step}.json").exists(), step
     index = json.loads((out / "shards" / "videos" / "index.json").read_text())
@@ -65,23 +65,25 @@ def test_run_goes_end_to_end_then_skips_complete_steps(tmp_path):
 TINY_MODEL = ["model.depth=2", "model.embed_dim=64", "model.scan_backend=torch", "data.num_frames=4",
               "data.img_size=64", "data.num_workers=0", "train.batch_size=4", "train.warmup_steps=1",
               "train.progress=false", "train.tensorboard=false", "teacher.img_size=64"]
-TINY_TEXT = ["text.width=32", "text.depth=2", "text.heads=2", "text.fusion_layers=1", "text.max_len=16",
-             "text.embed_dim=32"]
+TINY_TEXT = ["text.fusion_layer=2", "text.max_len=16", "text.embed_dim=32"]
 
 
 @pytest.fixture(scope="module")
 def vp9_corpus(tmp_path_factory):
-    """Synthetic manifests that are not the demo's: VP9 clips of 80 px, and a tiny open_clip teacher file."""
+    """Synthetic manifests that are not the demo's: VP9 clips of 80 px, a tiny open_clip teacher file and a tiny
+    BERT directory (bert/)."""
     import torch
 
+    from pipeline.models.text import build_tiny_bert
     from shards.synth import write_corpus
-    from tests.conftest import tiny_clip
+    from tests.conftest import TINY_BERT_CAPTIONS, tiny_clip
 
     root = tmp_path_factory.mktemp("vp9")
     write_corpus(str(root / "corpus"), videos=12, images=6, seed=3, codec="vp9", size=80, frames=8, eval_videos=6,
                  progress=False)
     model = tiny_clip(root / "teacher", "run-test-vit", image_size=64)
     torch.save({"state_dict": model.state_dict()}, root / "teacher" / "teacher.pt")
+    build_tiny_bert(TINY_BERT_CAPTIONS * 4, str(root / "bert"), hidden=32, layers=3, heads=2, max_positions=64)
     return root
 
 
@@ -96,6 +98,7 @@ def write_recipe(path: Path, corpus: Path, stage2_corpora=("videos", "images"), 
         "corpora": {"videos": {"input": str(corpus / "corpus" / "videos.jsonl")},
                     "images": {"input": str(corpus / "corpus" / "images.jsonl")}},
         "teacher": {"model": "run-test-vit", "pretrained": str(corpus / "teacher" / "teacher.pt")},
+        "text": {"pretrained": str(corpus / "bert")},
         "stage1": {"config": str(REPO / "configs" / "stage1_align.yaml"), "corpora": ["videos"], "workers": 1,
                    "overrides": TINY_MODEL + ["train.max_steps=3", "train.ckpt_every=2"]},
         "stage2": {"config": str(REPO / "configs" / "stage2_video_text.yaml"), "corpora": list(stage2_corpora),

@@ -12,9 +12,11 @@ Implementations (`videomamba eval` builds them from --checkpoint by `model.kind`
 - `open_clip`: `OpenClipMeanP`, an image CLIP applied frame by frame with the frame features mean-pooled over time
   (CLIP4Clip's zero-shot "meanP" baseline); any open_clip model, the demo's `tiny-clip` included; its own
   preprocessing (bicubic shorter-side resize, centre crop, its mean and std) and its own text length.
-- `videomamba`: `VideoMambaRetrieval`, a stage-2 video-text model with its matching head, fed as the official
-  video_mm evaluation feeds VideoMamba (the whole frame resized bicubic, ImageNet mean and std) under bf16 autocast
-  on a GPU (video_mm's `fp16 = bf16 = True`).
+- `videomamba`: `VideoMambaRetrieval`, a stage-2 video-text model (a stage-2 run, or a released video_mm .pth
+  file) with its matching head, fed as the official video_mm evaluation feeds VideoMamba (the whole frame resized
+  bicubic, ImageNet mean and std) under bf16 autocast on a GPU (video_mm's `fp16 = bf16 = True`); texts through its
+  BERT tokenizer. A clip's embedding is the mean of its L2-normalized per-frame embeddings (the official similarity,
+  averaged over frames), not renormalized.
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ class VideoMambaRetrieval:
         self.model, self.tokenizer, self.max_len, self.device, self.frames = model, tokenizer, max_len, device, frames
         self._videos: list[torch.Tensor] = []
         self._texts: list[torch.Tensor] = []
-        self._pads: list[torch.Tensor] = []
+        self._masks: list[torch.Tensor] = []
 
     def text_length(self, max_len: int) -> int:
         """The benchmark's length, or the model's own position count when that is shorter."""
@@ -105,11 +107,12 @@ class VideoMambaRetrieval:
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], max_len: int) -> torch.Tensor:
-        ids = self.tokenizer(texts, context_length=self.text_length(max_len)).to(self.device)
+        tokens = self.tokenizer(texts, self.text_length(max_len))
+        attention_mask = tokens.attention_mask.to(self.device)
         with self._autocast():
-            embed, hidden = self.model.encode_text(ids, ids == 0)
+            embed, hidden = self.model.encode_text(tokens.ids.to(self.device), attention_mask)
         self._texts.append(hidden)
-        self._pads.append(ids == 0)
+        self._masks.append(attention_mask)
         return embed.float()
 
     @torch.no_grad()
@@ -119,8 +122,8 @@ class VideoMambaRetrieval:
         if len(self._videos) > 1:
             self._videos = [torch.cat(self._videos)]
         if len(self._texts) > 1:
-            self._texts, self._pads = [torch.cat(self._texts)], [torch.cat(self._pads)]
+            self._texts, self._masks = [torch.cat(self._texts)], [torch.cat(self._masks)]
         t, v = text_index.to(self.device), video_index.to(self.device)
         with self._autocast():
-            logits = self.model.match_logits(self._texts[0][t], self._pads[0][t], self._videos[0][v])
+            logits = self.model.match_logits(self._texts[0][t], self._masks[0][t], self._videos[0][v])
         return logits[:, 1].float()

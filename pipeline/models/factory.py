@@ -2,16 +2,14 @@
 tokenizer; `token_grid` is the (T', h, w) grid of tokens a backbone works on, which masks and teacher must fit."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from pipeline.models.video_text import TextSpec, VideoTextModel
+from pipeline.models.text import BertTextTokenizer, load_bert_text_encoder
+from pipeline.models.video_text import VideoTextModel
 from pipeline.models.videomamba import (SIZE_DROP_PATH, VideoMamba, build_videomamba, load_official_checkpoint,
                                         token_grid)
 
 __all__ = ["build_from_config", "build_video_text_model", "token_grid"]
-
-if TYPE_CHECKING:
-    from open_clip.tokenizer import SimpleTokenizer
 
 
 def build_from_config(model_cfg, num_frames: int, img_size: int, num_classes: int = 0) -> VideoMamba:
@@ -30,13 +28,14 @@ def build_from_config(model_cfg, num_frames: int, img_size: int, num_classes: in
     return model
 
 
-def build_video_text_model(cfg, num_frames: int, img_size: int,
-                           teacher_dim: Optional[int] = None) -> tuple[VideoTextModel, SimpleTokenizer]:
-    """The stage-2 model that a `pipeline.config.VideoTextStageConfig` describes (random weights; the caller loads
-    them) and its tokenizer."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    tokenizer = SimpleTokenizer()
-    t = cfg.text
-    spec = TextSpec(len(tokenizer.encoder), t.width, t.depth, t.heads, t.fusion_layers, t.max_len, t.embed_dim)
-    return VideoTextModel(build_from_config(cfg.model, num_frames, img_size), spec, teacher_dim), tokenizer
+def build_video_text_model(cfg, num_frames: int, img_size: int, teacher_dim: Optional[int] = None,
+                           bert_weights: bool = True) -> tuple[VideoTextModel, BertTextTokenizer]:
+    """The stage-2 model that a `pipeline.config.VideoTextStageConfig` (or any config with `model` and `text`)
+    describes and its tokenizer: the backbone as `build_from_config` makes it, the BERT text encoder of
+    `text.pretrained` (its weights unless `bert_weights` is false: a caller that loads a whole checkpoint next needs
+    only its shape and tokenizer) with fusion from `text.fusion_layer`, fresh heads."""
+    backbone = build_from_config(cfg.model, num_frames, img_size)
+    text, tokenizer = load_bert_text_encoder(cfg.text.pretrained, cfg.text.fusion_layer, backbone.embed_dim,
+                                             weights=bert_weights)
+    align_cls = cfg.teacher.cls_target if hasattr(cfg, "teacher") else True
+    return VideoTextModel(backbone, text, cfg.text.embed_dim, cfg.text.temp, teacher_dim, align_cls), tokenizer

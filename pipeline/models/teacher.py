@@ -5,9 +5,10 @@ open_clip ViT works: a built-in name with a pretrained tag (downloaded, or found
 file in open_clip's format. A model name open_clip does not know (the demo's ``tiny-clip``) is registered from its
 config JSON, ``<name>.json`` beside the checkpoint, with `open_clip.add_model_config`.
 
-Targets are UMT's: the final patch tokens through the final norm (``ln_post``) and the projection, one per patch,
-and, for the attention-guided mask, the last block's [cls]->patch attention (softmax over all tokens, mean over
-heads).
+Targets are the official VideoMamba recipe's: the last block's patch tokens through the projection, one per patch
+(`--clip_return_cls` skips ``ln_post``: video_sm/models/clip.py and video_mm/models/backbones/videomamba/clip.py;
+``teacher.ln_post=true`` applies it first, UMT's ViT recipe), and, for the attention-guided mask, the last block's
+[cls]->patch attention (softmax over all tokens, mean over heads).
 """
 from __future__ import annotations
 
@@ -28,15 +29,17 @@ from pipeline.config import ConfigError, TeacherConfig
 
 @dataclass
 class TeacherFeatures:
-    tokens: torch.Tensor  # (N, h*w, C): final patch tokens after ln_post and the projection
+    tokens: torch.Tensor  # (N, h*w, C): the last block's patch tokens (ln_post if asked) through the projection
+    cls: torch.Tensor  # (N, C): its [CLS] token the same way (the official recipe's frame-averaged [CLS] target)
     cls_attention: Optional[torch.Tensor]  # (N, h*w): the last block's [cls]->patch attention, mean over heads
 
 
 class ClipTeacher(nn.Module):
     """A frozen open_clip VisionTransformer that returns per-patch features (always in eval mode)."""
 
-    def __init__(self, visual: nn.Module, name: str):
+    def __init__(self, visual: nn.Module, name: str, ln_post: bool = False):
         super().__init__()
+        self.ln_post = ln_post
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
             raise ConfigError(f"teacher.model {name!r}: its vision tower is a {type(visual).__name__}; the teacher "
                               "needs an open_clip VisionTransformer (a ViT-* model)")
@@ -90,10 +93,10 @@ class ClipTeacher(nn.Module):
             x = block(x)
         attention = _cls_attention(blocks[-1], x, self.name) if with_attention else None
         x = blocks[-1](x)
-        tokens = visual.ln_post(x[:, 1:])
+        x = visual.ln_post(x) if self.ln_post else x
         if visual.proj is not None:
-            tokens = tokens @ visual.proj
-        return TeacherFeatures(tokens=tokens, cls_attention=attention)
+            x = x @ visual.proj
+        return TeacherFeatures(tokens=x[:, 1:], cls=x[:, 0], cls_attention=attention)
 
 
 def build_teacher(teacher_cfg: TeacherConfig) -> ClipTeacher:
@@ -108,7 +111,7 @@ def build_teacher(teacher_cfg: TeacherConfig) -> ClipTeacher:
         raise ConfigError(f"teacher.pretrained is empty: the teacher {name!r} needs weights (an open_clip pretrained "
                           "tag or a checkpoint file); random weights give meaningless targets")
     model = create_open_clip(name, pretrained, teacher_cfg.img_size)
-    return ClipTeacher(model.visual, name)
+    return ClipTeacher(model.visual, name, teacher_cfg.ln_post)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ class AlignStudent(nn.Module):
     """The trained module: the backbone and its heads. `forward(video, mask)` returns the visible tokens projected
     to the teacher's width (B, N_visible, C), and the distillation features (B, 1 + N_visible, C_guide) or None."""
 
-    def __init__(self, backbone: nn.Module, teacher_dim: int, guide_dim: Optional[int] = None):
+    def __init__(self, backbone: nn.Module, teacher_dim: int, guide_dim: Optional[int] = None, align_cls: bool = True):
         super().__init__()
+        self.align_cls = align_cls
         self.backbone = backbone
         self.align_head = AlignmentHead(backbone.embed_dim, teacher_dim)
         self.distill_head = DistillHead(backbone.embed_dim, guide_dim) if guide_dim else None
@@ -35,7 +36,7 @@ class AlignStudent(nn.Module):
     def forward(self, video: Tensor, mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         out = self.backbone.forward_features(video, mask=mask)
         distilled = self.distill_head(final_features(out)) if self.distill_head is not None else None
-        return self.align_head(out.tokens), distilled
+        return self.align_head(final_features(out) if self.align_cls else out.tokens), distilled
 
 
 def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
@@ -47,9 +48,10 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
     backbone = build_from_config(cfg.model, cfg.data.num_frames, cfg.data.img_size)
     guide = build_guide(cfg.distill, cfg.data.num_frames, cfg.data.img_size, cfg.model.patch_size,
                         cfg.model.tubelet_size, cfg.model.scan_backend, weights=run_weights(cfg.distill.checkpoint))
-    student = AlignStudent(backbone, teacher.width, guide.embed_dim if guide is not None else None)
+    student = AlignStudent(backbone, teacher.width, guide.embed_dim if guide is not None else None,
+                           cfg.teacher.cls_target)
     objective = MaskedAlignment(teacher, backbone.patch_grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.kind,
-                                cfg.model.tubelet_size, guide, cfg.distill.weight)
+                                cfg.model.tubelet_size, guide, cfg.distill.weight, cfg.teacher.cls_target)
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
                         run_dir=cfg.train.out)
     summary = Trainer(student, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,

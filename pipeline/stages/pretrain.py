@@ -17,10 +17,11 @@ Main keys:
   train.ckpt_every      steps between checkpoints    train.seed         train.out   the run directory
   deepspeed.zero_stage  0 | 1 | 2 | 3                deepspeed.config   your own DeepSpeed JSON (used as is)
   teacher.model         an open_clip model name      teacher.pretrained  a pretrained tag or a checkpoint file
-  mask.kind             clip_row | frame_row | tube | random | attention     mask.ratio (0.8)
+  mask.kind             attention (official) | attention_topk | clip_row | frame_row | tube | random   mask.ratio (0.8)
   loss.kind             mse | cosine                 distill.enabled, distill.checkpoint (self-distillation)
-  stage 2: init (the stage-1 run), text.width / text.depth / text.fusion_layers / text.max_len,
-           loss.vtc / loss.vtm / loss.mlm / loss.align (weights; align 0 loads no teacher), mask.ratio (0.5 in UMT)
+  stage 2: init (the stage-1 run, or a released video_mm / stage-2 .pth), text.pretrained (a BERT directory or a
+           cached hub name) / text.fusion_layer / text.max_len / text.embed_dim, loss.vtc / loss.vtm / loss.mlm /
+           loss.align (weights; align 0 loads no teacher), loss.mlm_prob (0.5, official)
 
 Writes train.out/config.yaml (the resolved config), train.out/metrics.jsonl (one line per optimizer step: step,
 loss, align, lr, ...), TensorBoard events under train.out/tb and complete checkpoints under train.out/checkpoints/.

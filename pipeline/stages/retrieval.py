@@ -19,6 +19,8 @@ Main keys (configs/eval_retrieval.yaml; override any as key.sub=value):
                     its own preprocessing; videomamba: a stage-2 run, fed as the official evaluation feeds VideoMamba
   model.name        the open_clip model name (ViT-B-16, ..., or a custom one such as the demo's tiny-clip, whose
                     <name>.json sits beside the checkpoint)
+  model.size, text.*  for a released video_mm .pth (model.kind=videomamba): the VideoMamba size (middle) and the
+                    BERT (text.pretrained: a directory or a cached hub name; fusion_layer 9, max_len 32, embed_dim 512)
   data.num_frames   frames per video          data.img_size   frame side in pixels
                     (null, the default: a videomamba run's own, from its config.yaml; otherwise 8 and 224)
   data.normalize    auto (the model's own: open_clip's; a stage-2 run's training normalization) | imagenet | clip
@@ -33,6 +35,9 @@ also printed), .png (R@1/5/10 bar chart) and .scores.npz (every score matrix: `p
 Examples:
   videomamba eval --config configs/eval_retrieval.yaml --checkpoint openai \\
       --annotations ann/MSRVTT_JSFUSION_test.csv --videos s3://bucket/msrvtt/videos --out results/
+  videomamba eval --config configs/eval_retrieval.yaml --checkpoint videomamba_m16_25M_f8_res224.pth \\
+      --annotations ann/msrvtt_ret_test1k.json --videos msrvtt/videos \\
+      model.kind=videomamba model.size=middle text.pretrained=bert-base-uncased
   videomamba eval --config configs/eval_retrieval.yaml --checkpoint demo_out/teacher/tiny_clip.pt \\
       --dataset synthetic --annotations demo_out/corpus/eval/msrvtt_test.json --videos demo_out/corpus/eval/videos \\
       model.name=tiny-clip data.img_size=64
@@ -44,14 +49,17 @@ import copy
 import dataclasses
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import fsspec
 import open_clip
 import torch
 
-from pipeline.config import RetrievalConfig, RetrievalModelConfig, VideoTextStageConfig, load_config, resolved_dict
-from pipeline.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, RUN_EVAL_FRAMES
+from pipeline.config import (ModelConfig, RetrievalConfig, RetrievalModelConfig, TextConfig, VideoTextStageConfig,
+                             load_config, resolved_dict)
+from pipeline.data.transforms import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, RUN_EVAL_FRAMES,
+                                      VIDEOMAMBA_EVAL_FRAMES)
 from pipeline.engine.weights import run_weights
 from pipeline.errors import ConfigError
 from pipeline.eval.annotations import read_annotations
@@ -61,7 +69,7 @@ from pipeline.eval.report import headline, result_markdown, write_outputs
 from pipeline.eval.retrieval import MissingVideos, NoUsableVideos, check_retrieval_config, scored_retrieval
 from pipeline.models.factory import build_video_text_model
 from pipeline.models.teacher import OpenClipKeys, create_open_clip
-from pipeline.models.videomamba import load_official_checkpoint
+from pipeline.models.official import is_official_video_text, load_video_text_weights, read_checkpoint
 
 DEFAULT_FRAMES, DEFAULT_IMG_SIZE = 8, 224  # data.num_frames / data.img_size when null and not taken from a run
 
@@ -70,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="the eval YAML config (path or URL)")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="the model's weights: for model.kind=open_clip a checkpoint file/URL or a pretrained tag; "
-                             "for model.kind=videomamba a stage-2 run folder or one of its checkpoints")
+                             "for model.kind=videomamba a stage-2 run folder or one of its checkpoints, or a released "
+                             "video_mm .pth file (with model.size=middle text.pretrained=BERT_DIR)")
     parser.add_argument("--dataset", metavar="|".join(DATASETS),
                         help="the benchmark --annotations is (default: from the file or its name; see above)")
     parser.add_argument("--annotations", required=True, metavar="FILE",
@@ -114,7 +123,7 @@ def evaluate_retrieval(cfg: RetrievalConfig, checkpoint: str, dataset: Optional[
     if not fs.isdir(path):
         raise ConfigError(f"--videos {videos}: no such folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_retrieval_model(cfg.model, checkpoint, cfg.data.img_size, device, cfg.data.num_frames)
+    model = load_retrieval_model(cfg.model, checkpoint, cfg.data.img_size, device, cfg.data.num_frames, cfg.text)
     model.frames = normalized_as(model.frames, cfg.data.normalize)
     evaluation = scored_retrieval(model, cfg, ann, videos, device, progress)
     result = evaluation.result
@@ -155,12 +164,15 @@ def _in_a_run(cfg: RetrievalConfig, checkpoint: str) -> bool:
 
 # ---------------------------------------------------------------------------------- the model from --checkpoint
 def load_retrieval_model(model_cfg: RetrievalModelConfig, checkpoint: str, img_size: int, device: torch.device,
-                         num_frames: int = DEFAULT_FRAMES) -> VideoTextModel:
+                         num_frames: int = DEFAULT_FRAMES, text_cfg: Optional[TextConfig] = None) -> VideoTextModel:
     """Returns the model of `model_cfg.kind` with the weights of `checkpoint` (for open_clip: a checkpoint file or
-    URL with `<model.name>.json` beside it for a custom model, or a pretrained tag; for videomamba: a stage-2 run)."""
+    URL with `<model.name>.json` beside it for a custom model, or a pretrained tag; for videomamba: a stage-2 run, or
+    a checkpoint file, e.g. a released video_mm one, of the model that model.size and `text_cfg` describe)."""
     if model_cfg.kind == "open_clip":
         model = create_open_clip(model_cfg.name, checkpoint, img_size, OpenClipKeys("model.name", "--checkpoint"))
         return OpenClipMeanP(model, open_clip.get_tokenizer(model_cfg.name), device)
+    if model_cfg.kind == "videomamba" and text_cfg is not None and _is_file(checkpoint):
+        return _checkpoint_file_model(model_cfg, text_cfg, checkpoint, num_frames, img_size, device)
     if model_cfg.kind == "videomamba":
         return _stage2_model(checkpoint, num_frames, img_size, device)
     raise ValueError(f"model.kind {model_cfg.kind!r} has no implementation")
@@ -173,19 +185,43 @@ def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch
     if state is None:
         raise ConfigError(f"--checkpoint {checkpoint}: model.kind=videomamba needs a stage-2 run folder or one of its "
                           f"checkpoint folders")
-    model, tokenizer = build_video_text_model(cfg, num_frames, img_size)
-    try:  # the backbone.* weights, position embeddings fitted to this frame count and size
-        load_official_checkpoint(model.backbone, state)
+    model, tokenizer = build_video_text_model(cfg, num_frames, img_size, bert_weights=False)
+    state = {k: v for k, v in state.items() if not k.startswith("align_head.")}
+    try:  # position embeddings fitted to this frame count and size
+        load_video_text_weights(model, state)
     except ValueError as e:
-        raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
-    rest = {k: v for k, v in state.items() if not k.startswith(("backbone.", "align_head."))}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
-    if missing or unexpected:
-        raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: missing "
-                          f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+        raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: {e}") from None
     # a run of this project is fed the official test geometry with the normalization it was trained with
     return VideoMambaRetrieval(model.to(device).eval(), tokenizer, cfg.text.max_len, device, RUN_EVAL_FRAMES)
+
+
+def _checkpoint_file_model(model_cfg: RetrievalModelConfig, text_cfg: TextConfig, checkpoint: str, num_frames: int,
+                           img_size: int, device: torch.device) -> VideoMambaRetrieval:
+    """A video-text model from one checkpoint file, of VideoMamba `model.size` and the BERT of `text.*`: a released
+    video_mm .pth (fed as the official evaluation feeds it, ImageNet-normalized) or a state dict in the project's
+    layout (fed with the normalization the project trains with)."""
+    model, tokenizer = build_video_text_model(_FileModel(ModelConfig(size=model_cfg.size), text_cfg), num_frames,
+                                              img_size, bert_weights=False)
+    try:
+        state = read_checkpoint(checkpoint)
+        official = is_official_video_text(state)
+        load_video_text_weights(model, state)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
+    frames = VIDEOMAMBA_EVAL_FRAMES if official else RUN_EVAL_FRAMES
+    return VideoMambaRetrieval(model.to(device).eval(), tokenizer, text_cfg.max_len, device, frames)
+
+
+@dataclass
+class _FileModel:
+    """What the model builder reads of a stage config, for a checkpoint file outside a run."""
+    model: ModelConfig
+    text: TextConfig
+
+
+def _is_file(checkpoint: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    return fs.isfile(path)
 
 
 def run_config(checkpoint: str) -> str:

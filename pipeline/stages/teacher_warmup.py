@@ -90,7 +90,8 @@ def train_tiny_clip(videos_jsonl: str, out_file: str, steps: int = 300, img_size
             group["lr"] = lr * lr_factor(step, lr, 0.0, max(1, steps // 10), steps)
         images, texts = _train_batch(train, img_size, rng)
         loss = contrastive_loss(F.normalize(model.encode_image(images), dim=-1),
-                                F.normalize(model.encode_text(tokenizer(texts)), dim=-1), model.logit_scale.exp())
+                                F.normalize(model.encode_text(tokenizer(texts)), dim=-1),
+                                1.0 / model.logit_scale.exp())  # CLIP's logit scale is 1 / temperature
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

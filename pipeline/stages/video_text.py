@@ -1,7 +1,8 @@
 """Stage 2: joint video-text pretraining (UMT's second stage) of the stage-1 backbone.
 
-Wires the parts: the stage-1 backbone (weights from `init`, a stage-1 run) with a text encoder, cross-modal layers
-and heads (`pipeline.models.video_text.VideoTextModel`, one module so DeepSpeed trains all of it), the frozen teacher
+Wires the parts: the stage-1 backbone (weights from `init`: a stage-1 run, or a whole stage-2 model from a released
+video_mm .pth file or a stage-2 checkpoint file) with the pretrained BERT of `text.pretrained`, its fusion layers and
+the heads (`pipeline.models.video_text.VideoTextModel`, one module so DeepSpeed trains all of it), the frozen teacher
 for the unmasked-token alignment (only when `loss.align` > 0), the stream of video-text and image-text shards, and
 the objective (`pipeline.objectives.VideoTextObjective`: VTC, VTM on hard negatives, MLM, alignment), handed to the
 engine.
@@ -9,8 +10,10 @@ engine.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
+import fsspec
 from torch import Tensor
 
 from pipeline.config import VideoTextStageConfig
@@ -19,7 +22,10 @@ from pipeline.engine import Trainer
 from pipeline.engine.weights import run_weights
 from pipeline.errors import ConfigError
 from pipeline.eval.retrieval import training_evaluation
+from pipeline.masking import ATTENTION_KINDS
 from pipeline.models.factory import build_video_text_model
+from pipeline.models.official import load_video_text_weights
+from pipeline.models.text import bert_config, resolve_pretrained
 from pipeline.models.teacher import build_teacher, check_teacher_grid
 from pipeline.models.video_text import VideoTextModel
 from pipeline.objectives import MaskedAlignment, VideoTextObjective
@@ -37,18 +43,21 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     info = begin_run(cfg)
     model, tokenizer = build_video_text_model(cfg, cfg.data.num_frames, cfg.data.img_size,
                                               teacher.width if teacher is not None else None)
-    if cfg.init:
+    if cfg.init and os.path.isdir(cfg.init):  # a run folder: stage 1's, or stage 2's for the unmasked phase
         state = run_weights(cfg.init, "init")
         if state is not None and _is_stage2(state):
             _load_stage2(model, state, cfg.init)
         else:
             _load_stage1(model, state, cfg.init)
+    elif cfg.init:
+        _load_checkpoint_file(model, cfg.init)
     grid = model.backbone.patch_grid
     alignment = (MaskedAlignment(teacher, grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.align_kind,
-                                 cfg.model.tubelet_size) if teacher is not None else None)
+                                 cfg.model.tubelet_size, cls_target=cfg.teacher.cls_target)
+                 if teacher is not None else None)
     weights = {"vtc": cfg.loss.vtc, "vtm": cfg.loss.vtm, "mlm": cfg.loss.mlm, "align": cfg.loss.align}
-    objective = VideoTextObjective(tokenizer, cfg.text.max_len, len(tokenizer.encoder), grid, cfg.mask.kind,
-                                   cfg.mask.ratio, weights, cfg.loss.mlm_prob, alignment)
+    objective = VideoTextObjective(tokenizer, cfg.text.max_len, grid, cfg.mask.kind, cfg.mask.ratio, weights,
+                                   cfg.loss.mlm_prob, alignment)
     evaluate = (training_evaluation(cfg.eval, cfg.eval.annotations, cfg.eval.videos, cfg.eval.dataset,
                                     cfg.data.num_frames, cfg.data.img_size, tokenizer, cfg.text.max_len)
                 if cfg.train.eval_every > 0 else None)
@@ -83,6 +92,17 @@ def _load_stage2(model: VideoTextModel, state: dict[str, Tensor], source: str) -
     log.info("stage 2 starts from %s: the whole stage-2 model", source)
 
 
+def _load_checkpoint_file(model: VideoTextModel, path: str) -> None:
+    """Loads a whole stage-2 model from a file: a released video_mm checkpoint or a state dict in the project's
+    layout (position embeddings fitted to this run's frames and size)."""
+    try:
+        notes = load_video_text_weights(model, path)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"init={path}: {e}") from None
+    log.info("stage 2 starts from %s (the whole video-text model)%s", path,
+             "".join(f"\n  {note}" for note in notes))
+
+
 def _load_stage1(model: VideoTextModel, state: Optional[dict[str, Tensor]], source: str) -> None:
     """Loads a stage-1 run's backbone (all of it: a stage-1 student is a backbone plus heads) and, when the
     widths agree, its alignment head into the stage-2 model."""
@@ -109,16 +129,14 @@ def check_config(cfg: VideoTextStageConfig) -> None:
     """Raises ConfigError, before any work, for missing training data, an unusable DeepSpeed file, a text model
     that cannot be built, or a mask that cannot be made on the student's token grid."""
     check_inputs(cfg)
-    if not 0 < cfg.text.fusion_layers <= cfg.text.depth:
-        raise ConfigError(f"text.fusion_layers={cfg.text.fusion_layers} must be in 1..text.depth={cfg.text.depth}")
-    if cfg.text.width % cfg.text.heads:
-        raise ConfigError(f"text.width={cfg.text.width} is not a multiple of text.heads={cfg.text.heads}")
-    if cfg.text.max_len < 3:
-        raise ConfigError(f"text.max_len={cfg.text.max_len}: a text needs its start and end tokens and one more")
+    check_text(cfg.text)
+    if cfg.init and not os.path.isdir(cfg.init) and not _file_exists(cfg.init):
+        raise ConfigError(f"init={cfg.init}: no such run folder or checkpoint file")
     if cfg.loss.align > 0:
         check_teacher_size(cfg, " (or loss.align=0)")
-    if cfg.mask.kind == "attention" and cfg.loss.align <= 0:
-        raise ConfigError("mask.kind=attention needs the teacher's attention: set loss.align > 0 or another kind")
+    if cfg.mask.kind in ATTENTION_KINDS and cfg.loss.align <= 0 and cfg.mask.ratio > 0:
+        raise ConfigError(f"mask.kind={cfg.mask.kind} needs the teacher's attention: set loss.align > 0 or another "
+                          f"kind")
     if cfg.mask.ratio > 0:
         check_mask_on_grid(cfg)
     if cfg.train.eval_every < 0:
@@ -126,6 +144,24 @@ def check_config(cfg: VideoTextStageConfig) -> None:
     if cfg.train.eval_every > 0 and not (cfg.eval.annotations and cfg.eval.videos):
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs an eval set: eval.annotations and "
                           f"eval.videos")
+
+
+def _file_exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isfile(path)
+
+
+def check_text(text) -> None:
+    """Raises ConfigError, before any work, for a `text.*` section that cannot be built: a BERT that cannot be
+    found (the error says how to get it), a fusion layer outside the BERT, a text length outside its positions."""
+    config = bert_config(resolve_pretrained(text.pretrained))
+    layers, positions = config.num_hidden_layers, config.max_position_embeddings
+    if not 0 <= text.fusion_layer < layers:
+        raise ConfigError(f"text.fusion_layer={text.fusion_layer} must be in 0..{layers - 1}: {text.pretrained} has "
+                          f"{layers} layers and at least the last must cross-attend to the video")
+    if not 3 <= text.max_len <= positions:
+        raise ConfigError(f"text.max_len={text.max_len} must be in 3..{positions} ([CLS], a word, [SEP]; "
+                          f"{text.pretrained} has {positions} positions)")
 
 
 VIDEO_TEXT = Stage("video_text", VideoTextStageConfig, check_config, train_video_text)

@@ -19,10 +19,10 @@ from pipeline.models.factory import build_video_text_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def small_stage2(frames: int, size: int):
+def small_stage2(frames: int, size: int, bert_dir: str):
     cfg = VideoTextStageConfig()
     cfg.model.depth, cfg.model.embed_dim = 4, 96
-    cfg.text.width, cfg.text.depth, cfg.text.heads, cfg.text.fusion_layers, cfg.text.embed_dim = 64, 3, 2, 2, 32
+    cfg.text.pretrained, cfg.text.fusion_layer, cfg.text.embed_dim = bert_dir, 1, 32  # the tiny BERT: 3 layers
     torch.manual_seed(0)
     model, tokenizer = build_video_text_model(cfg, frames, size)
     return model.eval(), tokenizer, cfg.text.max_len
@@ -41,13 +41,13 @@ class CountingCalls:
         return out
 
 
-def test_the_evaluation_runs_on_the_gpu_and_agrees_with_the_cpu(synth_corpus, tmp_path):
+def test_the_evaluation_runs_on_the_gpu_and_agrees_with_the_cpu(synth_corpus, tiny_bert_dir, tmp_path):
     ann = read_annotations(str(synth_corpus / "eval" / "msrvtt_test.json"), "msrvtt")
     videos = str(synth_corpus / "eval" / "videos")
     cfg = RetrievalConfig()
     cfg.data.num_frames, cfg.data.img_size = 4, 64
     cfg.eval.num_workers, cfg.eval.batch_size, cfg.eval.rerank_k, cfg.eval.rerank_batch = 2, 4, 3, 16
-    model, tokenizer, max_len = small_stage2(4, 64)
+    model, tokenizer, max_len = small_stage2(4, 64, tiny_bert_dir)
     cuda = torch.device("cuda")
     wrapper = VideoMambaRetrieval(copy.deepcopy(model).to(cuda), tokenizer, max_len, cuda)
     counting = CountingCalls(wrapper.match_logits)

@@ -35,3 +35,4 @@ def test_video_features_are_the_normalized_mean_of_normalized_frame_features(tmp
 def test_a_missing_checkpoint_names_the_option(tmp_path):
     with pytest.raises(ConfigError, match=r"--checkpoint='.*none.pt': no such checkpoint file"):
         load_retrieval_model(RetrievalModelConfig(name=NAME), str(tmp_path / "none.pt"), 32, torch.device("cpu"))
+

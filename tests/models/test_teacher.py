@@ -37,17 +37,26 @@ def test_teacher_loads_the_checkpoints_weights_and_is_frozen(checkpoint):
     assert teacher.grid == (2, 2) and teacher.width == CONFIG["embed_dim"]
 
 
-def test_patch_tokens_are_open_clips_final_tokens_through_ln_post_and_projection(checkpoint):
-    teacher = _teacher(checkpoint)
+def test_patch_tokens_are_the_last_blocks_through_the_projection_and_ln_post_is_an_option(checkpoint):
+    """The official VideoMamba recipe (--clip_return_cls) projects the last block's tokens without ln_post;
+    teacher.ln_post=true gives open_clip's own final tokens (ln_post) through the projection."""
     frames = torch.randn(3, 3, 32, 32)
-    out = teacher(frames)
+    official = _teacher(checkpoint)(frames)
+    with_norm = build_teacher(TeacherConfig(model=NAME, pretrained=str(checkpoint[0]), img_size=32, ln_post=True))
+    out = with_norm(frames)
     visual = checkpoint[1].visual.eval()
     visual.output_tokens = True
     with torch.no_grad():
         pooled, tokens = visual(frames)  # open_clip's own forward: tokens after ln_post, before the projection
+        x = visual._embeds(frames)
+        for block in visual.transformer.resblocks:
+            x = block(x)
+        raw = x[:, 1:] @ visual.proj
     visual.output_tokens = False
-    assert out.tokens.shape == (3, 4, CONFIG["embed_dim"])
+    assert out.tokens.shape == official.tokens.shape == (3, 4, CONFIG["embed_dim"])
     torch.testing.assert_close(out.tokens, tokens @ visual.proj)
+    torch.testing.assert_close(official.tokens, raw)
+    assert not torch.allclose(official.tokens, out.tokens)
     assert out.cls_attention is None
     assert not out.tokens.requires_grad
 

@@ -37,7 +37,7 @@ def test_pretrain_aligns_writes_the_run_directory_and_resumes(shards, teacher_fi
 
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["stage"] == "align" and resolved["train"]["max_steps"] == 40
-    assert resolved["teacher"]["pretrained"] == teacher_file and resolved["mask"]["kind"] == "clip_row"
+    assert resolved["teacher"]["pretrained"] == teacher_file and resolved["mask"]["kind"] == "attention"
     assert load_config(AlignStageConfig, str(out / "config.yaml")).model.depth == 2  # loads back as a config
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["step_00000020", "step_00000040"]

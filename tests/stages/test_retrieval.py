@@ -169,3 +169,31 @@ def test_an_annotations_file_of_no_benchmark_needs_dataset(setup, tmp_path, caps
 def test_bad_config_value_exits_2(setup, tmp_path, capsys):
     assert main(eval_command(setup, tmp_path)[3:] + ["eval.batch_size=0"]) == 2
     assert "'eval.batch_size' must be >= 1, got 0" in capsys.readouterr().err  # refused as the config loads
+
+
+def test_a_released_video_mm_checkpoint_evaluates_end_to_end(setup, tiny_bert_dir, capsys):
+    """A fake official video_mm file (random tensors in the exact official layout of VideoMamba-Ti, 8 frames at
+    224 px, with the CLIP teacher, in the training container) evaluated directly with model.size / text.pretrained:
+    position embeddings fitted to 2 frames at 32 px, the matching head re-ranks."""
+    import torch
+    from transformers import BertConfig
+
+    from tests.models.official_layout import fake_official_video_mm
+
+    bert = BertConfig.from_pretrained(tiny_bert_dir)
+    checkpoint = fake_official_video_mm(
+        depth=24, width=192, embed_dim=512, clip_teacher=dict(width=32, layers=1, output_dim=16),
+        bert=dict(hidden=bert.hidden_size, layers=bert.num_hidden_layers, fusion_layer=2, vocab=bert.vocab_size,
+                  max_positions=bert.max_position_embeddings))
+    path = setup["root"] / "videomamba_t16_fake_f8_res224.pth"
+    torch.save(checkpoint, path)
+    out = setup["root"] / "out_official"
+    code = main(["eval", "--config", str(REPO / "configs" / "eval_retrieval.yaml"), "--checkpoint", str(path),
+                 "--dataset", "msrvtt", "--annotations", str(setup["good"]), "--videos", str(setup["videos"]),
+                 "--out", str(out), "--no-progress", "model.kind=videomamba", "model.size=tiny",
+                 f"text.pretrained={tiny_bert_dir}", "text.fusion_layer=2", "data.num_frames=2", "data.img_size=32",
+                 "eval.batch_size=4", "eval.num_workers=0", "eval.rerank_k=3"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    result = json.loads((out / "retrieval_msrvtt.json").read_text())
+    assert result["counts"]["videos_evaluated"] == 5
+    assert result["rerank"]["applied"]

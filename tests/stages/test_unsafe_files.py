@@ -8,8 +8,8 @@ from pipeline.config import VideoTextStageConfig, resolved_dict
 from tests.stages.stage_helpers import REPO, run_cli, stage_args
 from tests.unsafe_files import write_bomb, write_bomb_run
 
-TINY_STAGE2 = {"model.depth": 2, "model.embed_dim": 64, "model.scan_backend": "torch", "text.width": 64,
-               "text.depth": 3, "text.heads": 2, "text.fusion_layers": 1, "text.max_len": 24, "text.embed_dim": 32}
+TINY_STAGE2 = {"model.depth": 2, "model.embed_dim": 64, "model.scan_backend": "torch", "text.fusion_layer": 2,
+               "text.max_len": 24, "text.embed_dim": 32}
 
 
 def refused(done, marker, named):
@@ -18,8 +18,9 @@ def refused(done, marker, named):
     assert str(named) in done.stderr and "refused" in done.stderr, done.stderr[-3000:]
 
 
-def stage2_config_yaml() -> str:
+def stage2_config_yaml(bert: str) -> str:
     cfg = resolved_dict(VideoTextStageConfig())
+    cfg["text"]["pretrained"] = bert
     for dotted, value in TINY_STAGE2.items():
         section, key = dotted.split(".")
         cfg[section][key] = value
@@ -46,14 +47,14 @@ def test_distill_checkpoint(shards, teacher_file, tmp_path, as_folder):
     refused(done, marker, named)
 
 
-def test_stage2_init(shards, teacher_file, tmp_path):
+def test_stage2_init(shards, teacher_file, tmp_path, tiny_bert_dir):
     marker = tmp_path / "MARKER"
     step = write_bomb_run(tmp_path / "stage1", marker, hostile="deepspeed/mp_rank_00_model_states.pt")
     args = ["pretrain", "--config", str(REPO / "configs" / "stage2_video_text.yaml"), f"init={tmp_path / 'stage1'}",
             f"data.train={shards}", "teacher.model=stage-test-vit", f"teacher.pretrained={teacher_file}",
             "teacher.img_size=64", "data.img_size=64", "data.num_frames=4", "train.max_steps=2",
             "train.batch_size=4", f"train.out={tmp_path / 'run'}", "train.progress=false"]
-    done = run_cli(args + [f"{k}={v}" for k, v in TINY_STAGE2.items()])
+    done = run_cli(args + [f"{k}={v}" for k, v in TINY_STAGE2.items()] + [f"text.pretrained={tiny_bert_dir}"])
     refused(done, marker, step / "deepspeed" / "mp_rank_00_model_states.pt")
 
 
@@ -66,10 +67,10 @@ def test_resume(shards, teacher_file, tmp_path, hostile):
     refused(done, marker, step / hostile)
 
 
-def test_eval_checkpoint_run_folder(synth_corpus, tmp_path):
+def test_eval_checkpoint_run_folder(synth_corpus, tmp_path, tiny_bert_dir):
     marker = tmp_path / "MARKER"
     step = write_bomb_run(tmp_path / "stage2", marker, hostile="deepspeed/mp_rank_00_model_states.pt",
-                          config=stage2_config_yaml())
+                          config=stage2_config_yaml(tiny_bert_dir))
     done = run_cli(["eval", "--config", str(REPO / "configs" / "eval_retrieval.yaml"), "--checkpoint",
                     str(tmp_path / "stage2"), "--dataset", "msrvtt", "--annotations",
                     str(synth_corpus / "eval" / "msrvtt_test.json"), "--videos", str(synth_corpus / "eval" / "videos"),

@@ -1,0 +1,142 @@
+"""Released VideoMamba multimodal checkpoints (OpenGVLab/VideoMamba videomamba/video_mm, the UMT_VIDEOMAMBA model of
+models/umt_videomamba.py: videomamba_m16_{5M,17M,25M}_f8_res224.pth) onto the project's stage-2 model.
+
+The official container is `{"model": state_dict, ...}` (tasks/pretrain.py save_obj) or the bare state dict. Its keys:
+
+    vision_encoder.*        PretrainVideoMamba (backbones/videomamba/videomamba.py) -> backbone.* (final `norm` ->
+                            `norm_f`; position embeddings resized to the model's grid as the official loader does:
+                            spatial bicubic, temporal linear, videomamba.py load_state_dict)
+    vision_encoder.pool_norm.*                               -> pool_norm.*
+    text_encoder.bert.*, text_encoder.cls.*  (xbert BertForMaskedLM, fusion layers included)  -> the same names
+    vision_proj.*, text_proj.*, itm_head.*                   -> the same names
+    temp (a 0-d tensor)                                      -> temp (1,)
+
+and the keys in `DROPPED`, left out on purpose (each with its reason). Any other key, or a key of the model that the
+checkpoint does not fill, refuses the file with the keys that did not fit. Files are read with
+`torch.load(weights_only=True)`: tensors and plain containers only.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Union
+
+import fsspec
+import torch
+from torch import Tensor
+
+from pipeline.models.videomamba import adapt_state_dict
+
+# prefix -> why the project does not load it
+DROPPED = {
+    "clip_teacher.": "the frozen CLIP ViT-B/16 teacher of the unmasked-token alignment (MODEL_ZOO.md: the weights are "
+                     "saved with it); the project builds its teacher from open_clip (teacher.model / "
+                     "teacher.pretrained), the same OpenAI CLIP weights",
+    "vision_encoder.clip_decoder.": "the student's alignment decoder (Linear -> LayerNorm over the un-normed stream "
+                                    "plus sinusoid positions); the project's alignment head differs "
+                                    "(docs/FIDELITY.md) and starts fresh when loss.align > 0",
+    "text_encoder.bert.embeddings.position_ids": "a constant buffer (arange) that transformers rebuilds",
+}
+VISION, TEXT = "vision_encoder.", "text_encoder."
+SAME_NAME = ("text_encoder.bert.", "text_encoder.cls.", "vision_proj.", "text_proj.", "itm_head.")
+
+
+def read_checkpoint(path_or_url: str) -> dict[str, Tensor]:
+    """The state dict of a checkpoint file (any fsspec URL): the bare dict or the one under "model" / "module" /
+    "state_dict". Only tensors and plain containers are unpickled (weights_only=True)."""
+    with fsspec.open(path_or_url, "rb") as f:
+        raw = f.read()
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path_or_url}: the file pickles objects other than tensors, which are not loaded ({str(e).splitlines()[0]}"
+            f"). Keep only its weights once, in a Python you trust with that file: torch.save(torch.load(F, "
+            f"weights_only=False)['model'], 'weights.pth')") from None
+    for key in ("model", "module", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path_or_url}: no state dict of tensors (bare, or under 'model' / 'module' / 'state_dict')")
+    return obj
+
+
+def is_official_video_text(state: dict[str, Tensor]) -> bool:
+    """Whether `state` is in the official video_mm layout (vision_encoder.* and text_encoder.bert.* keys)."""
+    return any(k.startswith(VISION) for k in state) and any(k.startswith(TEXT + "bert.") for k in state)
+
+
+def dropped(key: str) -> bool:
+    return any(key.startswith(prefix) for prefix in DROPPED)
+
+
+def official_to_project(model, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Maps an official video_mm state dict onto `model` (a `pipeline.models.video_text.VideoTextModel`). Returns
+    (the model's state dict, the adaptations made). Raises ValueError naming the keys that did not fit."""
+    notes = [f"{prefix}*: {len([k for k in state if k.startswith(prefix)])} tensors not loaded: {why}"
+             for prefix, why in DROPPED.items() if any(k.startswith(prefix) for k in state)]
+    out, unmapped = {}, []
+    vision = {}
+    for key, value in state.items():
+        if dropped(key):
+            continue
+        if key.startswith(VISION + "pool_norm."):
+            out[key[len(VISION):]] = value
+        elif key.startswith(VISION):
+            vision[key[len(VISION):]] = value
+        elif key.startswith(SAME_NAME):
+            out[key] = value
+        elif key == "temp":
+            out["temp"] = value.reshape(1)
+        else:
+            unmapped.append(key)
+    backbone, vision_notes = adapt_state_dict(model.backbone, vision)
+    notes += vision_notes
+    out.update({f"backbone.{k}": v for k, v in backbone.items()})
+    return _checked(model, out, unmapped, "an official video_mm", lambda k: k.replace("backbone.", VISION, 1)), notes
+
+
+def _checked(model, state: dict[str, Tensor], unmapped: list[str], layout: str,
+             origin=lambda key: key) -> dict[str, Tensor]:
+    """`state` completed with the model's own alignment head (no checkpoint layout carries a compatible one) after
+    checking that it fills the model exactly; ValueError naming what did not fit otherwise (the checkpoint's own
+    names, `origin` of a mapped key)."""
+    own = model.state_dict()
+    for key in own:
+        if key.startswith("align_head.") and key not in state:
+            state[key] = own[key]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(origin(k) for k in set(state) - set(own)) + sorted(unmapped)
+    wrong = sorted(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = [f"model keys it lacks: {_capped(missing)}" if missing else "",
+                  f"keys the model does not have: {_capped(unexpected)}" if unexpected else "",
+                  f"shape mismatches: {_capped(wrong)}" if wrong else ""]
+        raise ValueError(f"not a {layout} checkpoint of this model (model.* / text.* of the config): "
+                         + "; ".join(d for d in detail if d))
+    return state
+
+
+def _capped(items: list[str], limit: int = 8) -> str:
+    return str(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def load_video_text_weights(model, source: Union[str, dict[str, Tensor]]) -> list[str]:
+    """Loads an official video_mm checkpoint, or a state dict in the project's own layout (a stage-2 run's weights:
+    backbone.*, pool_norm.*, text_encoder.*, ...), into `model` strictly; position embeddings are fitted to the
+    model's frame count and size either way. Returns the adaptations made; raises ValueError for a checkpoint of
+    neither layout, naming the keys that did not fit."""
+    state = read_checkpoint(source) if isinstance(source, str) else source
+    if is_official_video_text(state):
+        state, notes = official_to_project(model, state)
+    else:
+        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        fitted, notes = adapt_state_dict(model.backbone, backbone) if backbone else ({}, [])
+        rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        rest.update({f"backbone.{k}": v for k, v in fitted.items()})
+        state = _checked(model, rest, [], "a stage-2 or an official video_mm")
+    model.load_state_dict(state, strict=True)
+    model.text_encoder.tie_weights()
+    return notes

@@ -1,0 +1,303 @@
+"""Stage 2's text side: UMT's BERT text encoder with fusion layers, built from transformers' BERT parts. The only module
+of the project that imports transformers (and tokenizers).
+
+The design is the official one (OpenGVLab/VideoMamba videomamba/video_mm/models/backbones/bert/xbert.py and
+builder.py, from UMT/ALBEF): a BERT (`BertForMaskedLM`'s body and MLM head) whose first `fusion_layer` layers are
+text-only and whose remaining layers add, between self-attention and the MLP, a cross-attention to the video tokens
+(keys and values from the video width, `encoder_width`). The text embedding of the contrastive loss is the text-only
+layers' [CLS]; the matching head and the MLM head read the fused states. BERT-base with `fusion_layer=9` (the
+official configs/config_bert.json) has three cross-attention layers.
+
+Parameter names mirror the official container (`bert.embeddings.*`, `bert.encoder.layer.{i}.attention|crossattention|
+intermediate|output.*`, `cls.predictions.*`), so an official checkpoint's `text_encoder.*` keys load as they are and a
+transformers `BertForMaskedLM` directory loads with only the cross-attention layers new (initialised as BERT's
+`_init_weights`: normal(0, 0.02), LayerNorm 1/0, as `from_pretrained` does for the official model's missing keys).
+
+Weights and tokenizer come from `text.pretrained`: a local directory in the transformers layout (config.json, model
+weights, vocab.txt / tokenizer files) or a hub name already in the local Hugging Face cache; nothing is downloaded.
+`build_tiny_bert` writes such a directory from a list of captions (a WordPiece vocabulary trained with `tokenizers`
+and a small random BERT), so the demo and the tests run the same code as BERT-base.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_transformers() -> None:
+    """No progress bars or load reports on every build: the caller logs what was loaded."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+# the official text-encoder defaults (video_mm configs/model.py TextEncoders["bert"])
+BERT_BASE = "bert-base-uncased"
+OFFICIAL_FUSION_LAYER = 9
+
+
+# ------------------------------------------------------------------------------------------------ weights on disk
+def resolve_pretrained(name: str) -> str:
+    """The local directory of `text.pretrained`: the path itself when it is a directory with a config.json, else the
+    snapshot of hub name `name` in the local Hugging Face cache. Raises ConfigError, naming the path and how to get
+    the files, when neither exists (nothing is downloaded)."""
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ConfigError(f"text.pretrained={name}: the directory has no config.json (a BERT in the transformers "
+                              f"layout: config.json, model.safetensors or pytorch_model.bin, vocab.txt)")
+        return name
+    if not os.path.isabs(name) and name.count("/") <= 1 and not name.startswith("."):
+        from huggingface_hub import snapshot_download
+        for repo in (name, f"google-bert/{name}") if "/" not in name else (name,):
+            try:
+                path = snapshot_download(repo_id=repo, local_files_only=True)
+            except Exception:  # noqa: BLE001 - any failure means "not in the cache"; the error below says what to do
+                continue
+            if os.path.isfile(os.path.join(path, "config.json")):
+                return path
+    repo = name if "/" in name and not os.path.isabs(name) else BERT_BASE
+    raise ConfigError(
+        f"text.pretrained={name}: no BERT directory at that path and no such model in the local Hugging Face cache "
+        f"(this run does not download). Get the files once, e.g. `huggingface-cli download {repo} --local-dir DIR` "
+        f"(or `hf download {repo} --local-dir DIR`), and set text.pretrained=DIR; `videomamba run --config "
+        f"configs/demo.yaml` builds a tiny one offline")
+
+
+def bert_config(path: str):
+    """The transformers BertConfig of a resolved BERT directory."""
+    from transformers import BertConfig
+    return BertConfig.from_pretrained(path, local_files_only=True)
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer
+@dataclass
+class Tokenized:
+    ids: Tensor  # (B, L) token ids, [CLS] first, padded with [PAD] to L
+    attention_mask: Tensor  # (B, L) 1 = token, 0 = padding (transformers' convention, as the official code)
+
+
+class BertTextTokenizer:
+    """The BERT tokenizer of a directory (uncased WordPiece, transformers 5's tokenizers-backed `BertTokenizer`); `__call__(texts, max_len)` pads every text to `max_len`
+    ids and truncates longer ones, as the official `tokenizer(text, padding="max_length", truncation=True,
+    max_length=max_txt_l)`."""
+
+    def __init__(self, path: str):
+        from transformers import BertTokenizer
+        self._tok = BertTokenizer.from_pretrained(path, local_files_only=True)  # transformers 5: tokenizers-backed
+        self.pad_token_id = self._tok.pad_token_id
+        self.cls_token_id = self._tok.cls_token_id
+        self.sep_token_id = self._tok.sep_token_id
+        self.mask_token_id = self._tok.mask_token_id
+        self.vocab_size = len(self._tok)
+
+    def __call__(self, texts: list[str], max_len: int) -> Tokenized:
+        out = self._tok(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+        return Tokenized(out["input_ids"], out["attention_mask"])
+
+
+# ----------------------------------------------------------------------------------------------------- encoder
+def _extended_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, L) 1/0 -> additive (B, 1, 1, L): 0 where attended, -10000 where masked (the official xbert value)."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * -10000.0
+
+
+class BertFusionLayer(nn.Module):
+    """One BERT layer: self-attention, then (fusion layers only) cross-attention to the video tokens, then the MLP;
+    each sub-block post-norm with its residual (xbert.py BertLayer). The parts are transformers' BERT modules; the
+    cross-attention's key and value take the video width (xbert's `encoder_width`)."""
+
+    def __init__(self, config, cross_width: Optional[int]):
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput
+        self.attention = BertAttention(config)
+        if cross_width is not None:
+            self.crossattention = BertAttention(config, is_cross_attention=True)
+            heads = self.crossattention.self
+            heads.key = nn.Linear(cross_width, heads.all_head_size)
+            heads.value = nn.Linear(cross_width, heads.all_head_size)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return hasattr(self, "crossattention")
+
+    def forward(self, hidden: Tensor, mask: Tensor, video: Optional[Tensor] = None,
+                video_mask: Optional[Tensor] = None) -> Tensor:
+        hidden = self.attention(hidden, mask)[0]
+        if self.has_cross_attention:
+            hidden = self.crossattention(hidden, None, video, video_mask)[0]
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, config, fusion_layer: int, cross_width: int):
+        super().__init__()
+        self.layer = nn.ModuleList([BertFusionLayer(config, cross_width if i >= fusion_layer else None)
+                                    for i in range(config.num_hidden_layers)])
+
+
+class _Bert(nn.Module):
+    def __init__(self, config, fusion_layer: int, cross_width: int):
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertEmbeddings
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = _Encoder(config, fusion_layer, cross_width)
+
+
+class BertTextEncoder(nn.Module):
+    """UMT's text encoder (the official `text_encoder`, a `BertForMaskedLM` with fusion layers): `encode` runs the
+    embeddings and the text-only layers, `fuse` the cross-attention layers, `mlm_logits` BERT's MLM head (decoder tied
+    to the word embeddings)."""
+
+    def __init__(self, config, fusion_layer: int, cross_width: int):
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+        if not 0 <= fusion_layer < config.num_hidden_layers:
+            raise ValueError(f"fusion_layer={fusion_layer} must be in 0..{config.num_hidden_layers - 1} "
+                             f"(the BERT has {config.num_hidden_layers} layers; at least one must fuse)")
+        config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+        self.config, self.fusion_layer = config, fusion_layer
+        self.bert = _Bert(config, fusion_layer, cross_width)
+        self.cls = BertOnlyMLMHead(config)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    @property
+    def width(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def tie_weights(self) -> None:
+        """The MLM decoder's weight is the word-embedding matrix and its bias the head's bias, as in BERT."""
+        predictions = self.cls.predictions
+        predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        predictions.decoder.bias = predictions.bias
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's initialisation (transformers BertPreTrainedModel._init_weights with initializer_range)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        if module is getattr(getattr(self, "cls", None), "predictions", None):
+            module.bias.zero_()
+
+    def encode(self, ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids (B, L) -> the text-only layers' hidden states (B, L, H) (the official mode="text")."""
+        hidden = self.bert.embeddings(input_ids=ids)
+        mask = _extended_mask(attention_mask, hidden.dtype)
+        for layer in self.bert.encoder.layer[:self.fusion_layer]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def fuse(self, hidden: Tensor, attention_mask: Tensor, video: Tensor,
+             video_mask: Optional[Tensor] = None) -> Tensor:
+        """Text states (B, L, H) from `encode` + video tokens (B, N, D) -> fused states (B, L, H) (mode="fusion");
+        every video token is attended to unless `video_mask` (B, N) marks it 0."""
+        mask = _extended_mask(attention_mask, hidden.dtype)
+        video = video.to(hidden.dtype)
+        vmask = None if video_mask is None else _extended_mask(video_mask, hidden.dtype)
+        for layer in self.bert.encoder.layer[self.fusion_layer:]:
+            hidden = layer(hidden, mask, video, vmask)
+        return hidden
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """Fused states (..., H) -> vocabulary logits (..., V)."""
+        return self.cls(hidden)
+
+
+def load_bert_text_encoder(pretrained: str, fusion_layer: int, cross_width: int, weights: bool = True,
+                           attn_implementation: str = "sdpa") -> tuple[BertTextEncoder, BertTextTokenizer]:
+    """The text encoder and tokenizer of `text.pretrained` (a directory or a cached hub name): BERT's weights (a
+    `BertForMaskedLM` / `BertForPreTraining` / `BertModel` checkpoint; an MLM head the checkpoint lacks starts fresh)
+    with fresh cross-attention in layers fusion_layer.. ; `weights=False` keeps BERT's random initialisation (for a
+    caller that loads a whole checkpoint next). Raises ConfigError when the files cannot be found."""
+    path = resolve_pretrained(pretrained)
+    _quiet_transformers()
+    encoder = bert_text_encoder(bert_config(path), fusion_layer, cross_width, attn_implementation)
+    if not weights:
+        return encoder, BertTextTokenizer(path)
+    missing = load_bert_weights(encoder, path)
+    fresh = sorted({k.split(".crossattention.")[0] for k in missing if ".crossattention." in k})
+    log.info("text encoder from %s: %d layers (%d text-only), cross-attention new in %s%s", path,
+             encoder.config.num_hidden_layers, fusion_layer, ", ".join(k.rsplit(".", 1)[-1] for k in fresh) or "-",
+             "; also new: " + ", ".join(k for k in missing if ".crossattention." not in k) if
+             any(".crossattention." not in k for k in missing) else "")
+    return encoder, BertTextTokenizer(path)
+
+
+def bert_text_encoder(config, fusion_layer: int, cross_width: int,
+                      attn_implementation: str = "sdpa") -> BertTextEncoder:
+    """A randomly initialised text encoder of `config` (a transformers BertConfig)."""
+    config._attn_implementation = attn_implementation
+    return BertTextEncoder(config, fusion_layer, cross_width)
+
+
+def load_bert_weights(encoder: BertTextEncoder, path: str) -> list[str]:
+    """Loads a transformers BERT directory's weights into `encoder`; returns the encoder's keys it did not hold (the
+    cross-attention layers, and the MLM head for a checkpoint without one). Raises ConfigError for a directory whose
+    weights are not a BERT of this shape."""
+    from transformers import BertForMaskedLM
+    try:
+        source = BertForMaskedLM.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"text.pretrained={path}: cannot read its BERT weights ({e})") from None
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith(("position_ids", "token_type_ids"))}
+    result = encoder.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(f"text.pretrained={path}: weights the text encoder does not have: "
+                          f"{sorted(result.unexpected_keys)[:6]}")
+    encoder.tie_weights()
+    return sorted(result.missing_keys)
+
+
+# -------------------------------------------------------------------------------------------------- tiny BERT
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_tiny_bert(texts: Iterable[str], out_dir: str, hidden: int = 128, layers: int = 4, heads: int = 4,
+                    vocab_size: int = 2000, max_positions: int = 64, seed: int = 0,
+                    embedding_rows: Optional[int] = None) -> str:
+    """Writes a small BERT in the transformers layout to `out_dir` (config.json, model.safetensors, vocab.txt,
+    tokenizer files): an uncased WordPiece vocabulary of at most `vocab_size` ids trained on `texts` with the
+    `tokenizers` library, and a randomly initialised `BertForMaskedLM` (seeded) with one embedding row per id, or
+    `embedding_rows` (e.g. BERT-base's 30,522, for a random model of BERT-base's shape). Loads with
+    `text.pretrained=out_dir` exactly as BERT-base does. Returns `out_dir`."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    _quiet_transformers()
+    os.makedirs(out_dir, exist_ok=True)
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False)
+    tokenizer = BertTokenizer(vocab=wordpiece.get_vocab(), do_lower_case=True)  # transformers 5: the fast one
+    tokenizer.save_pretrained(out_dir)  # tokenizer.json, tokenizer_config.json
+    wordpiece.save_model(out_dir)  # vocab.txt, for readers of the classic layout
+    config = BertConfig(vocab_size=max(len(tokenizer), embedding_rows or 0), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=max_positions,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    BertForMaskedLM(config).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,99 @@
+"""The BERT text encoder of stage 2: the text-only layers are transformers' BERT, a fusion layer computes the
+official xbert layer with cross-attention, the MLM head is tied, the tokenizer is the directory's, and a missing
+`text.pretrained` stops with a ConfigError that says how to get the files."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertForMaskedLM, BertModel
+
+from pipeline.errors import ConfigError
+from pipeline.models.text import BertTextTokenizer, load_bert_text_encoder, resolve_pretrained
+
+
+def test_text_only_layers_give_bertmodels_hidden_states(tiny_bert_dir):
+    encoder, tokenizer = load_bert_text_encoder(tiny_bert_dir, fusion_layer=2, cross_width=24)
+    reference = BertModel.from_pretrained(tiny_bert_dir, add_pooling_layer=False).eval()
+    encoder.eval()
+    tokens = tokenizer(["a red ball rolls", "the yellow triangle jumps to the right slowly"], 16)
+    assert tokens.attention_mask[0].sum() < tokens.attention_mask[1].sum()  # padding is exercised
+    with torch.no_grad():
+        expected = reference(input_ids=tokens.ids, attention_mask=tokens.attention_mask,
+                             output_hidden_states=True).hidden_states[2]
+        hidden = encoder.encode(tokens.ids, tokens.attention_mask)
+    assert torch.allclose(hidden, expected, atol=1e-5, rtol=0)
+
+
+def test_pretrained_weights_are_loaded_and_the_mlm_decoder_is_tied(tiny_bert_dir):
+    encoder, _ = load_bert_text_encoder(tiny_bert_dir, fusion_layer=2, cross_width=24)
+    source = BertForMaskedLM.from_pretrained(tiny_bert_dir).state_dict()
+    own = encoder.state_dict()
+    for key, value in source.items():
+        if key in own:
+            assert torch.equal(own[key], value), key
+    assert {k for k in own if k not in source} == {k for k in own if ".crossattention." in k}
+    predictions = encoder.cls.predictions
+    assert predictions.decoder.weight is encoder.bert.embeddings.word_embeddings.weight
+    assert predictions.decoder.bias is predictions.bias
+    assert [hasattr(layer, "crossattention") for layer in encoder.bert.encoder.layer] == [False, False, True]
+    assert encoder.bert.encoder.layer[2].crossattention.self.key.weight.shape == (32, 24)  # from the video width
+
+
+def _official_attention(attention, hidden, mask, memory=None):
+    """xbert.py BertSelfAttention + BertSelfOutput (eval mode): scores / sqrt(head size) + additive mask."""
+    heads = attention.self.num_attention_heads
+    source = hidden if memory is None else memory
+
+    def split(x):
+        return x.view(x.shape[0], x.shape[1], heads, -1).permute(0, 2, 1, 3)
+
+    q, k, v = split(attention.self.query(hidden)), split(attention.self.key(source)), split(attention.self.value(source))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask
+    context = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(hidden.shape)
+    return attention.output.LayerNorm(attention.output.dense(context) + hidden)
+
+
+def test_a_fusion_layer_computes_the_official_cross_attention_layer(tiny_bert_dir):
+    encoder, tokenizer = load_bert_text_encoder(tiny_bert_dir, fusion_layer=2, cross_width=24)
+    encoder.eval()
+    layer = encoder.bert.encoder.layer[2]
+    tokens = tokenizer(["a red ball", "two blue squares move up slowly"], 10)
+    text = torch.randn(2, 10, 32)
+    video = torch.randn(2, 7, 24)
+    mask = (1.0 - tokens.attention_mask[:, None, None, :].float()) * -10000.0  # BertModel.get_extended_attention_mask
+    with torch.no_grad():
+        x = _official_attention(layer.attention, text, mask)
+        x = _official_attention(layer.crossattention, x, None, video)  # encoder_attention_mask of ones -> 0
+        expected = layer.output.LayerNorm(layer.output.dense(F.gelu(layer.intermediate.dense(x))) + x)
+        fused = encoder.fuse(text, tokens.attention_mask, video)
+    assert torch.allclose(fused, expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        other = encoder.fuse(text, tokens.attention_mask, video.flip(0))
+    assert not torch.allclose(fused, other)  # the video matters
+
+
+def test_tokenizer_is_the_directorys_uncased_wordpiece(tiny_bert_dir):
+    tokenizer = BertTextTokenizer(tiny_bert_dir)
+    tokens = tokenizer(["A RED Ball", "a red ball rolls to the left and then to the right again"], 8)
+    assert tokens.ids.shape == (2, 8)
+    assert torch.equal(tokens.ids[0, :5], tokenizer(["a red ball"], 8).ids[0, :5])  # uncased
+    assert tokens.ids[0, 0] == tokenizer.cls_token_id and tokens.ids[0, 4] == tokenizer.sep_token_id
+    assert tokens.ids[0, 5:].eq(tokenizer.pad_token_id).all() and tokens.attention_mask[0].tolist() == [1] * 5 + [0] * 3
+    assert tokens.ids[1, -1] == tokenizer.sep_token_id  # truncated, still closed
+
+
+def test_a_missing_bert_stops_with_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"text.pretrained=bert-base-uncased: .*huggingface-cli download "
+                                          r"bert-base-uncased --local-dir DIR"):
+        resolve_pretrained("bert-base-uncased")
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=f"text.pretrained={missing}"):
+        resolve_pretrained(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        resolve_pretrained(str(tmp_path / "empty"))
