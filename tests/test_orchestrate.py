@@ -57,7 +57,7 @@ def test_run_goes_end_to_end_then_skips_complete_steps(tmp_path):
 
     second = run(out)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("complete (skipping") == 8
+    assert second.stdout.count("complete (skipping") == 9
     assert (out / "report.md").read_text() == report
 
 
