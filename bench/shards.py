@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         write_corpus(corpus, videos=args.videos, images=0, seed=0, size=args.size, frames=args.frames, fps=8,
                      eval_videos=0, progress=False)
         manifest = os.path.join(corpus, "videos.jsonl")
-        ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR)
         try:
             measured(manifest, os.path.join(tmp, "warmup"), max(args.workers), max(1, args.videos // 8),
