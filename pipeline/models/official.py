@@ -17,14 +17,13 @@ checkpoint does not fill, refuses the file with the keys that did not fit. Files
 """
 from __future__ import annotations
 
-import io
-import pickle
 from typing import Union
 
 import fsspec
 import torch
 from torch import Tensor
 
+from pipeline import safe_load
 from pipeline.models.videomamba import adapt_state_dict
 
 # prefix -> why the project does not load it
@@ -43,16 +42,12 @@ SAME_NAME = ("text_encoder.bert.", "text_encoder.cls.", "vision_proj.", "text_pr
 
 def read_checkpoint(path_or_url: str) -> dict[str, Tensor]:
     """The state dict of a checkpoint file (any fsspec URL): the bare dict or the one under "model" / "module" /
-    "state_dict". Only tensors and plain containers are unpickled (weights_only=True)."""
+    "state_dict". Read by `pipeline.safe_load` as the backbone loader reads official files: tensors and plain values,
+    the run's pickled config (the official training container keeps it beside the weights) as a plain dict, anything
+    else refused (UnsafeFile, exit 2)."""
     with fsspec.open(path_or_url, "rb") as f:
         raw = f.read()
-    try:
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path_or_url}: the file pickles objects other than tensors, which are not loaded ({str(e).splitlines()[0]}"
-            f"). Keep only its weights once, in a Python you trust with that file: torch.save(torch.load(F, "
-            f"weights_only=False)['model'], 'weights.pth')") from None
+    obj = safe_load.load(raw, path_or_url, foreign_configs=True)
     for key in ("model", "module", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

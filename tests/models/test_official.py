@@ -12,6 +12,8 @@ from pipeline.models import build_videomamba
 from pipeline.models.official import DROPPED, load_video_text_weights, official_to_project, read_checkpoint
 from pipeline.models.text import bert_text_encoder, load_bert_text_encoder
 from pipeline.models.video_text import VideoTextModel
+from pipeline.safe_load import UnsafeFile
+from tests.unsafe_files import write_bomb
 from tests.models.official_layout import fake_official_video_mm, official_video_mm_shapes
 
 
@@ -81,7 +83,12 @@ def test_a_checkpoint_of_neither_layout_is_refused_with_the_keys(tiny_bert_dir):
         load_video_text_weights(model, {"foo.weight": torch.zeros(2)})
 
 
-def test_only_tensors_are_unpickled(tmp_path):
+def test_a_pickled_run_config_is_read_as_data_and_anything_else_refused(tmp_path):
+    """The official training container pickles its config (a Namespace / EasyDict) beside the weights: the weights
+    load and the config's class is never imported; any other object is refused before it runs."""
     torch.save({"model": {"w": torch.zeros(1)}, "config": argparse.Namespace(a=1)}, tmp_path / "with_config.pth")
-    with pytest.raises(ValueError, match="pickles objects other than tensors"):
-        read_checkpoint(str(tmp_path / "with_config.pth"))
+    assert list(read_checkpoint(str(tmp_path / "with_config.pth"))) == ["w"]
+    marker = tmp_path / "MARKER"
+    with pytest.raises(UnsafeFile, match="refused"):
+        read_checkpoint(str(write_bomb(tmp_path / "hostile.pth", marker)))
+    assert not marker.exists()
