@@ -57,6 +57,24 @@ def ray_connection(address: Optional[str], workers: Optional[int]) -> Iterator[i
         ray.shutdown()
 
 
+def nodes_not_seeing(path: str) -> list[str]:
+    """The addresses of the connected cluster's live nodes on which `path` does not exist, checked by a tiny task
+    pinned to each node: a run folder that only the driver's machine sees would leave the workers' checkpoints
+    scattered over local disks, and a resumed step would not find them."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    probe = ray.remote(_exists)
+    refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(path)
+            for node in nodes]
+    return [node.get("NodeManagerAddress", node["NodeID"]) for node, seen in zip(nodes, ray.get(refs)) if not seen]
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
 def train_on_ray(train: Callable[..., dict], cfg, resume: Optional[str], workers: int, address: Optional[str] = None,
                  use_gpu: Optional[bool] = None, max_failures: int = 0) -> dict:
     """Runs a training stage (`train`, a module-level function called as train(cfg, resume=...) that returns a

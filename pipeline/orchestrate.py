@@ -77,11 +77,15 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
         logging.getLogger("pipeline").setLevel(logging.INFO)
+    if "://" in args.out:
+        raise ConfigError(f"--out {args.out}: the run folder must be a path on a file system every node shares "
+                          "(NFS, Lustre, a mounted bucket): DeepSpeed writes its checkpoints with plain file I/O. "
+                          "Corpora, shards and checkpoints to read may be URLs")
     out = os.path.abspath(args.out)
     cfg = with_out(load_config(RecipeConfig, args.config, args.overrides), out)
     cfg.ray.address = args.ray_address or cfg.ray.address  # None: RAY_ADDRESS (ray job submit), else a local one
     recipe_dir = os.path.dirname(os.path.abspath(args.config))
-    cluster = Cluster(cfg.ray.address)
+    cluster = Cluster(cfg.ray.address, out)
     steps = pipeline_steps(cfg, recipe_dir, out, cluster)
     if args.plan:
         print(plan_table(cfg, steps))
@@ -208,8 +212,9 @@ class Cluster:
     """The run's Ray connection, made when a step first needs it (a rerun whose steps are complete starts none) and
     closed at the end of the run."""
 
-    def __init__(self, address: Optional[str]):
+    def __init__(self, address: Optional[str], out: Optional[str] = None):
         self.address = address
+        self.out = out  # the run folder, which every node of the cluster must see
         self._stack = contextlib.ExitStack()
         self._open = False
 
@@ -223,6 +228,18 @@ class Cluster:
                 check_reachable(self.address)
             self._stack.enter_context(ray_connection(self.address, None))
             self._open = True
+            if self.out:
+                self._check_shared(self.out)
+
+    def _check_shared(self, out: str) -> None:
+        from pipeline.cluster import nodes_not_seeing
+
+        blind = nodes_not_seeing(out)
+        if blind:
+            self.__exit__()
+            raise ConfigError(f"--out {out}: the run folder is not visible on the Ray node(s) {', '.join(blind)}; "
+                              "put it on a file system every node mounts (NFS, Lustre, a mounted bucket), "
+                              "at the same path on each")
 
     def __enter__(self) -> "Cluster":
         return self

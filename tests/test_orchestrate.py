@@ -229,7 +229,8 @@ def test_stage2_in_two_ray_workers_survives_a_killed_worker_with_the_same_losses
     """Stage 2 inside the pipeline as a 2-worker Ray Train job (gloo, ZeRO-2): one worker is killed with SIGKILL
     after step 7 (checkpoints every 6 steps, so the next one is 5 steps away: a slow machine cannot race past it);
     Ray restarts the workers (ray.max_failures), they resume from the newest checkpoint, the steps done twice give
-    the same losses, and the step completes with every step logged once."""
+    the same losses, the step completes with every step logged once, and its 16 losses are those of the same run
+    never interrupted."""
     import psutil
 
     recipe = write_recipe(tmp_path / "recipe.yaml", vp9_corpus)
@@ -264,6 +265,14 @@ def test_stage2_in_two_ray_workers_survives_a_killed_worker_with_the_same_losses
     after = {r["step"]: r["loss"] for r in map(json.loads, _complete_lines(metrics_file))}
     assert sorted(after) == list(range(1, 17))
     assert all(after[step] == loss for step, loss in before.items()), (before, after)
+    # the same run, never interrupted: every step's loss is the killed run's
+    plain = tmp_path / "uninterrupted"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--config", str(recipe), "--out", str(plain),
+                           *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=800)
+    assert done.returncode == 0, done.stdout[-3000:]
+    uninterrupted = {r["step"]: r["loss"] for r in map(json.loads, _complete_lines(plain / "stage2" / "metrics.jsonl"))}
+    assert uninterrupted == pytest.approx(after, rel=1e-6, abs=1e-6), (uninterrupted, after)
 
 
 def _complete_lines(path: Path) -> list[str]:
