@@ -26,9 +26,8 @@ def sinusoid_table(positions: int, width: int) -> Tensor:
     """(positions, width) fp32: position p, channel j -> sin(p / 10000^(2*(j//2)/width)) for even j, cos for odd
     (videomamba_pretrain.py get_sinusoid_encoding_table, computed in float64 as its numpy code, then float32)."""
     position = torch.arange(positions, dtype=torch.float64)[:, None]
-    channel = torch.arange(width, dtype=torch.float64)[None]
-    angle = position / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2 * torch.div(channel, 2,
-                                                                                           rounding_mode="floor") / width)
+    pair = torch.div(torch.arange(width, dtype=torch.float64), 2, rounding_mode="floor")[None]  # j // 2
+    angle = position / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2 * pair / width)
     table = torch.empty_like(angle)
     table[:, 0::2] = torch.sin(angle[:, 0::2])
     table[:, 1::2] = torch.cos(angle[:, 1::2])
