@@ -34,7 +34,7 @@ from pipeline.data import build_loader
 from pipeline.data.decode import (CpuDecoder, DaliDecoder, EncodedSample, dali_available, nvdec_ready,
                                   probe)
 from pipeline.data.loader import DaliSettings, default_dali_settings
-from pipeline.data.transforms import CLIP_STD, clip_plan
+from pipeline.data.transforms import NORMALIZATIONS, clip_plan
 from shards.synth import encode_mp4
 
 
@@ -96,7 +96,7 @@ def decoder_difference(clip: bytes, frames: int, size: int, device: str) -> tupl
     """Returns (max, mean) |DALI - PyAV| in normalized units for one sample under one training plan."""
     info = probe(clip, "video")
     plan = clip_plan(info.frames, info.fps, info.width, info.height, frames, size, True, None,
-                     np.random.default_rng(0))
+                     np.random.default_rng(0), crop=DataConfig.crop, normalize=DataConfig.normalize)
     sample = EncodedSample("check", "video", clip, plan)
     cpu = CpuDecoder().decode([sample])[0]
     dali_sample = EncodedSample("check", "video", nvdec_ready(clip), plan)  # as the loader hands it to DALI
@@ -152,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "dali" in decoders:
             for t in frames_list:
                 worst, mean = decoder_difference(one_clip, t, args.size, dali_device)
-                grey = 255 * max(CLIP_STD)
+                grey = 255 * max(NORMALIZATIONS[DataConfig.normalize][1])
                 print(f"DALI ({'mixed' if cuda else 'cpu'}, {codec}) vs PyAV, same sample and plan, T={t}: "
                       f"max |diff| {worst:.3f} (~{worst * grey:.0f} grey levels), mean {mean:.4f} "
                       f"(~{mean * grey:.1f} grey levels)")

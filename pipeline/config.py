@@ -63,6 +63,11 @@ class ModelConfig:
     scan_backend: Literal["auto", "torch", "mamba_ssm", "triton"] = "auto"  # auto: triton on CUDA, torch elsewhere
     residual_in_fp32: bool = True
     pretrained: Optional[str] = None  # an official VideoMamba checkpoint (path or fsspec URL)
+    # the student's alignment head (stage 1, and stage 2's unmasked-token alignment; pipeline/models/heads.py):
+    # clip_decoder, the official one (Linear -> LayerNorm over the un-normed stream entering the last block plus
+    # sinusoid positions; a released video_mm checkpoint's clip_decoder loads into it); norm_linear: LayerNorm ->
+    # Linear over the final-normed tokens (the project's earlier head)
+    align_head: Literal["clip_decoder", "norm_linear"] = "clip_decoder"
 
 
 @dataclass
@@ -80,6 +85,23 @@ class DataConfig:
     # a tar of a URL-pattern corpus that is cut short or unreadable: false uses its readable samples and reports the
     # damage (as inside an indexed corpus), true refuses the run (exit 2 naming the tar)
     strict: bool = False
+    # the training frames' normalization (pipeline/data/transforms.py NORMALIZATIONS), applied by every decoder (CPU
+    # and DALI) and fed to the student and, unchanged, to the teacher. imagenet: the official pipelines' for
+    # VideoMamba (docs/FIDELITY.md); clip: CLIP's mean/std. The run's config.yaml records it and the evaluation of
+    # the run normalizes its frames the same way (docs/EVAL_PROTOCOL.md)
+    normalize: Literal["imagenet", "clip"] = "imagenet"
+    # the training crop (+ a flip with probability 0.5): random_resized, RandomResizedCrop scale 0.5-1 (the official
+    # multimodal recipes', stage 2); multiscale, the official K400 pretraining's GroupMultiScaleCrop (stage 1's
+    # default: AlignDataConfig)
+    crop: Literal["multiscale", "random_resized"] = "random_resized"
+
+
+@dataclass
+class AlignDataConfig(DataConfig):
+    """Stage 1's data: the crop defaults to the official masked pretraining's multi-scale crop (video_sm/datasets/
+    build.py DataAugmentationForVideoMAE: GroupMultiScaleCrop(224, [1, .875, .75, .66]) + GroupRandomHorizontalFlip)."""
+
+    crop: Literal["multiscale", "random_resized"] = "multiscale"
 
 
 @dataclass
@@ -158,7 +180,7 @@ class AlignStageConfig:
 
     stage: Literal["align"] = "align"  # what `videomamba pretrain` dispatches on
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: AlignDataConfig = field(default_factory=AlignDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -241,8 +263,9 @@ class RetrievalDataConfig:
     # null: a videomamba run's own data.num_frames / data.img_size (its config.yaml), else 8 frames of 224 px
     num_frames: Optional[int] = ranged(None, ge=1)  # frames per video: UMT's "middle" sampling
     img_size: Optional[int] = ranged(None, ge=1)  # frame side
-    # auto: the model's own (videomamba: ImageNet's, as the official evaluation; open_clip: the model's); imagenet or
-    # clip to match what a run was trained with
+    # auto: the model's own (a released video_mm checkpoint: ImageNet's, as the official evaluation; a run of this
+    # project: the data.normalize it was trained with, from its config.yaml; open_clip: the model's); imagenet or
+    # clip forces one
     normalize: Literal["auto", "imagenet", "clip"] = "auto"
 
 

@@ -191,3 +191,26 @@ def test_every_numeric_key_of_every_schema_has_a_range():
 
     missing = [k for s in (AlignStageConfig, VideoTextStageConfig, RetrievalConfig, RecipeConfig) for k in unranged(s)]
     assert missing == []
+
+
+def test_official_defaults_of_the_head_the_normalization_and_the_crops(tmp_path):
+    """The official behaviour by default: the clip_decoder head, ImageNet normalization in both stages, stage 1's
+    K400 multi-scale crop and stage 2's random resized crop; each earlier behaviour one key away. The run's
+    config.yaml records them (the evaluation reads data.normalize back)."""
+    from pipeline.config import VideoTextStageConfig
+
+    stage1 = load_config(AlignStageConfig, "configs/stage1_align.yaml")
+    stage2 = load_config(VideoTextStageConfig, "configs/stage2_video_text.yaml")
+    assert (stage1.model.align_head, stage1.data.normalize, stage1.data.crop) == ("clip_decoder", "imagenet",
+                                                                                  "multiscale")
+    assert (stage2.model.align_head, stage2.data.normalize, stage2.data.crop) == ("clip_decoder", "imagenet",
+                                                                                  "random_resized")
+    earlier = load_config(AlignStageConfig, None, ["model.align_head=norm_linear", "data.normalize=clip",
+                                                   "data.crop=random_resized"])
+    assert (earlier.model.align_head, earlier.data.normalize, earlier.data.crop) == ("norm_linear", "clip",
+                                                                                     "random_resized")
+    write_resolved(stage1, str(tmp_path / "config.yaml"))
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]
+    assert (data["normalize"], data["crop"]) == ("imagenet", "multiscale")
+    with pytest.raises(ConfigError, match="'data.normalize' expects one of 'imagenet', 'clip'"):
+        load_config(AlignStageConfig, None, ["data.normalize=openai"])

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.models import build_videomamba
 from pipeline.models.distill import FrozenGuide
-from pipeline.models.heads import AlignmentHead
+from pipeline.models.heads import AlignmentHead, ClipDecoder
 from pipeline.models.teacher import ClipTeacher
 from pipeline.objectives import MaskedAlignment
 from pipeline.stages.align import AlignStudent
@@ -41,9 +41,17 @@ def _student(teacher_dim, guide_dim=None, tubelet=1):
     return AlignStudent(backbone, teacher_dim, guide_dim)
 
 
-def test_head_maps_student_width_to_teacher_width():
-    head = AlignmentHead(32, 40)
-    assert head(torch.randn(2, 7, 32)).shape == (2, 7, 40)
+@pytest.mark.parametrize("kind,head_type", [("clip_decoder", ClipDecoder), ("norm_linear", AlignmentHead)])
+def test_the_student_head_maps_student_width_to_teacher_width(kind, head_type):
+    """The official clip_decoder by default; the earlier LayerNorm + Linear head as model.align_head=norm_linear."""
+    backbone = build_videomamba("tiny", num_frames=4, img_size=32, depth=2, embed_dim=32, scan_backend="torch")
+    student = AlignStudent(backbone, 40, align_head=kind)
+    assert type(student.align_head) is head_type
+    assert type(AlignStudent(backbone, 40).align_head) is ClipDecoder
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    aligned, _ = student(torch.randn(2, 3, 4, 32, 32), mask)
+    assert aligned.shape == (2, 1 + 8, 40)
 
 
 @pytest.mark.parametrize("kind,ratio", [("clip_row", 0.5), ("attention", 0.75), ("random", 0.8)])

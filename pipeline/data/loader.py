@@ -90,9 +90,10 @@ class SamplePlanner:
     """Turns raw samples into (EncodedSample, caption, captions), deterministic given the sample and its epoch."""
 
     def __init__(self, corpora: list[Corpus], seed: int, num_frames: int, img_size: int, fps: Optional[float],
-                 train: bool):
+                 train: bool, crop: str, normalize: str):
         self.media = [c.media for c in corpora]
         self.seed, self.num_frames, self.img_size, self.fps, self.train = seed, num_frames, img_size, fps, train
+        self.crop, self.normalize = crop, normalize  # data.crop, data.normalize: every decoder follows the plan
 
     def planned(self, raw: RawSample) -> tuple[EncodedSample, str, list[str]]:
         if raw.files is None:
@@ -103,7 +104,7 @@ class SamplePlanner:
         rng = np.random.default_rng([self.seed, raw.corpus, raw.epoch, raw.shard, raw.index, 3])
         text = captions[int(rng.integers(len(captions)))]
         plan = clip_plan(info.frames, info.fps, info.width, info.height, self.num_frames, self.img_size, self.train,
-                         self.fps, rng)
+                         self.fps, rng, crop=self.crop, normalize=self.normalize)
         return EncodedSample(raw.key, media, data, plan), text, captions
 
 
@@ -438,6 +439,7 @@ def build_loader(data_cfg: DataConfig, batch_size: int, rank: int, world_size: i
     layout = Layout(seed=seed, world_size=world_size, slots_per_rank=max(1, data_cfg.num_workers), shuffle=train,
                     buffer=data_cfg.shuffle_buffer, epochs=epochs)
     spec = StreamSpec(corpora, corpus_weights(corpora, data_cfg.weights), layout)
-    planner = SamplePlanner(corpora, seed, data_cfg.num_frames, data_cfg.img_size, data_cfg.fps, train)
+    planner = SamplePlanner(corpora, seed, data_cfg.num_frames, data_cfg.img_size, data_cfg.fps, train,
+                            data_cfg.crop, data_cfg.normalize)
     decoder = resolved_decoder_name(data_cfg.decoder)
     return StreamingLoader(spec, rank, data_cfg.num_workers, batch_size, planner, decoder)

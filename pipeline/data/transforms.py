@@ -20,8 +20,17 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # create_dataset: "videomamba" in the vision encoder's name)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# data.normalize -> (mean, std): the training input's normalization, applied by every decoder (the plan carries it).
+# imagenet: the official pipelines' for VideoMamba (video_sm/datasets/build.py GroupNormalize(IMAGENET_DEFAULT_MEAN,
+# ...), video_mm/dataset/__init__.py create_dataset), fed to the student and, unchanged, to the CLIP teacher
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
 TRAIN_CROP_SCALE = (0.5, 1.0)  # RandomResizedCrop scale of the UMT / VideoMamba multi-modality recipes
 TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
+# data.crop: multiscale, video_sm's K400 pretraining crop (video_sm/datasets/build.py DataAugmentationForVideoMAE:
+# GroupMultiScaleCrop(input_size, [1, .875, .75, .66]) with its defaults max_distort 1, fix_crop, more_fix_crop);
+# random_resized, the multimodal recipes' RandomResizedCrop (video_mm/dataset/__init__.py)
+CROPS = ("multiscale", "random_resized")
+MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
 
 
 @dataclass(frozen=True)
@@ -58,9 +67,13 @@ class EvalFrames:
 # video_mm/dataset/__init__.py, test_transform: Resize((res, res), BICUBIC) of the (T, C, H, W) uint8 frames,
 # /255, Normalize(ImageNet). torchvision 0.16 (the repo's requirements.txt) resizes tensors without antialiasing.
 VIDEOMAMBA_EVAL_FRAMES = EvalFrames("whole", "bicubic", False, IMAGENET_MEAN, IMAGENET_STD)
-# A model trained by this project's stages saw ClipPlan's default normalization (CLIP's): it is evaluated with the
-# official geometry and the normalization it was trained with.
-RUN_EVAL_FRAMES = EvalFrames("whole", "bicubic", False, ClipPlan.mean, ClipPlan.std)
+
+
+def run_eval_frames(normalize: str) -> EvalFrames:
+    """How a model trained by this project's stages is evaluated: the official geometry (VIDEOMAMBA_EVAL_FRAMES)
+    with the normalization it was trained with (its run's data.normalize)."""
+    mean, std = NORMALIZATIONS[normalize]
+    return EvalFrames("whole", "bicubic", False, mean, std)
 
 
 def open_clip_eval_frames(mean: tuple[float, ...], std: tuple[float, ...]) -> EvalFrames:
@@ -108,6 +121,29 @@ def random_resized_box(width: int, height: int, rng: np.random.Generator) -> tup
     return centre_box(width, height)
 
 
+def multiscale_box(width: int, height: int, size: int, rng: np.random.Generator,
+                   scales: tuple[float, ...] = MULTISCALE_SCALES) -> tuple[int, int, int, int]:
+    """Returns a crop box as the official GroupMultiScaleCrop picks it (video_sm/datasets/transforms.py
+    `_sample_crop_size`, `fill_fix_offset`): crop sides int(shorter side * scale), each snapped to the output side
+    `size` when within 3 pixels; a (w, h) pair whose scales are at most one step apart (max_distort 1), drawn
+    uniformly; then one of the 13 fixed offsets (corners, centre, edge centres, quarter points: more_fix_crop) on a
+    grid of a quarter of the free space. The box is then resized to size x size (non-square boxes are stretched, as
+    the official resize is)."""
+    base = min(width, height)
+    sides = [int(base * s) for s in scales]
+    snapped = [size if abs(x - size) < 3 else x for x in sides]
+    pairs = [(w, h) for i, h in enumerate(snapped) for j, w in enumerate(snapped) if abs(i - j) <= 1]
+    crop_w, crop_h = pairs[int(rng.integers(len(pairs)))]
+    crop_w, crop_h = min(crop_w, width), min(crop_h, height)  # a side snapped up past a small frame
+    w_step, h_step = (width - crop_w) // 4, (height - crop_h) // 4
+    offsets = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2),  # corners, centre
+               (0, 2), (4, 2), (2, 4), (2, 0),  # centre left / right, lower / upper centre
+               (1, 1), (3, 1), (1, 3), (3, 3)]  # quarter points
+    i, j = offsets[int(rng.integers(len(offsets)))]
+    x0, y0 = i * w_step, j * h_step
+    return x0, y0, x0 + crop_w, y0 + crop_h
+
+
 def centre_box(width: int, height: int) -> tuple[int, int, int, int]:
     """Returns the largest centred square: resizing it to the output side is "resize shorter side + centre crop"."""
     side = min(width, height)
@@ -146,13 +182,23 @@ def eval_plan(num_frames: int, fps: float, width: int, height: int, t: int, size
 
 
 def clip_plan(num_frames: int, fps: float, width: int, height: int, t: int, size: int, train: bool,
-              target_fps: float | None, rng: np.random.Generator) -> ClipPlan:
-    """Returns the plan for a clip of `num_frames` frames at `fps` (an image is a 1-frame clip)."""
+              target_fps: float | None, rng: np.random.Generator, *, crop: str, normalize: str) -> ClipPlan:
+    """Returns the plan for a clip of `num_frames` frames at `fps` (an image is a 1-frame clip): in training the
+    `crop` box ("multiscale" | "random_resized") and a flip with probability 0.5, else the centre square; normalized
+    as `normalize` ("imagenet" | "clip") says (the training loader passes data.crop and data.normalize)."""
+    if crop not in CROPS:
+        raise ValueError(f"crop {crop!r} is not one of {', '.join(CROPS)}")
+    mean, std = NORMALIZATIONS[normalize]
     timeline = resampled_frames(num_frames, fps, target_fps)
     picks = timeline[segment_frames(len(timeline), t, train, rng)]
-    box = random_resized_box(width, height, rng) if train else centre_box(width, height)
+    if not train:
+        box = centre_box(width, height)
+    elif crop == "multiscale":
+        box = multiscale_box(width, height, size, rng)
+    else:
+        box = random_resized_box(width, height, rng)
     flip = bool(rng.random() < 0.5) if train else False
-    return ClipPlan(tuple(int(i) for i in picks), box, flip, size)
+    return ClipPlan(tuple(int(i) for i in picks), box, flip, size, mean=mean, std=std)
 
 
 def planned_clip(frames: torch.Tensor, plan: ClipPlan) -> torch.Tensor:
@@ -171,8 +217,10 @@ def planned_clip(frames: torch.Tensor, plan: ClipPlan) -> torch.Tensor:
     return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
 
 
-def denormalized(video: torch.Tensor) -> torch.Tensor:
-    """Returns 0-255 pixel values from a CLIP-normalized (..., 3, T, H, W) tensor (for checks and previews)."""
-    mean = torch.tensor(CLIP_MEAN, device=video.device).view(3, 1, 1, 1) * 255.0
-    std = torch.tensor(CLIP_STD, device=video.device).view(3, 1, 1, 1) * 255.0
+def denormalized(video: torch.Tensor, normalize: str = "clip") -> torch.Tensor:
+    """Returns 0-255 pixel values from a (..., 3, T, H, W) tensor normalized as `normalize` says (for checks and
+    previews)."""
+    mean, std = NORMALIZATIONS[normalize]
+    mean = torch.tensor(mean, device=video.device).view(3, 1, 1, 1) * 255.0
+    std = torch.tensor(std, device=video.device).view(3, 1, 1, 1) * 255.0
     return video * std + mean

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline.config import RetrievalConfig, RetrievalEvalConfig
 from pipeline.data.decode import (CpuDecoder, DaliDecoder, DecodeError, EncodedSample, dali_device, probe,
                                   resolved_decoder_name)
-from pipeline.data.transforms import RUN_EVAL_FRAMES, eval_plan
+from pipeline.data.transforms import eval_plan, run_eval_frames
 from pipeline.errors import ConfigError
 from pipeline.eval.annotations import RetrievalAnnotations, read_annotations
 from pipeline.eval.metrics import contrastive_metrics, reranked_metrics
@@ -151,12 +151,13 @@ def scored_retrieval(model: VideoTextModel, cfg: RetrievalConfig, ann: Retrieval
 
 
 def training_evaluation(settings: RetrievalEvalConfig, annotations: str, videos: str, dataset: Optional[str],
-                        num_frames: int, img_size: int, tokenizer, max_len: int
+                        num_frames: int, img_size: int, tokenizer, max_len: int, normalize: str
                         ) -> Callable[[torch.nn.Module, int], dict]:
     """Returns `evaluate(model, step)` for the trainer: this evaluation of the training stage-2 model (eval mode,
-    no_grad: the trainer's part) on the set, at the run's frame count and size, with the frames it is trained on;
-    it returns R@1 both ways and R mean (re-ranked when the model re-ranks, also the contrastive ones), in %. The
-    annotations are read now, so a bad file stops the run before training."""
+    no_grad: the trainer's part) on the set, at the run's frame count and size, with the normalization it is
+    trained with (`normalize`: its data.normalize); it returns R@1 both ways and R mean (re-ranked when the model
+    re-ranks, also the contrastive ones), in %. The annotations are read now, so a bad file stops the run before
+    training."""
     ann = read_annotations(annotations, dataset)
     cfg = RetrievalConfig()
     cfg.data.num_frames, cfg.data.img_size = num_frames, img_size
@@ -166,7 +167,7 @@ def training_evaluation(settings: RetrievalEvalConfig, annotations: str, videos:
 
     def evaluate(model: torch.nn.Module, step: int) -> dict:
         device = next(model.parameters()).device
-        wrapper = VideoMambaRetrieval(model, tokenizer, max_len, device, RUN_EVAL_FRAMES)
+        wrapper = VideoMambaRetrieval(model, tokenizer, max_len, device, run_eval_frames(normalize))
         metrics = scored_retrieval(wrapper, cfg, ann, videos, device, progress=False).result["metrics"]
         out = {}
         for kind, prefix in (("contrastive", "eval/itc_"), ("reranked", "eval/")):

@@ -38,4 +38,5 @@ def build_video_text_model(cfg, num_frames: int, img_size: int, teacher_dim: Opt
     text, tokenizer = load_bert_text_encoder(cfg.text.pretrained, cfg.text.fusion_layer, backbone.embed_dim,
                                              weights=bert_weights)
     align_cls = cfg.teacher.cls_target if hasattr(cfg, "teacher") else True
-    return VideoTextModel(backbone, text, cfg.text.embed_dim, cfg.text.temp, teacher_dim, align_cls), tokenizer
+    return VideoTextModel(backbone, text, cfg.text.embed_dim, cfg.text.temp, teacher_dim, align_cls,
+                          cfg.model.align_head), tokenizer

@@ -7,6 +7,11 @@ The official container is `{"model": state_dict, ...}` (tasks/pretrain.py save_o
                             `norm_f`; position embeddings resized to the model's grid as the official loader does:
                             spatial bicubic, temporal linear, videomamba.py load_state_dict)
     vision_encoder.pool_norm.*                               -> pool_norm.*
+    vision_encoder.clip_decoder.0.{head,norm}.*  (the student's alignment decoder, Linear_Decoder)
+                                                             -> align_head.{head,norm}.* when the model has the
+                            official head (pipeline.models.heads.ClipDecoder: model.align_head=clip_decoder and a
+                            teacher, i.e. loss.align > 0); a model without it (an evaluation, loss.align=0,
+                            model.align_head=norm_linear) leaves it out and says so
     text_encoder.bert.*, text_encoder.cls.*  (xbert BertForMaskedLM, fusion layers included)  -> the same names
     vision_proj.*, text_proj.*, itm_head.*                   -> the same names
     temp (a 0-d tensor)                                      -> temp (1,)
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor
 
 from pipeline import safe_load
+from pipeline.models.heads import ClipDecoder
 from pipeline.models.videomamba import adapt_state_dict
 
 # prefix -> why the project does not load it
@@ -31,12 +37,10 @@ DROPPED = {
     "clip_teacher.": "the frozen CLIP ViT-B/16 teacher of the unmasked-token alignment (MODEL_ZOO.md: the weights are "
                      "saved with it); the project builds its teacher from open_clip (teacher.model / "
                      "teacher.pretrained), the same OpenAI CLIP weights",
-    "vision_encoder.clip_decoder.": "the student's alignment decoder (Linear -> LayerNorm over the un-normed stream "
-                                    "plus sinusoid positions); the project's alignment head differs "
-                                    "(docs/FIDELITY.md) and starts fresh when loss.align > 0",
     "text_encoder.bert.embeddings.position_ids": "a constant buffer (arange) that transformers rebuilds",
 }
 VISION, TEXT = "vision_encoder.", "text_encoder."
+DECODER = VISION + "clip_decoder.0."  # clip_return_layer 1 (exp_pt/*/config.py): one decoder, index 0
 SAME_NAME = ("text_encoder.bert.", "text_encoder.cls.", "vision_proj.", "text_proj.", "itm_head.")
 
 
@@ -73,8 +77,15 @@ def official_to_project(model, state: dict[str, Tensor]) -> tuple[dict[str, Tens
              for prefix, why in DROPPED.items() if any(k.startswith(prefix) for k in state)]
     out, unmapped = {}, []
     vision = {}
+    decoder = {k: v for k, v in state.items() if k.startswith(DECODER)}
+    if decoder and isinstance(getattr(model, "align_head", None), ClipDecoder):
+        out.update(_fitting_head(model, {"align_head." + k[len(DECODER):]: v for k, v in decoder.items()}, notes,
+                                 DECODER + "*"))
+    elif decoder:
+        notes.append(f"{DECODER}*: {len(decoder)} tensors not loaded: the model has no official alignment head "
+                     f"(it has one with a teacher, loss.align > 0, and model.align_head=clip_decoder)")
     for key, value in state.items():
-        if dropped(key):
+        if dropped(key) or key in decoder:
             continue
         if key.startswith(VISION + "pool_norm."):
             out[key[len(VISION):]] = value
@@ -89,14 +100,38 @@ def official_to_project(model, state: dict[str, Tensor]) -> tuple[dict[str, Tens
     backbone, vision_notes = adapt_state_dict(model.backbone, vision)
     notes += vision_notes
     out.update({f"backbone.{k}": v for k, v in backbone.items()})
-    return _checked(model, out, unmapped, "an official video_mm", lambda k: k.replace("backbone.", VISION, 1)), notes
+    return _checked(model, out, unmapped, "an official video_mm", _official_name), notes
+
+
+def _official_name(key: str) -> str:
+    """The official name of a mapped key (for the messages)."""
+    if key.startswith("align_head."):
+        return DECODER + key[len("align_head."):]
+    return key.replace("backbone.", VISION, 1)
+
+
+def _fitting_head(model, head: dict[str, Tensor], notes: list[str], name: str) -> dict[str, Tensor]:
+    """`head` (align_head.* tensors of a checkpoint) when it is exactly the model's alignment head (names and
+    shapes), else nothing, with a note: the model keeps its own head (another head kind, or another teacher width:
+    the head's output width is the teacher's)."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("align_head.")}
+    if head.keys() == own.keys() and all(head[k].shape == own[k].shape for k in own):
+        return head
+    if own:
+        notes.append(f"{name}: {len(head)} tensors not loaded: they do not fit the model's alignment head "
+                     f"({_capped(sorted(f'{k} {tuple(v.shape)}' for k, v in head.items()), 4)} vs "
+                     f"{_capped(sorted(f'{k} {tuple(v.shape)}' for k, v in own.items()), 4)}); it starts fresh")
+    else:
+        notes.append(f"{name}: {len(head)} tensors not loaded: the model has no alignment head")
+    return {}
 
 
 def _checked(model, state: dict[str, Tensor], unmapped: list[str], layout: str,
              origin=lambda key: key) -> dict[str, Tensor]:
-    """`state` completed with the model's own alignment head (no checkpoint layout carries a compatible one) after
-    checking that it fills the model exactly; ValueError naming what did not fit otherwise (the checkpoint's own
-    names, `origin` of a mapped key)."""
+    """`state` completed with the model's own alignment head where the checkpoint has none for it (a stage-2 run
+    trained without the alignment, an official checkpoint into a model with the norm_linear head), after checking
+    that it fills the model exactly; ValueError naming what did not fit otherwise (the checkpoint's own names,
+    `origin` of a mapped key)."""
     own = model.state_dict()
     for key in own:
         if key.startswith("align_head.") and key not in state:
@@ -129,7 +164,10 @@ def load_video_text_weights(model, source: Union[str, dict[str, Tensor]]) -> lis
     else:
         backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         fitted, notes = adapt_state_dict(model.backbone, backbone) if backbone else ({}, [])
-        rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        rest = {k: v for k, v in state.items() if not k.startswith(("backbone.", "align_head."))}
+        head = {k: v for k, v in state.items() if k.startswith("align_head.")}
+        if head:
+            rest.update(_fitting_head(model, head, notes, "align_head.*"))
         rest.update({f"backbone.{k}": v for k, v in fitted.items()})
         state = _checked(model, rest, [], "a stage-2 or an official video_mm")
     model.load_state_dict(state, strict=True)

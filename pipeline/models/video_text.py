@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.heads import AlignmentHead
+from pipeline.models.heads import build_alignment_head
 from pipeline.models.text import BertTextEncoder
 from pipeline.models.videomamba import VideoMamba
 
@@ -49,7 +49,8 @@ class VideoTextModel(nn.Module):
     and `mlm_logits` run the fusion layers for the matching and masked-language heads."""
 
     def __init__(self, backbone: VideoMamba, text_encoder: BertTextEncoder, embed_dim: int = 512,
-                 temp: float = 0.07, teacher_dim: Optional[int] = None, align_cls: bool = True):
+                 temp: float = 0.07, teacher_dim: Optional[int] = None, align_cls: bool = True,
+                 align_head: str = "clip_decoder"):
         super().__init__()
         self.align_cls = align_cls  # the alignment head also projects [cls] (first), for a [CLS] target
         self.backbone = backbone
@@ -59,7 +60,8 @@ class VideoTextModel(nn.Module):
         self.text_proj = nn.Linear(text_encoder.width, embed_dim)
         self.temp = nn.Parameter(torch.full((1,), float(temp)))  # 1-d: DeepSpeed broadcasts bytes
         self.itm_head = nn.Linear(text_encoder.width, 2)
-        self.align_head = AlignmentHead(backbone.embed_dim, teacher_dim) if teacher_dim else None
+        # the student's alignment head (pipeline.models.heads; the official `vision_encoder.clip_decoder` by default)
+        self.align_head = build_alignment_head(align_head, backbone.embed_dim, teacher_dim) if teacher_dim else None
 
     def encode_video(self, video: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Returns the video embedding (B, E), the cross-attention memory (B, N_visible, D) and, with an alignment
@@ -74,7 +76,7 @@ class VideoTextModel(nn.Module):
         per_frame = F.normalize(self.vision_proj(self.pool_norm(pooled)).float(), dim=-1)
         aligned = None
         if self.align_head is not None:
-            aligned = self.align_head(torch.cat([out.cls[:, None], tokens], 1) if self.align_cls else tokens)
+            aligned = self.align_head(out, mask, self.align_cls)
         return per_frame.mean(1), tokens, aligned
 
     def encode_text(self, ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

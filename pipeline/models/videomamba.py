@@ -38,6 +38,12 @@ class VideoMambaOutput:
     cls: Tensor  # (B, D) final-normed [cls]
     tokens: Tensor  # (B, N_visible, D) final-normed visible tokens, in spatial-first (canonical) order
     layers: list[Tensor] = field(default_factory=list)  # (B, 1 + N_visible, D) per requested block, [cls] first
+    # (B, 1 + N_visible, D) the residual stream entering the last block's mixer, before that block's output is added:
+    # un-normed, [cls] first, spatial-first order, fp32 with residual_in_fp32. What the official pretraining model's
+    # alignment decoder reads (video_sm/models/videomamba_pretrain.py and video_mm/models/backbones/videomamba/
+    # videomamba.py forward_features: with fused_add_norm the final norm runs with prenorm=False, so `residual` stays
+    # the last block's input stream, and `x_clip_vis.append(residual)`); pipeline.models.heads.ClipDecoder
+    stream: Optional[Tensor] = None
 
 
 class RMSNorm(nn.Module):
@@ -186,7 +192,8 @@ class VideoMamba(nn.Module):
                          return_layers: Sequence[int] = ()) -> VideoMambaOutput:
         """x (B, 3, T, H, W); mask (B, T'*H'*W') bool, True = dropped, the same count in every row; return_layers:
         block indices (negative ones count from the end) whose output stream (residual + block output, without drop
-        path) is returned normed by the shared norm_f (as the official pretraining model's intermediate features)."""
+        path) is returned normed by the shared norm_f (as the official pretraining model's intermediate features).
+        The output also carries the un-normed stream entering the last block (`VideoMambaOutput.stream`)."""
         stream, visible, (T, H, W) = self._embedded_tokens(x, mask)
         B = stream.shape[0]
         wanted = self._layer_indices(return_layers)
@@ -209,9 +216,11 @@ class VideoMamba(nn.Module):
                 out = self.norm_f(residual + hidden).to(hidden.dtype)
                 layers[i] = _reorder(out, from_temporal) if current == "temporal_first" else out
         out = self.norm_f(residual + self.drop_path(hidden)).to(hidden.dtype)
+        last_input = residual  # the stream entering the last block (VideoMambaOutput.stream)
         if current == "temporal_first":
-            out = _reorder(out, from_temporal)
-        return VideoMambaOutput(cls=out[:, 0], tokens=out[:, 1:], layers=[layers[i] for i in wanted])
+            out, last_input = _reorder(out, from_temporal), _reorder(last_input, from_temporal)
+        return VideoMambaOutput(cls=out[:, 0], tokens=out[:, 1:], layers=[layers[i] for i in wanted],
+                                stream=last_input)
 
     def _embedded_tokens(self, x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], tuple]:
         """Returns ([cls] + the visible patch tokens with position embeddings (B, 1 + N_visible, D) in spatial-first

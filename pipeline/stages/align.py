@@ -16,7 +16,7 @@ from pipeline.engine import Trainer
 from pipeline.engine.weights import run_weights
 from pipeline.models.distill import DistillHead, build_guide, final_features
 from pipeline.models.factory import build_from_config
-from pipeline.models.heads import AlignmentHead
+from pipeline.models.heads import build_alignment_head
 from pipeline.models.teacher import build_teacher, check_teacher_grid
 from pipeline.objectives import MaskedAlignment
 from pipeline.stages.base import Stage, begin_run, check_inputs, check_mask_on_grid, check_teacher_size, run_summary
@@ -24,19 +24,21 @@ from pipeline.stages.base import Stage, begin_run, check_inputs, check_mask_on_g
 
 class AlignStudent(nn.Module):
     """The trained module: the backbone and its heads. `forward(video, mask)` returns the visible tokens projected
-    to the teacher's width (B, N_visible, C), and the distillation features (B, 1 + N_visible, C_guide) or None."""
+    to the teacher's width by the alignment head `align_head` (pipeline.models.heads: the official clip_decoder by
+    default) (B, [1 +] N_visible, C), and the distillation features (B, 1 + N_visible, C_guide) or None."""
 
-    def __init__(self, backbone: nn.Module, teacher_dim: int, guide_dim: Optional[int] = None, align_cls: bool = True):
+    def __init__(self, backbone: nn.Module, teacher_dim: int, guide_dim: Optional[int] = None, align_cls: bool = True,
+                 align_head: str = "clip_decoder"):
         super().__init__()
         self.align_cls = align_cls
         self.backbone = backbone
-        self.align_head = AlignmentHead(backbone.embed_dim, teacher_dim)
+        self.align_head = build_alignment_head(align_head, backbone.embed_dim, teacher_dim)
         self.distill_head = DistillHead(backbone.embed_dim, guide_dim) if guide_dim else None
 
     def forward(self, video: Tensor, mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         out = self.backbone.forward_features(video, mask=mask)
         distilled = self.distill_head(final_features(out)) if self.distill_head is not None else None
-        return self.align_head(final_features(out) if self.align_cls else out.tokens), distilled
+        return self.align_head(out, mask, self.align_cls), distilled
 
 
 def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
@@ -49,7 +51,7 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
     guide = build_guide(cfg.distill, cfg.data.num_frames, cfg.data.img_size, cfg.model.patch_size,
                         cfg.model.tubelet_size, cfg.model.scan_backend, weights=run_weights(cfg.distill.checkpoint))
     student = AlignStudent(backbone, teacher.width, guide.embed_dim if guide is not None else None,
-                           cfg.teacher.cls_target)
+                           cfg.teacher.cls_target, cfg.model.align_head)
     objective = MaskedAlignment(teacher, backbone.patch_grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.kind,
                                 cfg.model.tubelet_size, guide, cfg.distill.weight, cfg.teacher.cls_target)
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,

@@ -9,10 +9,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import fsspec
 import torch
 
-from pipeline.config import write_resolved
+from pipeline.config import write_resolved, yaml_load
 from pipeline.data.stream import split_sources
+from pipeline.data.transforms import NORMALIZATIONS
 from pipeline.engine import dist
 from pipeline.engine.ds_config import user_config
 from pipeline.engine.trainer import FitSummary
@@ -99,3 +101,15 @@ def with_absolute_paths(cfg: Any) -> Any:
         if isinstance(value, str) and local(value) and os.path.exists(value):
             setattr(owner, key, os.path.abspath(value))
     return cfg
+
+
+def run_normalization(config_yaml: str) -> str:
+    """The data.normalize a run was trained with, from its config.yaml: "clip" for a run written before the key
+    existed (the project then normalized every training frame with CLIP's mean/std)."""
+    with fsspec.open(config_yaml, "r") as f:
+        raw = yaml_load(f) or {}
+    data = raw.get("data") if isinstance(raw, dict) else None
+    normalize = data.get("normalize", "clip") if isinstance(data, dict) else "clip"
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"{config_yaml}: data.normalize {normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+    return normalize

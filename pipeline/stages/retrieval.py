@@ -56,10 +56,9 @@ import fsspec
 import open_clip
 import torch
 
-from pipeline.config import (ModelConfig, RetrievalConfig, RetrievalModelConfig, TextConfig, VideoTextStageConfig,
-                             load_config, resolved_dict)
-from pipeline.data.transforms import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, RUN_EVAL_FRAMES,
-                                      VIDEOMAMBA_EVAL_FRAMES)
+from pipeline.config import (DataConfig, ModelConfig, RetrievalConfig, RetrievalModelConfig, TextConfig,
+                             VideoTextStageConfig, load_config, resolved_dict)
+from pipeline.data.transforms import NORMALIZATIONS, VIDEOMAMBA_EVAL_FRAMES, run_eval_frames
 from pipeline.engine.weights import run_weights
 from pipeline.errors import ConfigError
 from pipeline.eval.annotations import read_annotations
@@ -70,6 +69,7 @@ from pipeline.eval.retrieval import MissingVideos, NoUsableVideos, check_retriev
 from pipeline.models.factory import build_video_text_model
 from pipeline.models.teacher import OpenClipKeys, create_open_clip
 from pipeline.models.official import is_official_video_text, load_video_text_weights, read_checkpoint
+from pipeline.stages.base import run_normalization
 
 DEFAULT_FRAMES, DEFAULT_IMG_SIZE = 8, 224  # data.num_frames / data.img_size when null and not taken from a run
 
@@ -139,7 +139,7 @@ def normalized_as(frames, normalize: str):
     """The model's test frames with data.normalize's mean and std (auto: the model's own)."""
     if normalize == "auto":
         return frames
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
+    mean, std = NORMALIZATIONS[normalize]
     return dataclasses.replace(frames, mean=mean, std=std)
 
 
@@ -192,14 +192,15 @@ def _stage2_model(checkpoint: str, num_frames: int, img_size: int, device: torch
     except ValueError as e:
         raise ConfigError(f"--checkpoint {checkpoint} does not fit the model of {config}: {e}") from None
     # a run of this project is fed the official test geometry with the normalization it was trained with
-    return VideoMambaRetrieval(model.to(device).eval(), tokenizer, cfg.text.max_len, device, RUN_EVAL_FRAMES)
+    return VideoMambaRetrieval(model.to(device).eval(), tokenizer, cfg.text.max_len, device,
+                               run_eval_frames(run_normalization(config)))
 
 
 def _checkpoint_file_model(model_cfg: RetrievalModelConfig, text_cfg: TextConfig, checkpoint: str, num_frames: int,
                            img_size: int, device: torch.device) -> VideoMambaRetrieval:
     """A video-text model from one checkpoint file, of VideoMamba `model.size` and the BERT of `text.*`: a released
     video_mm .pth (fed as the official evaluation feeds it, ImageNet-normalized) or a state dict in the project's
-    layout (fed with the normalization the project trains with)."""
+    layout (fed with the normalization of the run it lies in, or else the project's default data.normalize)."""
     model, tokenizer = build_video_text_model(_FileModel(ModelConfig(size=model_cfg.size), text_cfg), num_frames,
                                               img_size, bert_weights=False)
     try:
@@ -208,7 +209,9 @@ def _checkpoint_file_model(model_cfg: RetrievalModelConfig, text_cfg: TextConfig
         load_video_text_weights(model, state)
     except (ValueError, OSError) as e:
         raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
-    frames = VIDEOMAMBA_EVAL_FRAMES if official else RUN_EVAL_FRAMES
+    found = _found_run_config(checkpoint)
+    frames = (VIDEOMAMBA_EVAL_FRAMES if official
+              else run_eval_frames(run_normalization(found) if found else DataConfig.normalize))
     return VideoMambaRetrieval(model.to(device).eval(), tokenizer, text_cfg.max_len, device, frames)
 
 

@@ -174,7 +174,9 @@ def _train_batch(pool: FramePool, img_size: int, rng: np.random.Generator) -> tu
     height, width = pool.frames.shape[2:4]
     images, texts = [], []
     for c in clips:
-        plan = clip_plan(FRAMES_PER_CLIP, 0.0, width, height, 1, img_size, True, None, rng)
+        # a CLIP is trained on CLIP-normalized images (open_clip's), with the multimodal recipes' crop
+        plan = clip_plan(FRAMES_PER_CLIP, 0.0, width, height, 1, img_size, True, None, rng, crop="random_resized",
+                         normalize="clip")
         frame = torch.from_numpy(pool.frames[c, list(plan.indices)])
         images.append(planned_clip(frame, plan)[:, 0])
         texts.append(pool.captions[c][rng.integers(len(pool.captions[c]))])

@@ -29,7 +29,8 @@ from pipeline.models.text import bert_config, resolve_pretrained
 from pipeline.models.teacher import build_teacher, check_teacher_grid
 from pipeline.models.video_text import VideoTextModel
 from pipeline.objectives import MaskedAlignment, VideoTextObjective
-from pipeline.stages.base import Stage, begin_run, check_inputs, check_mask_on_grid, check_teacher_size, run_summary
+from pipeline.stages.base import (Stage, begin_run, check_inputs, check_mask_on_grid, check_teacher_size,
+                                  run_normalization, run_summary)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     model, tokenizer = build_video_text_model(cfg, cfg.data.num_frames, cfg.data.img_size,
                                               teacher.width if teacher is not None else None)
     if cfg.init and os.path.isdir(cfg.init):  # a run folder: stage 1's, or stage 2's for the unmasked phase
+        _warn_on_another_normalization(cfg)
         state = run_weights(cfg.init, "init")
         if state is not None and _is_stage2(state):
             _load_stage2(model, state, cfg.init)
@@ -59,13 +61,29 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     objective = VideoTextObjective(tokenizer, cfg.text.max_len, grid, cfg.mask.kind, cfg.mask.ratio, weights,
                                    cfg.loss.mlm_prob, alignment)
     evaluate = (training_evaluation(cfg.eval, cfg.eval.annotations, cfg.eval.videos, cfg.eval.dataset,
-                                    cfg.data.num_frames, cfg.data.img_size, tokenizer, cfg.text.max_len)
+                                    cfg.data.num_frames, cfg.data.img_size, tokenizer, cfg.text.max_len,
+                                    cfg.data.normalize)
                 if cfg.train.eval_every > 0 else None)
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
                         run_dir=cfg.train.out)
     summary = Trainer(model, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
                       graph_modules=model.backbone.chained_blocks(), evaluate=evaluate).fit(resume)
     return run_summary(cfg, summary)
+
+
+def _warn_on_another_normalization(cfg: VideoTextStageConfig) -> None:
+    """Logs a warning when the run `init` names was trained on frames normalized otherwise than this run's
+    data.normalize (the backbone then sees inputs shifted from those it learnt on)."""
+    folder = os.path.abspath(cfg.init)
+    for _ in range(3):  # the run folder, or one of its checkpoints (checkpoints/<tag>)
+        found = os.path.join(folder, "config.yaml")
+        if os.path.isfile(found):
+            trained = run_normalization(found)
+            if trained != cfg.data.normalize:
+                log.warning("init=%s was trained with data.normalize=%s, this run uses %s: set data.normalize=%s to "
+                            "feed the backbone what it learnt on", cfg.init, trained, cfg.data.normalize, trained)
+            return
+        folder = os.path.dirname(folder)
 
 
 def _is_stage2(state: dict[str, Tensor]) -> bool:
@@ -117,10 +135,13 @@ def _load_stage1(model: VideoTextModel, state: Optional[dict[str, Tensor]], sour
         raise ConfigError(f"init={source}: its backbone does not fit model.* of this config "
                           f"({str(e).splitlines()[0]} ...)") from None
     head = {k[len("align_head."):]: v for k, v in state.items() if k.startswith("align_head.")}
-    if model.align_head is not None and head and all(
-            head[k].shape == v.shape for k, v in model.align_head.state_dict().items() if k in head):
-        model.align_head.load_state_dict(head)
+    own = model.align_head.state_dict() if model.align_head is not None else {}
+    if own and head.keys() == own.keys() and all(head[k].shape == v.shape for k, v in own.items()):
+        model.align_head.load_state_dict(head)  # as the official stage 2 starts from stage 1's clip_decoder
         log.info("stage 2 starts from %s: backbone and alignment head", source)
+    elif own and head:
+        log.warning("stage 2 starts from %s: backbone; its alignment head (%s) does not fit this run's (another "
+                    "model.align_head or teacher width), which starts fresh", source, ", ".join(sorted(head)))
     else:
         log.info("stage 2 starts from %s: backbone", source)
 

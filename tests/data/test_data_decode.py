@@ -10,8 +10,9 @@ import torch
 
 from pipeline.data import build_loader
 from pipeline.data.decode import CpuDecoder, DecodeError, EncodedSample, dali_available, nvdec_ready, probe
-from pipeline.data.transforms import (CLIP_MEAN, CLIP_STD, ClipPlan, clip_plan, denormalized, planned_clip,
-                                      random_resized_box, resampled_frames, segment_frames)
+from pipeline.data.transforms import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, MULTISCALE_SCALES, ClipPlan,
+                                      clip_plan, denormalized, multiscale_box, planned_clip, random_resized_box,
+                                      resampled_frames, segment_frames)
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
 
@@ -51,8 +52,68 @@ def test_random_resized_crop_boxes_stay_inside_and_follow_the_scale_range():
 
 
 def test_evaluation_plan_is_a_centre_square_without_flip():
-    plan = clip_plan(16, 8.0, 64, 48, 4, 32, False, None, np.random.default_rng(0))
-    assert plan.box == (8, 0, 56, 48) and not plan.flip and plan.indices == (1, 5, 9, 13)
+    for crop in ("multiscale", "random_resized"):
+        plan = clip_plan(16, 8.0, 64, 48, 4, 32, False, None, np.random.default_rng(0), crop=crop, normalize="clip")
+        assert plan.box == (8, 0, 56, 48) and not plan.flip and plan.indices == (1, 5, 9, 13)
+
+
+def official_multiscale_candidates(width, height, size, scales=MULTISCALE_SCALES):
+    """Every (w, h, x0, y0) the official GroupMultiScaleCrop can pick (video_sm/datasets/transforms.py
+    _sample_crop_size with max_distort=1, fix_crop and more_fix_crop: fill_fix_offset's 13 offsets), transcribed."""
+    base = min(width, height)
+    crop_sizes = [int(base * x) for x in scales]
+    crop_h = [size if abs(x - size) < 3 else x for x in crop_sizes]
+    crop_w = [size if abs(x - size) < 3 else x for x in crop_sizes]
+    pairs = [(w, h) for i, h in enumerate(crop_h) for j, w in enumerate(crop_w) if abs(i - j) <= 1]
+    out = set()
+    for w, h in pairs:
+        w_step, h_step = (width - w) // 4, (height - h) // 4
+        offsets = [(0, 0), (4 * w_step, 0), (0, 4 * h_step), (4 * w_step, 4 * h_step), (2 * w_step, 2 * h_step),
+                   (0, 2 * h_step), (4 * w_step, 2 * h_step), (2 * w_step, 4 * h_step), (2 * w_step, 0),
+                   (w_step, h_step), (3 * w_step, h_step), (w_step, 3 * h_step), (3 * w_step, 3 * h_step)]
+        out |= {(w, h, x, y) for x, y in offsets}
+    return out
+
+
+@pytest.mark.parametrize("width,height,size", [(340, 256, 224), (64, 48, 32), (320, 240, 224)])
+def test_multiscale_crop_picks_the_official_sizes_and_offsets(width, height, size):
+    """The K400 pretraining crop: sides int(shorter side * (1, .875, .75, .66)) snapped to the output side within 3
+    pixels, at most one scale step between width and height, one of the 13 fixed offsets; every candidate comes
+    up, nothing else does, and the planned clip is size x size."""
+    rng = np.random.default_rng(0)
+    boxes = [multiscale_box(width, height, size, rng) for _ in range(4000)]
+    picked = {(x1 - x0, y1 - y0, x0, y0) for x0, y0, x1, y1 in boxes}
+    assert picked == official_multiscale_candidates(width, height, size)
+    assert all(0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height for x0, y0, x1, y1 in boxes)
+    sides = {int(min(width, height) * s) for s in MULTISCALE_SCALES}
+    sides = {size if abs(s - size) < 3 else s for s in sides}
+    assert {w for w, _, _, _ in picked} == sides and {h for _, h, _, _ in picked} == sides
+    plan = clip_plan(8, 8.0, width, height, 4, size, True, None, rng, crop="multiscale", normalize="imagenet")
+    frames = torch.zeros((4, height, width, 3), dtype=torch.uint8)
+    assert planned_clip(frames, plan).shape == (3, 4, size, size)
+    flips = [clip_plan(8, 8.0, width, height, 4, size, True, None, rng, crop="multiscale",
+                       normalize="imagenet").flip for _ in range(200)]
+    assert 60 < sum(flips) < 140  # GroupRandomHorizontalFlip(flip=True): half the clips
+
+
+def test_the_snapped_crop_side_stays_inside_a_frame_smaller_than_the_output():
+    """int(222 * 1) = 222 snaps to 224 (within 3 pixels) but the frame is 222 high: the box keeps inside it."""
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        x0, y0, x1, y1 = multiscale_box(300, 222, 224, rng)
+        assert 0 <= x0 < x1 <= 300 and 0 <= y0 < y1 <= 222
+
+
+@pytest.mark.parametrize("normalize,mean,std", [("imagenet", IMAGENET_MEAN, IMAGENET_STD),
+                                                ("clip", CLIP_MEAN, CLIP_STD)])
+def test_a_training_plan_carries_the_normalization_to_the_decoded_frames(normalize, mean, std):
+    plan = clip_plan(2, 8.0, 8, 8, 2, 8, True, None, np.random.default_rng(0), crop="random_resized",
+                     normalize=normalize)
+    assert (plan.mean, plan.std) == (mean, std)
+    clip = planned_clip(torch.full((2, 8, 8, 3), 200, dtype=torch.uint8), plan)
+    expect = (200 / 255 - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(clip.mean(dim=(1, 2, 3)), expect.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(denormalized(clip, normalize), torch.full_like(clip, 200.0), atol=1e-3, rtol=0)
 
 
 def test_planned_clip_normalizes_with_clip_mean_and_std_and_flips():
@@ -127,7 +188,8 @@ def test_dali_cpu_backend_gives_the_pyav_frames_on_vp9(clip_vp9, jpg_bytes):
     info = probe(clip_vp9, "video")
     rng = np.random.default_rng(4)
     samples = [EncodedSample(f"v{i}", "video", clip_vp9,
-                             clip_plan(info.frames, info.fps, 32, 32, 4, 24, True, None, rng)) for i in range(3)]
+                             clip_plan(info.frames, info.fps, 32, 32, 4, 24, True, None, rng, crop="random_resized",
+                                       normalize="imagenet")) for i in range(3)]
     samples.append(EncodedSample("i", "image", jpg_bytes, ClipPlan((0,) * 4, (4, 2, 36, 22), True, 24)))
     assert any(s.plan.flip for s in samples) and any(not s.plan.flip for s in samples)
     cpu, cpu_fail = CpuDecoder().decode(samples)
@@ -161,6 +223,21 @@ def test_loader_with_the_dali_decoder_matches_the_cpu_decoder(shard_writer, data
     for a, b in zip(batches["cpu"], batches["dali"]):
         assert a["key"] == b["key"] and a["text"] == b["text"]
         assert (a["video"] - b["video"]).abs().mean() < 0.04
+
+
+@needs_dali
+@pytest.mark.parametrize("normalize,mean,std", [("imagenet", IMAGENET_MEAN, IMAGENET_STD),
+                                                ("clip", CLIP_MEAN, CLIP_STD)])
+def test_data_normalize_reaches_the_frames_of_both_decoders(shard_writer, data_cfg, normalize, mean, std):
+    """data.normalize is the one place the training normalization is set: the CPU and the DALI decoder both give
+    the flat grey-200 jpg as (200/255 - mean) / std of that normalization."""
+    index = shard_writer.corpus("i", shards=1, per_shard=3, media="image")
+    expect = (200 / 255 - torch.tensor(mean)) / torch.tensor(std)
+    for decoder in ("cpu", "dali"):
+        batches = list(build_loader(data_cfg(index, decoder=decoder, epochs=1, normalize=normalize), 3, rank=0,
+                                    world_size=1, seed=0))
+        video = torch.cat([b["video"] for b in batches]).cpu()
+        assert torch.allclose(video.mean(dim=(0, 2, 3, 4)), expect, atol=0.05), decoder
 
 
 @needs_dali

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data import build_loader
-from pipeline.data.transforms import CLIP_MEAN, CLIP_STD
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from data_shard_files import sample_files, tar_bytes
 
 
@@ -30,7 +30,9 @@ def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(shard_writer, da
 def test_batches_follow_the_contract(shard_writer, data_cfg):
     videos = shard_writer.corpus("v", shards=2, per_shard=3)
     images = shard_writer.corpus("i", shards=2, per_shard=3, media="image")
-    loader = build_loader(data_cfg(f"{videos},{images}", epochs=1), batch_size=4, rank=0, world_size=1, seed=0)
+    cfg = data_cfg(f"{videos},{images}", epochs=1)
+    assert cfg.normalize == "imagenet"  # the official pipelines' normalization, by default
+    loader = build_loader(cfg, batch_size=4, rank=0, world_size=1, seed=0)
     batches = list(loader)
     assert sum(len(b["key"]) for b in batches) == 12
     for b in batches:
@@ -42,7 +44,7 @@ def test_batches_follow_the_contract(shard_writer, data_cfg):
     images_only = torch.cat([b["video"][b["is_image"]] for b in batches])
     # an image is a 1-frame clip repeated to T frames; the jpg is flat grey 200 (within JPEG rounding)
     assert torch.equal(images_only, images_only[:, :, :1].expand_as(images_only))
-    expect = (200 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    expect = (200 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(images_only.mean(dim=(0, 2, 3, 4)), expect, atol=0.05)
 
 

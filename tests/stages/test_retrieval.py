@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline.cli import main
@@ -141,6 +142,26 @@ def test_frames_and_size_default_to_the_runs_own(tmp_path):
             with_run_frames(videomamba, str(tmp_path / "run")).data.img_size) == (12, 64)
     clip = with_run_frames(RetrievalConfig(), str(tmp_path / "run"))
     assert (clip.data.num_frames, clip.data.img_size) == (8, 224)
+
+
+def test_a_runs_normalization_comes_from_its_config_yaml(tmp_path):
+    """The evaluation feeds a run the normalization it was trained with: data.normalize of its config.yaml
+    (imagenet by default), and CLIP's for a run written before the key existed (the project's normalization then)."""
+    from pipeline.config import AlignStageConfig, VideoTextStageConfig, load_config, write_resolved
+    from pipeline.data.transforms import IMAGENET_MEAN, CLIP_STD, run_eval_frames
+    from pipeline.stages.base import run_normalization
+
+    for name, schema, overrides, expected in (("default", VideoTextStageConfig, [], "imagenet"),
+                                              ("stage1", AlignStageConfig, [], "imagenet"),
+                                              ("clip", VideoTextStageConfig, ["data.normalize=clip"], "clip")):
+        write_resolved(load_config(schema, None, overrides), str(tmp_path / f"{name}.yaml"))
+        assert run_normalization(str(tmp_path / f"{name}.yaml")) == expected
+    older = yaml.safe_load((tmp_path / "default.yaml").read_text())
+    del older["data"]["normalize"]
+    (tmp_path / "older.yaml").write_text(yaml.safe_dump(older))
+    assert run_normalization(str(tmp_path / "older.yaml")) == "clip"
+    assert run_eval_frames("imagenet").mean == IMAGENET_MEAN and run_eval_frames("clip").std == CLIP_STD
+    assert (run_eval_frames("clip").box, run_eval_frames("clip").interp) == ("whole", "bicubic")  # official geometry
 
 
 @pytest.mark.parametrize("change,message", [

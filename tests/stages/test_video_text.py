@@ -86,6 +86,9 @@ def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, t
     assert result["counts"]["videos_evaluated"] == result["counts"]["videos"] > 0
     assert result["rerank"]["applied"] and "img_r1" in result["metrics"]["reranked"]
     assert result["model"] == "videomamba stage-2 video-text model"
+    # fed the normalization it was trained with: data.normalize of its config.yaml (ImageNet's by default)
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["normalize"] == "imagenet"
+    assert result["protocol"]["frames_preprocessing"]["mean"] == [0.485, 0.456, 0.406]
 
 
 def test_stage2_config_errors_exit_2_naming_the_key(shards, teacher_file, tmp_path, capsys):
@@ -115,7 +118,8 @@ def test_stage2_under_torchrun_contrasts_the_global_batch(shards, teacher_file, 
 
 def test_stage2_starts_from_a_released_video_mm_checkpoint_file(shards, teacher_file, tiny_bert_dir, tmp_path):
     """init=FILE.pth: a fake official video_mm container (8 frames at 224 px) of this config's shapes starts the whole
-    model, its position embeddings fitted to 4 frames at 64 px."""
+    model, its position embeddings fitted to 4 frames at 64 px, its clip_decoder the alignment head (the teacher's
+    width: 48)."""
     import torch
     from transformers import BertConfig
 
@@ -123,7 +127,7 @@ def test_stage2_starts_from_a_released_video_mm_checkpoint_file(shards, teacher_
 
     bert = BertConfig.from_pretrained(tiny_bert_dir)
     checkpoint = fake_official_video_mm(
-        depth=2, width=64, embed_dim=32, clip_teacher=dict(width=32, layers=1, output_dim=16),
+        depth=2, width=64, embed_dim=32, clip_teacher=dict(width=32, layers=1, output_dim=16), clip_output_dim=48,
         bert=dict(hidden=bert.hidden_size, layers=bert.num_hidden_layers, fusion_layer=2, vocab=bert.vocab_size,
                   max_positions=bert.max_position_embeddings))
     path = tmp_path / "videomamba_fake_f8_res224.pth"
@@ -131,4 +135,5 @@ def test_stage2_starts_from_a_released_video_mm_checkpoint_file(shards, teacher_
     done = run_cli(stage2_args(shards, teacher_file, tmp_path / "run", path, steps=2, extra=["train.ckpt_every=2"]))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the whole video-text model" in done.stderr and "temporal_pos_embedding: 8 -> 4" in done.stderr
+    assert "clip_teacher.*" in done.stderr and "clip_decoder" not in done.stderr  # loaded into the head
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
