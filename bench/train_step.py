@@ -365,6 +365,11 @@ def make_shards(folder: str, videos: int, size: int, frames: int, fps: int, per_
     index = os.path.join(out, "index.json")
     with open(index, "w") as f:
         json.dump(build_index(manifest.url, per_shard, plans, results), f)
+    source = {"kind": "the project's synthetic corpus (shards.synth), H.264 mp4", "videos": videos, "size": size,
+              "frames": frames, "fps": fps, "samples_per_shard": per_shard,
+              "bytes_per_clip": sum(os.path.getsize(r.media) for r in manifest.rows) / max(len(manifest.rows), 1)}
+    with open(os.path.join(out, "source.json"), "w") as f:
+        json.dump(source, f)
     return index
 
 
@@ -842,6 +847,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shards", default=None, help="a shard index.json for --data dali/cpu")
     parser.add_argument("--make-shards", default=None, metavar="DIR",
                         help="write the synthetic corpus's shards into DIR first (and use them)")
+    parser.add_argument("--shards-only", action="store_true", help="with --make-shards: write them, then stop")
     parser.add_argument("--source-size", type=int, default=256, help="--make-shards: clips of this many px square")
     parser.add_argument("--source-frames", type=int, default=90, help="--make-shards: frames per clip")
     parser.add_argument("--source-fps", type=int, default=30)
@@ -884,16 +890,17 @@ def main(argv=None) -> int:
             args.shards = make_shards(args.make_shards, args.source_videos, args.source_size, args.source_frames,
                                       args.source_fps)
         print(f"shards: {args.shards} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        if args.shards_only:
+            return 0
     if "synthetic" not in args.data:
         args.data = ["synthetic"] + args.data
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     record = measure_stage(args)
-    if args.make_shards:
-        record["source"] = {"videos": 8 if args.quick else args.source_videos, "size": 64 if args.quick else
-                            args.source_size, "frames": 8 if args.quick else args.source_frames,
-                            "fps": 8 if args.quick else args.source_fps, "codec": "h264",
-                            "kind": "the project's synthetic corpus (shards.synth)"}
+    source = os.path.join(os.path.dirname(args.shards), "source.json") if args.shards else ""
+    if source and os.path.exists(source):
+        with open(source) as f:
+            record["source"] = json.load(f)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1))
