@@ -34,7 +34,7 @@ def check_run(run, batch):
 
 
 def test_stage1_quick_on_synthetic_input(tmp_path):
-    out = tmp_path / "s1.json"
+    out = tmp_path / "train_step_stage1.json"
     proc = run_bench("--stage", "1", "--json", str(out))
     record = json.loads(out.read_text())
     assert record["stage"] == 1 and record["device"] == "cpu" and record["batch"] == 2
@@ -51,6 +51,8 @@ def test_stage1_quick_on_synthetic_input(tmp_path):
     assert record["config"]["train"]["betas"] == [0.9, 0.95]  # the recipe's stage 1 (run_mask_pretrain.sh)
     assert [p["gpus"] for p in record["projection"]] == [8, 64, 256]
     assert "| synthetic | split |" in proc.stdout
+    summary = run_bench("--summary", str(tmp_path)).stdout  # the comparison's report, without the official's record
+    assert "## Targets (issue 23)" in summary and "| >= 2x the official clips/s | 1 | official: not run | - |" in summary
 
 
 def test_stage2_quick_with_real_shards_through_the_cpu_decoder(tmp_path):
@@ -68,6 +70,7 @@ def test_stage2_quick_with_real_shards_through_the_cpu_decoder(tmp_path):
     assert record["config"]["loss"] == {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0, "align": 1.0, "mlm_prob": 0.5}
     (ceiling,) = record["loader"]
     assert ceiling["decoder"] == "cpu" and ceiling["clips_per_s"] > 0 and ceiling["x_step"] > 0
+    assert ceiling["warmup_batches"] == 2 * 1 + 2  # past the loader's in-flight batches (1 worker x prefetch 2)
     assert record["source"]["videos"] == 8 and record["source"]["bytes_per_clip"] > 0
 
 
