@@ -348,9 +348,11 @@ def real_loader(cfg, decoder: str, cpu_workers: Optional[int]):
     return build_loader(data, cfg.train.batch_size, rank=0, world_size=1, seed=cfg.train.seed, train=True)
 
 
-def make_shards(folder: str, videos: int, size: int, frames: int, fps: int, per_shard: int = 16) -> str:
-    """Writes the synthetic corpus (H.264 mp4, size² px) and its WebDataset shards as `videomamba shard` does (each
-    shard's task in this process, one after another: no Ray on the GPU machine); returns the index.json path."""
+def make_shards(folder: str, videos: int, size: int, frames: int, fps: int, per_shard: int = 16,
+                codec: str = "h264") -> str:
+    """Writes the synthetic corpus (mp4 of `codec`, size² px) and its WebDataset shards as `videomamba shard` does
+    (each shard's task in this process, one after another: no Ray on the GPU machine); returns the index.json path.
+    VP9 is for DALI's CPU backend in tests (it has no H.264)."""
     from shards.index import build_index, plan_shards
     from shards.manifest import read_manifest
     from shards.media import ProcessOptions
@@ -358,7 +360,7 @@ def make_shards(folder: str, videos: int, size: int, frames: int, fps: int, per_
     from shards.writer import ShardOptions, write_shard
 
     corpus, out = os.path.join(folder, "corpus"), os.path.join(folder, "shards")
-    write_corpus(corpus, videos=videos, images=0, seed=0, size=size, frames=frames, fps=fps,
+    write_corpus(corpus, videos=videos, images=0, seed=0, codec=codec, size=size, frames=frames, fps=fps,
                  eval_videos=1, progress=False)
     manifest = read_manifest(os.path.join(corpus, "videos.jsonl"))
     plans = plan_shards(manifest.rows, per_shard, "shard", ProcessOptions())
@@ -367,7 +369,7 @@ def make_shards(folder: str, videos: int, size: int, frames: int, fps: int, per_
     index = os.path.join(out, "index.json")
     with open(index, "w") as f:
         json.dump(build_index(manifest.url, per_shard, plans, results), f)
-    source = {"kind": "the project's synthetic corpus (shards.synth), H.264 mp4", "videos": videos, "size": size,
+    source = {"kind": f"the project's synthetic corpus (shards.synth), {codec} mp4", "videos": videos, "size": size,
               "frames": frames, "fps": fps, "samples_per_shard": per_shard,
               "bytes_per_clip": sum(os.path.getsize(r.media) for r in manifest.rows) / max(len(manifest.rows), 1)}
     with open(os.path.join(out, "source.json"), "w") as f:
@@ -680,7 +682,7 @@ def measure_stage(args) -> dict:
                 record["notes"].append(f"--data {data} needs --shards or --make-shards: skipped")
                 continue
             if data == "dali" and not dali_ready():
-                record["notes"].append("--data dali: DALI or a GPU is missing here: skipped")
+                record["notes"].append("--data dali: DALI is not installed here: skipped")
                 continue
             steps = args.steps if data == "dali" else args.cpu_steps
             loader = real_loader(cfg, data, args.cpu_workers)
@@ -706,9 +708,10 @@ def measure_stage(args) -> dict:
 
 
 def dali_ready() -> bool:
+    """DALI is installed (without a GPU the loader runs DALI's CPU backend, which reads VP9 but not H.264)."""
     from pipeline.data.decode import dali_available
 
-    return dali_available() and torch.cuda.is_available()
+    return dali_available()
 
 
 def in_flight_batches(decoder: str, workers: int) -> int:
@@ -922,6 +925,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source-frames", type=int, default=90, help="--make-shards: frames per clip")
     parser.add_argument("--source-fps", type=int, default=30)
     parser.add_argument("--source-videos", type=int, default=256)
+    parser.add_argument("--source-codec", choices=["h264", "vp9"], default="h264",
+                        help="vp9: for DALI's CPU backend (tests without a GPU)")
     parser.add_argument("--batch", type=int, default=None, help="per GPU (default: the recipe's, 64 / 128)")
     parser.add_argument("--workers", type=int, default=None, help="data.num_workers (default: the stage YAML's)")
     parser.add_argument("--cpu-workers", type=int, default=None,
@@ -956,10 +961,11 @@ def main(argv=None) -> int:
     if args.make_shards:
         started = time.perf_counter()
         if args.quick:
-            args.shards = make_shards(args.make_shards, videos=8, size=64, frames=8, fps=8, per_shard=4)
+            args.shards = make_shards(args.make_shards, videos=8, size=64, frames=8, fps=8, per_shard=4,
+                                      codec=args.source_codec)
         else:
             args.shards = make_shards(args.make_shards, args.source_videos, args.source_size, args.source_frames,
-                                      args.source_fps)
+                                      args.source_fps, codec=args.source_codec)
         print(f"shards: {args.shards} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         if args.shards_only:
             return 0

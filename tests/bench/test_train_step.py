@@ -33,13 +33,18 @@ def check_run(run, batch):
         assert sum(run["parts_ms"].values()) >= run["step_ms"] * 0.95  # the parts are the whole step
 
 
-def test_stage1_quick_on_synthetic_input(tmp_path):
+def test_stage1_quick_on_synthetic_input_and_through_dali(tmp_path):
+    """DALI here is its CPU backend, which reads VP9 (the GPU run reads H.264 through NVDEC)."""
     out = tmp_path / "train_step_stage1.json"
-    proc = run_bench("--stage", "1", "--json", str(out))
+    proc = run_bench("--stage", "1", "--data", "dali", "--make-shards", str(tmp_path / "data"), "--source-codec",
+                     "vp9", "--loader-ceiling", "--json", str(out))
     record = json.loads(out.read_text())
     assert record["stage"] == 1 and record["device"] == "cpu" and record["batch"] == 2
-    assert [(r["data"], r["mode"]) for r in record["runs"]] == [("synthetic", "unsplit"), ("synthetic", "split"),
-                                                                 ("synthetic", "profile")]
+    assert [(r["data"], r["mode"]) for r in record["runs"]] == [
+        ("synthetic", "unsplit"), ("synthetic", "split"), ("synthetic", "profile"), ("dali", "unsplit"),
+        ("dali", "split"), ("dali", "profile")]
+    (ceiling,) = record["loader"]
+    assert ceiling["decoder"] == "dali" and ceiling["clips_per_s"] > 0
     for run in record["runs"]:
         check_run(run, 2)
     split = record["runs"][1]["parts_ms"]
