@@ -722,14 +722,22 @@ def run_all(args) -> dict:
             if args.emulate_kernels:
                 argv.append("--emulate-kernels")
             started = time.perf_counter()
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.part_timeout)
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.part_timeout)
+                failure = f"the part's process exited {proc.returncode} without a record"
+                stderr = proc.stderr
+            except subprocess.TimeoutExpired as e:
+                failure = f"the part's process ran past --part-timeout {args.part_timeout:.0f} s"
+                stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
             if os.path.exists(path):
                 record = json.loads(Path(path).read_text())
             else:
-                record = {"part": part, "ok": False, "error": f"the part's process exited {proc.returncode} "
-                                                             f"without a record", "stderr": proc.stderr[-3000:]}
+                record = {"part": part, "ok": False, "error": failure, "stderr": stderr[-3000:]}
             record["process_seconds"] = time.perf_counter() - started
             out["parts"][part] = record
+            if args.json:  # after every part: a caller's time limit cannot take the finished parts with it
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(out, indent=1))
             status = f"{record.get('clips_per_s', 0):.1f} clips/s" if record.get("ok") else record.get("error")
             print(f"official {part}: {status}", file=sys.stderr, flush=True)
     return out
@@ -789,9 +797,6 @@ def main(argv=None) -> int:
         Path(args.child_json).write_text(json.dumps(run_part(args), indent=1))
         return 0
     record = run_all(args)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1))
     print(table(record))
     return 0 if all(r.get("ok") for r in record["parts"].values()) else 1
 
