@@ -534,11 +534,11 @@ def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, 
     synchronize()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    timer.reset()
     step_times, losses, skipped = [], [], 0
     profiler = _profiler() if mode == "profile" else contextlib.nullcontext()
     with profiler as prof, (instrumented(stage, parts, trainer, timer) if split else contextlib.nullcontext()):
-        start = last = time.perf_counter()
+        timer.reset()
+        start = last = timer.last
         for i in range(steps):
             with torch.profiler.record_function("train_step") if prof is not None else contextlib.nullcontext():
                 result = trainer.step(timed, first_step + warmup + i)
@@ -666,13 +666,28 @@ def measure_stage(args) -> dict:
         step = 1 + args.warmup + args.steps
         runs = [run]
 
-        def more(iterator, data: str, mode: str, steps: int, warmup: int):
+        def save() -> None:
+            """The record so far, written after every run: a time limit that stops this process keeps them."""
+            record["runs"] = [dataclasses.asdict(r) for r in runs]
+            for r in record["runs"]:
+                r["mfu"] = (flops.per_clip * r["clips_per_s"] / H200_BF16_DENSE_FLOPS) if cuda else None
+            record["projection"] = projection(runs[0].step_ms / 1e3, batch, record["params"]["trained"], args.stage)
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(record, indent=1))
+
+        def more(iterator, data: str, mode: str, steps: int, warmup: int) -> None:
             nonlocal step
-            result = run_steps(args.stage, parts, trainer, iterator, batch, data, mode, steps, warmup, step)
+            try:
+                result = run_steps(args.stage, parts, trainer, iterator, batch, data, mode, steps, warmup, step)
+            except Exception as e:  # noted; the other runs go on
+                record["notes"].append(f"{data} {mode} run failed: {type(e).__name__}: {e}")
+                raise
             step += warmup + steps
             runs.append(result)
-            return result
+            save()
 
+        save()
         if args.split_steps:
             more(iter(synthetic), "synthetic", "split", args.split_steps, 0)
         if args.profile_steps:
@@ -685,25 +700,26 @@ def measure_stage(args) -> dict:
                 record["notes"].append("--data dali: DALI is not installed here: skipped")
                 continue
             steps = args.steps if data == "dali" else args.cpu_steps
-            loader = real_loader(cfg, data, args.cpu_workers)
-            iterator = iter(loader)
-            warmup = args.warmup + in_flight_batches(data, loader.num_workers)  # steady state, not the prefetch
+            iterator = None
             try:
+                loader = real_loader(cfg, data, args.cpu_workers)
+                iterator = iter(loader)
+                warmup = args.warmup + in_flight_batches(data, loader.num_workers)  # steady state, not the prefetch
                 more(iterator, data, "unsplit", steps, warmup)
                 if args.split_steps and data == "dali":
                     more(iterator, data, "split", args.split_steps, 0)
                 if args.profile_steps and data == "dali":
                     more(iterator, data, "profile", args.profile_steps, 0)
+            except Exception as e:
+                if not record["notes"] or data not in record["notes"][-1]:
+                    record["notes"].append(f"--data {data} failed: {type(e).__name__}: {e}")
+                print(f"--data {data} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             finally:
-                close = getattr(iterator, "close", None)
-                if close:
-                    close()
-        record["runs"] = [dataclasses.asdict(r) for r in runs]
-        for r in record["runs"]:
-            r["mfu"] = (flops.per_clip * r["clips_per_s"] / H200_BF16_DENSE_FLOPS) if cuda else None
+                if iterator is not None:
+                    iterator.close()
         if args.loader_ceiling and args.shards:
-            record["loader"] = loader_ceilings(cfg, batch, args, runs[0].clips_per_s)
-        record["projection"] = projection(runs[0].step_ms / 1e3, batch, record["params"]["trained"], args.stage)
+            record["loader"] = loader_ceilings(cfg, batch, args, runs[0].clips_per_s, record["notes"])
+        save()
     return record
 
 
@@ -724,7 +740,7 @@ def in_flight_batches(decoder: str, workers: int) -> int:
     return max(1, workers) * 2 if decoder == "cpu" else default_dali_settings().pipelines + 1
 
 
-def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float) -> list[dict]:
+def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float, notes: list) -> list[dict]:
     """Clips/s of the loader alone (no model), per decoder, against what the synthetic step consumes: the loader's
     in-flight batches are drawn first, then `--ceiling-clips` clips are timed (a synchronize at the end for DALI's
     CUDA batches). The CPU decoder's ceiling is timed at batch 8 (its cost is per clip; a smaller batch keeps its
@@ -739,15 +755,20 @@ def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float) -> list[dict
         size = batch if decoder == "dali" else min(batch, 8)
         loader = iter(build_loader(data, size, rank=0, world_size=1, seed=cfg.train.seed, train=True))
         warm = in_flight_batches(decoder, data.num_workers) + 2
-        for _ in range(warm):
-            next(loader)
-        synchronize()
-        clips, done, start = args.ceiling_clips or 4 * batch, 0, time.perf_counter()
-        while done < clips:
-            done += len(next(loader)["key"])
-        synchronize()
-        rate = done / (time.perf_counter() - start)
-        loader.close()
+        try:
+            for _ in range(warm):
+                next(loader)
+            synchronize()
+            clips, done, start = args.ceiling_clips or 4 * batch, 0, time.perf_counter()
+            while done < clips:
+                done += len(next(loader)["key"])
+            synchronize()
+            rate = done / (time.perf_counter() - start)
+        except Exception as e:  # noted; the other decoder's ceiling is still measured
+            notes.append(f"the {decoder} loader's ceiling failed: {type(e).__name__}: {e}")
+            continue
+        finally:
+            loader.close()
         out.append({"decoder": decoder, "workers": data.num_workers, "batch": size, "warmup_batches": warm,
                     "clips": done, "clips_per_s": rate,
                     "x_step": rate / step_clips_per_s if step_clips_per_s else None})
@@ -860,6 +881,10 @@ def target_lines(ours: dict, official: dict) -> list[str]:
             same = "" if theirs["batch"] == record["batch"] else f" (batches differ: {record['batch']} / {theirs['batch']})"
             lines.append(f"| >= 2x the official clips/s | {stage} | {mine['clips_per_s']:.1f} / "
                          f"{theirs['clips_per_s']:.1f} = {ratio:.2f}x{same} | {'met' if ratio >= 2 else 'missed'} |")
+            if mine.get("mfu") is not None:
+                theirs_mfu = record["flops"]["per_clip_fwd_bwd"] * theirs["clips_per_s"] / H200_BF16_DENSE_FLOPS
+                lines.append(f"| MFU (the same model FLOPs per clip, 989 TFLOP/s) | {stage} | ours {mine['mfu']:.1%}, "
+                             f"official {theirs_mfu:.1%} | - |")
             if mine["peak_allocated_gib"] and theirs.get("peak_allocated_gib"):
                 ok = mine["peak_allocated_gib"] <= theirs["peak_allocated_gib"]
                 lines.append(f"| memory not above the official's | {stage} | {mine['peak_allocated_gib']:.1f} / "
@@ -978,8 +1003,7 @@ def main(argv=None) -> int:
     if source and os.path.exists(source):
         with open(source) as f:
             record["source"] = json.load(f)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    if args.json:  # again, with the source
         Path(args.json).write_text(json.dumps(record, indent=1))
     print(table(record))
     return 0
