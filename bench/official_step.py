@@ -31,7 +31,9 @@ What is timed, as the official scripts run it:
   cast to bf16 as tasks/shared_utils.py `setup_model` does under fp16 + bf16, utils/optimizer.py `create_optimizer`
   (adamW 4e-4, betas 0.9 0.999, weight decay 0.05), and tasks/pretrain.py `train`'s loop body (tokenize to 32 ids,
   torch.cuda.amp.autocast(bf16), the sum of the loss dict, zero_grad, backward, step, .item() of every loss and of
-  the temperature). The BERT keeps gradient_checkpointing = True as the config says.
+  the temperature). The BERT keeps gradient_checkpointing = True as the config says;
+- stage2_vision, run when stage2 fails (or asked for): what of stage 2 runs without the text side, video_mm's vision
+  encoder and teacher, encode_teacher's mask, the UTA loss, backward and the official optimizer.
 Timed like train_step.py: `--warmup` steps, then `--steps` back to back with one synchronize at the end; peak memory
 over them; GPU busy under torch.profiler.
 
@@ -67,8 +69,6 @@ classes at tiny widths (2 blocks of 64, a 2-layer BERT of 32, 2 frames of 64²) 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import importlib
 import importlib.util
 import inspect
@@ -81,11 +81,11 @@ import textwrap
 import time
 import types
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-PARTS = ("backbone", "stage1", "stage2")
+PARTS = ("backbone", "stage1", "stage2")  # stage2_vision runs when stage2 fails (or when asked)
 # Every file of the official tree a part imports (the carried tree must hold them: --check, and the tests)
 REQUIRED = {
     "common": ["mamba/mamba_ssm/__init__.py", "mamba/mamba_ssm/modules/mamba_simple.py",
@@ -125,7 +125,7 @@ class OfficialTreeError(RuntimeError):
 
 def missing_files(root: str, parts=PARTS) -> list[str]:
     """The files `parts` import that `root` lacks."""
-    wanted = REQUIRED["common"] + [f for p in parts for f in REQUIRED[p]]
+    wanted = REQUIRED["common"] + [f for p in parts for f in REQUIRED["stage2" if p == "stage2_vision" else p]]
     return [f for f in wanted if not os.path.isfile(os.path.join(root, f))]
 
 
@@ -548,7 +548,9 @@ def test_size_config(config, folder: str) -> None:
     config.model.text_encoder.fusion_layer = 1
 
 
-def run_stage2(args, shims: Shims) -> dict:
+def video_mm_setup(args, shims: Shims):
+    """What both video_mm parts need: the packages, placeholders for scipy / deepspeed where missing, the official
+    config (no pretrained files), the vision backbone's norms and clip_b16's weight file; returns (config, folder)."""
     timm_shims(shims)
     root = args.official
     mm = os.path.join(root, "videomamba", "video_mm")
@@ -567,9 +569,6 @@ def run_stage2(args, shims: Shims) -> dict:
     except ImportError:
         sys.modules["deepspeed"] = types.ModuleType("deepspeed")
         shims.add("deepspeed placeholder", "imported by video_mm utils/distributed.py, not used by the step")
-    xbert_import_shims(shims)
-    xbert = importlib.import_module("models.backbones.bert.xbert")
-    transformers_shims(xbert, shims)
     folder = tempfile.mkdtemp(prefix="official_step_")
     config = official_config(root)
     config.model.text_encoder.config = os.path.join(mm, config.model.text_encoder.config)
@@ -577,7 +576,6 @@ def run_stage2(args, shims: Shims) -> dict:
     shims.add("no pretrained files", "vision_encoder.pretrained=None, clip_b16 and BERT with random weights")
     if args.size == "test":
         test_size_config(config, folder)
-    frames, size = config.model.vision_encoder.num_frames, config.model.vision_encoder.img_size
     vm_backbone = importlib.import_module("models.backbones.videomamba.videomamba")
     norm_functions_into(vm_backbone, args.emulate_kernels)
     clip = importlib.import_module("models.backbones.videomamba.clip")
@@ -588,6 +586,15 @@ def run_stage2(args, shims: Shims) -> dict:
     clip._MODELS["ViT-B/16"] = stub
     shims.add("clip_b16 weights file", "it torch.loads OpenAI's weights unconditionally: a file with a random "
               "positional embedding only (its loader is strict=False; everything else stays random)")
+    return config, folder
+
+
+def run_stage2(args, shims: Shims) -> dict:
+    config, folder = video_mm_setup(args, shims)
+    xbert_import_shims(shims)
+    xbert = importlib.import_module("models.backbones.bert.xbert")
+    transformers_shims(xbert, shims)
+    frames, size = config.model.vision_encoder.num_frames, config.model.vision_encoder.img_size
     umt = importlib.import_module("models.umt_videomamba")
     builder = importlib.import_module("models.backbones.bert.builder")
 
@@ -669,6 +676,51 @@ def run_stage2(args, shims: Shims) -> dict:
     return result
 
 
+def run_stage2_vision(args, shims: Shims) -> dict:
+    """What of stage 2 runs without the text side (when the whole model cannot): video_mm's vision encoder and its
+    clip_b16 teacher, umt_videomamba.py encode_teacher's attention mask, the student forward, the UTA loss
+    (criterions.py UTA_Loss l2/l2), backward and the official optimizer, model in bf16 under bf16 autocast."""
+    config, _ = video_mm_setup(args, shims)
+    backbones = importlib.import_module("models.backbones.videomamba")
+    criterions = importlib.import_module("models.criterions")
+    dev = device()
+    encoder = backbones.build_videomamba(config.model).to(dev)
+    teacher = backbones.build_clip(config.model).to(dev)
+    if dev.type == "cuda":  # tasks/shared_utils.py setup_model under fp16 + bf16
+        encoder, teacher = encoder.to(torch.bfloat16), teacher.to(torch.bfloat16)
+    encoder.train()
+    uta = criterions.UTA_Loss(config.criterion.uta_norm_type, config.criterion.uta_loss_type)
+    optimizer = importlib.import_module("utils.optimizer").create_optimizer(config.optimizer, encoder)
+    ve = config.model.vision_encoder
+    frames, size, batch, ratio = ve.num_frames, ve.img_size, args.batch2, ve.video_mask_ratio
+    image = torch.randn(batch, 3, frames, size, size, device=dev)  # already [B, C, T, H, W]
+    to_cpu = cuda_indices_into_cpu_rejected()
+
+    def step(_: int) -> None:
+        with torch.autocast("cuda", enabled=dev.type == "cuda", dtype=torch.bfloat16):
+            with torch.no_grad():  # umt_videomamba.py encode_teacher, attention mask
+                clip_output, attn = teacher(image)
+                BT, N = attn.shape
+                N_vis = N - int(N * ratio)
+                importance = torch.multinomial(attn, N)
+                mask = torch.ones((BT, N))
+                pos1 = torch.arange(BT).view(-1, 1).repeat(1, N_vis)
+                pos2 = importance[:, :N_vis]
+                mask[pos1, pos2.cpu() if to_cpu else pos2] = 0
+                mask = mask.view(batch, -1).to(torch.bool)
+                mask = torch.cat((torch.zeros(batch, 1).to(torch.bool), mask), dim=1).to(dev)
+                K, _, _, C = clip_output.shape
+                clip_output = clip_output[~mask.unsqueeze(0).repeat(K, 1, 1)].reshape(K, batch, -1, C)
+            _, _, student_output = encoder(image, mask, False, False)
+            loss = uta.uta_loss(student_output, clip_output)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()
+    return {"what": "video_mm vision encoder + clip_b16 teacher + UTA only (no text side), bf16", "frames": frames,
+            "img_size": size, **timed(step, batch, args.steps, args.warmup, args.profile_steps)}
+
+
 def official_tokenizer(folder: str):
     from transformers import BertTokenizer
 
@@ -679,7 +731,7 @@ def official_tokenizer(folder: str):
     return BertTokenizer.from_pretrained(vocab_dir)
 
 
-RUNNERS = {"backbone": run_backbone, "stage1": run_stage1, "stage2": run_stage2}
+RUNNERS = {"backbone": run_backbone, "stage1": run_stage1, "stage2": run_stage2, "stage2_vision": run_stage2_vision}
 
 
 def run_part(args) -> dict:
@@ -711,7 +763,8 @@ def run_all(args) -> dict:
     build = Path(args.official, "BUILD.json")
     if build.exists():
         out["build"] = json.loads(build.read_text())
-    for part in args.part:
+    parts = list(args.part)
+    for part in parts:
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "part.json")
             argv = [sys.executable, "-m", "bench.official_step", "--official", args.official, "--part", part,
@@ -740,6 +793,8 @@ def run_all(args) -> dict:
                 Path(args.json).write_text(json.dumps(out, indent=1))
             status = f"{record.get('clips_per_s', 0):.1f} clips/s" if record.get("ok") else record.get("error")
             print(f"official {part}: {status}", file=sys.stderr, flush=True)
+            if part == "stage2" and not record.get("ok") and "stage2_vision" not in parts:
+                parts.append("stage2_vision")  # time what of stage 2 can run
     return out
 
 
@@ -762,7 +817,7 @@ def table(record: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official", required=True, help="the official source tree (kernels built in place)")
-    parser.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--part", nargs="+", choices=list(RUNNERS), default=list(PARTS))
     parser.add_argument("--batch1", type=int, default=64, help="stage 1 batch (run_mask_pretrain.sh --batch_size)")
     parser.add_argument("--batch2", type=int, default=128, help="stage 2 batch (exp_pt config.py batch_size)")
     parser.add_argument("--backbone-batch", type=int, default=4)
