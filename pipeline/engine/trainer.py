@@ -110,7 +110,9 @@ class Trainer:
         self.graph_modules = list(graph_modules)
         self.evaluate = evaluate
         self.graphs: Optional[GraphedChain] = None  # the replayed chain, once fit() has built it with cuda_graphs
-        self.engine: Any = None  # the DeepSpeed engine, once fit() has built it
+        self.engine: Any = None  # the DeepSpeed engine, once fit() or build() has built it
+        self.optimizer: Optional[SkippableAdamW] = None  # build()'s optimizer and schedule (fit() keeps its own)
+        self.scheduler: Any = None
         self.dist: Optional[dist.DistInfo] = None
 
     # ------------------------------------------------------------------------------------------------ public
@@ -163,6 +165,25 @@ class Trainer:
                          self.graphs.replays, self.graphs.eager_calls)
         summary.wall_s = time.perf_counter() - started
         return summary
+
+    # ------------------------------------------------------------------------------------------- driven steps
+    def build(self) -> None:
+        """Joins the process group and builds the engine, its optimizer and schedule (`self.engine`,
+        `self.optimizer`, `self.scheduler`) as `fit` does, reading and writing no checkpoint and no log: for a caller
+        that drives the steps itself with `step` (bench/train_step.py times them)."""
+        self.dist = dist.init_distributed()
+        check_micro_batch(self.cfg, self.ds_cfg, self.dist.world_size)
+        _quiet_deepspeed()
+        ckpt.seed_everything(self.cfg.seed + self.dist.rank)
+        self.engine, self.optimizer, self.scheduler = self._build(self.dist)
+
+    def step(self, iterator, step: int) -> "_StepResult":
+        """Takes optimizer step number `step` (its micro-batches from `iterator`) exactly as `fit` does, then steps
+        the schedule; returns its loss, parts and gradient norm. Needs `build()` first."""
+        result = self._optimizer_step(self.engine, self.optimizer, iterator,
+                                      self.engine.gradient_accumulation_steps(), step)
+        self.scheduler.step()
+        return result
 
     # ------------------------------------------------------------------------------------------------ building
     def _build(self, info: dist.DistInfo) -> tuple[Any, SkippableAdamW, torch.optim.lr_scheduler.LambdaLR]:

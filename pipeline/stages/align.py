@@ -19,7 +19,8 @@ from pipeline.models.factory import build_from_config
 from pipeline.models.heads import build_alignment_head
 from pipeline.models.teacher import build_teacher, check_teacher_grid
 from pipeline.objectives import MaskedAlignment
-from pipeline.stages.base import Stage, begin_run, check_inputs, check_mask_on_grid, check_teacher_size, run_summary
+from pipeline.stages.base import (Stage, StageParts, begin_run, check_inputs, check_mask_on_grid, check_teacher_size,
+                                  run_summary)
 
 
 class AlignStudent(nn.Module):
@@ -47,6 +48,18 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
     teacher = build_teacher(cfg.teacher)
     check_teacher_grid(teacher, cfg.data.img_size, cfg.model.patch_size)
     info = begin_run(cfg)
+    parts = align_parts(cfg, teacher)
+    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
+                        run_dir=cfg.train.out)
+    summary = Trainer(parts.model, parts.objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
+                      graph_modules=parts.graph_modules).fit(resume)
+    return run_summary(cfg, summary)
+
+
+def align_parts(cfg: AlignStageConfig, teacher: nn.Module) -> StageParts:
+    """Builds stage 1's student (backbone and heads), its objective around the frozen `teacher` (one whose patch
+    grid is the student's: `check_teacher_grid`) and the optional self-distillation guide, as `cfg` says. Call it
+    after `begin_run`, which seeds the initial weights."""
     backbone = build_from_config(cfg.model, cfg.data.num_frames, cfg.data.img_size)
     guide = build_guide(cfg.distill, cfg.data.num_frames, cfg.data.img_size, cfg.model.patch_size,
                         cfg.model.tubelet_size, cfg.model.scan_backend, weights=run_weights(cfg.distill.checkpoint))
@@ -54,11 +67,7 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
                            cfg.teacher.cls_target, cfg.model.align_head)
     objective = MaskedAlignment(teacher, backbone.patch_grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.kind,
                                 cfg.model.tubelet_size, guide, cfg.distill.weight, cfg.teacher.cls_target)
-    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
-                        run_dir=cfg.train.out)
-    summary = Trainer(student, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
-                      graph_modules=backbone.chained_blocks()).fit(resume)
-    return run_summary(cfg, summary)
+    return StageParts(student, objective, backbone.chained_blocks(), teacher)
 
 
 def check_config(cfg: AlignStageConfig) -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import fsspec
 import torch
+from torch import nn
 
 from pipeline.config import write_resolved, yaml_load
 from pipeline.data.stream import split_sources
@@ -33,6 +34,20 @@ class Stage:
     config: type
     check: Callable[[Any], None]
     train: Callable[..., dict]
+
+
+@dataclass
+class StageParts:
+    """What a stage hands the engine, built from its config: the trained module, the objective
+    (`loss_fn(model, batch) -> (loss, parts)`), the chain of modules that may replay as CUDA graphs (the backbone's
+    blocks), the frozen teacher the objective runs (None without one) and the text tokenizer (stage 2). The stages'
+    training functions build these and train them; bench/train_step.py builds the same parts to time one step."""
+
+    model: nn.Module
+    objective: Callable
+    graph_modules: list = field(default_factory=list)
+    teacher: Optional[nn.Module] = None
+    tokenizer: Any = None
 
 
 # ----------------------------------------------------------------------------------------------- shared checks

@@ -14,7 +14,7 @@ import os
 from typing import Optional
 
 import fsspec
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipeline.config import VideoTextStageConfig
 from pipeline.data import build_loader
@@ -29,7 +29,7 @@ from pipeline.models.text import bert_config, resolve_pretrained
 from pipeline.models.teacher import build_teacher, check_teacher_grid
 from pipeline.models.video_text import VideoTextModel
 from pipeline.objectives import MaskedAlignment, VideoTextObjective
-from pipeline.stages.base import (Stage, begin_run, check_inputs, check_mask_on_grid, check_teacher_size,
+from pipeline.stages.base import (Stage, StageParts, begin_run, check_inputs, check_mask_on_grid, check_teacher_size,
                                   run_normalization, run_summary)
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,22 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     if teacher is not None:
         check_teacher_grid(teacher, cfg.data.img_size, cfg.model.patch_size)
     info = begin_run(cfg)
+    parts = video_text_parts(cfg, teacher)
+    evaluate = (training_evaluation(cfg.eval, cfg.eval.annotations, cfg.eval.videos, cfg.eval.dataset,
+                                    cfg.data.num_frames, cfg.data.img_size, parts.tokenizer, cfg.text.max_len,
+                                    cfg.data.normalize)
+                if cfg.train.eval_every > 0 else None)
+    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
+                        run_dir=cfg.train.out)
+    summary = Trainer(parts.model, parts.objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
+                      graph_modules=parts.graph_modules, evaluate=evaluate).fit(resume)
+    return run_summary(cfg, summary)
+
+
+def video_text_parts(cfg: VideoTextStageConfig, teacher: Optional[nn.Module]) -> StageParts:
+    """Builds stage 2's video-text model (with the weights of `init`, when set), its tokenizer and its objective
+    around the frozen `teacher` (None when loss.align is 0; else one whose patch grid is the student's:
+    `check_teacher_grid`), as `cfg` says. Call it after `begin_run`, which seeds the initial weights."""
     model, tokenizer = build_video_text_model(cfg, cfg.data.num_frames, cfg.data.img_size,
                                               teacher.width if teacher is not None else None)
     if cfg.init and os.path.isdir(cfg.init):  # a run folder: stage 1's, or stage 2's for the unmasked phase
@@ -60,15 +76,7 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     weights = {"vtc": cfg.loss.vtc, "vtm": cfg.loss.vtm, "mlm": cfg.loss.mlm, "align": cfg.loss.align}
     objective = VideoTextObjective(tokenizer, cfg.text.max_len, grid, cfg.mask.kind, cfg.mask.ratio, weights,
                                    cfg.loss.mlm_prob, alignment)
-    evaluate = (training_evaluation(cfg.eval, cfg.eval.annotations, cfg.eval.videos, cfg.eval.dataset,
-                                    cfg.data.num_frames, cfg.data.img_size, tokenizer, cfg.text.max_len,
-                                    cfg.data.normalize)
-                if cfg.train.eval_every > 0 else None)
-    data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
-                        run_dir=cfg.train.out)
-    summary = Trainer(model, objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
-                      graph_modules=model.backbone.chained_blocks(), evaluate=evaluate).fit(resume)
-    return run_summary(cfg, summary)
+    return StageParts(model, objective, model.backbone.chained_blocks(), teacher, tokenizer)
 
 
 def _warn_on_another_normalization(cfg: VideoTextStageConfig) -> None:

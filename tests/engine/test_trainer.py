@@ -284,3 +284,15 @@ def test_a_full_disk_says_so_names_the_newest_intact_checkpoint_and_the_run_resu
     subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)  # space freed: resume
     summary = toy.build(run_dir).fit(resume="auto")
     assert summary.start_step == 6 and toy.losses(run_dir) == toy.losses(reference[0])
+
+
+def test_driven_steps_are_fits_steps(tmp_path):
+    """build() + step() (what bench/train_step.py times) take the same optimizer steps as fit(), and write nothing."""
+    fitted = toy.build(str(tmp_path / "fit"), dropout=0.0, max_steps=4, ckpt_every=0)
+    fitted.fit()
+    driven = toy.build(str(tmp_path / "driven"), dropout=0.0, max_steps=4, ckpt_every=0)
+    driven.build()
+    iterator = iter(driven.data)
+    results = [driven.step(iterator, step) for step in range(1, 5)]
+    assert [r.loss for r in results] == pytest.approx(toy.losses(str(tmp_path / "fit")), rel=1e-6)
+    assert driven.scheduler.last_epoch == 4 and not (tmp_path / "driven").exists()

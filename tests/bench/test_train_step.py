@@ -1,0 +1,126 @@
+"""bench/train_step.py on the CPU: every code path of the measured step in its --quick shapes (synthetic input, real
+tiny shards through the CPU decoder, the split, the profiler, the loader's ceiling), and the arithmetic of its
+report (FLOPs, GPU busy from a trace, the multi-GPU projection)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.train_step import (busy_from_trace, interval_union, mamba_block_flops, projection, vit_layer_flops,
+                              with_official_mask_count)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_bench(*args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "bench.train_step", "--quick", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def check_run(run, batch):
+    assert run["batch"] == batch and run["steps"] >= 1
+    assert run["step_ms"] > 0 and run["clips_per_s"] == pytest.approx(1e3 * batch / run["step_ms"], rel=1e-6)
+    assert 0 <= run["data_wait_ms"] <= run["step_ms"]
+    assert all(v == v and abs(v) < 1e4 for v in run["losses"])  # finite
+    if run["mode"] == "split":
+        assert sum(run["parts_ms"].values()) <= run["step_ms"] * 1.001
+        assert sum(run["parts_ms"].values()) >= run["step_ms"] * 0.95  # the parts are the whole step
+
+
+def test_stage1_quick_on_synthetic_input_and_through_dali(tmp_path):
+    """DALI here is its CPU backend, which reads VP9 (the GPU run reads H.264 through NVDEC)."""
+    out = tmp_path / "train_step_stage1.json"
+    proc = run_bench("--stage", "1", "--data", "dali", "--make-shards", str(tmp_path / "data"), "--source-codec",
+                     "vp9", "--loader-ceiling", "--json", str(out))
+    record = json.loads(out.read_text())
+    assert record["stage"] == 1 and record["device"] == "cpu" and record["batch"] == 2
+    assert [(r["data"], r["mode"]) for r in record["runs"]] == [
+        ("synthetic", "unsplit"), ("synthetic", "split"), ("synthetic", "profile"), ("dali", "unsplit"),
+        ("dali", "split"), ("dali", "profile")]
+    (ceiling,) = record["loader"]
+    assert ceiling["decoder"] == "dali" and ceiling["clips_per_s"] > 0
+    for run in record["runs"]:
+        check_run(run, 2)
+    split = record["runs"][1]["parts_ms"]
+    assert {"teacher", "student_fwd", "student_bwd", "optimizer"} <= set(split) and "text_fwd" not in split
+    flops = record["flops"]
+    assert flops["per_clip_fwd_bwd"] == pytest.approx(flops["teacher_fwd"] + 3 * flops["student_fwd"])
+    assert flops["backbone_tokens"] == 1 + 2 * (16 - 12)  # 2 frames of 4x4 patches, 12 of 16 masked (official count)
+    assert record["config"]["train"]["batch_size"] == 2 and record["config"]["deepspeed"]["zero_stage"] == 1
+    assert record["config"]["train"]["betas"] == [0.9, 0.95]  # the recipe's stage 1 (run_mask_pretrain.sh)
+    assert [p["gpus"] for p in record["projection"]] == [8, 64, 256]
+    assert "| synthetic | split |" in proc.stdout
+    summary = run_bench("--summary", str(tmp_path)).stdout  # the comparison's report, without the official's record
+    assert "## Targets (issue 23)" in summary and "| >= 2x the official clips/s | 1 | official: not run | - |" in summary
+
+
+def test_stage2_quick_with_real_shards_through_the_cpu_decoder(tmp_path):
+    out = tmp_path / "s2.json"
+    run_bench("--stage", "2", "--data", "cpu", "--make-shards", str(tmp_path / "data"), "--loader-ceiling",
+              "--profile-steps", "0", "--json", str(out))
+    record = json.loads(out.read_text())
+    assert [(r["data"], r["mode"]) for r in record["runs"]] == [("synthetic", "unsplit"), ("synthetic", "split"),
+                                                                 ("cpu", "unsplit")]
+    for run in record["runs"]:
+        check_run(run, 2)
+    split = record["runs"][1]["parts_ms"]
+    assert {"teacher", "student_fwd", "student_bwd", "text_fwd", "text_bwd", "optimizer"} <= set(split)
+    assert record["flops"]["text_fwd"] > 0
+    assert record["config"]["loss"] == {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0, "align": 1.0, "mlm_prob": 0.5}
+    (ceiling,) = record["loader"]
+    assert ceiling["decoder"] == "cpu" and ceiling["clips_per_s"] > 0 and ceiling["x_step"] > 0
+    assert ceiling["warmup_batches"] == 2 * 1 + 2  # past the loader's in-flight batches (1 worker x prefetch 2)
+    assert record["source"]["videos"] == 8 and record["source"]["bytes_per_clip"] > 0
+
+
+def test_flops_of_the_papers_shapes():
+    # VideoMamba-M block per token (D 576, E 1152, N 16, R 36, K 4) and a ViT-B/16 layer on 197 tokens
+    assert mamba_block_flops(576, 1152, 16, 36, 4) == 4_700_160
+    assert vit_layer_flops(197, 768) == 24 * 197 * 768 ** 2 + 4 * 197 ** 2 * 768
+
+
+def test_the_official_mask_count():
+    class Cfg:
+        class data:
+            img_size = 224
+
+        class model:
+            patch_size = 16
+
+        class mask:
+            ratio = 0.8
+    with_official_mask_count(Cfg)
+    assert round(Cfg.mask.ratio * 196) == 156  # int(0.8 * 196), where round(0.8 * 196) is 157
+
+
+def test_gpu_busy_is_the_union_of_device_intervals_over_the_steps():
+    assert interval_union([(0, 2), (1, 3), (5, 6), (5.5, 5.8)]) == 4
+    trace = {"traceEvents": [
+        {"name": "train_step", "cat": "user_annotation", "ts": 100, "dur": 50},
+        {"name": "train_step", "cat": "user_annotation", "ts": 150, "dur": 50},
+        {"name": "k1", "cat": "kernel", "ts": 110, "dur": 30},
+        {"name": "k2", "cat": "kernel", "ts": 130, "dur": 20},  # overlaps k1 (two streams)
+        {"name": "m", "cat": "gpu_memcpy", "ts": 190, "dur": 20},  # ends after the last annotation
+        {"name": "early", "cat": "kernel", "ts": 0, "dur": 50},  # before the steps: not counted
+        {"name": "cpu", "cat": "cpu_op", "ts": 120, "dur": 5}]}
+    busy, wall = busy_from_trace(trace)
+    assert busy == 40 + 20 and wall == 110
+    assert busy_from_trace({"traceEvents": [{"name": "train_step", "cat": "user_annotation", "ts": 0,
+                                             "dur": 5}]}) == (None, 5)
+
+
+def test_projection_adds_communication_and_never_gains():
+    rows = projection(0.5, 128, 200_000_000, stage=2)
+    assert [r["gpus"] for r in rows] == [8, 64, 256] and [r["nodes"] for r in rows] == [1, 8, 32]
+    for r in rows:
+        assert 0 < r["efficiency"] <= 1 and r["step_ms"] >= 500
+        assert r["clips_per_s"] == pytest.approx(r["gpus"] * 128 / (r["step_ms"] / 1e3))
+    # across nodes the gradients cross InfiniBand: slower than within the NVLink node
+    assert rows[1]["grad_sync_ms"] > rows[0]["grad_sync_ms"]
+    assert projection(0.5, 64, 75_000_000, stage=1)[0]["embed_gather_ms"] == 0
