@@ -295,6 +295,13 @@ def text_flops(text_encoder, text_len: int, memory: int, memory_width: int) -> f
         + 2 * text_len * (hidden ** 2 + hidden * vocab)
 
 
+def _head_width(head) -> int:
+    """The output width of the alignment head's projection (the official clip_decoder's or the norm-linear one's),
+    0 without a head."""
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if head is not None else []
+    return linears[-1].out_features if linears else 0
+
+
 def step_flops(stage: int, cfg, parts) -> StepFlops:
     from pipeline.masking import masked_count
 
@@ -305,7 +312,7 @@ def step_flops(stage: int, cfg, parts) -> StepFlops:
     tokens = 1 + grid[0] * grid[1] * grid[2] - masked
     teacher = parts.teacher
     frames = cfg.data.num_frames
-    head = model.align_head.proj.out_features if getattr(model, "align_head", None) is not None else 0
+    head = _head_width(getattr(model, "align_head", None))
     student = backbone_flops(backbone, frames, tokens, head)
     text = text_flops(model.text_encoder, cfg.text.max_len, tokens - 1, backbone.embed_dim) if stage == 2 else 0.0
     return StepFlops(teacher_flops(teacher, frames) if teacher is not None else 0.0, student, text, tokens)
