@@ -14,7 +14,8 @@
 # then this project's steps and backbone) and, while the machine is warm, `official` (waits for the build in
 # /tmp/official, then the official parts). Every step is guarded: a failure is logged with its rc, the rest goes on.
 # Knobs: STEPS (timed steps per run, default 8), OFFICIAL_STEPS (default 8), CPU_WORKERS (default 12, the official
-# stage 1's num_workers), SOURCE_VIDEOS (default 256), DEADLINE.
+# stage 1's num_workers), SOURCE_VIDEOS (default 256), DEADLINE, STAGE_LIMIT (seconds per stage of ours, default 240),
+# OFFICIAL_LIMIT (default 450).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/train-step}; mkdir -p "$out"
@@ -26,6 +27,8 @@ videos=${SOURCE_VIDEOS:-256}
 official=/tmp/official
 data=/tmp/train-step-data
 repo=$PWD
+stage_limit=${STAGE_LIMIT:-240}
+official_limit=${OFFICIAL_LIMIT:-450}
 deadline=${DEADLINE:-575}  # seconds from the start: a device call is stopped at 600
 reserve=40                  # kept for the summary at the end
 begin=$(date +%s)
@@ -104,9 +107,9 @@ ours() {
   local common=(--data synthetic dali cpu --shards "$data/shards/index.json" --cpu-workers "$cpu_workers"
                 --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --cpu-steps 3)
   # the loader's ceilings once (a property of the loader, clips/s per decoder): in the stage-1 process
-  step stage1 240 python3 -m bench.train_step --stage 1 "${common[@]}" --loader-ceiling --ceiling-clips 512 \
+  step stage1 "$stage_limit" python3 -m bench.train_step --stage 1 "${common[@]}" --loader-ceiling --ceiling-clips 512 \
     --json "$out/train_step_stage1.json"
-  step stage2 240 python3 -m bench.train_step --stage 2 "${common[@]}" --json "$out/train_step_stage2.json"
+  step stage2 "$stage_limit" python3 -m bench.train_step --stage 2 "${common[@]}" --json "$out/train_step_stage2.json"
 }
 
 ours_backbone() {
@@ -119,7 +122,7 @@ official_phase() {
   for d in causal-conv1d mamba; do
     if [ -e "$official/$d.done" ]; then log "build $d: $(cat "$official/$d.done")"; tail -n 3 "$out/build_$d.log"; fi
   done
-  step official 450 python3 -m bench.official_step --official "$official" --steps "$official_steps" --warmup 3 \
+  step official "$official_limit" python3 -m bench.official_step --official "$official" --steps "$official_steps" --warmup 3 \
     --profile-steps 2 --part-timeout 150 --json "$out/official.json"
 }
 
