@@ -95,7 +95,7 @@ def test_a_hostile_file_behind_matching_hashes_is_refused_before_deepspeed_reads
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_checkpoints_load_safely_and_resume(tmp_path, zero_stage, precision):
     """bf16/fp16 states hold DeepSpeed's loss scalers and bf16 optimizer records: all on the allowed list. fp16 needs

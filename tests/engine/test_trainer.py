@@ -127,7 +127,7 @@ def test_fresh_start_in_a_run_directory_with_checkpoints_is_refused(tmp_path, re
 
 
 @pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"),
-                                                  (2, "bf16")])
+                                                  (1, "bf16"), (2, "bf16")])
 def test_nan_loss_skip_policy_skips_the_update_and_goes_on(tmp_path, zero_stage, precision):
     run_dir = str(tmp_path)
     # global batch 4 is the first micro-batch of step 3 (2 micro-batches per step)
