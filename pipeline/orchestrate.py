@@ -36,9 +36,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from pipeline.config import RetrievalConfig, load_config, read_json, write_resolved
+from pipeline.config import RetrievalConfig, VideoTextStageConfig, load_config, read_json, write_resolved
 from pipeline.errors import ConfigError
-from pipeline.recipe import TRAIN_STEPS, EvalStep, RecipeConfig, TrainStep, gpu_hours, steps_for
+from pipeline.recipe import TRAIN_STEPS, EvalStep, RecipeConfig, TrainStep, clips_per_s, gpu_hours, steps_for
 from pipeline.run_report import write_report
 
 # the demo's held-out sets, made by its synth step: (name, annotation file under OUT/corpus/eval/)
@@ -534,12 +534,14 @@ def _train_plan(cfg: RecipeConfig, name: str, recipe_dir: str, out: str, previou
     batch = stage_cfg.train.batch_size * stage_cfg.train.grad_accum * max(1, spec.workers)
     clips = stage_cfg.train.max_steps * batch
     model = stage_cfg.model
-    hours = None if (model.depth or model.embed_dim) else gpu_hours(clips, model.size, stage_cfg.data.num_frames,
-                                                                      cfg.plan.gpu)
+    kind = "stage2" if isinstance(stage_cfg, VideoTextStageConfig) else "stage1"
+    rate, priced_by = (None, "") if (model.depth or model.embed_dim) else clips_per_s(
+        kind, stage_cfg.mask.ratio > 0, model.size, stage_cfg.data.num_frames, cfg.plan.gpu)
+    hours = gpu_hours(clips, rate)
     steps = f"{stage_cfg.train.max_steps:,} x {batch} clips" + (f" ({spec.epochs} epochs)" if spec.epochs else "")
     shown = "unknown (throughput not measured for this model)" if hours is None else (
         f"{hours:,.2f} ({hours / max(1, spec.workers):,.2f} h on {max(1, spec.workers)} GPU"
-        f"{'s' if spec.workers > 1 else ''})")
+        f"{'s' if spec.workers > 1 else ''}; {priced_by} {rate:g} clips/s)")
     return {"inputs": inputs, "samples": samples if samples is not None else "unknown", "steps": steps,
             "gpu_hours": shown, "model": f"VideoMamba-{model.size} {stage_cfg.data.num_frames}x"
                                          f"{stage_cfg.data.img_size}²"}
@@ -558,7 +560,7 @@ def _eval_plan(cfg: RecipeConfig) -> dict:
 def plan_table(cfg: RecipeConfig, steps: list[Step]) -> str:
     """The plan as markdown: per step its inputs (and sizes), samples, steps and estimated GPU-hours."""
     lines = [f"Plan of recipe {cfg.name or '(unnamed)'} (GPU-hours at the clips/s measured on the {cfg.plan.gpu} in "
-             "bench/RESULTS.md, backbone step; pipeline.recipe.CLIPS_PER_S)", "",
+             "bench/RESULTS.md: the whole masked step where measured, else the backbone's; pipeline.recipe)", "",
              "| step | inputs | samples | steps | est. GPU-hours |", "|---|---|---:|---|---:|"]
     total = 0.0
     for step in steps:
@@ -568,6 +570,7 @@ def plan_table(cfg: RecipeConfig, steps: list[Step]) -> str:
                      f"{p['steps']} | {p['gpu_hours']} |")
         if step.kind == "train" and p["gpu_hours"][:1].isdigit():
             total += float(p["gpu_hours"].split(" ")[0].replace(",", ""))
-    lines += ["", f"Training total: {total:,.2f} GPU-hours (the steps priced above). The figures time the backbone's "
-              "step on every token; a masked step runs fewer tokens but adds the teacher (and stage 2's text model)."]
+    lines += ["", f"Training total: {total:,.2f} GPU-hours (the steps priced above). A masked step is priced by the "
+              "whole step measured at the paper's setting (teacher, mask, text side) where it was measured; the rest "
+              "by the backbone's step on every token, which leaves out the teacher and the text model."]
     return "\n".join(lines)

@@ -137,8 +137,7 @@ TRAIN_STEPS = ("stage1", "stage2", "unmasked")
 #   middle/H100: the H100 table of the same benchmark (mamba_ssm backend);
 #   tiny/H200:   8 frames eager 57.1 ("The step's small kernels"), 64 frames eager 38.97 ("CUDA graphs for the
 #                backbone's blocks"); both the Triton backend without CUDA graphs, the stage configs' default.
-# A masked step runs fewer backbone tokens but adds the teacher (and stage 2's text model), so these price the
-# steps roughly; a size or frame count not measured is priced "unknown".
+# A step with no teacher and no mask (stage 2's unmasked phase) is priced from these, which leave out the text model.
 CLIPS_PER_S: dict[tuple[str, int, str], float] = {
     ("middle", 8, "H200"): 16.95,
     ("middle", 16, "H200"): 8.65,
@@ -149,12 +148,30 @@ CLIPS_PER_S: dict[tuple[str, int, str], float] = {
 }
 
 
+# Clips per second of the whole masked training step at the paper's setting (the teacher's forward, the 80% mask,
+# stage 2's BERT-base side; bf16, ZeRO-1, CUDA graphs; synthetic input), by (stage, model.size, data.num_frames,
+# GPU), as measured in bench/RESULTS.md "Training step at the paper's setting" (python -m bench.train_step):
+#   stage1: batch 64; stage2: batch 128.
+STEP_CLIPS_PER_S: dict[tuple[str, str, int, str], float] = {
+    ("stage1", "middle", 8, "H200"): 194.8,
+    ("stage2", "middle", 8, "H200"): 198.2,
+}
+
+
 def steps_for(epochs: float, samples: int, global_batch: int) -> int:
     """Optimizer steps for `epochs` passes over `samples` at `global_batch` clips a step (at least 1)."""
     return max(1, math.ceil(epochs * samples / global_batch))
 
 
-def gpu_hours(clips: int, size: str, frames: int, gpu: str) -> Optional[float]:
-    """GPU-hours to train on `clips` clips at the measured throughput, or None when it was not measured."""
+def clips_per_s(stage: str, masked: bool, size: str, frames: int, gpu: str) -> tuple[Optional[float], str]:
+    """The measured training throughput that prices a step, and what was measured: the whole masked step of `stage`
+    (stage1/stage2) when it was measured, else the backbone's step; (None, "") when neither was."""
+    if masked and (stage, size, frames, gpu) in STEP_CLIPS_PER_S:
+        return STEP_CLIPS_PER_S[(stage, size, frames, gpu)], "whole step"
     rate = CLIPS_PER_S.get((size, frames, gpu))
+    return (rate, "backbone step") if rate is not None else (None, "")
+
+
+def gpu_hours(clips: int, rate: Optional[float]) -> Optional[float]:
+    """GPU-hours to train on `clips` clips at `rate` clips/s, or None when the rate was not measured."""
     return None if rate is None else clips / rate / 3600.0

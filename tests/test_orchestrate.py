@@ -209,9 +209,11 @@ def test_plan_of_the_25m_recipe_prices_every_step_without_touching_data(capsys):
     assert {"shard_k400", "shard_webvid10m", "shard_cc12m", "stage1", "stage2", "unmasked", "eval_stage2"} <= set(rows)
     assert "| 25,473,000 |" in rows["stage2"] and "(10.0 epochs)" in rows["stage2"]
     assert "94,038 x 2048 clips (801.0 epochs)" in rows["stage1"]  # ceil(801 * 240,436 / (64 * 32))
-    for step in ("stage1", "stage2", "unmasked"):
+    for step, priced_by in (("stage1", "whole step 194.8"), ("stage2", "whole step 198.2"),
+                            ("unmasked", "backbone step")):
         hours = rows[step].split("|")[5].strip()
-        assert hours[0].isdigit() and "GPUs)" in hours, rows[step]
+        assert hours[0].isdigit() and "GPUs; " + priced_by in hours, rows[step]
+    assert rows["stage1"].split("|")[5].strip().startswith(f"{94_038 * 2048 / 194.8 / 3600:,.2f} (")
     assert "Training total: " in table
 
 
