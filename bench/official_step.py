@@ -249,6 +249,22 @@ def load_file_module(name: str, path: str):
     return module
 
 
+def official_attention_mask(attn, ratio: float, indices_to_cpu: bool):
+    """The official attention-guided mask, as both official loops write it (video_sm
+    engine_for_pretraining_videomamba.py, video_mm umt_videomamba.py encode_teacher): per frame row of the teacher's
+    [CLS] attention `attn` (BT, N), `N - int(N * ratio)` patches drawn by multinomial stay visible (0), the rest are
+    masked (1); a float (BT, N) tensor on the CPU. indices_to_cpu: newer torch refuses CUDA indices into a CPU
+    tensor, which older torch moved over itself."""
+    rows, n = attn.shape
+    visible = n - int(n * ratio)
+    importance = torch.multinomial(attn, n)
+    mask = torch.ones((rows, n))
+    pos1 = torch.arange(rows).view(-1, 1).repeat(1, visible)
+    pos2 = importance[:, :visible]
+    mask[pos1, pos2.cpu() if indices_to_cpu else pos2] = 0
+    return mask
+
+
 def cuda_indices_into_cpu_rejected() -> bool:
     """True when this torch refuses to index a CPU tensor with CUDA indices (what the official masks do)."""
     if not torch.cuda.is_available():
@@ -411,16 +427,7 @@ def run_stage1(args, shims: Shims) -> dict:
             B, C, T, H, W = batch_videos.shape
             with autocast_bf16():
                 norm_clip, attn = teacher(batch_videos)
-            BT, N = attn.shape
-            N_vis = N - int(N * mask_ratio)
-            importance = torch.multinomial(attn, N)
-            bool_masked_pos = torch.ones((BT, N))
-            pos1 = torch.arange(BT).view(-1, 1).repeat(1, N_vis)
-            pos2 = importance[:, :N_vis]
-            if mask_indices_to_cpu:
-                pos2 = pos2.cpu()
-            bool_masked_pos[pos1, pos2] = 0
-            bool_masked_pos = bool_masked_pos.view(B, -1)
+            bool_masked_pos = official_attention_mask(attn, mask_ratio, mask_indices_to_cpu).view(B, -1)
             bool_masked_pos = torch.cat((torch.zeros(B, 1), bool_masked_pos), dim=1)
             bool_masked_pos = bool_masked_pos.to(torch.bool)
             C_CLIP = norm_clip.shape[-1]
@@ -700,14 +707,7 @@ def run_stage2_vision(args, shims: Shims) -> dict:
         with torch.autocast("cuda", enabled=dev.type == "cuda", dtype=torch.bfloat16):
             with torch.no_grad():  # umt_videomamba.py encode_teacher, attention mask
                 clip_output, attn = teacher(image)
-                BT, N = attn.shape
-                N_vis = N - int(N * ratio)
-                importance = torch.multinomial(attn, N)
-                mask = torch.ones((BT, N))
-                pos1 = torch.arange(BT).view(-1, 1).repeat(1, N_vis)
-                pos2 = importance[:, :N_vis]
-                mask[pos1, pos2.cpu() if to_cpu else pos2] = 0
-                mask = mask.view(batch, -1).to(torch.bool)
+                mask = official_attention_mask(attn, ratio, to_cpu).view(batch, -1).to(torch.bool)
                 mask = torch.cat((torch.zeros(batch, 1).to(torch.bool), mask), dim=1).to(dev)
                 K, _, _, C = clip_output.shape
                 clip_output = clip_output[~mask.unsqueeze(0).repeat(K, 1, 1)].reshape(K, batch, -1, C)
