@@ -66,8 +66,8 @@ def nodes_not_seeing(path: str) -> list[str]:
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     probe = ray.remote(_exists)
-    refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(path)
-            for node in nodes]
+    pinned = [NodeAffinitySchedulingStrategy(node["NodeID"], soft=False) for node in nodes]
+    refs = [probe.options(num_cpus=0, scheduling_strategy=where).remote(path) for where in pinned]
     return [node.get("NodeManagerAddress", node["NodeID"]) for node, seen in zip(nodes, ray.get(refs)) if not seen]
 
 

@@ -137,7 +137,8 @@ TRAIN_STEPS = ("stage1", "stage2", "unmasked")
 #   middle/H100: the H100 table of the same benchmark (mamba_ssm backend);
 #   tiny/H200:   8 frames eager 57.1 ("The step's small kernels"), 64 frames eager 38.97 ("CUDA graphs for the
 #                backbone's blocks"); both the Triton backend without CUDA graphs, the stage configs' default.
-# A step with no teacher and no mask (stage 2's unmasked phase) is priced from these, which leave out the text model.
+# A step without a whole-step measurement below (stage 2's unmasked phase, other sizes or frame counts) is priced
+# from these, which leave out the teacher and the text model.
 CLIPS_PER_S: dict[tuple[str, int, str], float] = {
     ("middle", 8, "H200"): 16.95,
     ("middle", 16, "H200"): 8.65,
