@@ -71,8 +71,9 @@ def _step_result(out: str, name: str, kind: str, m: dict) -> str:
         return (f"contrastive loss {t['loss_first10']:.2f} -> {t['loss_last10']:.2f}; image->text top-1 held-out "
                 f"{t['held_out']['top1']:.2f} (chance {t['held_out']['chance']:.2f})")
     if kind == "text":
+        weights = (f", weights std {m['init_std']:.3f}, dropout {m['dropout']:g}" if "init_std" in m else "")
         return (f"tiny BERT: {m['layers']} layers of {m['hidden']}, a {m['vocab']}-id WordPiece vocabulary from "
-                f"{m['captions']} captions")
+                f"{m['captions']} captions{weights}")
     if kind == "train":
         records = _metrics(m["run_dir"])
         video_text = any("vtc" in r for r in records)
