@@ -476,10 +476,14 @@ def _eval_summary(result: dict) -> dict:
     counts = result["counts"]
     scores = "reranked" if "reranked" in result["metrics"] else "contrastive"
     metrics = result["metrics"][scores]
-    return {"dataset": result["dataset"], "videos": counts["videos_evaluated"], "texts": counts["texts_evaluated"],
-            "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"], "scores": scores,
-            "t2v": {f"R@{k}": metrics[f"img_r{k}"] for k in (1, 5, 10)},
-            "v2t": {f"R@{k}": metrics[f"txt_r{k}"] for k in (1, 5, 10)}}
+    summary = {"dataset": result["dataset"], "videos": counts["videos_evaluated"], "texts": counts["texts_evaluated"],
+               "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"], "scores": scores,
+               "t2v": {f"R@{k}": metrics[f"img_r{k}"] for k in (1, 5, 10)},
+               "v2t": {f"R@{k}": metrics[f"txt_r{k}"] for k in (1, 5, 10)}}
+    if scores == "reranked":  # what the re-ranking changed: the contrastive scores' R@1 beside it
+        contrastive = result["metrics"]["contrastive"]
+        summary["contrastive_r1"] = {"t2v": contrastive["img_r1"], "v2t": contrastive["txt_r1"]}
+    return summary
 
 
 # -------------------------------------------------------------------------------------------------------- the plan

@@ -106,9 +106,13 @@ def _eval_summary(results: dict, model: str) -> str:
         if not isinstance(r, dict) or "t2v" not in r:
             continue
         t2v, v2t = r["t2v"], r["v2t"]
+        contrastive = r.get("contrastive_r1")
+        beside = (f" (contrastive T2V R@1 {contrastive['t2v']:.1f}, V2T R@1 {contrastive['v2t']:.1f})"
+                  if contrastive else "")
         parts.append(f"T2V R@1 {t2v['R@1']:.1f} / R@5 {t2v['R@5']:.1f} / R@10 {t2v['R@10']:.1f}, V2T R@1 "
                      f"{v2t['R@1']:.1f} ({bench.upper()} format, {r['videos']} videos; chance 1/{r['videos']}"
-                     f"{', ' + str(r['texts']) + ' captions' if r['texts'] != r['videos'] else ''}), {r['scores']}")
+                     f"{', ' + str(r['texts']) + ' captions' if r['texts'] != r['videos'] else ''}), {r['scores']}"
+                     f"{beside}")
     return f"zero-shot ({model}) " + "; ".join(parts) + "; recalls in %"
 
 
