@@ -369,7 +369,7 @@ def _demo_teacher(cfg: RecipeConfig, out: str) -> dict:
 
 def _demo_text(cfg: RecipeConfig, out: str) -> dict:
     """The demo's BERT, built from the training captions (videos and images) of the synthetic corpus."""
-    from pipeline.models.text import build_tiny_bert
+    from pipeline.models.text import build_tiny_bert, width_scaled_init_std
 
     if not cfg.text.pretrained:
         raise ConfigError("recipe: the demo's text step needs text.pretrained (the folder it writes its BERT to)")
@@ -378,11 +378,13 @@ def _demo_text(cfg: RecipeConfig, out: str) -> dict:
         with open(os.path.join(out, "corpus", manifest)) as f:
             captions += [c for line in f if line.strip() for c in json.loads(line)["captions"]]
     t = cfg.text
+    init_std = t.init_std if t.init_std is not None else width_scaled_init_std(t.hidden)
     path = build_tiny_bert(captions, t.pretrained, hidden=t.hidden, layers=t.layers, heads=t.heads,
-                           vocab_size=t.vocab_size, seed=t.seed)
+                           vocab_size=t.vocab_size, seed=t.seed, initializer_range=init_std, dropout=t.dropout)
     with open(os.path.join(path, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
-    return {"bert": str(path), "captions": len(captions), "hidden": t.hidden, "layers": t.layers, "vocab": vocab}
+    return {"bert": str(path), "captions": len(captions), "hidden": t.hidden, "layers": t.layers, "vocab": vocab,
+            "init_std": init_std, "dropout": t.dropout}
 
 
 def _shard(cfg: RecipeConfig, name: str, out: str, cluster: Cluster) -> dict:
@@ -491,10 +493,14 @@ def _eval_summary(result: dict) -> dict:
     counts = result["counts"]
     scores = "reranked" if "reranked" in result["metrics"] else "contrastive"
     metrics = result["metrics"][scores]
-    return {"dataset": result["dataset"], "videos": counts["videos_evaluated"], "texts": counts["texts_evaluated"],
-            "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"], "scores": scores,
-            "t2v": {f"R@{k}": metrics[f"img_r{k}"] for k in (1, 5, 10)},
-            "v2t": {f"R@{k}": metrics[f"txt_r{k}"] for k in (1, 5, 10)}}
+    summary = {"dataset": result["dataset"], "videos": counts["videos_evaluated"], "texts": counts["texts_evaluated"],
+               "skipped": counts["videos_skipped"], "chance_r1": result["chance_r1"], "scores": scores,
+               "t2v": {f"R@{k}": metrics[f"img_r{k}"] for k in (1, 5, 10)},
+               "v2t": {f"R@{k}": metrics[f"txt_r{k}"] for k in (1, 5, 10)}}
+    if scores == "reranked":  # what the re-ranking changed: the contrastive scores' R@1 beside it
+        contrastive = result["metrics"]["contrastive"]
+        summary["contrastive_r1"] = {"t2v": contrastive["img_r1"], "v2t": contrastive["txt_r1"]}
+    return summary
 
 
 # -------------------------------------------------------------------------------------------------------- the plan

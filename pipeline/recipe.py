@@ -68,6 +68,10 @@ class TextSpec:
     heads: int = ranged(4, ge=1)
     vocab_size: int = ranged(1000, ge=128)
     seed: int = ranged(0, ge=0)
+    # std of its random weights, also of stage 2's new cross-attention (config.json's initializer_range); None:
+    # BERT's 0.02 scaled to `hidden` (0.02 * sqrt(768 / hidden), pipeline.models.text.width_scaled_init_std)
+    init_std: Optional[float] = ranged(None, gt=0)
+    dropout: float = ranged(0.1, ge=0, lt=1)  # its hidden and attention dropout (BERT's 0.1)
 
 
 @dataclass

@@ -71,8 +71,9 @@ def _step_result(out: str, name: str, kind: str, m: dict) -> str:
         return (f"contrastive loss {t['loss_first10']:.2f} -> {t['loss_last10']:.2f}; image->text top-1 held-out "
                 f"{t['held_out']['top1']:.2f} (chance {t['held_out']['chance']:.2f})")
     if kind == "text":
+        weights = (f", weights std {m['init_std']:.3f}, dropout {m['dropout']:g}" if "init_std" in m else "")
         return (f"tiny BERT: {m['layers']} layers of {m['hidden']}, a {m['vocab']}-id WordPiece vocabulary from "
-                f"{m['captions']} captions")
+                f"{m['captions']} captions{weights}")
     if kind == "train":
         records = _metrics(m["run_dir"])
         video_text = any("vtc" in r for r in records)
@@ -105,9 +106,13 @@ def _eval_summary(results: dict, model: str) -> str:
         if not isinstance(r, dict) or "t2v" not in r:
             continue
         t2v, v2t = r["t2v"], r["v2t"]
+        contrastive = r.get("contrastive_r1")
+        beside = (f" (contrastive T2V R@1 {contrastive['t2v']:.1f}, V2T R@1 {contrastive['v2t']:.1f})"
+                  if contrastive else "")
         parts.append(f"T2V R@1 {t2v['R@1']:.1f} / R@5 {t2v['R@5']:.1f} / R@10 {t2v['R@10']:.1f}, V2T R@1 "
                      f"{v2t['R@1']:.1f} ({bench.upper()} format, {r['videos']} videos; chance 1/{r['videos']}"
-                     f"{', ' + str(r['texts']) + ' captions' if r['texts'] != r['videos'] else ''}), {r['scores']}")
+                     f"{', ' + str(r['texts']) + ' captions' if r['texts'] != r['videos'] else ''}), {r['scores']}"
+                     f"{beside}")
     return f"zero-shot ({model}) " + "; ".join(parts) + "; recalls in %"
 
 

@@ -276,13 +276,29 @@ def load_bert_weights(encoder: BertTextEncoder, path: str) -> list[str]:
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+BERT_INIT_STD = 0.02  # BERT's initializer_range (BERT-base: 768 wide)
+BERT_BASE_WIDTH = 768
+
+
+def width_scaled_init_std(hidden: int) -> float:
+    """BERT's initializer_range scaled to a `hidden`-wide model, 0.02 * sqrt(768 / hidden): weights of this std give
+    a layer's outputs the size BERT-base's 0.02 gives at 768 (an output is a sum over `hidden` inputs). At 128 wide
+    it is 0.049. BERT's 0.02 at 128 makes each fresh linear layer's output 0.4 of BERT-base's, and the new
+    cross-attention's contribution to a fusion layer (value, then output projection) a sixth; the demo's matching
+    head then stays at its prior for hundreds of steps (README, the demo)."""
+    return BERT_INIT_STD * (BERT_BASE_WIDTH / hidden) ** 0.5
+
+
 def build_tiny_bert(texts: Iterable[str], out_dir: str, hidden: int = 128, layers: int = 4, heads: int = 4,
                     vocab_size: int = 2000, max_positions: int = 64, seed: int = 0,
-                    embedding_rows: Optional[int] = None) -> str:
+                    embedding_rows: Optional[int] = None, initializer_range: float = BERT_INIT_STD,
+                    dropout: float = 0.1) -> str:
     """Writes a small BERT in the transformers layout to `out_dir` (config.json, model.safetensors, vocab.txt,
     tokenizer files): an uncased WordPiece vocabulary of at most `vocab_size` ids trained on `texts` with the
     `tokenizers` library, and a randomly initialised `BertForMaskedLM` (seeded) with one embedding row per id, or
-    `embedding_rows` (e.g. BERT-base's 30,522, for a random model of BERT-base's shape). Loads with
+    `embedding_rows` (e.g. BERT-base's 30,522, for a random model of BERT-base's shape). Its weights are drawn with
+    std `initializer_range`, which config.json keeps, so stage 2's new cross-attention layers are drawn with it too
+    (see `width_scaled_init_std`); `dropout` is its hidden and attention dropout (BERT's 0.1). Loads with
     `text.pretrained=out_dir` exactly as BERT-base does. Returns `out_dir`."""
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
@@ -297,7 +313,8 @@ def build_tiny_bert(texts: Iterable[str], out_dir: str, hidden: int = 128, layer
     wordpiece.save_model(out_dir)  # vocab.txt, for readers of the classic layout
     config = BertConfig(vocab_size=max(len(tokenizer), embedding_rows or 0), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=max_positions,
-                        pad_token_id=tokenizer.pad_token_id)
+                        pad_token_id=tokenizer.pad_token_id, initializer_range=initializer_range,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     BertForMaskedLM(config).save_pretrained(out_dir)
     return out_dir

@@ -97,3 +97,23 @@ def test_a_missing_bert_stops_with_how_to_get_it(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="has no config.json"):
         resolve_pretrained(str(tmp_path / "empty"))
+
+
+def test_a_tiny_bert_keeps_its_weight_scale_and_dropout_and_its_new_cross_attention_is_drawn_at_that_scale(tmp_path):
+    """build_tiny_bert(initializer_range, dropout) (the demo's text step: BERT's 0.02 scaled to the width, no dropout):
+    config.json keeps both, so stage 2's fresh cross-attention is drawn with the same std as the BERT's weights."""
+    from pipeline.models.text import build_tiny_bert, width_scaled_init_std
+    from tests.conftest import TINY_BERT_CAPTIONS
+
+    assert width_scaled_init_std(768) == pytest.approx(0.02)
+    assert width_scaled_init_std(128) == pytest.approx(0.049, abs=1e-3)
+    path = build_tiny_bert(TINY_BERT_CAPTIONS * 4, str(tmp_path / "bert"), hidden=64, layers=2, heads=2,
+                           initializer_range=0.08, dropout=0.0)
+    encoder, _ = load_bert_text_encoder(path, fusion_layer=1, cross_width=48)
+    assert encoder.config.initializer_range == 0.08
+    assert encoder.config.hidden_dropout_prob == 0.0 and encoder.config.attention_probs_dropout_prob == 0.0
+    words = encoder.bert.embeddings.word_embeddings.weight
+    fresh = encoder.bert.encoder.layer[1].crossattention.self.key.weight  # (64, 48), not in the directory
+    assert words.std().item() == pytest.approx(0.08, rel=0.15) and fresh.std().item() == pytest.approx(0.08, rel=0.1)
+    default = build_tiny_bert(TINY_BERT_CAPTIONS * 4, str(tmp_path / "default"), hidden=64, layers=2, heads=2)
+    assert load_bert_text_encoder(default, 1, 48)[0].config.initializer_range == 0.02  # BERT's own by default
