@@ -116,6 +116,10 @@ class TrainConfig:
     betas: list[float] = ranged(default_factory=lambda: [0.9, 0.98], ge=0, lt=1)
     clip_grad: float = ranged(1.0, ge=0)  # 0 turns clipping off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp32: with bf16 and ZeRO-1, gradients accumulate and reduce in fp32 (DeepSpeed's BF16_Optimizer: as torch AMP,
+    # which the official code trains with, keeps them) and the optimizer step is a few fused ops over flat groups
+    # instead of per-tensor checks (bench/RESULTS.md, issue 23); null: the precision's own dtype (DeepSpeed's default)
+    grad_accum_dtype: Optional[Literal["fp32"]] = None
     ckpt_every: int = ranged(500, ge=0)
     keep_last: int = ranged(3, ge=0)
     log_every: int = ranged(1, ge=0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -282,8 +283,12 @@ def model_state_dict(path: str) -> dict[str, torch.Tensor]:
     verify(path)
     check_torch_files(path)  # DeepSpeed's zero_to_fp32 unpickles with arbitrary globals: only files that need none
     ds_dir = os.path.join(path, DEEPSPEED_TAG)
-    if any(name.endswith("optim_states.pt") and name.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_"))
-           for name in os.listdir(ds_dir)):
+    optim_files = sorted(name for name in os.listdir(ds_dir) if name.endswith("optim_states.pt")
+                         and name.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")))
+    if optim_files:
+        first = os.path.join(ds_dir, optim_files[0])
+        if "zero_stage" not in safe_load.load(first, first)["optimizer_state_dict"]:  # DeepSpeed's BF16_Optimizer
+            return bf16_optimizer_state_dict(ds_dir)
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -291,6 +296,38 @@ def model_state_dict(path: str) -> dict[str, torch.Tensor]:
     model_states = os.path.join(ds_dir, "mp_rank_00_model_states.pt")
     states = safe_load.load(model_states, model_states)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def bf16_optimizer_state_dict(ds_dir: str) -> dict[str, torch.Tensor]:
+    """Returns the fp32 master weights of a DeepSpeed BF16_Optimizer checkpoint (bf16 with ZeRO-1 and fp32 gradient
+    accumulation, `train.grad_accum_dtype=fp32`), which DeepSpeed's zero_to_fp32 does not read: it looks for a ZeRO
+    stage these files do not record (the bf16 ZeRO-1/2 files of DeepSpeed's ZeRO optimizer have the same names).
+    Each rank's `bf16_zero_pp_rank_R_mp_rank_00_optim_states.pt` holds its slice of every parameter group, flattened
+    in the model states' `param_shapes` order and padded at the group's end only; the slices in rank order make the
+    group. Buffers, frozen and tied parameters come from the model states."""
+    model_file = os.path.join(ds_dir, "mp_rank_00_model_states.pt")
+    model_states = safe_load.load(model_file, model_file)
+    ranks = sorted((int(m.group(1)), os.path.join(ds_dir, name)) for name in os.listdir(ds_dir)
+                   if (m := re.fullmatch(r"bf16_zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", name)))
+    optim = [safe_load.load(file, file)["optimizer_state_dict"] for _, file in ranks]
+    world = max(optim[0]["partition_count"])
+    if [r for r, _ in ranks] != list(range(world)):
+        raise ValueError(f"{ds_dir}: BF16_Optimizer states of ranks {[r for r, _ in ranks]}, but the run had {world} "
+                         f"(an incomplete checkpoint)")
+    out = {k: v.float() if v.is_floating_point() else v for k, v in model_states["module"].items()}
+    for g, shapes in enumerate(model_states["param_shapes"]):
+        flat = torch.cat([states["single_partition_of_fp32_groups"][g] for states in optim]).float()
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            out[name] = flat[offset:offset + numel].view(shape).clone()
+            offset += numel
+        if offset + optim[-1]["group_paddings"][g] != flat.numel():  # the last rank holds the padding
+            raise ValueError(f"{ds_dir}: parameter group {g} holds {flat.numel()} values, its parameters {offset} "
+                             f"and padding {optim[-1]['group_paddings'][g]}")
+    for name, source in model_states.get("shared_params", {}).items():
+        out[name] = out[source]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- RNG

@@ -41,6 +41,12 @@ def built_config(train: TrainConfig, zero_stage: int) -> dict:
         "wall_clock_breakdown": False,
     }
     cfg.update(precision_section(train.precision))
+    if train.grad_accum_dtype is not None:
+        if train.precision != "bf16" or zero_stage != 1:
+            raise ConfigError(f"train.grad_accum_dtype={train.grad_accum_dtype} needs train.precision=bf16 and "
+                              f"deepspeed.zero_stage=1 (DeepSpeed's BF16_Optimizer), got {train.precision} and "
+                              f"ZeRO-{zero_stage}: set train.grad_accum_dtype=null")
+        cfg["data_types"] = {"grad_accum_dtype": train.grad_accum_dtype}
     return cfg
 
 

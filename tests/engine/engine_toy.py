@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--grad-accum-dtype", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--die-publishing", type=int, default=None)
     p.add_argument("--slow-s", type=float, default=0.0)
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     trainer = build(args.run_dir, rank=rank, world_size=world, dropout=args.dropout, zero_stage=args.zero_stage,
                     max_steps=args.max_steps, ckpt_every=args.ckpt_every, batch_size=args.batch_size,
-                    grad_accum=args.grad_accum)
+                    grad_accum=args.grad_accum, precision=args.precision, grad_accum_dtype=args.grad_accum_dtype)
     trainer.data.slow_s = args.slow_s
     summary = trainer.fit(resume=args.resume)
     if args.check_gather:  # one file per rank: lines printed by two processes may interleave

@@ -48,6 +48,33 @@ def test_zero2_on_two_processes_matches_one_process_with_the_same_global_batch(t
     assert all(torch.allclose(two_w[k], one_w[k], atol=1e-5) for k in one_w)
 
 
+def test_bf16_optimizer_checkpoint_of_two_ranks_gives_the_weights_of_one_process(tmp_path):
+    """bf16 + ZeRO-1 + fp32 gradient accumulation on 2 ranks: each rank's bf16_zero_pp_rank_R file holds half of every
+    flat group; read back (pipeline.engine.checkpoint.bf16_optimizer_state_dict), they are the fp32 weights a single
+    process reaches with the same global batch, and the checkpoint's bf16 copy of the weights is theirs rounded."""
+    two, one = tmp_path / "two", str(tmp_path / "one")
+    common = dict(zero_stage=1, batch_size=2, grad_accum=2, dropout=0, max_steps=3, ckpt_every=0)
+    proc = torchrun(two, *[a for k, v in common.items() for a in (f"--{k.replace('_', '-')}", v)],
+                    "--precision", "bf16", "--grad-accum-dtype", "fp32")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    path = os.path.join(ckpt.checkpoints_root(str(two)), "step_00000003")
+    assert sorted(n for n in os.listdir(os.path.join(path, ckpt.DEEPSPEED_TAG)) if n.startswith("bf16_")) == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    toy.build(one, precision="bf16", grad_accum_dtype="fp32", **dict(common, batch_size=4)).fit()
+    two_w = model_state_dict(path)
+    one_w = model_state_dict(os.path.join(ckpt.checkpoints_root(one), "step_00000003"))
+    bf16_copy = torch.load(os.path.join(path, ckpt.DEEPSPEED_TAG, "mp_rank_00_model_states.pt"))["module"]
+    assert two_w.keys() == one_w.keys() == bf16_copy.keys()
+    assert all(two_w[k].dtype == torch.float32 and torch.equal(two_w[k].bfloat16(), bf16_copy[k]) for k in two_w)
+    # Adam's first steps move each weight by about lr whatever the gradient's size, so a near-zero gradient that the
+    # two reductions round differently can land one lr (2e-2 here) apart
+    assert all(torch.allclose(two_w[k], one_w[k], atol=2.5e-2) for k in one_w)
+    assert sum(torch.allclose(two_w[k], one_w[k], atol=1e-3) for k in one_w) >= len(one_w) - 1
+    os.remove(os.path.join(path, ckpt.DEEPSPEED_TAG, "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    with pytest.raises(ValueError, match=r"ranks \[0\], but the run had 2"):
+        ckpt.bf16_optimizer_state_dict(os.path.join(path, ckpt.DEEPSPEED_TAG))
+
+
 def test_each_rank_saves_its_own_data_position(two_ranks):
     path = os.path.join(ckpt.checkpoints_root(two_ranks[0]), f"step_{STEPS:08d}")
     assert ckpt.verify(path)["world_size"] == 2

@@ -86,6 +86,16 @@ def test_deepspeed_config_from_train_section():
         deepspeed_config(train_config(batch_size=0), None)
 
 
+def test_fp32_gradient_accumulation_is_asked_of_deepspeed_only_where_it_has_it():
+    """train.grad_accum_dtype=fp32 selects DeepSpeed's BF16_Optimizer, which exists for bf16 with ZeRO-1 only."""
+    cfg = deepspeed_config(train_config(precision="bf16", grad_accum_dtype="fp32"), DeepSpeedConfig(zero_stage=1))
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in deepspeed_config(train_config(precision="bf16"), DeepSpeedConfig(zero_stage=1))
+    for precision, stage in (("bf16", 2), ("bf16", 0), ("fp32", 1)):
+        with pytest.raises(ConfigError, match=rf"train.grad_accum_dtype=fp32 needs .*got {precision} and ZeRO-{stage}"):
+            deepspeed_config(train_config(precision=precision, grad_accum_dtype="fp32"), DeepSpeedConfig(stage))
+
+
 def test_user_deepspeed_json_passes_through_unchanged(tmp_path):
     user = {"train_batch_size": 32, "zero_optimization": {"stage": 3, "overlap_comm": True},
             "bf16": {"enabled": True}, "gradient_clipping": 2.0, "custom_key": [1, 2]}

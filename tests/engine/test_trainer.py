@@ -127,13 +127,16 @@ def test_fresh_start_in_a_run_directory_with_checkpoints_is_refused(tmp_path, re
         toy.build(run_dir).fit(resume=None)
 
 
-@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"),
-                                                  (1, "bf16"), (2, "bf16")])
-def test_nan_loss_skip_policy_skips_the_update_and_goes_on(tmp_path, zero_stage, precision):
+@pytest.mark.parametrize("zero_stage,precision,grad_accum_dtype", [
+    (0, "fp32", None), (1, "fp32", None), (2, "fp32", None), (3, "fp32", None), (0, "bf16", None), (1, "bf16", None),
+    (2, "bf16", None), (1, "bf16", "fp32")])  # the last: DeepSpeed's BF16_Optimizer and its own checkpoint layout
+def test_nan_loss_skip_policy_skips_the_update_and_goes_on(tmp_path, zero_stage, precision, grad_accum_dtype):
     run_dir = str(tmp_path)
     # global batch 4 is the first micro-batch of step 3 (2 micro-batches per step)
-    summary = toy.build(run_dir, nan_batches=(4,), nan_policy="skip", max_steps=4, ckpt_every=1, keep_last=0,
-                        zero_stage=zero_stage, precision=precision).fit()
+    trainer = toy.build(run_dir, nan_batches=(4,), nan_policy="skip", max_steps=4, ckpt_every=1, keep_last=0,
+                        zero_stage=zero_stage, precision=precision, grad_accum_dtype=grad_accum_dtype)
+    summary = trainer.fit()
+    assert (type(trainer.engine.optimizer).__name__ == "BF16_Optimizer") == (grad_accum_dtype == "fp32")
     records = read_records(os.path.join(run_dir, "metrics.jsonl"))
     assert [r["skipped"] for r in records] == [False, False, True, False]
     assert records[2]["loss"] is None and records[3]["loss"] is not None
@@ -207,6 +210,22 @@ def test_bf16_trains(tmp_path):
     assert all(r["loss"] is not None for r in records)
     assert min(r["loss"] for r in records[1:]) < records[0]["loss"]
     assert json.load(open(os.path.join(ckpt.checkpoints_root(str(tmp_path)), "step_00000006", ckpt.MARKER)))
+
+
+def test_bf16_optimizer_resumes_to_the_same_losses_and_weights(tmp_path):
+    """bf16 + ZeRO-1 + fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, its own checkpoint layout): stopped
+    after step 3 and resumed, the run repeats the uninterrupted run's losses and ends on the same fp32 weights."""
+    kwargs = dict(precision="bf16", zero_stage=1, grad_accum_dtype="fp32", ckpt_every=3, keep_last=0)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    toy.build(straight, max_steps=6, **kwargs).fit()
+    toy.build(resumed, max_steps=3, **kwargs).fit()
+    toy.build(resumed, max_steps=6, **kwargs).fit(resume="auto")
+    assert toy.losses(resumed) == toy.losses(straight)
+    last = [model_state_dict(os.path.join(ckpt.checkpoints_root(d), "step_00000006")) for d in (straight, resumed)]
+    assert last[0].keys() == last[1].keys() and all(torch.equal(last[0][k], last[1][k]) for k in last[0])
+    assert all(v.dtype == torch.float32 for v in last[0].values())
+    first = model_state_dict(os.path.join(ckpt.checkpoints_root(straight), "step_00000003"))
+    assert not any(torch.equal(first[k], last[0][k]) for k in first)
 
 
 def test_user_deepspeed_json_drives_the_engine(tmp_path, caplog):
