@@ -7,6 +7,7 @@
 #
 #   bash bench/pack_official.sh                     # here, once: writes .official/ (2 MB)
 #   device call (carry [".official"]):  bash bench/gpu_train_step.sh [all|ours|official]
+#   device call:  bash bench/gpu_train_step.sh fp32grads   # ours with bf16 against fp32 gradients (4 runs, ~8 min)
 #
 # Packages come from /tmp/site (../shared/GPU.md: deepspeed, open-clip-torch, DALI, av, webdataset, ...). `all` (the
 # default) tries everything in one call; no step runs past DEADLINE (575 s from the start, 40 s of it kept for the
@@ -126,11 +127,23 @@ official_phase() {
     --profile-steps 2 --part-timeout 150 --json "$out/official.json"
 }
 
+fp32grads() {  # the optimizer-step lever (bench/RESULTS.md, issue 23): each stage on synthetic input with bf16
+               # gradients (DeepSpeed's ZeRO-1 optimizer, the default) and with fp32 ones (its BF16_Optimizer)
+  local common=(--data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2)
+  for s in 1 2; do
+    step "stage$s" "$stage_limit" python3 -m bench.train_step --stage "$s" "${common[@]}" \
+      --json "$out/train_step_stage$s.json"
+    step "stage${s}_fp32grads" "$stage_limit" python3 -m bench.train_step --stage "$s" "${common[@]}" \
+      --override train.grad_accum_dtype=fp32 --json "$out/train_step_stage${s}_fp32grads.json"
+  done
+}
+
 case "$phase" in
   all) start_build; ours; official_phase; ours_backbone;;
   ours) start_build; ours; ours_backbone;;
   official) official_phase;;
-  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official]" >&2; exit 2;;
+  fp32grads) fp32grads;;
+  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official|fp32grads]" >&2; exit 2;;
 esac
 step summary 60 python3 -m bench.train_step --summary "$out"
 cp "$out/summary.log" "$out/summary.md" 2>/dev/null

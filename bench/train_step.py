@@ -785,7 +785,8 @@ def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float, notes: list)
 def settings_of(cfg) -> dict:
     keys = {"model": ("size", "depth", "embed_dim", "drop_path_rate", "scan_backend"),
             "data": ("num_frames", "img_size", "num_workers", "decoder"),
-            "train": ("batch_size", "precision", "lr", "betas", "weight_decay", "clip_grad", "cuda_graphs"),
+            "train": ("batch_size", "precision", "grad_accum_dtype", "lr", "betas", "weight_decay", "clip_grad",
+                      "cuda_graphs"),
             "deepspeed": ("zero_stage",), "teacher": ("model", "img_size"), "mask": ("kind", "ratio")}
     if hasattr(cfg, "text"):
         keys["text"] = ("fusion_layer", "max_len", "embed_dim")
@@ -882,7 +883,7 @@ def target_lines(ours: dict, official: dict) -> list[str]:
     ceilings = [c for r in ours.values() for c in r.get("loader", [])]
     for stage, record in sorted(ours.items()):
         mine = next((r for r in record["runs"] if r["data"] == "synthetic" and r["mode"] == "unsplit"), None)
-        theirs = official.get("parts", {}).get(f"stage{stage}", {})
+        theirs = official.get("parts", {}).get(f"stage{record['stage']}", {})
         if mine and theirs.get("ok"):
             ratio = mine["clips_per_s"] / theirs["clips_per_s"]
             same = "" if theirs["batch"] == record["batch"] else f" (batches differ: {record['batch']} / {theirs['batch']})"
@@ -914,11 +915,13 @@ def target_lines(ours: dict, official: dict) -> list[str]:
 
 def summary(folder: str) -> str:
     """Ours against the official code, from the files in `folder` (train_step_stage*.json, official.json,
-    backbone_ours.log, build.json): the targets, then every table."""
+    backbone_ours.log, build.json): the targets, then every table. `train_step_stageN_VARIANT.json` (the same stage
+    with other overrides, e.g. fp32grads) gets its own rows, labelled "N (VARIANT)"."""
     ours = {}
     for path in sorted(Path(folder).glob("train_step_stage*.json")):
         record = json.loads(path.read_text())
-        ours[record["stage"]] = record
+        variant = path.stem.removeprefix(f"train_step_stage{record['stage']}").lstrip("_")
+        ours[f"{record['stage']} ({variant})" if variant else str(record["stage"])] = record
     official_path = Path(folder) / "official.json"
     official = json.loads(official_path.read_text()) if official_path.exists() else {}
     lines = ["## Targets (issue 23)", ""] + target_lines(ours, official)

@@ -79,6 +79,23 @@ def test_stage2_quick_with_real_shards_through_the_cpu_decoder(tmp_path):
     assert record["source"]["videos"] == 8 and record["source"]["bytes_per_clip"] > 0
 
 
+def test_a_variant_of_a_stage_gets_its_own_rows_in_the_summary(tmp_path):
+    """The lever bench/gpu_train_step.sh's `fp32grads` phase measures: bf16 with fp32 gradient accumulation, which
+    DeepSpeed steps with its BF16_Optimizer (CPU bf16 here); the summary labels it beside the plain stage."""
+    common = ("--stage", "1", "--split-steps", "0", "--profile-steps", "0", "--override", "train.precision=bf16")
+    run_bench(*common, "--json", str(tmp_path / "train_step_stage1.json"))
+    run_bench(*common, "--override", "train.grad_accum_dtype=fp32",
+              "--json", str(tmp_path / "train_step_stage1_fp32grads.json"))
+    variant = json.loads((tmp_path / "train_step_stage1_fp32grads.json").read_text())
+    assert variant["config"]["train"]["grad_accum_dtype"] == "fp32"
+    assert variant["config"]["train"]["precision"] == "bf16"
+    check_run(variant["runs"][0], 2)
+    summary = run_bench("--summary", str(tmp_path)).stdout
+    assert "| >= 2x the official clips/s | 1 | official: not run | - |" in summary
+    assert "| >= 2x the official clips/s | 1 (fp32grads) | official: not run | - |" in summary
+    assert "## Ours, stage 1\n" in summary and "## Ours, stage 1 (fp32grads)\n" in summary
+
+
 def test_flops_of_the_papers_shapes():
     # VideoMamba-M block per token (D 576, E 1152, N 16, R 36, K 4) and a ViT-B/16 layer on 197 tokens
     assert mamba_block_flops(576, 1152, 16, 36, 4) == 4_700_160
