@@ -74,6 +74,10 @@ class ModelConfig:
 class DataConfig:
     train: str = ""  # shard index(es) or brace URL patterns, several joined by ','
     weights: Optional[list[float]] = ranged(None, ge=0)  # mixing weight per entry of `train`
+    # sample: each sample's corpus drawn by `weights` (batches mix images and videos); batch: one draw per batch, so
+    # a batch is all images or all videos, the same corpus on every rank at a step (the official MetaLoader's
+    # alternation: video_mm/dataset/dataloader.py; what `mask.image_ratio` needs)
+    mix: Literal["sample", "batch"] = "sample"
     num_frames: int = ranged(8, ge=1)
     img_size: int = ranged(224, ge=1)
     # resample to this frame rate before segment sampling; None keeps the source's
@@ -161,6 +165,9 @@ class MaskConfig:
     # attention: the official attention-guided mask (patches drawn by the teacher's [cls] attention); docs/FIDELITY.md
     kind: Literal["random", "tube", "frame_row", "clip_row", "attention", "attention_topk"] = "attention"
     ratio: float = ranged(0.8, ge=0, lt=1)
+    # stage 2: the ratio of a batch of images (the official 0.5: exp_pt/*/config.py image_mask_ratio), which needs
+    # data.mix=batch; None masks images at `ratio` like videos
+    image_ratio: Optional[float] = ranged(None, ge=0, lt=1)
 
 
 @dataclass

@@ -123,10 +123,18 @@ class VideoTextObjective:
     masks need one)."""
 
     def __init__(self, tokenizer, max_len: int, grid: tuple[int, int, int], mask_kind: str, mask_ratio: float,
-                 weights: dict[str, float], mlm_prob: float = 0.5, alignment: Optional[MaskedAlignment] = None):
+                 weights: dict[str, float], mlm_prob: float = 0.5, alignment: Optional[MaskedAlignment] = None,
+                 image_ratio: Optional[float] = None):
         self.tokenizer, self.max_len = tokenizer, max_len
-        self.grid, self.mask_kind, self.mask_ratio = grid, mask_kind, mask_ratio
+        self.grid, self.mask_kind, self.mask_ratio, self.image_ratio = grid, mask_kind, mask_ratio, image_ratio
         self.weights, self.mlm_prob, self.alignment = weights, mlm_prob, alignment
+
+    def ratio_of(self, batch: dict) -> float:
+        """The mask ratio of `batch`: `image_ratio` for a batch of images only (the loader's "images_only"; whole
+        image batches come from data.mix=batch; the official image_mask_ratio), else `mask_ratio`."""
+        if self.image_ratio is not None and batch.get("images_only", False):
+            return self.image_ratio
+        return self.mask_ratio
 
     def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, float]]:
         video = batch["video"]
@@ -136,9 +144,9 @@ class VideoTextObjective:
         targets, attention = None, None
         if self.alignment is not None:
             targets, attention = self.alignment.teacher_targets(video)
-        mask = None
-        if self.mask_ratio > 0:
-            mask = build_mask(self.mask_kind, self.mask_ratio, self.grid, video.shape[0], attention=attention)
+        mask, ratio = None, self.ratio_of(batch)
+        if ratio > 0:
+            mask = build_mask(self.mask_kind, ratio, self.grid, video.shape[0], attention=attention)
             mask = mask.to(video.device)
         out = model(video, mask, ids, attention_mask)
         net = getattr(model, "module", model)  # the heads below run outside the engine's forward

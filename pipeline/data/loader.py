@@ -138,6 +138,7 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
         skipping_since = None
         items.append((encoded, text, captions, clip))
         if len(items) == batch_size:
+            stream.end_batch()  # data.mix=batch: the next batch draws its corpus anew
             yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
             items = []
     yield collated(items, {"stream": stream.state(), "skips": dict(skips), "done": True})
@@ -156,8 +157,10 @@ def collated(items: list[tuple], state: dict) -> dict:
     """Returns a batch of (encoded, text, captions, clip or None) items: "video" when the clips were decoded here,
     else "encoded" (the samples for the main process's decoder); an empty batch only carries its state."""
     encoded = [i[0] for i in items]
+    is_image = [e.media == "image" for e in encoded]
     batch = {"text": [i[1] for i in items], "captions": [i[2] for i in items], "key": [e.key for e in encoded],
-             "is_image": torch.tensor([e.media == "image" for e in encoded], dtype=torch.bool), "state": state}
+             "is_image": torch.tensor(is_image, dtype=torch.bool), "images_only": bool(items) and all(is_image),
+             "state": state}
     if not items:
         return batch
     if items[0][3] is not None:
@@ -242,8 +245,8 @@ def split_decoded(group: list[dict], video: Optional[torch.Tensor], failures: li
         first += len(encoded)
         out.append({"video": video[row:row + len(keep)], "text": [batch["text"][i] for i in keep],
                     "captions": [batch["captions"][i] for i in keep], "key": [batch["key"][i] for i in keep],
-                    "is_image": batch["is_image"][keep], "state": batch["state"], "worker": batch["worker"],
-                    "decode_skips": kinds})
+                    "is_image": batch["is_image"][keep], "images_only": batch["images_only"],
+                    "state": batch["state"], "worker": batch["worker"], "decode_skips": kinds})
         row += len(keep)
     return out
 
@@ -438,7 +441,7 @@ def build_loader(data_cfg: DataConfig, batch_size: int, rank: int, world_size: i
     epochs = data_cfg.epochs if data_cfg.epochs is not None or train else 1
     layout = Layout(seed=seed, world_size=world_size, slots_per_rank=max(1, data_cfg.num_workers), shuffle=train,
                     buffer=data_cfg.shuffle_buffer, epochs=epochs)
-    spec = StreamSpec(corpora, corpus_weights(corpora, data_cfg.weights), layout)
+    spec = StreamSpec(corpora, corpus_weights(corpora, data_cfg.weights), layout, per_batch=data_cfg.mix == "batch")
     planner = SamplePlanner(corpora, seed, data_cfg.num_frames, data_cfg.img_size, data_cfg.fps, train,
                             data_cfg.crop, data_cfg.normalize)
     decoder = resolved_decoder_name(data_cfg.decoder)

@@ -10,6 +10,11 @@ epoch and the layout (world size x workers). Shuffling is done on sample *refere
    is computed up front; the reader holds at most B not-yet-emitted samples' bytes.
 3. Several corpora are mixed by weight: draw d of slot s picks a live corpus with a generator seeded by (seed, slot,
    S, d). With `epochs` set a corpus leaves the mix after that many epochs; the slot ends when all have left.
+   With `per_batch` (`data.mix: batch`, the official MetaLoader's whole image or video batches) a draw picks the
+   corpus of a whole batch: the reader tells the stream where each batch ends (`end_batch`), and draw d of slot s
+   is seeded by (seed, d * W + s mod W) with W workers per rank, the rank's batch index, so every rank draws the
+   same corpus for the same step. A corpus that runs out inside a batch (finite `epochs`) hands the batch's rest to
+   a new draw.
 
 A slot's position is therefore `{"draws": d, "corpora": [[epoch, emitted], ...]}`: restoring it recomputes the
 emission order and re-reads only the buffered samples (tar headers of the samples in between are skipped by seeking),
@@ -354,6 +359,7 @@ class StreamSpec:
     weights: list[float]
     layout: Layout
     exclusions: list[Exclusions] = field(default_factory=list)  # per corpus (after a resume with another layout)
+    per_batch: bool = False  # one corpus draw per batch (data.mix: batch), not per sample
 
     def excluded(self, corpus: int, epoch: int) -> dict[int, set[int]]:
         return self.exclusions[corpus].get(epoch, {}) if self.exclusions else {}
@@ -506,25 +512,41 @@ class SlotStream:
         state = state or {}
         positions = state.get("corpora") or [[0, 0]] * len(spec.corpora)
         self.draws = int(state.get("draws", 0))
+        self.held: Optional[int] = state.get("held")  # per_batch: the corpus of the batch being read
         self.streams = [CorpusStream(spec, c, slot, int(e), int(p)) for c, (e, p) in enumerate(positions)]
 
     def state(self) -> dict:
-        return {"draws": self.draws, "corpora": [s.position() for s in self.streams]}
+        out = {"draws": self.draws, "corpora": [s.position() for s in self.streams]}
+        if self.held is not None:
+            out["held"] = self.held
+        return out
+
+    def end_batch(self) -> None:
+        """With `spec.per_batch`: the batch being read is complete; the next sample starts a new draw."""
+        self.held = None
 
     def __iter__(self) -> Iterator[RawSample]:
         while True:
             live = [c for c, s in enumerate(self.streams) if not s.exhausted]
             if not live:
                 return
-            c = self._pick(live)
-            self.draws += 1
+            if not self.spec.per_batch:
+                c = self._pick(live, [self.spec.layout.seed, self.slot, self.spec.layout.slots, self.draws, 2])
+                self.draws += 1
+            else:
+                if self.held not in live:
+                    per_rank = self.spec.layout.slots_per_rank
+                    step = self.draws * per_rank + self.slot % per_rank
+                    self.held = self._pick(live, [self.spec.layout.seed, step, 4])
+                    self.draws += 1
+                c = self.held
             yield self.streams[c].next()
 
-    def _pick(self, live: list[int]) -> int:
+    def _pick(self, live: list[int], key: list[int]) -> int:
         if len(live) == 1:
             return live[0]
         w = np.asarray([self.spec.weights[c] for c in live], dtype=float)
-        u = np.random.default_rng([self.spec.layout.seed, self.slot, self.spec.layout.slots, self.draws, 2]).random()
+        u = np.random.default_rng(key).random()
         return live[int(np.searchsorted(np.cumsum(w / w.sum()), u, side="right").clip(max=len(live) - 1))]
 
 

@@ -69,14 +69,15 @@ def check_teacher_size(cfg: Any, alternative: str = "") -> None:
                           f"teacher.img_size={cfg.data.img_size}{alternative}")
 
 
-def check_mask_on_grid(cfg: Any) -> None:
-    """Raises ConfigError when mask.kind / mask.ratio cannot make a mask on the student's token grid."""
+def check_mask_on_grid(cfg: Any, ratio: Optional[float] = None, field: str = "mask.ratio") -> None:
+    """Raises ConfigError when mask.kind / mask.ratio (or `ratio`, named `field`) cannot make a mask on the
+    student's token grid."""
+    ratio = cfg.mask.ratio if ratio is None else ratio
     grid = token_grid(cfg.data.num_frames, cfg.data.img_size, cfg.model.patch_size, cfg.model.tubelet_size)
     try:
-        masked_count(cfg.mask.kind, cfg.mask.ratio, grid)
+        masked_count(cfg.mask.kind, ratio, grid)
     except ValueError as e:
-        raise ConfigError(f"mask.ratio={cfg.mask.ratio} / mask.kind={cfg.mask.kind!r} on a {grid} token grid: "
-                          f"{e}") from None
+        raise ConfigError(f"{field}={ratio} / mask.kind={cfg.mask.kind!r} on a {grid} token grid: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ around the engine

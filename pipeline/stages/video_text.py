@@ -75,7 +75,7 @@ def video_text_parts(cfg: VideoTextStageConfig, teacher: Optional[nn.Module]) ->
                  if teacher is not None else None)
     weights = {"vtc": cfg.loss.vtc, "vtm": cfg.loss.vtm, "mlm": cfg.loss.mlm, "align": cfg.loss.align}
     objective = VideoTextObjective(tokenizer, cfg.text.max_len, grid, cfg.mask.kind, cfg.mask.ratio, weights,
-                                   cfg.loss.mlm_prob, alignment)
+                                   cfg.loss.mlm_prob, alignment, image_ratio=cfg.mask.image_ratio)
     return StageParts(model, objective, model.backbone.chained_blocks(), teacher, tokenizer)
 
 
@@ -168,6 +168,14 @@ def check_config(cfg: VideoTextStageConfig) -> None:
                           f"kind")
     if cfg.mask.ratio > 0:
         check_mask_on_grid(cfg)
+    if cfg.mask.image_ratio is not None:
+        if cfg.data.mix != "batch":
+            raise ConfigError(f"mask.image_ratio={cfg.mask.image_ratio} masks whole batches of images, which needs "
+                              f"data.mix=batch (data.mix={cfg.data.mix} mixes images and videos in a batch)")
+        if cfg.mask.ratio == 0 and cfg.mask.image_ratio > 0:
+            raise ConfigError(f"mask.image_ratio={cfg.mask.image_ratio} with mask.ratio=0: the unmasked phase "
+                              f"masks nothing; set mask.image_ratio=null")
+        check_mask_on_grid(cfg, cfg.mask.image_ratio, "mask.image_ratio")
     if cfg.train.eval_every < 0:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every}: must be at least 0 (0: no evaluation)")
     if cfg.train.eval_every > 0 and not (cfg.eval.annotations and cfg.eval.videos):

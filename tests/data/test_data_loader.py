@@ -71,6 +71,27 @@ def test_resume_yields_exactly_what_an_uninterrupted_run_yields(shard_writer, da
         assert torch.equal(a["video"], b["video"])  # same frames, same crops and flips
 
 
+def test_per_batch_mixing_gives_whole_image_or_video_batches_alike_on_every_rank_and_resumes(shard_writer, data_cfg):
+    """data.mix=batch (the official MetaLoader): a batch is all images or all videos ("images_only" says which,
+    for mask.image_ratio), each step has the same kind on both ranks, and a resumed loader goes on exactly."""
+    v = shard_writer.corpus("v", shards=4, per_shard=5)
+    i = shard_writer.corpus("i", shards=4, per_shard=4, media="image")
+    cfg = data_cfg(f"{v},{i}", num_workers=2, shuffle_buffer=4, mix="batch")
+    ranks = [batches_after(build_loader(cfg, 3, rank=r, world_size=2, seed=3), 12) for r in (0, 1)]
+    for batches in ranks:
+        for b in batches:
+            assert len(set(b["is_image"].tolist())) == 1 and b["images_only"] == bool(b["is_image"][0])
+    kinds = [[b["images_only"] for b in batches] for batches in ranks]
+    assert kinds[0] == kinds[1] and 0 < sum(kinds[0]) < 12
+    first = build_loader(cfg, 3, rank=1, world_size=2, seed=3)
+    head = batches_after(first, 5)
+    resumed = build_loader(cfg, 3, rank=1, world_size=2, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [b["key"] for b in head + batches_after(resumed, 7)] == [b["key"] for b in ranks[1]]
+    mixed = batches_after(build_loader(data_cfg(f"{v},{i}", num_workers=2, shuffle_buffer=4), 3, 0, 2, seed=3), 12)
+    assert any(len(set(b["is_image"].tolist())) == 2 and not b["images_only"] for b in mixed)
+
+
 def test_resume_is_exact_after_one_worker_has_finished_its_epochs(shard_writer, data_cfg):
     v = shard_writer.corpus("v", shards=3, per_shard=4)  # worker 0 reads two shards, worker 1 one
     cfg = data_cfg(v, num_workers=2, epochs=1)

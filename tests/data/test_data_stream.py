@@ -115,3 +115,59 @@ def test_positions_depend_on_the_seed(tmp_path):
               for k in (0, 0, 1)]
     assert orders[0] == orders[1] != orders[2]
     assert np.array_equal(sorted(orders[2]), sorted(orders[0]))
+
+
+def batches_of(stream: SlotStream, batch: int, count: int) -> list[list[str]]:
+    """The first `count` batches a reader of `batch` samples takes from a per-batch stream (ending each batch)."""
+    out, samples = [], iter(stream)
+    for _ in range(count):
+        out.append([next(samples).key for _ in range(batch)])
+        stream.end_batch()
+    return out
+
+
+def test_per_batch_mixing_keeps_each_batch_to_one_corpus_by_weight(tmp_path):
+    """data.mix=batch (the official MetaLoader): each batch comes whole from one corpus, the corpora's shares of
+    batches follow the weights, and the same step draws the same corpus on every rank."""
+    a = text_corpus(tmp_path / "a", "a", shards=2, per_shard=40)
+    b = text_corpus(tmp_path / "b", "b", shards=2, per_shard=40)
+    spec = StreamSpec([a, b], [3.0, 1.0], layout(world=2, workers=2), per_batch=True)
+    batches = batches_of(SlotStream(spec, 0), 4, 600)
+    assert all(len({k[0] for k in keys}) == 1 for keys in batches)
+    share = sum(keys[0].startswith("a") for keys in batches) / len(batches)
+    assert abs(share - 0.75) < 0.06  # binomial sd is 0.018
+    # slot 2 is rank 1's worker 0, as slot 0 is rank 0's: the same corpus at every one of their batches
+    rank1 = batches_of(SlotStream(spec, 2), 4, 600)
+    assert [keys[0][0] for keys in rank1] == [keys[0][0] for keys in batches]
+    assert rank1 != batches  # other samples, as every rank reads its own
+    worker1 = batches_of(SlotStream(spec, 1), 4, 600)  # the rank's other worker: its steps, its own draws
+    assert [keys[0][0] for keys in worker1] != [keys[0][0] for keys in batches]
+    mixed = [s.key for s in itertools.islice(SlotStream(StreamSpec([a, b], [3.0, 1.0], layout(2, 2)), 0), 400)]
+    assert any(len({k[0] for k in mixed[i:i + 4]}) == 2 for i in range(0, 400, 4))  # per sample: batches mix
+
+
+def test_per_batch_position_restored_mid_batch_or_between_batches_continues_exactly(tmp_path):
+    a = text_corpus(tmp_path / "a", "a", shards=3, per_shard=7)
+    b = text_corpus(tmp_path / "b", "b", shards=2, per_shard=5)
+    spec = StreamSpec([a, b], [1.0, 1.0], layout(world=1, workers=1, buffer=5), per_batch=True)
+    straight = batches_of(SlotStream(spec, 0), 3, 20)
+    head_stream = SlotStream(spec, 0)
+    head = batches_of(head_stream, 3, 7)
+    resumed = SlotStream(spec, 0, head_stream.state())
+    assert head + batches_of(resumed, 3, 13) == straight
+    partial = SlotStream(spec, 0)  # two samples into batch 1: the held corpus is part of the position
+    samples = iter(partial)
+    first = [next(samples).key for _ in range(3)]
+    partial.end_batch()
+    started = [next(samples).key for _ in range(2)]
+    assert "held" in partial.state()
+    rest = SlotStream(spec, 0, partial.state())
+    assert [first, started + [next(iter(rest)).key]] == straight[:2]
+
+
+def test_a_corpus_that_runs_out_inside_a_batch_hands_the_rest_to_a_new_draw(tmp_path):
+    a = text_corpus(tmp_path / "a", "a", shards=1, per_shard=5)
+    b = text_corpus(tmp_path / "b", "b", shards=1, per_shard=40)
+    spec = StreamSpec([a, b], [1.0, 1.0], layout(world=1, workers=1, epochs=1), per_batch=True)
+    keys = [s.key for s in SlotStream(spec, 0)]  # never told of a batch's end: one draw, then the rest
+    assert sorted(keys) == sorted([f"a{i:04d}" for i in range(5)] + [f"b{i:04d}" for i in range(40)])

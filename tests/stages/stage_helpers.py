@@ -12,23 +12,25 @@ REPO = Path(__file__).resolve().parents[2]
 TEACHER = "stage-test-vit"
 
 
-def write_shards(corpus: Path, out: Path, per_shard: int = 4) -> str:
-    """Writes the corpus's training clips as WebDataset tars ({key}.mp4/.txt/.json) with an index.json."""
-    records = [json.loads(line) for line in (corpus / "videos.jsonl").read_text().splitlines() if line.strip()]
+def write_shards(corpus: Path, out: Path, per_shard: int = 4, media: str = "video") -> str:
+    """Writes the corpus's training clips (or with media="image" its images) as WebDataset tars
+    ({key}.mp4 or .jpg, .txt, .json) with an index.json."""
+    records = [json.loads(line) for line in (corpus / f"{media}s.jsonl").read_text().splitlines() if line.strip()]
+    ext = "mp4" if media == "video" else "jpg"
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for first in range(0, len(records), per_shard):
         name = f"synth-{first // per_shard:06d}.tar"
         with tarfile.open(out / name, "w") as tar:
             for r in records[first:first + per_shard]:
-                files = {"mp4": (corpus / r["path"]).read_bytes(), "txt": r["captions"][0].encode(),
+                files = {ext: (corpus / r["path"]).read_bytes(), "txt": r["captions"][0].encode(),
                          "json": json.dumps({"captions": r["captions"]}).encode()}
                 for ext, data in files.items():
                     info = tarfile.TarInfo(f"{r['key']}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
         entries.append({"url": name, "samples": len(records[first:first + per_shard])})
-    (out / "index.json").write_text(json.dumps({"shards": entries, "media": "video"}))
+    (out / "index.json").write_text(json.dumps({"shards": entries, "media": media}))
     return str(out / "index.json")
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
-from tests.stages.stage_helpers import REPO, TEACHER, metrics, run_cli, stage_args
+from tests.stages.stage_helpers import REPO, TEACHER, metrics, run_cli, stage_args, write_shards
 
 pytestmark = pytest.mark.slow
 BERT = []  # the session's tiny BERT directory (the tiny_bert_dir fixture), for stage2_args
@@ -89,6 +90,38 @@ def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, t
     # fed the normalization it was trained with: data.normalize of its config.yaml (ImageNet's by default)
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["normalize"] == "imagenet"
     assert result["protocol"]["frames_preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_stage2_in_whole_image_and_video_batches_masks_images_at_their_own_ratio(shards, teacher_file, stage1_run,
+                                                                                  synth_corpus, tmp_path):
+    """data.mix=batch + mask.image_ratio=0.5 (the official MetaLoader and image_mask_ratio) on video and image
+    shards: batches of each kind train, an image batch's student sees 0.5 of its tokens (8 of the 4x4 grid's 16 per
+    frame), a video batch's 0.2 (3 of 16: round(0.8 * 16) = 13 masked)."""
+    images = write_shards(Path(synth_corpus), tmp_path / "image_shards", media="image")
+    out = tmp_path / "run"
+    done = run_cli(stage2_args(f"{shards},{images}", teacher_file, out, stage1_run, steps=8,
+                               extra=["data.mix=batch", "mask.image_ratio=0.5", "train.ckpt_every=0",
+                                      "train.log_every=1"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 9)) and all(r["align"] > 0 for r in records)
+    from pipeline.config import VideoTextStageConfig, load_config
+    from pipeline.data import build_loader
+    from pipeline.masking import build_mask
+    from pipeline.objectives import VideoTextObjective
+
+    cfg = load_config(VideoTextStageConfig, str(out / "config.yaml"))  # the run's loader, batch by batch
+    batches = iter(build_loader(cfg.data, cfg.train.batch_size, 0, 1, cfg.train.seed))
+    kinds = [next(batches)["images_only"] for _ in records]
+    assert 0 < sum(kinds) < len(kinds), kinds  # the 8 steps had image batches and video batches
+    objective = VideoTextObjective(None, 24, (4, 4, 4), "random", 0.8, {}, image_ratio=0.5)
+    ratios = [objective.ratio_of({"images_only": kind}) for kind in (True, False)]
+    assert ratios == [0.5, 0.8] and objective.ratio_of({}) == 0.8  # a batch without the key: the video ratio
+    assert [int((~build_mask("attention", r, (4, 4, 4), 1, attention=torch.rand(1, 64))).sum()) for r in ratios] == [
+        4 * 8, 4 * 3]
+    bad = run_cli(stage2_args(shards, teacher_file, tmp_path / "x", stage1_run, steps=2,
+                              extra=["mask.image_ratio=0.5"]))
+    assert bad.returncode == 2 and "mask.image_ratio=0.5" in bad.stderr and "data.mix=batch" in bad.stderr
 
 
 def test_stage2_config_errors_exit_2_naming_the_key(shards, teacher_file, tmp_path, capsys):
