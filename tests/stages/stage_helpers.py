@@ -16,14 +16,14 @@ def write_shards(corpus: Path, out: Path, per_shard: int = 4, media: str = "vide
     """Writes the corpus's training clips (or with media="image" its images) as WebDataset tars
     ({key}.mp4 or .jpg, .txt, .json) with an index.json."""
     records = [json.loads(line) for line in (corpus / f"{media}s.jsonl").read_text().splitlines() if line.strip()]
-    ext = "mp4" if media == "video" else "jpg"
+    media_ext = "mp4" if media == "video" else "jpg"
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for first in range(0, len(records), per_shard):
         name = f"synth-{first // per_shard:06d}.tar"
         with tarfile.open(out / name, "w") as tar:
             for r in records[first:first + per_shard]:
-                files = {ext: (corpus / r["path"]).read_bytes(), "txt": r["captions"][0].encode(),
+                files = {media_ext: (corpus / r["path"]).read_bytes(), "txt": r["captions"][0].encode(),
                          "json": json.dumps({"captions": r["captions"]}).encode()}
                 for ext, data in files.items():
                     info = tarfile.TarInfo(f"{r['key']}.{ext}")
