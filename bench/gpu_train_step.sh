@@ -106,7 +106,7 @@ ours() {
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
   step shards 120 python3 -m bench.train_step --make-shards "$data" --shards-only --source-videos "$videos"
   local common=(--data synthetic dali cpu --shards "$data/shards/index.json" --cpu-workers "$cpu_workers"
-                --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --cpu-steps 3)
+                --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1 --cpu-steps 3)
   # the loader's ceilings once (a property of the loader, clips/s per decoder): in the stage-1 process
   step stage1 "$stage_limit" python3 -m bench.train_step --stage 1 "${common[@]}" --loader-ceiling --ceiling-clips 512 \
     --json "$out/train_step_stage1.json"
@@ -129,7 +129,7 @@ official_phase() {
 
 fp32grads() {  # the optimizer-step lever (bench/RESULTS.md, issue 23): each stage on synthetic input with bf16
                # gradients (DeepSpeed's ZeRO-1 optimizer, the default) and with fp32 ones (its BF16_Optimizer)
-  local common=(--data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2)
+  local common=(--data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
   for s in 1 2; do
     step "stage$s" "$stage_limit" python3 -m bench.train_step --stage "$s" "${common[@]}" \
       --json "$out/train_step_stage$s.json"

@@ -3,7 +3,7 @@ fraction, peak memory, model FLOPs utilization, the loader's ceiling, and a proj
 
     python -m bench.train_step --stage 1|2 [--data synthetic dali cpu] [--shards DIR/index.json | --make-shards DIR]
                                [--batch B] [--steps N] [--split-steps N] [--profile-steps N] [--no-cuda-graphs]
-                               [--loader-ceiling] [--json OUT.json] [--quick]
+                               [--ops-steps N] [--loader-ceiling] [--json OUT.json] [--quick]
     python -m bench.train_step --summary OUT_DIR      # the tables of every JSON in OUT_DIR (ours and the official's)
 
 What runs is the project's own step: the stage config is the VideoMamba-M recipe's (configs/recipes/
@@ -43,6 +43,12 @@ Measurements (each a field of the JSON, per run):
 - GPU busy: under torch.profiler (`--profile-steps` steps), the union of the intervals of every kernel, memcpy and
   memset on the GPU over the wall time from the first step's start to the end of the last (synchronized), with the
   top kernels by time (`bench.step_profile.kernel_table`);
+- host ops (`--ops-steps` more steps, an `ops` run): the aten ops the host dispatches per step and part (the split's
+  parts), counted by a TorchDispatchMode below autograd. On a GPU each is at least one kernel launch, so where a part
+  is launch-bound its time is about ops x the cost of a launch (8-10 us here); a CUDA graph's replay is not an op,
+  so the graphed blocks count only their inputs' copies, and Triton kernels launched directly are not counted. On a CPU the count is the same for every part that runs the
+  same aten ops on both (the teacher, the text side, the losses, DeepSpeed's optimizer step), which makes launch
+  levers measurable without a GPU; the student's parts differ (the CPU runs the chunked PyTorch scan, eagerly);
 - peak memory: torch.cuda.max_memory_allocated (and reserved) over the timed steps;
 - MFU: model FLOPs per clip (below) x clips/s / the H200's dense bf16 tensor-core peak, 989 TFLOP/s (NVIDIA H200
   SXM datasheet: 1,979 TFLOP/s "with sparsity", half of it dense);
@@ -108,6 +114,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "recipes" / "videomamba_m_5m.yaml"
@@ -451,6 +458,20 @@ class TimedIterator:
             return next(self.iterator)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active, each charged to `timer`'s innermost open region (the split's
+    parts; the mode is thread-local state that autograd carries into its backward)."""
+
+    def __init__(self, timer: PartTimer):
+        super().__init__()
+        self.timer = timer
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[self.timer.stack[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def instrumented(stage: int, parts, trainer, timer: PartTimer):
     """Wraps the parts of one step in `timer` regions (teacher, student forward, text forward, the two backward
@@ -512,7 +533,7 @@ def instrumented(stage: int, parts, trainer, timer: PartTimer):
 @dataclasses.dataclass
 class RunResult:
     data: str
-    mode: str  # "unsplit" | "split" | "profile"
+    mode: str  # "unsplit" | "split" | "profile" | "ops"
     batch: int
     steps: int
     step_ms: float  # mean wall time per step
@@ -528,12 +549,13 @@ class RunResult:
     busy_ms: Optional[float] = None
     top_kernels: Optional[str] = None
     mfu: Optional[float] = None
+    ops_per_step: Optional[dict] = None  # mode "ops": aten ops the host dispatched per step, by part
 
 
 def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, mode: str, steps: int,
               warmup: int, first_step: int) -> RunResult:
     """Runs `warmup` then `steps` optimizer steps of `trainer` on `iterator` and measures them as `mode` says."""
-    split = mode == "split"
+    split = mode in ("split", "ops")
     timer = PartTimer(split)
     timed = TimedIterator(iterator, timer)
     for i in range(warmup):
@@ -543,7 +565,9 @@ def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, 
         torch.cuda.reset_peak_memory_stats()
     step_times, losses, skipped = [], [], 0
     profiler = _profiler() if mode == "profile" else contextlib.nullcontext()
-    with profiler as prof, (instrumented(stage, parts, trainer, timer) if split else contextlib.nullcontext()):
+    counter = OpCounter(timer) if mode == "ops" else contextlib.nullcontext()
+    with profiler as prof, (instrumented(stage, parts, trainer, timer) if split else contextlib.nullcontext()), \
+            counter:
         timer.reset()
         start = last = timer.last
         for i in range(steps):
@@ -570,6 +594,8 @@ def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, 
                     skipped_steps=skipped, losses=[round(float(v), 5) for v in losses])
     if mode == "profile":
         out.busy_ms, out.busy_fraction, out.top_kernels = profile_summary(prof, steps)
+    if mode == "ops":
+        out.ops_per_step = {k: v / steps for k, v in sorted(counter.counts.items())}
     return out
 
 
@@ -677,7 +703,8 @@ def measure_stage(args) -> dict:
             """The record so far, written after every run: a time limit that stops this process keeps them."""
             record["runs"] = [dataclasses.asdict(r) for r in runs]
             for r in record["runs"]:
-                r["mfu"] = (flops.per_clip * r["clips_per_s"] / H200_BF16_DENSE_FLOPS) if cuda else None
+                counted = r["mode"] == "ops"  # slowed by the counting
+                r["mfu"] = (flops.per_clip * r["clips_per_s"] / H200_BF16_DENSE_FLOPS) if cuda and not counted else None
             record["projection"] = projection(runs[0].step_ms / 1e3, batch, record["params"]["trained"], args.stage)
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -724,6 +751,9 @@ def measure_stage(args) -> dict:
             finally:
                 if iterator is not None:
                     iterator.close()
+        if args.ops_steps:  # last: the counting mode is the newest part of the bench; a failure here is noted only
+            with contextlib.suppress(Exception):
+                more(iter(synthetic), "synthetic", "ops", args.ops_steps, 0)
         if args.loader_ceiling and args.shards:
             record["loader"] = loader_ceilings(cfg, batch, args, runs[0].clips_per_s, record["notes"])
         save()
@@ -845,6 +875,11 @@ def table(record: dict) -> str:
             lines += ["", f"split ({r['data']}, a synchronize between parts), ms per step of {total:.1f}:",
                       "| part | ms | share |", "|---|---:|---:|"]
             lines += [f"| {k} | {v:.1f} | {v / total:.1%} |" for k, v in r["parts_ms"].items()]
+        if r["mode"] == "ops" and r.get("ops_per_step"):
+            total = sum(r["ops_per_step"].values())
+            lines += ["", f"host ops ({r['data']}, aten ops dispatched per step, by part) of {total:,.0f}:",
+                      "| part | ops | share |", "|---|---:|---:|"]
+            lines += [f"| {k} | {v:,.0f} | {v / total:.1%} |" for k, v in r["ops_per_step"].items()]
         if r["mode"] == "profile" and r.get("top_kernels"):
             lines += ["", f"top kernels ({r['data']}, GPU busy {_fmt(r['busy_ms'], '.1f')} ms a step):",
                       r["top_kernels"]]
@@ -971,6 +1006,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--split-steps", type=int, default=4, help="steps timed with a synchronize between parts")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler (GPU busy)")
+    parser.add_argument("--ops-steps", type=int, default=0,
+                        help="steps whose dispatched aten ops are counted per part (runs on a CPU too)")
     parser.add_argument("--loader-ceiling", action="store_true", help="also time the loader alone per decoder")
     parser.add_argument("--ceiling-clips", type=int, default=None,
                         help="clips timed per ceiling, after the loader's in-flight batches (default 4 batches)")
@@ -985,6 +1022,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.cpu_steps, args.warmup = min(args.steps, 2), min(args.cpu_steps, 2), min(args.warmup, 1)
         args.split_steps, args.profile_steps = min(args.split_steps, 2), min(args.profile_steps, 1)
+        args.ops_steps = min(args.ops_steps, 1)
     return args
 
 

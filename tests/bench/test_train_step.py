@@ -81,8 +81,11 @@ def test_stage2_quick_with_real_shards_through_the_cpu_decoder(tmp_path):
 
 def test_a_variant_of_a_stage_gets_its_own_rows_in_the_summary(tmp_path):
     """The lever bench/gpu_train_step.sh's `fp32grads` phase measures: bf16 with fp32 gradient accumulation, which
-    DeepSpeed steps with its BF16_Optimizer (CPU bf16 here); the summary labels it beside the plain stage."""
-    common = ("--stage", "1", "--split-steps", "0", "--profile-steps", "0", "--override", "train.precision=bf16")
+    DeepSpeed steps with its BF16_Optimizer (CPU bf16 here); the summary labels it beside the plain stage. Its point
+    is fewer host ops in the optimizer step (DeepSpeed's ZeRO-1 bf16 step checks and copies every gradient tensor):
+    the `ops` run counts them, and the same aten ops run on a GPU."""
+    common = ("--stage", "1", "--split-steps", "0", "--profile-steps", "0", "--ops-steps", "1",
+              "--override", "train.precision=bf16")
     run_bench(*common, "--json", str(tmp_path / "train_step_stage1.json"))
     run_bench(*common, "--override", "train.grad_accum_dtype=fp32",
               "--json", str(tmp_path / "train_step_stage1_fp32grads.json"))
@@ -90,7 +93,14 @@ def test_a_variant_of_a_stage_gets_its_own_rows_in_the_summary(tmp_path):
     assert variant["config"]["train"]["grad_accum_dtype"] == "fp32"
     assert variant["config"]["train"]["precision"] == "bf16"
     check_run(variant["runs"][0], 2)
+    plain = json.loads((tmp_path / "train_step_stage1.json").read_text())
+    ops = {name: next(r for r in record["runs"] if r["mode"] == "ops")["ops_per_step"]
+           for name, record in (("bf16", plain), ("fp32grads", variant))}
+    assert {"teacher", "student_fwd", "student_bwd", "optimizer"} <= set(ops["bf16"]) == set(ops["fp32grads"])
+    assert ops["fp32grads"]["optimizer"] < 0.5 * ops["bf16"]["optimizer"], ops
+    assert ops["fp32grads"]["teacher"] == ops["bf16"]["teacher"]  # the frozen teacher is the same work
     summary = run_bench("--summary", str(tmp_path)).stdout
+    assert "host ops (synthetic, aten ops dispatched per step, by part)" in summary
     assert "| >= 2x the official clips/s | 1 | official: not run | - |" in summary
     assert "| >= 2x the official clips/s | 1 (fp32grads) | official: not run | - |" in summary
     assert "## Ours, stage 1\n" in summary and "## Ours, stage 1 (fp32grads)\n" in summary
