@@ -74,9 +74,10 @@ class ModelConfig:
 class DataConfig:
     train: str = ""  # shard index(es) or brace URL patterns, several joined by ','
     weights: Optional[list[float]] = ranged(None, ge=0)  # mixing weight per entry of `train`
-    # sample: each sample's corpus drawn by `weights` (batches mix images and videos); batch: one draw per batch, so
-    # a batch is all images or all videos, the same corpus on every rank at a step (the official MetaLoader's
-    # alternation: video_mm/dataset/dataloader.py; what `mask.image_ratio` needs)
+    # sample: each sample's corpus drawn by `weights` (batches mix images and videos; an image is num_frames repeated
+    # frames); batch: one draw per batch, so a batch is all images or all videos, the same corpus on every rank at a
+    # step, and an image is one frame (the official MetaLoader's alternation and use_image path:
+    # video_mm/dataset/dataloader.py, models/umt_videomamba.py; what `mask.image_ratio` needs)
     mix: Literal["sample", "batch"] = "sample"
     num_frames: int = ranged(8, ge=1)
     img_size: int = ranged(224, ge=1)

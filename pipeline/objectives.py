@@ -29,6 +29,12 @@ from pipeline.masking import ATTENTION_KINDS, build_mask
 from pipeline.models.distill import FrozenGuide
 
 
+def grid_of(video: Tensor, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The token grid of a batch `video` (B, 3, T, H, W): the configured `grid`, or (1, h, w) for 1-frame images
+    (data.mix=batch; tubelets of one frame, which stage 2's config check requires then)."""
+    return (1, *grid[1:]) if video.shape[2] == 1 else grid
+
+
 class MaskedAlignment:
     """The stage-1 objective, `loss_fn(model, batch) -> (loss, parts)` for the engine.
 
@@ -51,7 +57,8 @@ class MaskedAlignment:
     def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, float]]:
         video = batch["video"]
         targets, attention = self.teacher_targets(video)
-        mask = build_mask(self.mask_kind, self.mask_ratio, self.grid, video.shape[0], attention=attention)
+        mask = build_mask(self.mask_kind, self.mask_ratio, grid_of(video, self.grid), video.shape[0],
+                          attention=attention)
         mask = mask.to(video.device)
         aligned, distilled = model(video, mask)
         align = alignment_loss(aligned, self.visible(targets, mask), self.loss_kind)
@@ -146,7 +153,7 @@ class VideoTextObjective:
             targets, attention = self.alignment.teacher_targets(video)
         mask, ratio = None, self.ratio_of(batch)
         if ratio > 0:
-            mask = build_mask(self.mask_kind, ratio, self.grid, video.shape[0], attention=attention)
+            mask = build_mask(self.mask_kind, ratio, grid_of(video, self.grid), video.shape[0], attention=attention)
             mask = mask.to(video.device)
         out = model(video, mask, ids, attention_mask)
         net = getattr(model, "module", model)  # the heads below run outside the engine's forward

@@ -90,9 +90,12 @@ class SamplePlanner:
     """Turns raw samples into (EncodedSample, caption, captions), deterministic given the sample and its epoch."""
 
     def __init__(self, corpora: list[Corpus], seed: int, num_frames: int, img_size: int, fps: Optional[float],
-                 train: bool, crop: str, normalize: str):
+                 train: bool, crop: str, normalize: str, image_frames: Optional[int] = None):
         self.media = [c.media for c in corpora]
         self.seed, self.num_frames, self.img_size, self.fps, self.train = seed, num_frames, img_size, fps, train
+        # frames of an image's clip: num_frames (repeated) when a batch mixes images and videos, 1 in whole image
+        # batches (data.mix=batch, the official use_image)
+        self.image_frames = num_frames if image_frames is None else image_frames
         self.crop, self.normalize = crop, normalize  # data.crop, data.normalize: every decoder follows the plan
 
     def planned(self, raw: RawSample) -> tuple[EncodedSample, str, list[str]]:
@@ -103,7 +106,8 @@ class SamplePlanner:
         info = probe(data, media)
         rng = np.random.default_rng([self.seed, raw.corpus, raw.epoch, raw.shard, raw.index, 3])
         text = captions[int(rng.integers(len(captions)))]
-        plan = clip_plan(info.frames, info.fps, info.width, info.height, self.num_frames, self.img_size, self.train,
+        frames = self.image_frames if media == "image" else self.num_frames
+        plan = clip_plan(info.frames, info.fps, info.width, info.height, frames, self.img_size, self.train,
                          self.fps, rng, crop=self.crop, normalize=self.normalize)
         return EncodedSample(raw.key, media, data, plan), text, captions
 
@@ -218,9 +222,16 @@ def default_dali_settings() -> DaliSettings:
 
 def batch_groups(batches: Iterable[dict], samples: int) -> Iterator[list[dict]]:
     """Yields consecutive worker batches in groups holding at least `samples` encoded samples (the last group may
-    hold fewer); batches without samples ride along in their place."""
-    group, count = [], 0
+    hold fewer), each group of clips of one frame count (one decode stacks them: with data.mix=batch an image
+    batch's clips have one frame); batches without samples ride along in their place."""
+    group, count, frames = [], 0, None
     for batch in batches:
+        encoded = batch.get("encoded", ())
+        if encoded and count and len(encoded[0].plan.indices) != frames:
+            yield group
+            group, count = [], 0
+        if encoded:
+            frames = len(encoded[0].plan.indices)
         group.append(batch)
         count += len(batch.get("encoded", ()))
         if count >= samples:
@@ -443,6 +454,6 @@ def build_loader(data_cfg: DataConfig, batch_size: int, rank: int, world_size: i
                     buffer=data_cfg.shuffle_buffer, epochs=epochs)
     spec = StreamSpec(corpora, corpus_weights(corpora, data_cfg.weights), layout, per_batch=data_cfg.mix == "batch")
     planner = SamplePlanner(corpora, seed, data_cfg.num_frames, data_cfg.img_size, data_cfg.fps, train,
-                            data_cfg.crop, data_cfg.normalize)
+                            data_cfg.crop, data_cfg.normalize, image_frames=1 if data_cfg.mix == "batch" else None)
     decoder = resolved_decoder_name(data_cfg.decoder)
     return StreamingLoader(spec, rank, data_cfg.num_workers, batch_size, planner, decoder)

@@ -228,13 +228,21 @@ class VideoMamba(nn.Module):
         tokens = self.patch_embed(x)  # (B, D, T', H', W')
         B, D, T, H, W = tokens.shape
         spatial, temporal = self._position_embeddings(T, H, W)
-        tokens = tokens.flatten(3).permute(0, 2, 3, 1) + spatial[:, None, 1:] + temporal[:, :, None]
+        tokens = tokens.flatten(3).permute(0, 2, 3, 1) + spatial[:, None, 1:]
+        if not self.is_image(T):
+            tokens = tokens + temporal[:, :, None]
         tokens = tokens.reshape(B, T * H * W, D)
         visible = _visible_index(mask, B, T * H * W, tokens.device)
         if visible is not None:
             tokens = tokens.gather(1, visible[..., None].expand(-1, -1, D))
         cls = (self.cls_token + spatial[:, :1]).expand(B, -1, -1)
         return self.pos_drop(torch.cat([cls, tokens], dim=1)), visible, (T, H, W)
+
+    def is_image(self, t: int) -> bool:
+        """Whether an input of `t` tokens in time is an image: one frame to a model built for several, which gets no
+        temporal position embedding (the official `use_image` path, T == 1: video_mm/models/umt_videomamba.py
+        encode_vision, backbones/videomamba/videomamba.py forward_features). A model built for one frame keeps it."""
+        return t == 1 and self.temporal_pos_embedding.shape[1] > 1
 
     def _layer_indices(self, requested: Sequence[int]) -> list[int]:
         depth = len(self.layers)

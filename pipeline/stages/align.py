@@ -19,8 +19,8 @@ from pipeline.models.factory import build_from_config
 from pipeline.models.heads import build_alignment_head
 from pipeline.models.teacher import build_teacher, check_teacher_grid
 from pipeline.objectives import MaskedAlignment
-from pipeline.stages.base import (Stage, StageParts, begin_run, check_inputs, check_mask_on_grid, check_teacher_size,
-                                  run_summary)
+from pipeline.stages.base import (Stage, StageParts, begin_run, check_image_frames, check_inputs, check_mask_on_grid,
+                                  check_teacher_size, run_summary)
 
 
 class AlignStudent(nn.Module):
@@ -76,6 +76,7 @@ def check_config(cfg: AlignStageConfig) -> None:
     check_inputs(cfg)
     check_teacher_size(cfg)
     check_mask_on_grid(cfg)
+    check_image_frames(cfg)
 
 
 ALIGN = Stage("align", AlignStageConfig, check_config, train_align)

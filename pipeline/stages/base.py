@@ -69,6 +69,13 @@ def check_teacher_size(cfg: Any, alternative: str = "") -> None:
                           f"teacher.img_size={cfg.data.img_size}{alternative}")
 
 
+def check_image_frames(cfg: Any) -> None:
+    """Raises ConfigError when data.mix=batch's 1-frame images cannot fill the student's tubelets."""
+    if cfg.data.mix == "batch" and cfg.model.tubelet_size != 1:
+        raise ConfigError(f"data.mix=batch makes each image a 1-frame clip, which tubelets of "
+                          f"model.tubelet_size={cfg.model.tubelet_size} frames cannot hold; use data.mix=sample")
+
+
 def check_mask_on_grid(cfg: Any, ratio: Optional[float] = None, field: str = "mask.ratio") -> None:
     """Raises ConfigError when mask.kind / mask.ratio (or `ratio`, named `field`) cannot make a mask on the
     student's token grid."""

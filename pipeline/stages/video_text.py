@@ -29,8 +29,8 @@ from pipeline.models.text import bert_config, resolve_pretrained
 from pipeline.models.teacher import build_teacher, check_teacher_grid
 from pipeline.models.video_text import VideoTextModel
 from pipeline.objectives import MaskedAlignment, VideoTextObjective
-from pipeline.stages.base import (Stage, StageParts, begin_run, check_inputs, check_mask_on_grid, check_teacher_size,
-                                  run_normalization, run_summary)
+from pipeline.stages.base import (Stage, StageParts, begin_run, check_image_frames, check_inputs, check_mask_on_grid,
+                                  check_teacher_size, run_normalization, run_summary)
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ def check_config(cfg: VideoTextStageConfig) -> None:
                           f"kind")
     if cfg.mask.ratio > 0:
         check_mask_on_grid(cfg)
+    check_image_frames(cfg)
     if cfg.mask.image_ratio is not None:
         if cfg.data.mix != "batch":
             raise ConfigError(f"mask.image_ratio={cfg.mask.image_ratio} masks whole batches of images, which needs "

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data import build_loader
+from pipeline.data.loader import batch_groups
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from data_shard_files import sample_files, tar_bytes
 
@@ -73,7 +74,8 @@ def test_resume_yields_exactly_what_an_uninterrupted_run_yields(shard_writer, da
 
 def test_per_batch_mixing_gives_whole_image_or_video_batches_alike_on_every_rank_and_resumes(shard_writer, data_cfg):
     """data.mix=batch (the official MetaLoader): a batch is all images or all videos ("images_only" says which,
-    for mask.image_ratio), each step has the same kind on both ranks, and a resumed loader goes on exactly."""
+    for mask.image_ratio), an image is one frame (the official use_image), each step has the same kind on both
+    ranks, and a resumed loader goes on exactly."""
     v = shard_writer.corpus("v", shards=4, per_shard=5)
     i = shard_writer.corpus("i", shards=4, per_shard=4, media="image")
     cfg = data_cfg(f"{v},{i}", num_workers=2, shuffle_buffer=4, mix="batch")
@@ -81,6 +83,7 @@ def test_per_batch_mixing_gives_whole_image_or_video_batches_alike_on_every_rank
     for batches in ranks:
         for b in batches:
             assert len(set(b["is_image"].tolist())) == 1 and b["images_only"] == bool(b["is_image"][0])
+            assert b["video"].shape[1:] == (3, 1 if b["images_only"] else 4, 32, 32)
     kinds = [[b["images_only"] for b in batches] for batches in ranks]
     assert kinds[0] == kinds[1] and 0 < sum(kinds[0]) < 12
     first = build_loader(cfg, 3, rank=1, world_size=2, seed=3)
@@ -90,6 +93,22 @@ def test_per_batch_mixing_gives_whole_image_or_video_batches_alike_on_every_rank
     assert [b["key"] for b in head + batches_after(resumed, 7)] == [b["key"] for b in ranks[1]]
     mixed = batches_after(build_loader(data_cfg(f"{v},{i}", num_workers=2, shuffle_buffer=4), 3, 0, 2, seed=3), 12)
     assert any(len(set(b["is_image"].tolist())) == 2 and not b["images_only"] for b in mixed)
+    assert all(b["video"].shape[2] == 4 for b in mixed)  # mixed batches: an image is 4 repeated frames
+
+
+def test_dali_groups_hold_clips_of_one_frame_count():
+    """DALI decodes a group of worker batches in one run and stacks it: with data.mix=batch, a 1-frame image batch
+    after a video batch starts a new group (so does the reverse), and otherwise groups fill up to the sample count."""
+    from types import SimpleNamespace
+
+    def batch(frames, n=2):
+        return {"encoded": [SimpleNamespace(plan=SimpleNamespace(indices=(0,) * frames))] * n}
+
+    batches = [batch(4), batch(4), batch(1), batch(1), batch(1), {"state": {}}, batch(4), batch(4, 5), batch(4)]
+    groups = list(batch_groups(batches, samples=4))
+    assert [[len(b.get("encoded", ())) for b in g] for g in groups] == [[2, 2], [2, 2], [2, 0], [2, 5], [2]]
+    for g in groups:
+        assert len({len(b["encoded"][0].plan.indices) for b in g if b.get("encoded")}) == 1
 
 
 def test_resume_is_exact_after_one_worker_has_finished_its_epochs(shard_writer, data_cfg):

@@ -175,6 +175,26 @@ def test_input_of_another_grid_interpolates_position_embeddings():
     assert out.tokens.shape == (1, 2 * 4 * 4, 64)
 
 
+def test_one_frame_is_an_image_without_the_temporal_embedding():
+    """The official use_image path (T == 1): a 1-frame input to a model built for several frames gets no temporal
+    position embedding; clips of several frames do, and so does a model built for one frame."""
+    torch.manual_seed(0)
+    model = build_videomamba("tiny", num_frames=4, img_size=32, **TINY).eval()
+    image, clip = torch.randn(2, 3, 1, 32, 32), torch.randn(2, 3, 4, 32, 32)
+    before = model.forward_features(image).tokens, model.forward_features(clip).tokens
+    with torch.no_grad():
+        model.temporal_pos_embedding.normal_(std=1.0)
+    after = model.forward_features(image).tokens, model.forward_features(clip).tokens
+    assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
+    assert model.is_image(1) and not model.is_image(4)
+    single = build_videomamba("tiny", num_frames=1, img_size=32, **TINY).eval()
+    assert not single.is_image(1)
+    out = single.forward_features(image).tokens
+    with torch.no_grad():
+        single.temporal_pos_embedding.normal_(std=1.0)
+    assert not torch.allclose(out, single.forward_features(image).tokens)
+
+
 def test_drop_path_is_active_in_training_only():
     model = build_videomamba("tiny", num_frames=2, img_size=32, drop_path_rate=0.9, **TINY)
     x = torch.randn(4, 3, 2, 32, 32)

@@ -2,6 +2,7 @@
 shards (VTC, VTM on hard negatives, MLM and the alignment to a tiny open_clip teacher loaded from a file), an exact
 `--resume auto`, and `videomamba eval` of the stage-2 run as a VideoMamba video-text model with VTM re-ranking."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -94,9 +95,9 @@ def test_stage2_learns_from_a_stage1_run_resumes_exactly_and_evaluates(shards, t
 
 def test_stage2_in_whole_image_and_video_batches_masks_images_at_their_own_ratio(shards, teacher_file, stage1_run,
                                                                                   synth_corpus, tmp_path):
-    """data.mix=batch + mask.image_ratio=0.5 (the official MetaLoader and image_mask_ratio) on video and image
-    shards: batches of each kind train, an image batch's student sees 0.5 of its tokens (8 of the 4x4 grid's 16 per
-    frame), a video batch's 0.2 (3 of 16: round(0.8 * 16) = 13 masked)."""
+    """data.mix=batch + mask.image_ratio=0.5 (the official MetaLoader, use_image and image_mask_ratio) on video and
+    image shards: batches of each kind train, an image is one frame whose student sees 0.5 of its tokens (8 of the
+    4x4 grid's 16), a video batch's frames 0.2 each (3 of 16: round(0.8 * 16) = 13 masked)."""
     images = write_shards(Path(synth_corpus), tmp_path / "image_shards", media="image")
     out = tmp_path / "run"
     done = run_cli(stage2_args(f"{shards},{images}", teacher_file, out, stage1_run, steps=8,
@@ -108,20 +109,27 @@ def test_stage2_in_whole_image_and_video_batches_masks_images_at_their_own_ratio
     from pipeline.config import VideoTextStageConfig, load_config
     from pipeline.data import build_loader
     from pipeline.masking import build_mask
-    from pipeline.objectives import VideoTextObjective
+    from pipeline.objectives import VideoTextObjective, grid_of
 
     cfg = load_config(VideoTextStageConfig, str(out / "config.yaml"))  # the run's loader, batch by batch
     batches = iter(build_loader(cfg.data, cfg.train.batch_size, 0, 1, cfg.train.seed))
-    kinds = [next(batches)["images_only"] for _ in records]
+    seen = [next(batches) for _ in records]
+    kinds = [b["images_only"] for b in seen]
     assert 0 < sum(kinds) < len(kinds), kinds  # the 8 steps had image batches and video batches
+    assert [b["video"].shape[2] for b in seen] == [1 if kind else 4 for kind in kinds]
     objective = VideoTextObjective(None, 24, (4, 4, 4), "random", 0.8, {}, image_ratio=0.5)
     ratios = [objective.ratio_of({"images_only": kind}) for kind in (True, False)]
     assert ratios == [0.5, 0.8] and objective.ratio_of({}) == 0.8  # a batch without the key: the video ratio
-    assert [int((~build_mask("attention", r, (4, 4, 4), 1, attention=torch.rand(1, 64))).sum()) for r in ratios] == [
-        4 * 8, 4 * 3]
+    grids = [grid_of(torch.zeros(1, 3, t, 32, 32), (4, 4, 4)) for t in (1, 4)]
+    assert grids == [(1, 4, 4), (4, 4, 4)]
+    assert [int((~build_mask("attention", r, g, 1, attention=torch.rand(1, math.prod(g)))).sum())
+            for r, g in zip(ratios, grids)] == [8, 4 * 3]
     bad = run_cli(stage2_args(shards, teacher_file, tmp_path / "x", stage1_run, steps=2,
                               extra=["mask.image_ratio=0.5"]))
     assert bad.returncode == 2 and "mask.image_ratio=0.5" in bad.stderr and "data.mix=batch" in bad.stderr
+    bad = run_cli(stage2_args(shards, teacher_file, tmp_path / "y", stage1_run, steps=2,
+                              extra=["data.mix=batch", "model.tubelet_size=2"]))
+    assert bad.returncode == 2 and "model.tubelet_size=2" in bad.stderr and "1-frame" in bad.stderr
 
 
 def test_stage2_config_errors_exit_2_naming_the_key(shards, teacher_file, tmp_path, capsys):
