@@ -8,6 +8,7 @@
 #   bash bench/pack_official.sh                     # here, once: writes .official/ (2 MB)
 #   device call (carry [".official"]):  bash bench/gpu_train_step.sh [all|ours|official]
 #   device call:  bash bench/gpu_train_step.sh fp32grads   # ours with bf16 against fp32 gradients (4 runs, ~8 min)
+#   device call:  bash bench/gpu_train_step.sh images      # stage 2 on batches of 1-frame images (data.mix=batch)
 #
 # Packages come from /tmp/site (../shared/GPU.md: deepspeed, open-clip-torch, DALI, av, webdataset, ...). `all` (the
 # default) tries everything in one call; no step runs past DEADLINE (575 s from the start, 40 s of it kept for the
@@ -138,12 +139,22 @@ fp32grads() {  # the optimizer-step lever (bench/RESULTS.md, issue 23): each sta
   done
 }
 
+images() {  # what a whole batch of 1-frame images costs in stage 2 (data.mix=batch mask.image_ratio=0.5, the
+            # official image batches), with bf16 and with fp32 gradients (2 runs)
+  local common=(--stage 2 --images --data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2
+                --ops-steps 1)
+  step stage2_images "$stage_limit" python3 -m bench.train_step "${common[@]}" --json "$out/train_step_stage2_images.json"
+  step stage2_images_fp32grads "$stage_limit" python3 -m bench.train_step "${common[@]}" \
+    --override train.grad_accum_dtype=fp32 --json "$out/train_step_stage2_images_fp32grads.json"
+}
+
 case "$phase" in
   all) start_build; ours; official_phase; ours_backbone;;
   ours) start_build; ours; ours_backbone;;
   official) official_phase;;
   fp32grads) fp32grads;;
-  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official|fp32grads]" >&2; exit 2;;
+  images) images;;
+  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official|fp32grads|images]" >&2; exit 2;;
 esac
 step summary 60 python3 -m bench.train_step --summary "$out"
 cp "$out/summary.log" "$out/summary.md" 2>/dev/null

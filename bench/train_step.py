@@ -3,7 +3,7 @@ fraction, peak memory, model FLOPs utilization, the loader's ceiling, and a proj
 
     python -m bench.train_step --stage 1|2 [--data synthetic dali cpu] [--shards DIR/index.json | --make-shards DIR]
                                [--batch B] [--steps N] [--split-steps N] [--profile-steps N] [--no-cuda-graphs]
-                               [--ops-steps N] [--loader-ceiling] [--json OUT.json] [--quick]
+                               [--ops-steps N] [--images] [--loader-ceiling] [--json OUT.json] [--quick]
     python -m bench.train_step --summary OUT_DIR      # the tables of every JSON in OUT_DIR (ours and the official's)
 
 What runs is the project's own step: the stage config is the VideoMamba-M recipe's (configs/recipes/
@@ -11,7 +11,9 @@ videomamba_m_5m.yaml: `stage1` / `stage2` with their overrides, each cited from 
 model, frozen teacher and objective come from the stages' builders (`pipeline.stages.align.align_parts`,
 `pipeline.stages.video_text.video_text_parts`), and each step is `Trainer.step` (DeepSpeed, bf16, ZeRO stage of the
 stage YAML, the backbone's blocks as CUDA graphs unless --no-cuda-graphs) on batches of `--data`:
-- `synthetic`: one batch of random clips already on the GPU (the step alone, no loader);
+- `synthetic`: one batch of random clips already on the GPU (the step alone, no loader); with `--images` (stage 2)
+  a batch of 1-frame images, as `data.mix=batch mask.image_ratio=0.5` gives them (the official image batches: one
+  frame, no temporal embedding, half the patches masked), to time what an image batch costs;
 - `dali` / `cpu`: the real loader (`pipeline.data.build_loader`) over real shards, decoded by DALI on the GPU or by
   PyAV in the DataLoader's workers.
 Random weights throughout: the teacher is the recipe's open_clip ViT-B-16-quickgelu created without pretrained
@@ -82,7 +84,8 @@ FLOPs (multiply-add = 2 FLOPs; per clip; forward unless said):
   two thirds of stage 1's FLOPs and still over half of stage 2's. Both implementations are charged the same model
   FLOPs (ours computes the MLM head at the masked positions only, about half of them).
 The numbers above are for the paper's shapes; the script computes them from the built model's actual dimensions and
-mask (`--quick` runs tiny shapes).
+mask (`--quick` runs tiny shapes). With `--images` the same formulas run on one frame: the teacher's forward of one
+frame, the backbone on n = 1 + (hw - int(0.5 hw)) = 99 tokens, the text side's cross-attention on M = 98.
 
 Multi-GPU projection (`projection` below; issue 23, item 4): data parallel with ZeRO-1/2 over NCCL, weak scaling
 (the per-GPU batch fixed). Per step each GPU reduce-scatters its bf16 gradients and all-gathers the updated bf16
@@ -185,6 +188,8 @@ def bench_overrides(args, out_dir: str, bert_dir: Optional[str]) -> list[str]:
         out += quick_overrides(args.stage)
     if args.batch:
         out.append(f"train.batch_size={args.batch}")
+    if args.images:
+        out += ["data.mix=batch", "mask.image_ratio=0.5"]
     return out + list(args.override)
 
 
@@ -267,12 +272,12 @@ def vit_layer_flops(tokens: int, width: int) -> float:
     return 24 * tokens * width ** 2 + 4 * tokens ** 2 * width
 
 
-def backbone_flops(backbone, frames: int, tokens: int, head_out: int) -> float:
-    """Forward FLOPs of the backbone on `tokens` tokens of a clip of `frames` frames, plus an alignment head (LayerNorm
-    + Linear width -> head_out) on them (head_out 0: none)."""
+def backbone_flops(backbone, grid: tuple[int, int, int], tokens: int, head_out: int) -> float:
+    """Forward FLOPs of the backbone on `tokens` tokens of a clip whose patch grid is `grid` (all of it embedded),
+    plus an alignment head (LayerNorm + Linear width -> head_out) on them (head_out 0: none)."""
     mixer = backbone.layers[0].mixer
     width = backbone.embed_dim
-    t, h, w = backbone.patch_grid
+    t, h, w = grid
     patch = backbone.patch_embed.proj.weight[0].numel()  # 3 x tubelet x p x p
     block = mamba_block_flops(width, mixer.d_inner, mixer.d_state, mixer.dt_rank, mixer.d_conv)
     return len(backbone.layers) * tokens * block + 2 * patch * width * t * h * w + 2 * tokens * width * head_out
@@ -309,18 +314,20 @@ def _head_width(head) -> int:
     return linears[-1].out_features if linears else 0
 
 
-def step_flops(stage: int, cfg, parts) -> StepFlops:
+def step_flops(stage: int, cfg, parts, images: bool = False) -> StepFlops:
+    """Model FLOPs per clip of the stage's step; `images`: per 1-frame image at mask.image_ratio (--images)."""
     from pipeline.masking import masked_count
 
     model = parts.model
     backbone = model.backbone
-    grid = backbone.patch_grid
-    masked = masked_count(cfg.mask.kind, cfg.mask.ratio, grid) if cfg.mask.ratio > 0 else 0
+    grid = (1, *backbone.patch_grid[1:]) if images else backbone.patch_grid
+    ratio = cfg.mask.image_ratio if images and cfg.mask.image_ratio is not None else cfg.mask.ratio
+    masked = masked_count(cfg.mask.kind, ratio, grid) if ratio > 0 else 0
     tokens = 1 + grid[0] * grid[1] * grid[2] - masked
     teacher = parts.teacher
-    frames = cfg.data.num_frames
+    frames = 1 if images else cfg.data.num_frames
     head = _head_width(getattr(model, "align_head", None))
-    student = backbone_flops(backbone, frames, tokens, head)
+    student = backbone_flops(backbone, grid, tokens, head)
     text = text_flops(model.text_encoder, cfg.text.max_len, tokens - 1, backbone.embed_dim) if stage == 2 else 0.0
     return StepFlops(teacher_flops(teacher, frames) if teacher is not None else 0.0, student, text, tokens)
 
@@ -330,16 +337,17 @@ class SyntheticBatches:
     """The same batch of random clips (already on the device, float32 like the loader's) with captions and fresh keys
     every step: the step without a loader. Has the state methods the Trainer asks of its data."""
 
-    def __init__(self, batch: int, frames: int, size: int, device: torch.device):
+    def __init__(self, batch: int, frames: int, size: int, device: torch.device, images: bool = False):
         g = torch.Generator(device="cpu").manual_seed(0)
         self.video = torch.randn(batch, 3, frames, size, size, generator=g).to(device)
+        self.images = images  # a whole batch of images (the loader's "images_only", data.mix=batch)
         self.text = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
         self.count = 0
 
     def __iter__(self) -> Iterator[dict]:
         while True:
             self.count += 1
-            yield {"video": self.video, "text": list(self.text),
+            yield {"video": self.video, "text": list(self.text), "images_only": self.images,
                    "key": [f"synthetic-{self.count}-{i}" for i in range(len(self.text))]}
 
     def state_dict(self) -> dict:
@@ -677,7 +685,8 @@ def measure_stage(args) -> dict:
                 trainer = Trainer(parts.model, parts.objective, SyntheticBatches(1, 1, 1, torch.device("cpu")),
                                   cfg.train, cfg.deepspeed, cfg.train.out, graph_modules=parts.graph_modules)
                 trainer.build()
-                synthetic = SyntheticBatches(batch, cfg.data.num_frames, cfg.data.img_size, device)
+                synthetic = SyntheticBatches(batch, 1 if args.images else cfg.data.num_frames, cfg.data.img_size,
+                                             device, images=args.images)
                 run = run_steps(args.stage, parts, trainer, iter(synthetic), batch, "synthetic", "unsplit",
                                 args.steps, args.warmup, 1)
                 break
@@ -689,13 +698,13 @@ def measure_stage(args) -> dict:
                 if batch == 1:
                     raise
                 batch //= 2
-        flops = step_flops(args.stage, cfg, parts)
+        flops = step_flops(args.stage, cfg, parts, images=args.images)
         record["notes"].append(mask_note)
         record.update(batch=batch, config=settings_of(cfg), flops=flops.as_dict(),
                       params={"trained": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
                               "teacher": sum(p.numel() for p in parts.teacher.parameters())
                               if parts.teacher is not None else 0},
-                      cuda_graphs=bool(cfg.train.cuda_graphs))
+                      cuda_graphs=bool(cfg.train.cuda_graphs), media="image" if args.images else "video")
         step = 1 + args.warmup + args.steps
         runs = [run]
 
@@ -857,7 +866,8 @@ def projection(step_s: float, batch: int, trained_params: int, stage: int,
 # ================================================================================================ report
 def table(record: dict) -> str:
     """The human-readable tables of one stage's record."""
-    lines = [f"stage {record['stage']} on {record['device']}: batch {record['batch']}, "
+    media = " of 1-frame images" if record.get("media") == "image" else ""
+    lines = [f"stage {record['stage']} on {record['device']}: batch {record['batch']}{media}, "
              f"CUDA graphs {record.get('cuda_graphs')}, trained parameters {record['params']['trained'] / 1e6:.1f}M, "
              f"teacher {record['params']['teacher'] / 1e6:.1f}M; model GFLOP per clip (fwd+bwd) "
              f"{record['flops']['per_clip_fwd_bwd'] / 1e9:.1f} (teacher {record['flops']['teacher_fwd'] / 1e9:.1f}, "
@@ -919,6 +929,8 @@ def target_lines(ours: dict, official: dict) -> list[str]:
     for stage, record in sorted(ours.items()):
         mine = next((r for r in record["runs"] if r["data"] == "synthetic" and r["mode"] == "unsplit"), None)
         theirs = official.get("parts", {}).get(f"stage{record['stage']}", {})
+        if record.get("media") == "image":  # the official step is timed on video batches only
+            theirs = {"error": "timed on video batches; no image-batch counterpart"}
         if mine and theirs.get("ok"):
             ratio = mine["clips_per_s"] / theirs["clips_per_s"]
             same = "" if theirs["batch"] == record["batch"] else f" (batches differ: {record['batch']} / {theirs['batch']})"
@@ -1008,6 +1020,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler (GPU busy)")
     parser.add_argument("--ops-steps", type=int, default=0,
                         help="steps whose dispatched aten ops are counted per part (runs on a CPU too)")
+    parser.add_argument("--images", action="store_true",
+                        help="stage 2 on synthetic batches of 1-frame images (data.mix=batch mask.image_ratio=0.5)")
     parser.add_argument("--loader-ceiling", action="store_true", help="also time the loader alone per decoder")
     parser.add_argument("--ceiling-clips", type=int, default=None,
                         help="clips timed per ceiling, after the loader's in-flight batches (default 4 batches)")
@@ -1019,6 +1033,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 2 steps per run: every code path on a CPU in seconds")
     args = parser.parse_args(argv)
+    if args.images and (args.stage != 2 or set(args.data) != {"synthetic"}):
+        parser.error("--images is stage 2 on synthetic input only (--stage 2 --data synthetic)")
     if args.quick:
         args.steps, args.cpu_steps, args.warmup = min(args.steps, 2), min(args.cpu_steps, 2), min(args.warmup, 1)
         args.split_steps, args.profile_steps = min(args.split_steps, 2), min(args.profile_steps, 1)

@@ -106,6 +106,30 @@ def test_a_variant_of_a_stage_gets_its_own_rows_in_the_summary(tmp_path):
     assert "## Ours, stage 1\n" in summary and "## Ours, stage 1 (fp32grads)\n" in summary
 
 
+def test_stage2_on_whole_batches_of_one_frame_images(tmp_path):
+    """--images: the step on a batch of 1-frame images as data.mix=batch gives it (no temporal embedding, the
+    image mask ratio 0.5): the model sees 1 + 8 of the 4x4 patches, the teacher one frame."""
+    out = tmp_path / "train_step_stage2_images.json"
+    run_bench("--stage", "2", "--images", "--profile-steps", "0", "--json", str(out))
+    record = json.loads(out.read_text())
+    assert record["media"] == "image" and [r["mode"] for r in record["runs"]] == ["unsplit", "split"]
+    for run in record["runs"]:
+        check_run(run, 2)
+    assert record["flops"]["backbone_tokens"] == 1 + 8
+    video = run_bench("--stage", "2", "--split-steps", "0", "--profile-steps", "0",
+                      "--json", str(tmp_path / "train_step_stage2.json"))
+    assert "batch 2 of 1-frame images" not in video.stdout
+    videos = json.loads((tmp_path / "train_step_stage2.json").read_text())
+    assert videos["flops"]["teacher_fwd"] == pytest.approx(2 * record["flops"]["teacher_fwd"])  # 2 frames against 1
+    summary = run_bench("--summary", str(tmp_path)).stdout
+    assert "| 2 (images) | official: timed on video batches; no image-batch counterpart | - |" in summary
+    assert "batch 2 of 1-frame images" in summary
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, "-m", "bench.train_step", "--quick", "--stage", "1", "--images"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--images is stage 2" in bad.stderr
+
+
 def test_flops_of_the_papers_shapes():
     # VideoMamba-M block per token (D 576, E 1152, N 16, R 36, K 4) and a ViT-B/16 layer on 197 tokens
     assert mamba_block_flops(576, 1152, 16, 36, 4) == 4_700_160
