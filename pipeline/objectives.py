@@ -31,7 +31,7 @@ from pipeline.models.distill import FrozenGuide
 
 def grid_of(video: Tensor, grid: tuple[int, int, int]) -> tuple[int, int, int]:
     """The token grid of a batch `video` (B, 3, T, H, W): the configured `grid`, or (1, h, w) for 1-frame images
-    (data.mix=batch; tubelets of one frame, which stage 2's config check requires then)."""
+    (data.mix=batch; tubelets of one frame, which the stages' config checks require then)."""
     return (1, *grid[1:]) if video.shape[2] == 1 else grid
 
 
