@@ -48,9 +48,10 @@ Measurements (each a field of the JSON, per run):
 - host ops (`--ops-steps` more steps, an `ops` run): the aten ops the host dispatches per step and part (the split's
   parts), counted by a TorchDispatchMode below autograd. On a GPU each is at least one kernel launch, so where a part
   is launch-bound its time is about ops x the cost of a launch (8-10 us here); a CUDA graph's replay is not an op,
-  so the graphed blocks count only their inputs' copies, and Triton kernels launched directly are not counted. On a CPU the count is the same for every part that runs the
-  same aten ops on both (the teacher, the text side, the losses, DeepSpeed's optimizer step), which makes launch
-  levers measurable without a GPU; the student's parts differ (the CPU runs the chunked PyTorch scan, eagerly);
+  so the graphed blocks count only their inputs' copies, and Triton kernels launched directly are not counted. On a
+  CPU the count is the same for every part that runs the same aten ops on both (the teacher, the text side, the
+  losses, DeepSpeed's optimizer step), which makes launch levers measurable without a GPU; the student's parts
+  differ (the CPU runs the chunked PyTorch scan, eagerly);
 - peak memory: torch.cuda.max_memory_allocated (and reserved) over the timed steps;
 - MFU: model FLOPs per clip (below) x clips/s / the H200's dense bf16 tensor-core peak, 989 TFLOP/s (NVIDIA H200
   SXM datasheet: 1,979 TFLOP/s "with sparsity", half of it dense);

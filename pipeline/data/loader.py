@@ -233,7 +233,7 @@ def batch_groups(batches: Iterable[dict], samples: int) -> Iterator[list[dict]]:
         if encoded:
             frames = len(encoded[0].plan.indices)
         group.append(batch)
-        count += len(batch.get("encoded", ()))
+        count += len(encoded)
         if count >= samples:
             yield group
             group, count = [], 0

@@ -287,7 +287,8 @@ def model_state_dict(path: str) -> dict[str, torch.Tensor]:
                          and name.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")))
     if optim_files:
         first = os.path.join(ds_dir, optim_files[0])
-        if "zero_stage" not in safe_load.load(first, first)["optimizer_state_dict"]:  # DeepSpeed's BF16_Optimizer
+        # DeepSpeed's BF16_Optimizer records no ZeRO stage; mapped, so only the pickled structure is read here
+        if "zero_stage" not in safe_load.load(first, first, mmap=True)["optimizer_state_dict"]:
             return bf16_optimizer_state_dict(ds_dir)
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
