@@ -76,7 +76,7 @@ def check_config(cfg: AlignStageConfig) -> None:
     check_inputs(cfg)
     check_teacher_size(cfg)
     check_mask_on_grid(cfg)
-    check_image_frames(cfg)
+    check_image_frames(cfg, cfg.mask.ratio, "mask.ratio")
 
 
 ALIGN = Stage("align", AlignStageConfig, check_config, train_align)

@@ -69,18 +69,25 @@ def check_teacher_size(cfg: Any, alternative: str = "") -> None:
                           f"teacher.img_size={cfg.data.img_size}{alternative}")
 
 
-def check_image_frames(cfg: Any) -> None:
-    """Raises ConfigError when data.mix=batch's 1-frame images cannot fill the student's tubelets."""
-    if cfg.data.mix == "batch" and cfg.model.tubelet_size != 1:
+def check_image_frames(cfg: Any, ratio: float, field: str) -> None:
+    """Raises ConfigError when data.mix=batch's 1-frame images cannot fill the student's tubelets, or their mask
+    ratio (`ratio`, named `field`) cannot make a mask on one frame's token grid."""
+    if cfg.data.mix != "batch":
+        return
+    if cfg.model.tubelet_size != 1:
         raise ConfigError(f"data.mix=batch makes each image a 1-frame clip, which tubelets of "
                           f"model.tubelet_size={cfg.model.tubelet_size} frames cannot hold; use data.mix=sample")
+    if ratio > 0:
+        check_mask_on_grid(cfg, ratio, field, frames=1)
 
 
-def check_mask_on_grid(cfg: Any, ratio: Optional[float] = None, field: str = "mask.ratio") -> None:
+def check_mask_on_grid(cfg: Any, ratio: Optional[float] = None, field: str = "mask.ratio",
+                       frames: Optional[int] = None) -> None:
     """Raises ConfigError when mask.kind / mask.ratio (or `ratio`, named `field`) cannot make a mask on the
-    student's token grid."""
+    student's token grid (of `frames` frames; default data.num_frames)."""
     ratio = cfg.mask.ratio if ratio is None else ratio
-    grid = token_grid(cfg.data.num_frames, cfg.data.img_size, cfg.model.patch_size, cfg.model.tubelet_size)
+    frames = cfg.data.num_frames if frames is None else frames
+    grid = token_grid(frames, cfg.data.img_size, cfg.model.patch_size, cfg.model.tubelet_size)
     try:
         masked_count(cfg.mask.kind, ratio, grid)
     except ValueError as e:

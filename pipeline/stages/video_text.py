@@ -168,7 +168,6 @@ def check_config(cfg: VideoTextStageConfig) -> None:
                           f"kind")
     if cfg.mask.ratio > 0:
         check_mask_on_grid(cfg)
-    check_image_frames(cfg)
     if cfg.mask.image_ratio is not None:
         if cfg.data.mix != "batch":
             raise ConfigError(f"mask.image_ratio={cfg.mask.image_ratio} masks whole batches of images, which needs "
@@ -176,7 +175,9 @@ def check_config(cfg: VideoTextStageConfig) -> None:
         if cfg.mask.ratio == 0 and cfg.mask.image_ratio > 0:
             raise ConfigError(f"mask.image_ratio={cfg.mask.image_ratio} with mask.ratio=0: the unmasked phase "
                               f"masks nothing; set mask.image_ratio=null")
-        check_mask_on_grid(cfg, cfg.mask.image_ratio, "mask.image_ratio")
+        check_image_frames(cfg, cfg.mask.image_ratio, "mask.image_ratio")
+    else:
+        check_image_frames(cfg, cfg.mask.ratio, "mask.ratio")
     if cfg.train.eval_every < 0:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every}: must be at least 0 (0: no evaluation)")
     if cfg.train.eval_every > 0 and not (cfg.eval.annotations and cfg.eval.videos):

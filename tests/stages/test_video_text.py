@@ -130,6 +130,9 @@ def test_stage2_in_whole_image_and_video_batches_masks_images_at_their_own_ratio
     bad = run_cli(stage2_args(shards, teacher_file, tmp_path / "y", stage1_run, steps=2,
                               extra=["data.mix=batch", "model.tubelet_size=2"]))
     assert bad.returncode == 2 and "model.tubelet_size=2" in bad.stderr and "1-frame" in bad.stderr
+    bad = run_cli(stage2_args(shards, teacher_file, tmp_path / "z", stage1_run, steps=2,  # 62 of 64, but 16 of 16
+                              extra=["data.mix=batch", "mask.kind=random", "mask.image_ratio=0.97"]))
+    assert bad.returncode == 2 and "mask.image_ratio=0.97" in bad.stderr and "(1, 4, 4)" in bad.stderr
 
 
 def test_stage2_config_errors_exit_2_naming_the_key(shards, teacher_file, tmp_path, capsys):
