@@ -17,7 +17,7 @@
 # /tmp/official, then the official parts). Every step is guarded: a failure is logged with its rc, the rest goes on.
 # Knobs: STEPS (timed steps per run, default 8), OFFICIAL_STEPS (default 8), CPU_WORKERS (default 12, the official
 # stage 1's num_workers), SOURCE_VIDEOS (default 256), DEADLINE, STAGE_LIMIT (seconds per stage of ours, default 240),
-# OFFICIAL_LIMIT (default 450).
+# OFFICIAL_LIMIT (default 450), STAGES (the fp32grads phase's stages, default "1 2").
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/train-step}; mkdir -p "$out"
@@ -131,7 +131,7 @@ official_phase() {
 fp32grads() {  # the optimizer-step lever (bench/RESULTS.md, issue 23): each stage on synthetic input with bf16
                # gradients (DeepSpeed's ZeRO-1 optimizer, the default) and with fp32 ones (its BF16_Optimizer)
   local common=(--data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
-  for s in 1 2; do
+  for s in ${STAGES:-1 2}; do
     step "stage$s" "$stage_limit" python3 -m bench.train_step --stage "$s" "${common[@]}" \
       --json "$out/train_step_stage$s.json"
     step "stage${s}_fp32grads" "$stage_limit" python3 -m bench.train_step --stage "$s" "${common[@]}" \
