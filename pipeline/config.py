@@ -136,6 +136,9 @@ class TrainConfig:
     # replay the backbone's blocks as CUDA graphs (pipeline.engine.graphs): removes the host's launch cost that
     # bounds small steps on a GPU (VideoMamba-Ti at 8 frames: 5x faster); CUDA and ZeRO stages 0-2 only
     cuda_graphs: bool = False
+    # with cuda_graphs, how many input shapes get graphs of their own (each captured at its first step, in its own
+    # memory): 2 covers data.mix=batch's image and video batches; a shape past these runs eagerly
+    cuda_graph_shapes: int = ranged(2, ge=1)
     # every this many optimizer steps, the stage's evaluation (stage 2: zero-shot retrieval on `eval.annotations`)
     # runs on the training model and its R@1 goes to metrics.jsonl; 0: never. Every rank runs it (ZeRO-3 gathers
     # weights collectively); it touches neither the data position nor the RNG streams, so exact resume holds

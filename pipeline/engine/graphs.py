@@ -14,10 +14,16 @@ module's static outputs (as autograd leaves of their own), then every backward i
 Replaying in that order never overwrites memory that another graph still needs, and a chained input is already in
 place (no copy).
 
+Graphs are captured per input shape: the first `shapes` distinct input signatures of the first module (shapes,
+dtypes, requires_grad) each get a capture of the whole chain in its own memory pool, at the first call with them.
+Stage 2 with `data.mix=batch` alternates batches of 1-frame images and of clips, so it needs two; a capture of a
+kind replays only its own graphs and never touches the other's memory.
+
 A call replays its module's graph only when it can do so correctly; anything else runs the module's own forward:
 - CUDA tensors, grad enabled, outside any other capture, the module in the training mode it was captured in, and
-  the inputs' shapes, dtypes and requires_grad (and which are None) as at capture. Inputs at other addresses are
-  copied into the static ones (so a chain may be interrupted, e.g. by a reordering of tokens between modules).
+  inputs whose shapes, dtypes and requires_grad (and which are None) are those of a capture (a new signature past
+  `shapes` runs eagerly). Inputs at other addresses are copied into the static ones (so a chain may be
+  interrupted, e.g. by a reordering of tokens between modules).
 - one forward per backward: a module whose replayed forward still awaits its backward (the graph holds that
   forward's saved activations) runs eagerly, e.g. a second pass of the same backbone before the loss's backward.
 Every fallback is counted (`GraphedChain.eager_calls`) and the first of each kind is logged with its reason.
@@ -27,7 +33,8 @@ What a caller must know:
   by the trainer);
 - outputs alias the graphs' static memory: the next replay of the same module overwrites them, so keep a clone of
   anything needed beyond the step;
-- the capture's memory (every module's saved activations and the largest temporaries) stays reserved between steps;
+- each capture's memory (every module's saved activations and the largest temporaries) stays reserved between
+  steps;
 - parameter gradients are handed to autograd as tensors this module keeps a reference to, so autograd copies them
   into `.grad` (accumulation over micro-batches works) instead of adopting the graph's memory as `.grad`;
 - random numbers (drop path) come from the CUDA generator at each replay, a new draw each time; the capture leaves
@@ -72,22 +79,21 @@ class _Link:
 
 class _Replay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, chain: "GraphedChain", index: int, *tensors: Tensor):
-        link = chain.links[index]
+    def forward(ctx, chain: "GraphedChain", link: _Link, *tensors: Tensor):
         for static, arg in zip((t for t in link.inputs if t is not None), tensors):
             if static.data_ptr() != arg.data_ptr():
                 static.copy_(arg)
         link.forward.replay()
         chain.replays += 1
         link.pending = chain.replays
-        ctx.chain, ctx.index = chain, index
+        ctx.link = link
         ctx.release = _Release(link, chain.replays)
         return tuple(o.detach() for o in link.outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor):
-        link = ctx.chain.links[ctx.index]
+        link = ctx.link
         for static, grad in zip(link.grad_outputs, grads):
             if static is not None and static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
@@ -110,10 +116,12 @@ class _Release:
 
 @dataclass
 class GraphedChain:
-    """The graphs of a chain of modules (`graph_chain`); counts replays and eager fallbacks."""
+    """The graphs of a chain of modules (`graph_chain`), one capture per input signature up to `shapes`; counts
+    replays and eager fallbacks."""
     modules: list
     eager_forwards: list  # each module's own forward, as it was before graph_chain
-    links: list = field(default_factory=list)
+    shapes: int = 1  # how many input signatures get a capture of their own
+    captures: dict = field(default_factory=dict)  # the first module's input signature -> the chain's links
     replays: int = 0
     eager_calls: int = 0
     _captured_training: list = field(default_factory=list)
@@ -121,22 +129,24 @@ class GraphedChain:
 
     def call(self, index: int, *args: Any):
         reason = self._ineligible(index, args)
-        if reason is None and not self.links:
+        if reason is not None:
+            return self._eager(index, args, reason)
+        signature = _signature(args)
+        link = self._link(index, signature)
+        if link is None and index == 0 and len(self.captures) < self.shapes:
             try:
-                self._capture(args)
+                self.captures[signature] = self._capture(args)
             except Exception as e:
                 raise RuntimeError(f"capturing CUDA graphs of a chain of {len(self.modules)} "
                                    f"{type(self.modules[0]).__name__} modules failed: {type(e).__name__}: {e}. "
                                    "Run without them (train.cuda_graphs=false)") from e
-        elif reason is not None:
-            return self._eager(index, args, reason)
-        link = self.links[index]
-        if _signature(args) != link.signature:
-            return self._eager(index, args, f"inputs {_signature(args)} differ from the captured {link.signature}")
+            link = self.captures[signature][0]
+        if link is None:
+            return self._eager(index, args, self._unmatched(index, signature))
         if link.pending:
             return self._eager(index, args, "its graph's last forward still awaits its backward")
         tensors = [a for a in args if a is not None]
-        out = _Replay.apply(self, index, *tensors, *link.params)
+        out = _Replay.apply(self, link, *tensors, *link.params)
         return out if len(out) > 1 else out[0]
 
     # -------------------------------------------------------------------------------------------------- internals
@@ -150,11 +160,25 @@ class GraphedChain:
             return "grad is disabled"
         if torch.cuda.is_current_stream_capturing():
             return "another CUDA graph is being captured"
-        if not self.links and index != 0:
-            return "the chain is captured at its first module's call"
-        if self.links and self.modules[index].training != self._captured_training[index]:
+        if self.captures and self.modules[index].training != self._captured_training[index]:
             return "the module's training mode differs from the capture's"
         return None
+
+    def _link(self, index: int, signature: tuple) -> Optional[_Link]:
+        """The captured link of module `index` for inputs of this signature, or None."""
+        for links in self.captures.values():
+            if links[index].signature == signature:
+                return links[index]
+        return None
+
+    def _unmatched(self, index: int, signature: tuple) -> str:
+        """Why a call with no capture of its signature runs eagerly."""
+        if not self.captures and index != 0:
+            return "the chain is captured at its first module's call"
+        if index == 0 and len(self.captures) >= self.shapes:
+            return (f"inputs {signature} differ from the {len(self.captures)} captured signature(s) and no more are "
+                    f"kept (train.cuda_graph_shapes={self.shapes})")
+        return f"inputs {signature} differ from every capture's"
 
     def _eager(self, index: int, args, reason: str):
         self.eager_calls += 1
@@ -163,8 +187,9 @@ class GraphedChain:
             log.info("CUDA graphs: module %d of the chain runs eagerly: %s (logged once)", index, reason)
         return self.eager_forwards[index](*args)
 
-    def _capture(self, args) -> None:
-        """Captures every module's forward (in order) and backward (in reverse) into one memory pool."""
+    def _capture(self, args) -> list:
+        """Captures every module's forward (in order) and backward (in reverse) for inputs like `args` into a memory
+        pool of their own; returns the chain's links."""
         first = tuple(None if a is None else a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         aliases = [_parameter_aliases(m) for m in self.modules]
         stream = torch.cuda.Stream()
@@ -190,10 +215,10 @@ class GraphedChain:
                 link.grad_outputs = grad_outputs
                 grad_outputs = self._capture_backward(link, list(params.values()), pool, stream)
         torch.cuda.current_stream().wait_stream(stream)
-        self.links = links
-        self._captured_training = [m.training for m in self.modules]
-        log.info("CUDA graphs: captured the forward and backward of a chain of %d modules for inputs %s",
-                 len(links), links[0].signature)
+        self._captured_training = self._captured_training or [m.training for m in self.modules]
+        log.info("CUDA graphs: captured the forward and backward of a chain of %d modules for inputs %s "
+                 "(capture %d of at most %d)", len(links), links[0].signature, len(self.captures) + 1, self.shapes)
+        return links
 
     @contextmanager
     def _own_forwards(self):
@@ -259,13 +284,16 @@ def _autocast_without_cache():
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=enabled, cache_enabled=False)
 
 
-def graph_chain(modules: Sequence[nn.Module]) -> GraphedChain:
-    """Makes each module of the chain replay CUDA graphs when called (see the module docstring); returns the chain's
-    graphs and counters. The modules are changed in place (their `forward`), nothing else about them."""
+def graph_chain(modules: Sequence[nn.Module], shapes: int = 1) -> GraphedChain:
+    """Makes each module of the chain replay CUDA graphs when called, with a capture for each of the first `shapes`
+    input signatures (see the module docstring); returns the chain's graphs and counters. The modules are changed in
+    place (their `forward`), nothing else about them."""
     modules = list(modules)
     if not modules:
         raise ValueError("graph_chain: the chain has no modules")
-    chain = GraphedChain(modules, [_own_forward(m) for m in modules])
+    if shapes < 1:
+        raise ValueError(f"graph_chain: shapes={shapes}; at least one input signature gets a capture")
+    chain = GraphedChain(modules, [_own_forward(m) for m in modules], shapes)
     for i, module in enumerate(modules):
         module.forward = _bound_call(chain, i)
     return chain

@@ -221,7 +221,7 @@ class Trainer:
         if not self.graph_modules:
             log.warning("train.cuda_graphs=true: this stage's model names no chain of modules to replay")
             return None
-        return graph_chain(self.graph_modules)
+        return graph_chain(self.graph_modules, self.cfg.cuda_graph_shapes)
 
     # ------------------------------------------------------------------------------------------------ stepping
     def _optimizer_step(self, engine: Any, optimizer: SkippableAdamW, iterator, accum: int,

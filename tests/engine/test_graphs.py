@@ -1,7 +1,8 @@
 """CUDA graphs for a chain of modules (pipeline.engine.graphs) and `train.cuda_graphs` in the trainer. On the CPU:
 the fallback to each module's own forward, the trainer's refusal under ZeRO-3 and its warning off CUDA. On a GPU
-(skipped elsewhere): replayed VideoMamba blocks against eager ones, gradient accumulation, a second forward before
-the backward, and a DeepSpeed ZeRO-2 bf16 run with and without graphs."""
+(skipped elsewhere): replayed VideoMamba blocks against eager ones, gradient accumulation, image and video batches
+with a capture each, a second forward before the backward, and a DeepSpeed ZeRO-2 bf16 run with and without
+graphs."""
 import copy
 import logging
 
@@ -28,7 +29,7 @@ def test_off_cuda_each_module_runs_its_own_forward_with_the_same_results():
     x = torch.randn(5, toy.DIM)
     toy_loss(model, x).backward()
     toy_loss(reference, x).backward()
-    assert chain.eager_calls == 3 and chain.replays == 0 and not chain.links
+    assert chain.eager_calls == 3 and chain.replays == 0 and not chain.captures
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p.grad, q.grad), name
     assert list(model.state_dict()) == keys  # names, checkpoints and DeepSpeed see the same module
@@ -43,9 +44,11 @@ def test_a_chain_made_again_replaces_the_first_instead_of_wrapping_it():
     assert (first.eager_calls, second.eager_calls) == (0, 2)
 
 
-def test_an_empty_chain_is_refused():
+def test_an_empty_chain_or_no_capture_is_refused():
     with pytest.raises(ValueError, match="no modules"):
         graph_chain([])
+    with pytest.raises(ValueError, match="shapes=0"):
+        graph_chain(toy.ToyChain(depth=2).blocks, shapes=0)
 
 
 def test_trainer_refuses_cuda_graphs_under_zero3(tmp_path):
@@ -109,6 +112,32 @@ def test_replayed_videomamba_blocks_match_eager_over_steps_with_accumulation():
         for opt in optimizers:
             opt.step()  # in place: the graphs read the updated weights
     assert chain.replays > 0 and chain.eager_calls == 0
+
+
+@cuda
+@pytest.mark.parametrize("shapes", [1, 2])
+def test_image_and_video_batches_replay_their_own_captures_up_to_the_shapes_kept(shapes):
+    """data.mix=batch: steps alternate 1-frame images (no temporal embedding) and 2-frame clips; with two shapes
+    kept each kind replays its own graphs, with one the kind captured second runs eagerly; gradients match eager."""
+    graphed, eager = videomamba_pair()
+    chain = graph_chain(graphed.chained_blocks(), shapes=shapes)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-4) for m in (graphed, eager)]
+    depth = len(graphed.chained_blocks())
+    for step, frames in enumerate([2, 1, 2, 1, 1, 2]):
+        x = torch.randn(2, 3, frames, 64, 64, device="cuda")
+        losses = []
+        for model, opt in zip((graphed, eager), optimizers):
+            opt.zero_grad(set_to_none=True)
+            losses.append(micro_step(model, x))
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4), step
+        for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+            assert (p.grad is None) == (q.grad is None), (step, frames, name)  # images: no temporal embedding
+            assert q.grad is None or close(p.grad, q.grad), (step, frames, name)
+        for opt in optimizers:
+            opt.step()
+    assert len(chain.captures) == shapes
+    assert chain.eager_calls == (0 if shapes == 2 else 3 * depth)  # shapes=1: the three image steps
+    assert chain.replays == (6 if shapes == 2 else 3) * depth
 
 
 @cuda
