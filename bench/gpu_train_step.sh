@@ -8,7 +8,8 @@
 #   bash bench/pack_official.sh                     # here, once: writes .official/ (2 MB)
 #   device call (carry [".official"]):  bash bench/gpu_train_step.sh [all|ours|official]
 #   device call:  bash bench/gpu_train_step.sh fp32grads   # ours with bf16 against fp32 gradients (4 runs, ~8 min)
-#   device call:  bash bench/gpu_train_step.sh images      # stage 2 on batches of 1-frame images (data.mix=batch)
+#   device call:  bash bench/gpu_train_step.sh images      # stage 2 on batches of 1-frame images (data.mix=batch),
+#                                                          # then images and clips in turn (GRADS=fp32: fp32 grads)
 #
 # Packages come from /tmp/site (../shared/GPU.md: deepspeed, open-clip-torch, DALI, av, webdataset, ...). `all` (the
 # default) tries everything in one call; no step runs past DEADLINE (575 s from the start, 40 s of it kept for the
@@ -139,13 +140,16 @@ fp32grads() {  # the optimizer-step lever (bench/RESULTS.md, issue 23): each sta
   done
 }
 
-images() {  # what a whole batch of 1-frame images costs in stage 2 (data.mix=batch mask.image_ratio=0.5, the
-            # official image batches), with bf16 and with fp32 gradients (2 runs)
-  local common=(--stage 2 --images --data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2
-                --ops-steps 1)
-  step stage2_images "$stage_limit" python3 -m bench.train_step "${common[@]}" --json "$out/train_step_stage2_images.json"
-  step stage2_images_fp32grads "$stage_limit" python3 -m bench.train_step "${common[@]}" \
-    --override train.grad_accum_dtype=fp32 --json "$out/train_step_stage2_images_fp32grads.json"
+images() {  # what whole batches of 1-frame images cost in stage 2 (data.mix=batch mask.image_ratio=0.5, the
+            # official image batches): all images, then images and clips in turn (each kind its own CUDA graphs);
+            # GRADS=fp32 runs both with train.grad_accum_dtype=fp32
+  local common=(--stage 2 --data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
+  local suffix="" extra=()
+  if [ "${GRADS:-}" = fp32 ]; then suffix=_fp32grads; extra=(--override train.grad_accum_dtype=fp32); fi
+  for media in images alternate; do
+    step "stage2_$media$suffix" "$stage_limit" python3 -m bench.train_step "${common[@]}" "--$media" "${extra[@]}" \
+      --json "$out/train_step_stage2_$media$suffix.json"
+  done
 }
 
 case "$phase" in

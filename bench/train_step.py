@@ -3,7 +3,7 @@ fraction, peak memory, model FLOPs utilization, the loader's ceiling, and a proj
 
     python -m bench.train_step --stage 1|2 [--data synthetic dali cpu] [--shards DIR/index.json | --make-shards DIR]
                                [--batch B] [--steps N] [--split-steps N] [--profile-steps N] [--no-cuda-graphs]
-                               [--ops-steps N] [--images] [--loader-ceiling] [--json OUT.json] [--quick]
+                               [--ops-steps N] [--images | --alternate] [--loader-ceiling] [--json OUT.json] [--quick]
     python -m bench.train_step --summary OUT_DIR      # the tables of every JSON in OUT_DIR (ours and the official's)
 
 What runs is the project's own step: the stage config is the VideoMamba-M recipe's (configs/recipes/
@@ -13,7 +13,9 @@ model, frozen teacher and objective come from the stages' builders (`pipeline.st
 stage YAML, the backbone's blocks as CUDA graphs unless --no-cuda-graphs) on batches of `--data`:
 - `synthetic`: one batch of random clips already on the GPU (the step alone, no loader); with `--images` (stage 2)
   a batch of 1-frame images, as `data.mix=batch mask.image_ratio=0.5` gives them (the official image batches: one
-  frame, no temporal embedding, half the patches masked), to time what an image batch costs;
+  frame, no temporal embedding, half the patches masked), to time what an image batch costs; with `--alternate`
+  image and clip batches take turns, one kind a step as `data.mix=batch` runs them (each kind replays CUDA graphs of
+  its own: `train.cuda_graph_shapes`), FLOPs per sample the mean of the two;
 - `dali` / `cpu`: the real loader (`pipeline.data.build_loader`) over real shards, decoded by DALI on the GPU or by
   PyAV in the DataLoader's workers.
 Random weights throughout: the teacher is the recipe's open_clip ViT-B-16-quickgelu created without pretrained
@@ -189,7 +191,7 @@ def bench_overrides(args, out_dir: str, bert_dir: Optional[str]) -> list[str]:
         out += quick_overrides(args.stage)
     if args.batch:
         out.append(f"train.batch_size={args.batch}")
-    if args.images:
+    if args.images or args.alternate:
         out += ["data.mix=batch", "mask.image_ratio=0.5"]
     return out + list(args.override)
 
@@ -247,7 +249,7 @@ class StepFlops:
     teacher_fwd: float
     student_fwd: float  # backbone + its heads
     text_fwd: float
-    tokens: int  # the backbone's tokens per clip ([cls] + visible patches)
+    tokens: float  # the backbone's tokens per clip ([cls] + visible patches; --alternate: the mean of both kinds)
 
     @property
     def per_clip(self) -> float:
@@ -315,6 +317,12 @@ def _head_width(head) -> int:
     return linears[-1].out_features if linears else 0
 
 
+def mean_flops(a: StepFlops, b: StepFlops) -> StepFlops:
+    """Per sample of steps that take turns between a batch like `a` and one like `b` (--alternate)."""
+    return StepFlops((a.teacher_fwd + b.teacher_fwd) / 2, (a.student_fwd + b.student_fwd) / 2,
+                     (a.text_fwd + b.text_fwd) / 2, (a.tokens + b.tokens) / 2)
+
+
 def step_flops(stage: int, cfg, parts, images: bool = False) -> StepFlops:
     """Model FLOPs per clip of the stage's step; `images`: per 1-frame image at mask.image_ratio (--images)."""
     from pipeline.masking import masked_count
@@ -338,17 +346,22 @@ class SyntheticBatches:
     """The same batch of random clips (already on the device, float32 like the loader's) with captions and fresh keys
     every step: the step without a loader. Has the state methods the Trainer asks of its data."""
 
-    def __init__(self, batch: int, frames: int, size: int, device: torch.device, images: bool = False):
+    def __init__(self, batch: int, frames: int, size: int, device: torch.device, images: bool = False,
+                 alternate: bool = False):
         g = torch.Generator(device="cpu").manual_seed(0)
         self.video = torch.randn(batch, 3, frames, size, size, generator=g).to(device)
         self.images = images  # a whole batch of images (the loader's "images_only", data.mix=batch)
+        # alternate: every other batch is one of 1-frame images (data.mix=batch's two kinds, one a step)
+        self.image = torch.randn(batch, 3, 1, size, size, generator=g).to(device) if alternate else None
         self.text = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
         self.count = 0
 
     def __iter__(self) -> Iterator[dict]:
         while True:
             self.count += 1
-            yield {"video": self.video, "text": list(self.text), "images_only": self.images,
+            image_turn = self.image is not None and self.count % 2 == 0
+            yield {"video": self.image if image_turn else self.video, "text": list(self.text),
+                   "images_only": self.images or image_turn,
                    "key": [f"synthetic-{self.count}-{i}" for i in range(len(self.text))]}
 
     def state_dict(self) -> dict:
@@ -687,7 +700,7 @@ def measure_stage(args) -> dict:
                                   cfg.train, cfg.deepspeed, cfg.train.out, graph_modules=parts.graph_modules)
                 trainer.build()
                 synthetic = SyntheticBatches(batch, 1 if args.images else cfg.data.num_frames, cfg.data.img_size,
-                                             device, images=args.images)
+                                             device, images=args.images, alternate=args.alternate)
                 run = run_steps(args.stage, parts, trainer, iter(synthetic), batch, "synthetic", "unsplit",
                                 args.steps, args.warmup, 1)
                 break
@@ -700,12 +713,14 @@ def measure_stage(args) -> dict:
                     raise
                 batch //= 2
         flops = step_flops(args.stage, cfg, parts, images=args.images)
+        if args.alternate:  # half the samples are images
+            flops = mean_flops(flops, step_flops(args.stage, cfg, parts, images=True))
         record["notes"].append(mask_note)
         record.update(batch=batch, config=settings_of(cfg), flops=flops.as_dict(),
                       params={"trained": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
                               "teacher": sum(p.numel() for p in parts.teacher.parameters())
                               if parts.teacher is not None else 0},
-                      cuda_graphs=bool(cfg.train.cuda_graphs), media="image" if args.images else "video")
+                      cuda_graphs=bool(cfg.train.cuda_graphs), media=media_of(args))
         step = 1 + args.warmup + args.steps
         runs = [run]
 
@@ -716,6 +731,9 @@ def measure_stage(args) -> dict:
                 counted = r["mode"] == "ops"  # slowed by the counting
                 r["mfu"] = (flops.per_clip * r["clips_per_s"] / H200_BF16_DENSE_FLOPS) if cuda and not counted else None
             record["projection"] = projection(runs[0].step_ms / 1e3, batch, record["params"]["trained"], args.stage)
+            if trainer.graphs is not None:  # replayed or eager: --alternate's kinds should both replay
+                record["graphs"] = {"captures": len(trainer.graphs.captures), "replays": trainer.graphs.replays,
+                                    "eager_calls": trainer.graphs.eager_calls}
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(record, indent=1))
@@ -822,6 +840,17 @@ def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float, notes: list)
     return out
 
 
+def graph_counts(record: dict) -> str:
+    """' (N captures, R replays, E eager calls)' of the backbone's CUDA graphs over the whole process, or ''."""
+    g = record.get("graphs")
+    return f" ({g['captures']} captures, {g['replays']:,} replays, {g['eager_calls']:,} eager calls)" if g else ""
+
+
+def media_of(args: argparse.Namespace) -> str:
+    """What the synthetic batches hold: video, image (--images) or alternate (--alternate)."""
+    return "image" if args.images else "alternate" if args.alternate else "video"
+
+
 def settings_of(cfg) -> dict:
     keys = {"model": ("size", "depth", "embed_dim", "drop_path_rate", "scan_backend"),
             "data": ("num_frames", "img_size", "num_workers", "decoder"),
@@ -867,9 +896,9 @@ def projection(step_s: float, batch: int, trained_params: int, stage: int,
 # ================================================================================================ report
 def table(record: dict) -> str:
     """The human-readable tables of one stage's record."""
-    media = " of 1-frame images" if record.get("media") == "image" else ""
+    media = {"image": " of 1-frame images", "alternate": ", image and clip batches in turn"}.get(record.get("media"), "")
     lines = [f"stage {record['stage']} on {record['device']}: batch {record['batch']}{media}, "
-             f"CUDA graphs {record.get('cuda_graphs')}, trained parameters {record['params']['trained'] / 1e6:.1f}M, "
+             f"CUDA graphs {record.get('cuda_graphs')}{graph_counts(record)}, trained parameters {record['params']['trained'] / 1e6:.1f}M, "
              f"teacher {record['params']['teacher'] / 1e6:.1f}M; model GFLOP per clip (fwd+bwd) "
              f"{record['flops']['per_clip_fwd_bwd'] / 1e9:.1f} (teacher {record['flops']['teacher_fwd'] / 1e9:.1f}, "
              f"student {record['flops']['student_fwd_bwd'] / 1e9:.1f}, text {record['flops']['text_fwd_bwd'] / 1e9:.1f}"
@@ -930,7 +959,7 @@ def target_lines(ours: dict, official: dict) -> list[str]:
     for stage, record in sorted(ours.items()):
         mine = next((r for r in record["runs"] if r["data"] == "synthetic" and r["mode"] == "unsplit"), None)
         theirs = official.get("parts", {}).get(f"stage{record['stage']}", {})
-        if record.get("media") == "image":  # the official step is timed on video batches only
+        if record.get("media") in ("image", "alternate"):  # the official step is timed on video batches only
             theirs = {"error": "timed on video batches; no image-batch counterpart"}
         if mine and theirs.get("ok"):
             ratio = mine["clips_per_s"] / theirs["clips_per_s"]
@@ -1023,6 +1052,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="steps whose dispatched aten ops are counted per part (runs on a CPU too)")
     parser.add_argument("--images", action="store_true",
                         help="stage 2 on synthetic batches of 1-frame images (data.mix=batch mask.image_ratio=0.5)")
+    parser.add_argument("--alternate", action="store_true",
+                        help="stage 2 on synthetic batches that alternate clips and 1-frame images, one kind a step "
+                             "(data.mix=batch mask.image_ratio=0.5)")
     parser.add_argument("--loader-ceiling", action="store_true", help="also time the loader alone per decoder")
     parser.add_argument("--ceiling-clips", type=int, default=None,
                         help="clips timed per ceiling, after the loader's in-flight batches (default 4 batches)")
@@ -1034,8 +1066,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 2 steps per run: every code path on a CPU in seconds")
     args = parser.parse_args(argv)
-    if args.images and (args.stage != 2 or set(args.data) != {"synthetic"}):
-        parser.error("--images is stage 2 on synthetic input only (--stage 2 --data synthetic)")
+    for flag in ("images", "alternate"):
+        if getattr(args, flag) and (args.stage != 2 or set(args.data) != {"synthetic"}):
+            parser.error(f"--{flag} is stage 2 on synthetic input only (--stage 2 --data synthetic)")
+    if args.images and args.alternate:
+        parser.error("--images and --alternate: pick one (all images, or images and clips in turn)")
     if args.quick:
         args.steps, args.cpu_steps, args.warmup = min(args.steps, 2), min(args.cpu_steps, 2), min(args.warmup, 1)
         args.split_steps, args.profile_steps = min(args.split_steps, 2), min(args.profile_steps, 1)

@@ -130,6 +130,23 @@ def test_stage2_on_whole_batches_of_one_frame_images(tmp_path):
     assert bad.returncode == 2 and "--images is stage 2" in bad.stderr
 
 
+def test_stage2_on_image_and_clip_batches_in_turn(tmp_path):
+    """--alternate: data.mix=batch's two kinds, one a step; FLOPs per sample the mean of a clip's and an image's."""
+    out = tmp_path / "train_step_stage2_alternate.json"
+    run_bench("--stage", "2", "--alternate", "--split-steps", "0", "--profile-steps", "0", "--json", str(out))
+    record = json.loads(out.read_text())
+    assert record["media"] == "alternate" and record["runs"][0]["mode"] == "unsplit"
+    check_run(record["runs"][0], 2)
+    assert record["flops"]["backbone_tokens"] == 9  # the quick shapes: an image's 1 + 8, a clip's 1 + 8 of 2 frames
+    summary = run_bench("--summary", str(tmp_path)).stdout
+    assert "| 2 (alternate) | official: timed on video batches; no image-batch counterpart | - |" in summary
+    assert "image and clip batches in turn" in summary
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, "-m", "bench.train_step", "--quick", "--stage", "2", "--images",
+                          "--alternate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "pick one" in bad.stderr
+
+
 def test_flops_of_the_papers_shapes():
     # VideoMamba-M block per token (D 576, E 1152, N 16, R 36, K 4) and a ViT-B/16 layer on 197 tokens
     assert mamba_block_flops(576, 1152, 16, 36, 4) == 4_700_160
