@@ -42,6 +42,7 @@ What a caller must know:
 """
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -197,7 +198,7 @@ class GraphedChain:
         # the warm-up draws random numbers (drop path): restored, so that the replays draw as if no capture had run
         # and a run resumed from a checkpoint (which captures anew) repeats the uninterrupted run's draws
         rng = torch.random.fork_rng(devices=[torch.cuda.current_device()])
-        with rng, self._own_forwards(), _autocast_without_cache():
+        with _gc_paused(), rng, self._own_forwards(), _autocast_without_cache():
             with torch.cuda.stream(stream):
                 for _ in range(WARMUP_PASSES):
                     self._warm_up(first, aliases)
@@ -276,6 +277,21 @@ def _leaves(outputs: tuple) -> tuple:
     that each module's backward graph stops at its own inputs (the next module's inputs may depend on one another
     inside this module: a block's hidden output is computed from its residual output)."""
     return tuple(None if o is None else o.detach().requires_grad_(o.requires_grad) for o in outputs)
+
+
+@contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector collected first, then off until the capture ends: a collection that fires
+    mid-capture can free an unreachable earlier chain's graphs and memory (a chain and its modules' forwards hold
+    each other), which invalidates the capture (seen on the H200: cuBLAS "execution failed" in a later capture)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _autocast_without_cache():
