@@ -7,9 +7,10 @@
 #
 #   bash bench/pack_official.sh                     # here, once: writes .official/ (2 MB)
 #   device call (carry [".official"]):  bash bench/gpu_train_step.sh [all|ours|official]
-#   device call:  bash bench/gpu_train_step.sh fp32grads   # ours with bf16 against fp32 gradients (4 runs, ~8 min)
+#   device call:  bash bench/gpu_train_step.sh grads       # ours with fp32 (the recipes') against bf16 gradients
+#                                                          # (4 runs, ~4 min on the H200)
 #   device call:  bash bench/gpu_train_step.sh images      # stage 2 on batches of 1-frame images (data.mix=batch),
-#                                                          # then images and clips in turn (GRADS=fp32: fp32 grads)
+#                                                          # then images and clips in turn (~2 min)
 #
 # Packages come from /tmp/site (../shared/GPU.md: deepspeed, open-clip-torch, DALI, av, webdataset, ...). `all` (the
 # default) tries everything in one call; no step runs past DEADLINE (575 s from the start, 40 s of it kept for the
@@ -18,7 +19,7 @@
 # /tmp/official, then the official parts). Every step is guarded: a failure is logged with its rc, the rest goes on.
 # Knobs: STEPS (timed steps per run, default 8), OFFICIAL_STEPS (default 8), CPU_WORKERS (default 12, the official
 # stage 1's num_workers), SOURCE_VIDEOS (default 256), DEADLINE, STAGE_LIMIT (seconds per stage of ours, default 240),
-# OFFICIAL_LIMIT (default 450), STAGES (the fp32grads phase's stages, default "1 2").
+# OFFICIAL_LIMIT (default 450), STAGES (the grads phase's stages, default "1 2").
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/train-step}; mkdir -p "$out"
@@ -129,26 +130,23 @@ official_phase() {
     --profile-steps 2 --part-timeout 150 --json "$out/official.json"
 }
 
-fp32grads() {  # the optimizer-step lever (bench/RESULTS.md, issue 23): each stage on synthetic input with bf16
-               # gradients (DeepSpeed's ZeRO-1 optimizer, the default) and with fp32 ones (its BF16_Optimizer)
+grads() {  # the optimizer-step lever (bench/RESULTS.md, issue 23): each stage on synthetic input with the recipes'
+           # fp32 gradient accumulation (DeepSpeed's BF16_Optimizer) and with bf16 gradients (its ZeRO-1 optimizer)
   local common=(--data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
   for s in ${STAGES:-1 2}; do
     step "stage$s" "$stage_limit" python3 -m bench.train_step --stage "$s" "${common[@]}" \
       --json "$out/train_step_stage$s.json"
-    step "stage${s}_fp32grads" "$stage_limit" python3 -m bench.train_step --stage "$s" "${common[@]}" \
-      --override train.grad_accum_dtype=fp32 --json "$out/train_step_stage${s}_fp32grads.json"
+    step "stage${s}_bf16grads" "$stage_limit" python3 -m bench.train_step --stage "$s" "${common[@]}" \
+      --override train.grad_accum_dtype=null --json "$out/train_step_stage${s}_bf16grads.json"
   done
 }
 
 images() {  # what whole batches of 1-frame images cost in stage 2 (data.mix=batch mask.image_ratio=0.5, the
-            # official image batches): all images, then images and clips in turn (each kind its own CUDA graphs);
-            # GRADS=fp32 runs both with train.grad_accum_dtype=fp32
+            # official image batches): all images, then images and clips in turn (each kind its own CUDA graphs)
   local common=(--stage 2 --data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
-  local suffix="" extra=()
-  if [ "${GRADS:-}" = fp32 ]; then suffix=_fp32grads; extra=(--override train.grad_accum_dtype=fp32); fi
   for media in images alternate; do
-    step "stage2_$media$suffix" "$stage_limit" python3 -m bench.train_step "${common[@]}" "--$media" "${extra[@]}" \
-      --json "$out/train_step_stage2_$media$suffix.json"
+    step "stage2_$media" "$stage_limit" python3 -m bench.train_step "${common[@]}" "--$media" \
+      --json "$out/train_step_stage2_$media.json"
   done
 }
 
@@ -156,9 +154,9 @@ case "$phase" in
   all) start_build; ours; official_phase; ours_backbone;;
   ours) start_build; ours; ours_backbone;;
   official) official_phase;;
-  fp32grads) fp32grads;;
+  grads) grads;;
   images) images;;
-  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official|fp32grads|images]" >&2; exit 2;;
+  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official|grads|images]" >&2; exit 2;;
 esac
 step summary 60 python3 -m bench.train_step --summary "$out"
 cp "$out/summary.log" "$out/summary.md" 2>/dev/null

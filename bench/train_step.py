@@ -183,8 +183,8 @@ def bench_overrides(args, out_dir: str, bert_dir: Optional[str]) -> list[str]:
         out.append(f"data.train={args.shards}")
     if args.workers is not None:
         out.append(f"data.num_workers={args.workers}")
-    if not cuda:
-        out.append("train.precision=fp32")
+    if not cuda:  # the recipes' fp32 gradient accumulation is a bf16 option
+        out += ["train.precision=fp32", "train.grad_accum_dtype=null"]
     if bert_dir:
         out.append(f"text.pretrained={bert_dir}")
     if args.quick:

@@ -214,3 +214,32 @@ def test_official_defaults_of_the_head_the_normalization_and_the_crops(tmp_path)
     assert (data["normalize"], data["crop"]) == ("imagenet", "multiscale")
     with pytest.raises(ConfigError, match="'data.normalize' expects one of 'imagenet', 'clip'"):
         load_config(AlignStageConfig, None, ["data.normalize=openai"])
+
+
+@pytest.mark.parametrize("recipe_name", ["videomamba_m_5m", "videomamba_m_17m", "videomamba_m_25m", "small_1gpu"])
+def test_recipes_train_stages_with_fp32_gradients_and_valid_deepspeed_configs(recipe_name):
+    """Each training stage of the GPU recipes composes into a config DeepSpeed accepts, with fp32 gradient
+    accumulation (bf16, ZeRO-1: the BF16_Optimizer, bench/RESULTS.md); the VideoMamba-M recipes' stage 2 takes the
+    official whole image or video batches, images masked at 0.5, and checks them on one frame's grid."""
+    from pathlib import Path
+
+    from pipeline.config import VideoTextStageConfig
+    from pipeline.engine.ds_config import deepspeed_config
+    from pipeline.orchestrate import recipe_file
+    from pipeline.recipe import RecipeConfig
+    from pipeline.stages.base import check_image_frames
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "recipes" / f"{recipe_name}.yaml"
+    recipe = load_config(RecipeConfig, str(path))
+    for name, schema in (("stage1", AlignStageConfig), ("stage2", VideoTextStageConfig),
+                         ("unmasked", VideoTextStageConfig)):
+        spec = getattr(recipe, name)
+        cfg = load_config(schema, recipe_file(spec.config, str(path.parent)), list(spec.overrides))
+        assert (cfg.train.precision, cfg.train.grad_accum_dtype, cfg.deepspeed.zero_stage) == ("bf16", "fp32", 1)
+        assert deepspeed_config(cfg.train, cfg.deepspeed)["data_types"] == {"grad_accum_dtype": "fp32"}
+        official = recipe_name.startswith("videomamba_m")
+        if name != "stage1":
+            assert cfg.data.mix == ("batch" if official else "sample"), name
+        if name == "stage2" and official:
+            assert cfg.mask.image_ratio == 0.5
+            check_image_frames(cfg, cfg.mask.image_ratio, "mask.image_ratio")  # raises ConfigError if unusable

@@ -80,7 +80,7 @@ def test_stage2_quick_with_real_shards_through_the_cpu_decoder(tmp_path):
 
 
 def test_a_variant_of_a_stage_gets_its_own_rows_in_the_summary(tmp_path):
-    """The lever bench/gpu_train_step.sh's `fp32grads` phase measures: bf16 with fp32 gradient accumulation, which
+    """The lever bench/gpu_train_step.sh's `grads` phase measures: bf16 with fp32 gradient accumulation, which
     DeepSpeed steps with its BF16_Optimizer (CPU bf16 here); the summary labels it beside the plain stage. Its point
     is fewer host ops in the optimizer step (DeepSpeed's ZeRO-1 bf16 step checks and copies every gradient tensor):
     the `ops` run counts them, and the same aten ops run on a GPU."""
