@@ -18,8 +18,8 @@ OUT/{prefix}-000000.tar holds rows [0, N), and so on. Beside the shards:
 Bad input never stops the job: a missing, unreadable, empty or corrupt file (PyAV must decode a frame, PIL must load
 an image), an empty caption or an unreachable URL is recorded in failures.jsonl and the rest goes on (exit 0).
 Reads and writes are retried with exponential backoff (--retries, --retry-backoff) before a failure counts.
-By default the original media bytes are stored; --clip, --max-duration, --short-side and --fps re-encode videos
-(H.264 mp4, PyAV) and --short-side also resizes images (jpg).
+By default the original media bytes are stored; --clip, --max-duration, --short-side, --fps and --keyint re-encode
+videos (H.264 mp4, PyAV) and --short-side also resizes images (jpg).
 
 Every shard is written under a temporary name and appears under its final name only when complete; a run that is
 stopped and started again with the same command skips the complete shards and ends with the same shards and index
@@ -39,6 +39,14 @@ import sys
 from shards.index import format_summary
 from shards.media import ProcessOptions, RetryPolicy
 from shards.runner import ShardJobConfig, shard_corpus
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     proc.add_argument("--short-side", type=int, default=None, metavar="PX",
                       help="resize so that the shorter side is PX (videos re-encoded, images saved as jpg)")
     proc.add_argument("--fps", type=float, default=None, help="re-encode videos at this frame rate")
+    proc.add_argument("--keyint", type=positive_int, default=None, metavar="N",
+                      help="re-encode videos with a key frame at least every N frames: training decodes from the key "
+                           "frame before each sampled frame, not from the start (e.g. 16 for long clips)")
     proc.add_argument("--codec", default="libx264", help="video encoder for re-encoding (default: %(default)s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show the progress bar (default: when stderr is a terminal)")
@@ -78,7 +89,7 @@ def job_config(args: argparse.Namespace) -> ShardJobConfig:
         media_column=args.media_column, caption_columns=captions, ray_address=args.ray_address, workers=args.workers,
         retry=RetryPolicy(attempts=args.retries + 1, backoff_s=args.retry_backoff),
         process=ProcessOptions(clip=args.clip, max_duration=args.max_duration, short_side=args.short_side,
-                               fps=args.fps, codec=args.codec),
+                               fps=args.fps, keyint=args.keyint, codec=args.codec),
         progress=args.progress,
     )
 

@@ -46,9 +46,15 @@ def plan_shards(rows: Sequence[ManifestRow], samples_per_shard: int, prefix: str
     return plans
 
 
+# processing options added after the layout's first release: they enter a fingerprint only when set, so that the
+# shards of a job begun before them still match and a resumed job does not write them again
+LATER_OPTIONS = ("keyint",)
+
+
 def fingerprint(rows: Iterable[ManifestRow], process: ProcessOptions) -> str:
     """Returns a digest of everything a shard's bytes depend on."""
-    payload = json.dumps({"layout": LAYOUT_VERSION, "process": asdict(process), "rows": [asdict(r) for r in rows]},
+    options = {k: v for k, v in asdict(process).items() if not (k in LATER_OPTIONS and v is None)}
+    payload = json.dumps({"layout": LAYOUT_VERSION, "process": options, "rows": [asdict(r) for r in rows]},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

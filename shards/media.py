@@ -67,13 +67,16 @@ class ProcessOptions:
     max_duration: Optional[float] = None  # seconds kept from the (cut) start
     short_side: Optional[int] = None  # re-encode so that the shorter side has this many pixels
     fps: Optional[float] = None  # re-encode at this frame rate
+    # re-encode with a key frame at least every this many frames: the loader's decoder then restarts at the key
+    # frame before a sampled frame instead of decoding all the frames before it (pipeline.data.decode.video_frames)
+    keyint: Optional[int] = None
     codec: str = "libx264"
     crf: int = 23
     jpeg_quality: int = 90
 
     def touches_video(self, start: Optional[float], end: Optional[float]) -> bool:
         return bool((self.clip and (start is not None or end is not None)) or self.max_duration or self.short_side
-                    or self.fps)
+                    or self.fps or self.keyint)
 
 
 # --------------------------------------------------------------------------------------------------------- reading
@@ -259,6 +262,8 @@ def _video_stream(dst, rate: Fraction, first_frame, opts: ProcessOptions):
         # x264 build gives different bytes for the same frames from run to run when other threads are busy, and
         # a resumed job must rebuild a shard byte for byte.
         out.options = {"crf": str(opts.crf), "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
+    if opts.keyint:
+        out.options = {**out.options, "g": str(opts.keyint)}
     return out
 
 

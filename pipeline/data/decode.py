@@ -15,6 +15,7 @@ what cannot be read.
 """
 from __future__ import annotations
 
+import bisect
 import io
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
@@ -105,28 +106,69 @@ def _probe_image(data: bytes) -> MediaInfo:
 def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.ndarray:
     """Returns the frames at `indices` (in that order, repeats allowed) as (T, H, W, 3) uint8 RGB.
 
-    Decodes sequentially up to the last wanted frame (clips are short; seeking would cost a key frame anyway).
+    Decoding is what a clip costs, so no frame is decoded that need not be. The packets are read first (no
+    decoding), which gives each frame's presentation index and the key frames. The decoder then runs up to the last
+    wanted frame, except that where a wanted frame lies past a key frame at least `SEEK_MIN_SKIP` frames beyond the
+    decoder's position, it is flushed and restarted at that key frame. A clip with one key frame decodes as it
+    always did; a long clip with short GOPs decodes a few GOPs instead of all of it (bench/RESULTS.md). Frames are
+    the same either way: decoding restarts only at key frames, and a frame that leads an open GOP after a restart is
+    never kept.
     """
     import av
 
-    wanted = set(indices)
-    last = max(indices)
-    kept: dict[int, np.ndarray] = {}
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    kept[i] = frame.to_ndarray(format="rgb24")
-                if i >= last:
-                    break
+            packets = [p for p in container.demux(stream) if p.size]
+            kept = _decoded_frames(stream.codec_context, packets, sorted(set(indices)))
     except Exception as e:
         raise DecodeError("corrupt_video", f"video decoding failed: {e}") from None
-    if len(kept) < len(wanted):
-        raise DecodeError("corrupt_video", f"only {len(kept)} of the {len(wanted)} planned frames decoded")
+    if len(kept) < len(set(indices)):
+        raise DecodeError("corrupt_video", f"only {len(kept)} of the {len(set(indices))} planned frames decoded")
     return np.stack([kept[i] for i in indices])
+
+
+# restarting the decoder at a key frame pays off only when it skips at least this many frames of decoding
+SEEK_MIN_SKIP = 8
+
+
+def _decoded_frames(codec, packets: list, targets: list) -> dict:
+    """{index: RGB frame} of the sorted presentation indices `targets`, decoding `packets` (in decode order)."""
+    index_of = _presentation_indices(packets)
+    keys = [(index_of[p.pts], j) for j, p in enumerate(packets) if p.is_keyframe] if index_of else []
+    kept: dict[int, np.ndarray] = {}
+    wanted, position, j, emitted, drained = set(targets), 0, 0, 0, False
+    for target in targets:
+        k = bisect.bisect_right(keys, (target, len(packets))) - 1
+        if k >= 0 and keys[k][0] - position >= SEEK_MIN_SKIP and keys[k][1] > j:
+            codec.flush_buffers()  # frames in flight are dropped: all lie before the key frame
+            position, j = keys[k]
+        while target not in kept and target >= position and not drained:
+            if j < len(packets):
+                frames, j = codec.decode(packets[j]), j + 1
+            else:  # the end: the frames still held back for reordering or in other threads
+                frames, drained = codec.decode(None), True
+            for frame in frames:
+                index = index_of.get(frame.pts) if index_of else emitted
+                emitted += 1
+                if index is None:
+                    continue
+                if index in wanted and index >= position and index not in kept:  # not a leading frame of an open GOP
+                    kept[index] = frame.to_ndarray(format="rgb24")
+                position = max(position, index + 1)
+    return kept
+
+
+def _presentation_indices(packets: list) -> Optional[dict]:
+    """{pts: presentation index} from the packets' timestamps, or None when they cannot say (a packet without a
+    pts, repeated ones, a first packet that is not a key frame): then frames are counted in output order and no
+    restart happens."""
+    stamps = [p.pts for p in packets]
+    if not packets or None in stamps or len(set(stamps)) != len(stamps) or not packets[0].is_keyframe:
+        return None
+    return {pts: i for i, pts in enumerate(sorted(stamps))}
 
 
 def image_frames(data: bytes, count: int) -> np.ndarray:

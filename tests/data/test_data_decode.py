@@ -157,6 +157,83 @@ def test_unusable_bytes_raise_the_kind_they_are_counted_under(clip_h264, jpg_byt
 
 
 # --------------------------------------------------------------------------------------------------------- DALI
+def encoded_clip(frames: int, keyint: int, codec: str = "libx264", x264_params: str = "") -> bytes:
+    """A clip whose every frame differs (a rolling noise texture, the index in a corner), a key frame every
+    `keyint` frames; H.264 with 2 B-frames (closed GOPs unless x264_params says open-gop=1) or VP9."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4" if codec == "libx264" else "webm") as container:
+        stream = container.add_stream(codec, rate=30)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"g": str(keyint), **({"bf": "2", "preset": "veryfast", "x264-params": x264_params}
+                                              if codec == "libx264" else {})}
+        base = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        for i in range(frames):
+            image = np.roll(base, 3 * i, axis=1)
+            image[:8, :8] = (5 * i) % 256
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+def frames_in_order(data: bytes) -> list[np.ndarray]:
+    with av.open(io.BytesIO(data)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+
+
+def packets_fed(data: bytes, targets: list[int]) -> int:
+    """How many packets `video_frames`'s decoding sends to the decoder for these frames."""
+    from pipeline.data.decode import _decoded_frames
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        packets = [p for p in container.demux(stream) if p.size]
+        fed = []
+        decode = stream.codec_context.decode
+
+        class Counting:  # the real decoder, its packets counted
+            def decode(self, packet):
+                fed.append(packet)
+                return decode(packet)
+
+            def flush_buffers(self):
+                stream.codec_context.flush_buffers()
+
+        kept = _decoded_frames(Counting(), packets, sorted(set(targets)))
+        assert sorted(kept) == sorted(set(targets))
+        return sum(p is not None for p in fed)
+
+
+@pytest.mark.parametrize("codec,x264_params", [("libx264", ""), ("libx264", "open-gop=1"), ("libvpx-vp9", "")])
+@pytest.mark.parametrize("threads", [1, 0])
+def test_video_frames_restarts_at_key_frames_and_gives_the_frames_of_decoding_in_order(codec, x264_params, threads):
+    """A long clip with short GOPs: the wanted frames (unsorted, repeated, across GOPs and in the first) are the
+    ones decoding from the start gives, bit for bit, with frame threads or without, and far fewer packets are
+    decoded; a leading frame of an open GOP is never taken for a wanted one."""
+    from pipeline.data.decode import video_frames
+
+    data = encoded_clip(240, keyint=20, codec=codec, x264_params=x264_params)
+    reference = frames_in_order(data)
+    assert len(reference) == 240
+    indices = [230, 3, 61, 61, 118, 150, 40, 199]
+    got = video_frames(data, indices, threads=threads)
+    for frame, i in zip(got, indices):
+        assert np.array_equal(frame, reference[i]), i
+    assert packets_fed(data, indices) < 0.6 * 231  # decoding in order feeds the 231 packets up to frame 230
+
+
+def test_video_frames_of_a_clip_with_one_key_frame_decode_in_order():
+    from pipeline.data.decode import video_frames
+
+    data = encoded_clip(60, keyint=250)
+    reference = frames_in_order(data)
+    got = video_frames(data, [50, 7, 33])
+    assert all(np.array_equal(f, reference[i]) for f, i in zip(got, [50, 7, 33]))
+    assert packets_fed(data, [7, 33, 50]) >= 51
+
+
 def frames_at_coded_size(data: bytes) -> np.ndarray:
     """Decodes with the SPS's own size (a bare H.264 decoder: FFmpeg's demuxer would crop to the container's)."""
     with av.open(io.BytesIO(data)) as container:
