@@ -137,7 +137,8 @@ SEEK_MIN_SKIP = 8
 def _decoded_frames(codec, packets: list, targets: list) -> dict:
     """{index: RGB frame} of the sorted presentation indices `targets`, decoding `packets` (in decode order)."""
     index_of = _presentation_indices(packets)
-    keys = [(index_of[p.pts], j) for j, p in enumerate(packets) if p.is_keyframe] if index_of else []
+    keys = [(index_of[p.pts], j) for j, p in enumerate(packets) if p.is_keyframe and p.pts in index_of] \
+        if index_of else []
     kept: dict[int, np.ndarray] = {}
     wanted, position, j, emitted, drained = set(targets), 0, 0, 0, False
     for target in targets:
@@ -164,8 +165,9 @@ def _decoded_frames(codec, packets: list, targets: list) -> dict:
 def _presentation_indices(packets: list) -> Optional[dict]:
     """{pts: presentation index} from the packets' timestamps, or None when they cannot say (a packet without a
     pts, repeated ones, a first packet that is not a key frame): then frames are counted in output order and no
-    restart happens."""
-    stamps = [p.pts for p in packets]
+    restart happens. Packets the container marks to be discarded (an edit list's leading frames) are decoded but
+    get no index, as their frames are never shown."""
+    stamps = [p.pts for p in packets if not p.is_discard]
     if not packets or None in stamps or len(set(stamps)) != len(stamps) or not packets[0].is_keyframe:
         return None
     return {pts: i for i, pts in enumerate(sorted(stamps))}
