@@ -19,7 +19,8 @@
 # /tmp/official, then the official parts). Every step is guarded: a failure is logged with its rc, the rest goes on.
 # Knobs: STEPS (timed steps per run, default 8), OFFICIAL_STEPS (default 8), CPU_WORKERS (default 12, the official
 # stage 1's num_workers), SOURCE_VIDEOS (default 256), DEADLINE, STAGE_LIMIT (seconds per stage of ours, default 240),
-# OFFICIAL_LIMIT (default 450), STAGES (the grads phase's stages, default "1 2").
+# OFFICIAL_LIMIT (default 450), SOURCE_FRAMES (frames per synthetic clip, default 90), SOURCE_KEYINT (shards
+# re-encoded with a key frame every N frames, for the CPU decoder's restarts; default: not re-encoded), STAGES (the grads phase's stages, default "1 2").
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/train-step}; mkdir -p "$out"
@@ -107,7 +108,10 @@ PY
 ours() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-  step shards 120 python3 -m bench.train_step --make-shards "$data" --shards-only --source-videos "$videos"
+  local keyint=()
+  [ -n "${SOURCE_KEYINT:-}" ] && keyint=(--source-keyint "$SOURCE_KEYINT")
+  step shards 120 python3 -m bench.train_step --make-shards "$data" --shards-only --source-videos "$videos" \
+    --source-frames "${SOURCE_FRAMES:-90}" "${keyint[@]}"
   local common=(--data synthetic dali cpu --shards "$data/shards/index.json" --cpu-workers "$cpu_workers"
                 --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1 --cpu-steps 3)
   # the loader's ceilings once (a property of the loader, clips/s per decoder): in the stage-1 process

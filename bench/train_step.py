@@ -385,10 +385,11 @@ def real_loader(cfg, decoder: str, cpu_workers: Optional[int]):
 
 
 def make_shards(folder: str, videos: int, size: int, frames: int, fps: int, per_shard: int = 16,
-                codec: str = "h264") -> str:
+                codec: str = "h264", keyint: Optional[int] = None) -> str:
     """Writes the synthetic corpus (mp4 of `codec`, size² px) and its WebDataset shards as `videomamba shard` does
     (each shard's task in this process, one after another: no Ray on the GPU machine); returns the index.json path.
-    VP9 is for DALI's CPU backend in tests (it has no H.264)."""
+    VP9 is for DALI's CPU backend in tests (it has no H.264). `keyint`: the shards' clips are re-encoded with a key
+    frame every that many frames (`videomamba shard --keyint`), for the CPU decoder's restarts."""
     from shards.index import build_index, plan_shards
     from shards.manifest import read_manifest
     from shards.media import ProcessOptions
@@ -399,14 +400,15 @@ def make_shards(folder: str, videos: int, size: int, frames: int, fps: int, per_
     write_corpus(corpus, videos=videos, images=0, seed=0, codec=codec, size=size, frames=frames, fps=fps,
                  eval_videos=1, progress=False)
     manifest = read_manifest(os.path.join(corpus, "videos.jsonl"))
-    plans = plan_shards(manifest.rows, per_shard, "shard", ProcessOptions())
+    process = ProcessOptions(keyint=keyint)
+    plans = plan_shards(manifest.rows, per_shard, "shard", process)
     os.makedirs(out, exist_ok=True)
-    results = {p.index: write_shard(p, ShardOptions(out)) for p in plans}
+    results = {p.index: write_shard(p, ShardOptions(out, process=process)) for p in plans}
     index = os.path.join(out, "index.json")
     with open(index, "w") as f:
         json.dump(build_index(manifest.url, per_shard, plans, results), f)
     source = {"kind": f"the project's synthetic corpus (shards.synth), {codec} mp4", "videos": videos, "size": size,
-              "frames": frames, "fps": fps, "samples_per_shard": per_shard,
+              "frames": frames, "fps": fps, "keyint": keyint, "samples_per_shard": per_shard,
               "bytes_per_clip": sum(os.path.getsize(r.media) for r in manifest.rows) / max(len(manifest.rows), 1)}
     with open(os.path.join(out, "source.json"), "w") as f:
         json.dump(source, f)
@@ -1037,6 +1039,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source-frames", type=int, default=90, help="--make-shards: frames per clip")
     parser.add_argument("--source-fps", type=int, default=30)
     parser.add_argument("--source-videos", type=int, default=256)
+    parser.add_argument("--source-keyint", type=int, default=None, metavar="N",
+                        help="--make-shards: re-encode the clips with a key frame every N frames (videomamba shard "
+                             "--keyint), so that the CPU decoder restarts at key frames")
     parser.add_argument("--source-codec", choices=["h264", "vp9"], default="h264",
                         help="vp9: for DALI's CPU backend (tests without a GPU)")
     parser.add_argument("--batch", type=int, default=None, help="per GPU (default: the recipe's, 64 / 128)")
@@ -1087,10 +1092,10 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         if args.quick:
             args.shards = make_shards(args.make_shards, videos=8, size=64, frames=8, fps=8, per_shard=4,
-                                      codec=args.source_codec)
+                                      codec=args.source_codec, keyint=args.source_keyint)
         else:
             args.shards = make_shards(args.make_shards, args.source_videos, args.source_size, args.source_frames,
-                                      args.source_fps, codec=args.source_codec)
+                                      args.source_fps, codec=args.source_codec, keyint=args.source_keyint)
         print(f"shards: {args.shards} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         if args.shards_only:
             return 0

@@ -1,12 +1,15 @@
 """bench/train_step.py on the CPU: every code path of the measured step in its --quick shapes (synthetic input, real
 tiny shards through the CPU decoder, the split, the profiler, the loader's ceiling), and the arithmetic of its
 report (FLOPs, GPU busy from a trace, the multi-GPU projection)."""
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import av
 import pytest
 
 from bench.train_step import (busy_from_trace, interval_union, mamba_block_flops, projection, vit_layer_flops,
@@ -62,8 +65,8 @@ def test_stage1_quick_on_synthetic_input_and_through_dali(tmp_path):
 
 def test_stage2_quick_with_real_shards_through_the_cpu_decoder(tmp_path):
     out = tmp_path / "s2.json"
-    run_bench("--stage", "2", "--data", "cpu", "--make-shards", str(tmp_path / "data"), "--loader-ceiling",
-              "--profile-steps", "0", "--json", str(out))
+    run_bench("--stage", "2", "--data", "cpu", "--make-shards", str(tmp_path / "data"), "--source-keyint", "4",
+              "--loader-ceiling", "--profile-steps", "0", "--json", str(out))
     record = json.loads(out.read_text())
     assert [(r["data"], r["mode"]) for r in record["runs"]] == [("synthetic", "unsplit"), ("synthetic", "split"),
                                                                  ("cpu", "unsplit")]
@@ -77,6 +80,12 @@ def test_stage2_quick_with_real_shards_through_the_cpu_decoder(tmp_path):
     assert ceiling["decoder"] == "cpu" and ceiling["clips_per_s"] > 0 and ceiling["x_step"] > 0
     assert ceiling["warmup_batches"] == 2 * 1 + 2  # past the loader's in-flight batches (1 worker x prefetch 2)
     assert record["source"]["videos"] == 8 and record["source"]["bytes_per_clip"] > 0
+    assert record["source"]["keyint"] == 4
+    with tarfile.open(next((tmp_path / "data" / "shards").glob("*.tar"))) as tar:  # re-encoded: 8 frames, 2 GOPs
+        clip = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".mp4"))).read()
+    with av.open(io.BytesIO(clip)) as container:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+    assert len(packets) == 8 and sum(p.is_keyframe for p in packets) == 2
 
 
 def test_a_variant_of_a_stage_gets_its_own_rows_in_the_summary(tmp_path):
