@@ -20,7 +20,8 @@
 # Knobs: STEPS (timed steps per run, default 8), OFFICIAL_STEPS (default 8), CPU_WORKERS (default 12, the official
 # stage 1's num_workers), SOURCE_VIDEOS (default 256), DEADLINE, STAGE_LIMIT (seconds per stage of ours, default 240),
 # OFFICIAL_LIMIT (default 450), SOURCE_FRAMES (frames per synthetic clip, default 90), SOURCE_KEYINT (shards
-# re-encoded with a key frame every N frames, for the CPU decoder's restarts; default: not re-encoded), STAGES (the grads phase's stages, default "1 2").
+# re-encoded with a key frame every N frames, for the CPU decoder's restarts; default: not re-encoded), STAGES (the
+# grads phase's stages, default "1 2").
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/train-step}; mkdir -p "$out"
