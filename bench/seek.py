@@ -3,8 +3,8 @@
 
     python -m bench.seek [--size 256] [--clips 300x30 300x60 750x50 90x250] [--frames 8] [--threads 1] [--repeats 5]
 
-Each clip is synthetic H.264 (libx264 veryfast, 2 B-frames, closed GOPs) of FRAMESxKEYINT: that many frames at 30
-fps with a key frame every KEYINT frames (what `videomamba shard --keyint` writes; WebVid's clips run 10-30 s with
+Each clip is synthetic H.264 (`shards.synth.encode_mp4`: libx264 veryfast with its B-frames, closed GOPs) of
+FRAMESxKEYINT: that many frames at 30 fps with a key frame every KEYINT frames (what `videomamba shard --keyint` writes; WebVid's clips run 10-30 s with
 a key frame every 1-5 s). The sampled frames are the middles of --frames equal segments (the training sampler picks
 one frame inside each). Times are medians over --repeats, one decoding thread (a DataLoader worker's). Prints a
 markdown table; the frames are checked equal to the in-order decode's before anything is timed.
@@ -20,23 +20,15 @@ import av
 import numpy as np
 
 from pipeline.data.decode import video_frames
+from shards.synth import encode_mp4
 
 
 def synthetic_clip(frames: int, keyint: int, size: int) -> bytes:
-    """H.264 in mp4: a rolling noise texture (every frame differs), a key frame every `keyint` frames."""
-    out = io.BytesIO()
-    with av.open(out, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"g": str(keyint), "bf": "2", "preset": "veryfast"}
-        base = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
-        for i in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+    """H.264 in mp4 (the synthetic corpus's encoder): a rolling noise texture (every frame differs), a key frame
+    every `keyint` frames."""
+    base = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    return encode_mp4(np.stack([np.roll(base, 3 * i, axis=1) for i in range(frames)]), fps=30,
+                      options={"g": str(keyint)})
 
 
 def in_order(data: bytes, indices: list[int], threads: int) -> list[np.ndarray]:

@@ -898,9 +898,11 @@ def projection(step_s: float, batch: int, trained_params: int, stage: int,
 # ================================================================================================ report
 def table(record: dict) -> str:
     """The human-readable tables of one stage's record."""
-    media = {"image": " of 1-frame images", "alternate": ", image and clip batches in turn"}.get(record.get("media"), "")
+    kinds = {"image": " of 1-frame images", "alternate": ", image and clip batches in turn"}
+    media = kinds.get(record.get("media"), "")
     lines = [f"stage {record['stage']} on {record['device']}: batch {record['batch']}{media}, "
-             f"CUDA graphs {record.get('cuda_graphs')}{graph_counts(record)}, trained parameters {record['params']['trained'] / 1e6:.1f}M, "
+             f"CUDA graphs {record.get('cuda_graphs')}{graph_counts(record)}, "
+             f"trained parameters {record['params']['trained'] / 1e6:.1f}M, "
              f"teacher {record['params']['teacher'] / 1e6:.1f}M; model GFLOP per clip (fwd+bwd) "
              f"{record['flops']['per_clip_fwd_bwd'] / 1e9:.1f} (teacher {record['flops']['teacher_fwd'] / 1e9:.1f}, "
              f"student {record['flops']['student_fwd_bwd'] / 1e9:.1f}, text {record['flops']['text_fwd_bwd'] / 1e9:.1f}"

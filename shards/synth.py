@@ -253,8 +253,9 @@ def render(a: Attributes, size: int, frames: int, rng: np.random.Generator) -> n
 
 
 # ------------------------------------------------------------------------------------------------ encoding, writing
-def encode_mp4(frames: np.ndarray, fps: int = 8, codec: str = "h264") -> bytes:
-    """Returns the bytes of an mp4 (yuv420p) holding `frames` (T, H, W, 3) uint8 RGB with even H and W.
+def encode_mp4(frames: np.ndarray, fps: int = 8, codec: str = "h264", options: Optional[dict] = None) -> bytes:
+    """Returns the bytes of an mp4 (yuv420p) holding `frames` (T, H, W, 3) uint8 RGB with even H and W; `options`
+    are encoder options over the codec's own (e.g. {"g": "20"}: a key frame every 20 frames).
 
     One encoder thread: the output is then byte-identical across runs (and workers are processes, not threads).
     """
@@ -265,13 +266,13 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, codec: str = "h264") -> bytes:
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
-    encoder, options = ENCODERS[codec]
+    encoder, defaults = ENCODERS[codec]
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream(encoder, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = dict(options)
+        stream.options = {**defaults, **(options or {})}
         for index, pixels in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
             frame.pts = index  # in the stream's time base, 1/fps

@@ -116,17 +116,18 @@ def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.nd
     """
     import av
 
+    wanted = sorted(set(indices))
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
             packets = [p for p in container.demux(stream) if p.size]
-            kept = _decoded_frames(stream.codec_context, packets, sorted(set(indices)))
+            kept = _decoded_frames(stream.codec_context, packets, wanted)
     except Exception as e:
         raise DecodeError("corrupt_video", f"video decoding failed: {e}") from None
-    if len(kept) < len(set(indices)):
-        raise DecodeError("corrupt_video", f"only {len(kept)} of the {len(set(indices))} planned frames decoded")
+    if len(kept) < len(wanted):
+        raise DecodeError("corrupt_video", f"only {len(kept)} of the {len(wanted)} planned frames decoded")
     return np.stack([kept[i] for i in indices])
 
 
