@@ -23,7 +23,7 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.transforms import ClipPlan, planned_clip
+from pipeline.data.transforms import ClipPlan, normalized, planned_pixels
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -110,9 +110,11 @@ def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.nd
     decoding), which gives each frame's presentation index and the key frames. The decoder then runs up to the last
     wanted frame, except that where a wanted frame lies past a key frame at least `SEEK_MIN_SKIP` frames beyond the
     decoder's position, it is flushed and restarted at that key frame. A clip with one key frame decodes as it
-    always did; a long clip with short GOPs decodes a few GOPs instead of all of it (bench/RESULTS.md). Frames are
-    the same either way: decoding restarts only at key frames, and a frame that leads an open GOP after a restart is
-    never kept.
+    always did; a long clip with short GOPs decodes a few GOPs instead of all of it (bench/RESULTS.md). In H.264,
+    the packets of non-reference pictures that are not wanted are not decoded at all: no other picture is predicted
+    from them (nal_ref_idc 0), and x264's B-frames are about half of a clip's frames. Frames are the same either way:
+    decoding restarts only at key frames, a frame that leads an open GOP after a restart is never kept, and a
+    dropped picture is one nothing refers to.
     """
     import av
 
@@ -123,7 +125,11 @@ def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.nd
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
             packets = [p for p in container.demux(stream) if p.size]
-            kept = _decoded_frames(stream.codec_context, packets, wanted)
+            try:
+                kept = _decoded_frames(stream.codec_context, packets, wanted, _nal_reader(stream.codec_context))
+            except _FallingStamps:  # the container's timestamps are not the frames' (AVI with B-frames)
+                stream.codec_context.flush_buffers()
+                kept = _decoded_frames(stream.codec_context, packets, wanted, stamps=False)
     except Exception as e:
         raise DecodeError("corrupt_video", f"video decoding failed: {e}") from None
     if len(kept) < len(wanted):
@@ -135,19 +141,36 @@ def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.nd
 SEEK_MIN_SKIP = 8
 
 
-def _decoded_frames(codec, packets: list, targets: list) -> dict:
-    """{index: RGB frame} of the sorted presentation indices `targets`, decoding `packets` (in decode order)."""
-    index_of = _presentation_indices(packets)
+class _FallingStamps(Exception):
+    """The decoder gave frames with falling timestamps: the packets' timestamps do not order the frames."""
+
+
+def _decoded_frames(codec, packets: list, targets: list, nals: Optional["_NalReader"] = None,
+                    stamps: bool = True) -> dict:
+    """{index: RGB frame} of the sorted presentation indices `targets`, decoding `packets` (in decode order); with
+    `nals` (H.264), unwanted packets of non-reference pictures are passed over. Frames are placed by their
+    timestamps where these can say (`_presentation_indices`), else (or when not `stamps`) counted as they come;
+    raises _FallingStamps when timestamps that looked usable come out of the decoder out of order."""
+    from av.video.reformatter import VideoReformatter
+
+    index_of = _presentation_indices(packets) if stamps else None
     keys = [(index_of[p.pts], j) for j, p in enumerate(packets) if p.is_keyframe and p.pts in index_of] \
         if index_of else []
+    wanted = set(targets)
+    unused = {j for j, p in enumerate(packets) if index_of.get(p.pts) not in wanted and nals.disposable(p)} \
+        if index_of and nals else set()
+    rgb = VideoReformatter()  # one colour converter for the clip: a frame's own is built anew for each frame
     kept: dict[int, np.ndarray] = {}
-    wanted, position, j, emitted, drained = set(targets), 0, 0, 0, False
+    position, j, emitted, drained, last = 0, 0, 0, False, -1
     for target in targets:
         k = bisect.bisect_right(keys, (target, len(packets))) - 1
         if k >= 0 and keys[k][0] - position >= SEEK_MIN_SKIP and keys[k][1] > j:
             codec.flush_buffers()  # frames in flight are dropped: all lie before the key frame
-            position, j = keys[k]
+            position, j, last = keys[k] + (-1,)
         while target not in kept and target >= position and not drained:
+            if j in unused:
+                j += 1
+                continue
             if j < len(packets):
                 frames, j = codec.decode(packets[j]), j + 1
             else:  # the end: the frames still held back for reordering or in other threads
@@ -157,10 +180,46 @@ def _decoded_frames(codec, packets: list, targets: list) -> dict:
                 emitted += 1
                 if index is None:
                     continue
+                if index <= last:
+                    raise _FallingStamps()
+                last = index
                 if index in wanted and index >= position and index not in kept:  # not a leading frame of an open GOP
-                    kept[index] = frame.to_ndarray(format="rgb24")
+                    kept[index] = rgb.reformat(frame, format="rgb24").to_ndarray()
                 position = max(position, index + 1)
     return kept
+
+
+class _NalReader:
+    """Reads the NAL unit headers of H.264 packets stored length-prefixed (mp4, matroska: avcC), the prefix size
+    taken from the codec's extradata."""
+
+    def __init__(self, length_size: int):
+        self.length_size = length_size
+
+    def headers(self, data: bytes) -> list[int]:
+        """The first byte of each NAL unit of `data` (none when the prefixes do not add up)."""
+        out, i, n = [], 0, self.length_size
+        while i + n < len(data):
+            size = int.from_bytes(data[i:i + n], "big")
+            if size == 0 or i + n + size > len(data):
+                return []
+            out.append(data[i + n])
+            i += n + size
+        return out
+
+    def disposable(self, packet) -> bool:
+        """True for a packet of slices that all have nal_ref_idc 0 (a picture no other is predicted from)."""
+        slices = [h for h in self.headers(bytes(packet)) if 1 <= h & 0x1F <= 5]
+        return bool(slices) and all(h & 0x60 == 0 for h in slices)
+
+
+def _nal_reader(codec) -> Optional[_NalReader]:
+    """A NAL reader for length-prefixed H.264, else None (start-code streams, as in AVI, and other codecs keep
+    every packet)."""
+    extra = bytes(codec.extradata or b"")
+    if codec.name != "h264" or len(extra) < 5 or extra[0] != 1:
+        return None
+    return _NalReader((extra[4] & 3) + 1)
 
 
 def _presentation_indices(packets: list) -> Optional[dict]:
@@ -192,13 +251,18 @@ class CpuDecoder:
     def __init__(self, threads: int = 1):
         self.threads = threads
 
-    def decode_one(self, sample: EncodedSample) -> torch.Tensor:
+    def pixels_one(self, sample: EncodedSample) -> torch.Tensor:
+        """Returns the sample's planned (3, T, S, S) uint8 pixels, not normalized (what loader workers hand over)."""
         plan = sample.plan
         if sample.media == "video":
             frames = video_frames(sample.data, plan.indices, self.threads)
         else:
             frames = image_frames(sample.data, len(plan.indices))
-        return planned_clip(torch.from_numpy(np.ascontiguousarray(frames)), plan)
+        return planned_pixels(torch.from_numpy(np.ascontiguousarray(frames)), plan)
+
+    def decode_one(self, sample: EncodedSample) -> torch.Tensor:
+        """Returns the sample's planned (3, T, S, S) float clip, normalized as the plan says."""
+        return normalized(self.pixels_one(sample), sample.plan.mean, sample.plan.std)
 
     def decode(self, samples: Sequence[EncodedSample]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
         clips, failures = [], []

@@ -9,7 +9,10 @@ logical worker (next + k) % num_workers, so the round-robin continues where it s
 those an uninterrupted run would have yielded next (same world size and worker count). With another layout see
 `pipeline.data.stream.relayout` for the bound.
 
-With the DALI decoder the workers hand over encoded bytes and plans, and the main process decodes on the GPU:
+With the CPU decoder the workers hand over 8-bit pixels (a quarter of float32's bytes through the workers' shared
+memory; pinned where there is a GPU) and the main process copies them to the device it hands clips out on (the
+current GPU, else the CPU) and normalizes them there. With the DALI decoder the workers hand over encoded bytes and
+plans, and the main process decodes on the GPU:
 background threads decode groups of consecutive batches (`DaliSettings`) while the training step runs, and the
 batches are handed out in their original order; a batch's position (and the skips DALI met in it) counts only when
 the batch is handed out, so prefetching changes neither the resume position nor `stats()`.
@@ -43,7 +46,7 @@ from pipeline.data.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, CpuDecoder
 from pipeline.data.stream import (Corpus, Layout, RawSample, SlotStream, StreamSpec, exclusions_from_state,
                                   exclusions_to_state, keep_counts, known_counts, relayout, resolved_corpus,
                                   split_sources)
-from pipeline.data.transforms import clip_plan
+from pipeline.data.transforms import NORMALIZATIONS, clip_plan, normalized
 
 STATE_VERSION = 1
 ORDER_FIELDS = ("seed", "world_size", "slots_per_rank", "shuffle", "buffer")  # what the sample order depends on
@@ -128,7 +131,7 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
     for raw in stream:
         try:
             encoded, text, captions = planner.planned(raw)
-            clip = decoder.decode_one(encoded) if decoder else None
+            clip = decoder.pixels_one(encoded) if decoder else None
             if decoder is None and encoded.media == "video":  # for DALI, in the workers: see nvdec_ready
                 encoded.data = nvdec_ready(encoded.data)
         except DecodeError as e:
@@ -158,8 +161,9 @@ def epochs_of(stream: SlotStream) -> list[int]:
 
 
 def collated(items: list[tuple], state: dict) -> dict:
-    """Returns a batch of (encoded, text, captions, clip or None) items: "video" when the clips were decoded here,
-    else "encoded" (the samples for the main process's decoder); an empty batch only carries its state."""
+    """Returns a batch of (encoded, text, captions, uint8 pixels or None) items: "pixels" when the clips were
+    decoded here (the main process normalizes them, see `StreamingLoader`), else "encoded" (the samples for the main
+    process's decoder); an empty batch only carries its state."""
     encoded = [i[0] for i in items]
     is_image = [e.media == "image" for e in encoded]
     batch = {"text": [i[1] for i in items], "captions": [i[2] for i in items], "key": [e.key for e in encoded],
@@ -168,7 +172,7 @@ def collated(items: list[tuple], state: dict) -> dict:
     if not items:
         return batch
     if items[0][3] is not None:
-        batch["video"] = torch.stack([i[3] for i in items])
+        batch["pixels"] = torch.stack([i[3] for i in items])
     else:
         batch["encoded"] = encoded
     return batch
@@ -263,6 +267,11 @@ def split_decoded(group: list[dict], video: Optional[torch.Tensor], failures: li
 
 
 # ------------------------------------------------------------------------------------------------------ the loader
+def handed_device() -> torch.device:
+    """Where the loader hands its clips out: the current GPU where there is one (where the step runs), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 class StreamingLoader:
     """Iterable of batches with `state_dict()`, `load_state_dict()` and `stats()` (see the module docstring)."""
 
@@ -290,6 +299,9 @@ class StreamingLoader:
             self._slots[batch["worker"]] = batch.pop("state")
             self._next = (batch.pop("worker") + 1) % len(self._slots)
             self._main_skips.update(batch.pop("decode_skips", ()))
+            if "pixels" in batch:
+                batch["video"] = normalized(batch.pop("pixels").to(handed_device(), non_blocking=True),
+                                            *NORMALIZATIONS[self.planner.normalize])
             if batch["key"]:
                 yield batch
 
@@ -299,7 +311,7 @@ class StreamingLoader:
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-                               prefetch_factor=2,
+                               prefetch_factor=2, pin_memory=handed_device().type == "cuda",
                                # the workers' base seed must not come from the global RNG: the DataLoader starts on
                                # the first batch, after a resumed trainer restored that RNG, and would shift it
                                generator=torch.Generator()))

@@ -11,8 +11,8 @@ import torch
 from pipeline.data import build_loader
 from pipeline.data.decode import CpuDecoder, DecodeError, EncodedSample, dali_available, nvdec_ready, probe
 from pipeline.data.transforms import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, MULTISCALE_SCALES, ClipPlan,
-                                      clip_plan, denormalized, multiscale_box, planned_clip, random_resized_box,
-                                      resampled_frames, segment_frames)
+                                      clip_plan, denormalized, multiscale_box, normalized, planned_clip, planned_pixels,
+                                      random_resized_box, resampled_frames, segment_frames)
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
 
@@ -116,6 +116,22 @@ def test_a_training_plan_carries_the_normalization_to_the_decoded_frames(normali
     torch.testing.assert_close(denormalized(clip, normalize), torch.full_like(clip, 200.0), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("interp,antialias", [("bilinear", True), ("bicubic", False), ("bicubic", True)])
+def test_planned_pixels_are_8_bit_within_a_grey_level_of_the_float_resize(interp, antialias):
+    """Bilinear (training) resizes the 8-bit frames directly; bicubic (evaluation) exactly as torchvision on uint8
+    frames: a float resize, clamped and rounded."""
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 40, 50, 3), dtype=np.uint8))
+    plan = ClipPlan((0, 1, 2), (4, 2, 44, 38), True, 24, interp, antialias)
+    pixels = planned_pixels(frames, plan)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 24, 24)
+    resized = torch.nn.functional.interpolate(frames[:, 2:38, 4:44].permute(0, 3, 1, 2).float(), size=(24, 24),
+                                              mode=interp, align_corners=False, antialias=antialias)
+    rounded = resized.clamp(0, 255).round().flip(-1).permute(1, 0, 2, 3)
+    difference = (pixels.float() - rounded).abs()
+    assert difference.max() <= (0 if interp == "bicubic" else 1)
+    torch.testing.assert_close(planned_clip(frames, plan), normalized(pixels, plan.mean, plan.std))
+
+
 def test_planned_clip_normalizes_with_clip_mean_and_std_and_flips():
     frames = torch.zeros((2, 8, 8, 3), dtype=torch.uint8)
     frames[..., 0] = 255
@@ -178,12 +194,14 @@ def frames_in_order(data: bytes) -> list[np.ndarray]:
         return [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
 
 
-def packets_fed(data: bytes, targets: list[int]) -> int:
-    """How many packets `video_frames`'s decoding sends to the decoder for these frames."""
-    from pipeline.data.decode import _decoded_frames
+def packets_fed(data: bytes, targets: list[int], skip_disposable: bool = False) -> int:
+    """How many packets `video_frames`'s decoding sends to the decoder for these frames (passing over unwanted
+    non-reference pictures, as `video_frames` does, with `skip_disposable`)."""
+    from pipeline.data.decode import _decoded_frames, _nal_reader
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
+        nals = _nal_reader(stream.codec_context) if skip_disposable else None
         packets = [p for p in container.demux(stream) if p.size]
         fed = []
         decode = stream.codec_context.decode
@@ -196,7 +214,7 @@ def packets_fed(data: bytes, targets: list[int]) -> int:
             def flush_buffers(self):
                 stream.codec_context.flush_buffers()
 
-        kept = _decoded_frames(Counting(), packets, sorted(set(targets)))
+        kept = _decoded_frames(Counting(), packets, sorted(set(targets)), nals)
         assert sorted(kept) == sorted(set(targets))
         return sum(p is not None for p in fed)
 
@@ -227,6 +245,70 @@ def test_video_frames_of_a_clip_with_one_key_frame_decode_in_order():
     got = video_frames(data, [50, 7, 33])
     assert all(np.array_equal(f, reference[i]) for f, i in zip(got, [50, 7, 33]))
     assert packets_fed(data, [7, 33, 50]) >= 51
+
+
+def h264_in(container: str, frames: int) -> bytes:
+    """H.264 with x264's B-frames (the synthetic corpus's encoder settings) in `container`: mp4 and matroska store
+    length-prefixed NAL units, avi start codes (Annex B)."""
+    from shards.synth import ENCODERS
+
+    base = np.kron(np.random.default_rng(1).integers(0, 255, (11, 11, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))
+    out = io.BytesIO()
+    with av.open(out, "w", format=container) as target:
+        stream = target.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = ENCODERS["h264"][1]
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(base[i % 24:i % 24 + 64, :64]), format="rgb24")
+            frame.pts = i
+            target.mux(stream.encode(frame))
+        target.mux(stream.encode())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("container", ["mp4", "matroska"])
+def test_unwanted_non_reference_pictures_are_not_decoded(container):
+    """The B-frames no picture refers to (nal_ref_idc 0) are passed over unless wanted; the frames are those of
+    decoding every packet, bit for bit."""
+    from pipeline.data.decode import _nal_reader, video_frames
+
+    data = h264_in(container, 60)
+    reference = frames_in_order(data)
+    with av.open(io.BytesIO(data)) as source:
+        stream = source.streams.video[0]
+        nals = _nal_reader(stream.codec_context)
+        disposable = sum(nals.disposable(p) for p in source.demux(stream) if p.size)
+    assert disposable >= 10
+    indices = [55, 2, 17, 30, 30, 44]
+    assert all(np.array_equal(f, reference[i]) for f, i in zip(video_frames(data, indices), indices))
+    every, fewer = packets_fed(data, indices), packets_fed(data, indices, skip_disposable=True)
+    assert every >= 56 and fewer <= every - disposable // 2
+
+
+def test_avi_frames_are_placed_in_decoder_order_where_its_timestamps_cannot_say():
+    """AVI stores H.264 with B-frames under decode-order timestamps: the frames come out of the decoder with falling
+    timestamps, so they are counted as they come instead, and are still the right ones."""
+    from pipeline.data.decode import _nal_reader, video_frames
+
+    data = h264_in("avi", 60)
+    reference = frames_in_order(data)
+    indices = [55, 2, 17, 30, 44]
+    assert all(np.array_equal(f, reference[i]) for f, i in zip(video_frames(data, indices), indices))
+    with av.open(io.BytesIO(data)) as source:
+        assert _nal_reader(source.streams.video[0].codec_context) is None  # start codes: every packet is decoded
+
+
+def test_nal_headers_are_read_from_their_length_prefixes():
+    from pipeline.data.decode import _NalReader
+
+    prefixed = b"\x00\x00\x00\x02\x06\xaa" + b"\x00\x00\x00\x03\x01\x9a\x00"  # an SEI, a slice with ref_idc 0
+    assert _NalReader(4).headers(prefixed) == [0x06, 0x01] and _NalReader(4).disposable(prefixed)
+    assert _NalReader(4).headers(prefixed[:-1]) == []  # a length past the packet: nothing is assumed
+    assert not _NalReader(4).disposable(prefixed[:-1])
+    reference = b"\x00\x02\x41\x9a" + b"\x00\x02\x01\x9a"  # 2-byte prefixes; one slice is a reference
+    assert _NalReader(2).headers(reference) == [0x41, 0x01] and not _NalReader(2).disposable(reference)
+    assert not _NalReader(4).disposable(b"\x00\x00\x00\x02\x06\x05")  # no slice at all
 
 
 def frames_at_coded_size(data: bytes) -> np.ndarray:
