@@ -31,8 +31,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.data import build_loader
-from pipeline.data.decode import (CpuDecoder, DaliDecoder, EncodedSample, dali_available, nvdec_ready,
-                                  probe)
+from pipeline.data.decode import CpuDecoder, DaliDecoder, EncodedSample, dali_available, dali_ready, probe
 from pipeline.data.loader import DaliSettings, default_dali_settings
 from pipeline.data.transforms import NORMALIZATIONS, clip_plan
 from shards.synth import encode_mp4
@@ -99,8 +98,7 @@ def decoder_difference(clip: bytes, frames: int, size: int, device: str) -> tupl
                      np.random.default_rng(0), crop=DataConfig.crop, normalize=DataConfig.normalize)
     sample = EncodedSample("check", "video", clip, plan)
     cpu = CpuDecoder().decode([sample])[0]
-    dali_sample = EncodedSample("check", "video", nvdec_ready(clip), plan)  # as the loader hands it to DALI
-    dali = DaliDecoder(device, max_batch=1, threads=1).decode([dali_sample])[0].cpu()
+    dali = DaliDecoder(device, max_batch=1, threads=1).decode([dali_ready(sample)])[0].cpu()  # as the loader does
     diff = (dali - cpu).abs()
     return diff.max().item(), diff.mean().item()
 

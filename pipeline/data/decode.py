@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import bisect
 import io
-from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -107,14 +107,9 @@ def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.nd
     """Returns the frames at `indices` (in that order, repeats allowed) as (T, H, W, 3) uint8 RGB.
 
     Decoding is what a clip costs, so no frame is decoded that need not be. The packets are read first (no
-    decoding), which gives each frame's presentation index and the key frames. The decoder then runs up to the last
-    wanted frame, except that where a wanted frame lies past a key frame at least `SEEK_MIN_SKIP` frames beyond the
-    decoder's position, it is flushed and restarted at that key frame. A clip with one key frame decodes as it
-    always did; a long clip with short GOPs decodes a few GOPs instead of all of it (bench/RESULTS.md). In H.264,
-    the packets of non-reference pictures that are not wanted are not decoded at all: no other picture is predicted
-    from them (nal_ref_idc 0), and x264's B-frames are about half of a clip's frames. Frames are the same either way:
-    decoding restarts only at key frames, a frame that leads an open GOP after a restart is never kept, and a
-    dropped picture is one nothing refers to.
+    decoding), which gives each frame's presentation index and the key frames; `decoding_plan` then says which to
+    feed: up to the last wanted frame, restarting at key frames to skip whole GOPs, and passing over H.264's unwanted
+    non-reference pictures. Frames are the same as decoding everything gives (tests/data/test_data_decode.py).
     """
     import av
 
@@ -124,12 +119,18 @@ def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.nd
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
+            codec = stream.codec_context
             packets = [p for p in container.demux(stream) if p.size]
-            try:
-                kept = _decoded_frames(stream.codec_context, packets, wanted, _nal_reader(stream.codec_context))
-            except _FallingStamps:  # the container's timestamps are not the frames' (AVI with B-frames)
-                stream.codec_context.flush_buffers()
-                kept = _decoded_frames(stream.codec_context, packets, wanted, stamps=False)
+            index_of = _presentation_indices(packets)
+            kept = None
+            if index_of:
+                try:
+                    plan = decoding_plan(packets, index_of, wanted, _nal_reader(codec), lambda p: True)
+                    kept = _planned_frames(codec, packets, plan, index_of, wanted)
+                except _FallingStamps:  # the container's timestamps are not the frames' (AVI with B-frames)
+                    codec.flush_buffers()
+            if kept is None:
+                kept = _frames_in_output_order(codec, packets, wanted)
     except Exception as e:
         raise DecodeError("corrupt_video", f"video decoding failed: {e}") from None
     if len(kept) < len(wanted):
@@ -141,51 +142,97 @@ def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.nd
 SEEK_MIN_SKIP = 8
 
 
+@dataclass(frozen=True)
+class Span:
+    """A run of decoding: from the frame at presentation index `start` (0, or a key frame's), the packets at
+    `positions` (decode order)."""
+
+    start: int
+    positions: tuple[int, ...]
+
+
+def decoding_plan(packets: list, index_of: dict, targets: list, nals: Optional["_NalReader"],
+                  restarts_at: Callable[[object], bool]) -> list[Span]:
+    """Returns the spans of packets a decoder must be fed to output the sorted presentation indices `targets`.
+
+    A span runs from the first packet, or from a key frame that `restarts_at` accepts where one lies at least
+    `SEEK_MIN_SKIP` frames past the previous target, through each of its targets' own packets (a picture is predicted
+    only from pictures decoded before it). The packets of non-reference H.264 pictures (nal_ref_idc 0, with
+    `nals`) that are not wanted are left out: no other picture is predicted from them, and x264's B-frames are
+    about half of a clip's frames. A long clip with short GOPs decodes a few GOPs instead of all of it
+    (bench/RESULTS.md)."""
+    position_of = {index_of[p.pts]: j for j, p in enumerate(packets) if p.pts in index_of}
+    keys = [(index_of[p.pts], j) for j, p in enumerate(packets)
+            if p.is_keyframe and p.pts in index_of and restarts_at(p)]
+    runs: list[list[int]] = []  # [start index, first packet, last packet]
+    previous = -1
+    for target in targets:
+        k = bisect.bisect_right(keys, (target, len(packets))) - 1
+        if k >= 0 and keys[k][0] - previous > SEEK_MIN_SKIP and (not runs or keys[k][1] > runs[-1][2]):
+            runs.append([keys[k][0], keys[k][1], position_of[target]])
+        elif runs:
+            runs[-1][2] = max(runs[-1][2], position_of[target])
+        else:
+            runs.append([0, 0, position_of[target]])
+        previous = target
+    wanted = set(targets)
+    return [Span(start, tuple(j for j in range(first, last + 1)
+                              if not (nals and index_of.get(packets[j].pts) not in wanted
+                                      and nals.disposable(packets[j]))))
+            for start, first, last in runs]
+
+
 class _FallingStamps(Exception):
     """The decoder gave frames with falling timestamps: the packets' timestamps do not order the frames."""
 
 
-def _decoded_frames(codec, packets: list, targets: list, nals: Optional["_NalReader"] = None,
-                    stamps: bool = True) -> dict:
-    """{index: RGB frame} of the sorted presentation indices `targets`, decoding `packets` (in decode order); with
-    `nals` (H.264), unwanted packets of non-reference pictures are passed over. Frames are placed by their
-    timestamps where these can say (`_presentation_indices`), else (or when not `stamps`) counted as they come;
-    raises _FallingStamps when timestamps that looked usable come out of the decoder out of order."""
+def _planned_frames(codec, packets: list, plan: list[Span], index_of: dict, targets: list) -> dict:
+    """{index: RGB frame} of the presentation indices `targets`, feeding the plan's spans and draining the decoder
+    after each; raises _FallingStamps when the frames come out with falling timestamps (then these cannot place
+    them). A frame before its span's start (one that leads an open GOP, predicted from frames not decoded) is never
+    kept."""
     from av.video.reformatter import VideoReformatter
 
-    index_of = _presentation_indices(packets) if stamps else None
-    keys = [(index_of[p.pts], j) for j, p in enumerate(packets) if p.is_keyframe and p.pts in index_of] \
-        if index_of else []
-    wanted = set(targets)
-    unused = {j for j, p in enumerate(packets) if index_of.get(p.pts) not in wanted and nals.disposable(p)} \
-        if index_of and nals else set()
     rgb = VideoReformatter()  # one colour converter for the clip: a frame's own is built anew for each frame
     kept: dict[int, np.ndarray] = {}
-    position, j, emitted, drained, last = 0, 0, 0, False, -1
-    for target in targets:
-        k = bisect.bisect_right(keys, (target, len(packets))) - 1
-        if k >= 0 and keys[k][0] - position >= SEEK_MIN_SKIP and keys[k][1] > j:
-            codec.flush_buffers()  # frames in flight are dropped: all lie before the key frame
-            position, j, last = keys[k] + (-1,)
-        while target not in kept and target >= position and not drained:
-            if j in unused:
-                j += 1
-                continue
-            if j < len(packets):
-                frames, j = codec.decode(packets[j]), j + 1
-            else:  # the end: the frames still held back for reordering or in other threads
-                frames, drained = codec.decode(None), True
+    wanted = set(targets)
+    for n, span in enumerate(plan):
+        if n:
+            codec.flush_buffers()  # ends the draining, so decoding can start over at the span's key frame
+        last = -1
+        for frames in _outputs(codec, [packets[j] for j in span.positions]):
             for frame in frames:
-                index = index_of.get(frame.pts) if index_of else emitted
-                emitted += 1
-                if index is None:
+                index = index_of.get(frame.pts)
+                if index is None:  # a frame the container says is never shown (an edit list's leading frames)
                     continue
                 if index <= last:
                     raise _FallingStamps()
                 last = index
-                if index in wanted and index >= position and index not in kept:  # not a leading frame of an open GOP
+                if index in wanted and index >= span.start:
                     kept[index] = rgb.reformat(frame, format="rgb24").to_ndarray()
-                position = max(position, index + 1)
+    return kept
+
+
+def _outputs(codec, packets: list) -> Iterator[list]:
+    """The frames the decoder gives for each packet fed, then those it held back (drained at the end)."""
+    for packet in packets:
+        yield codec.decode(packet)
+    yield codec.decode(None)
+
+
+def _frames_in_output_order(codec, packets: list, targets: list) -> dict:
+    """{index: RGB frame} of the presentation indices `targets`, counting frames as the decoder outputs them
+    (every packet fed in order, until the last target)."""
+    from av.video.reformatter import VideoReformatter
+
+    rgb, kept, wanted, index = VideoReformatter(), {}, set(targets), 0
+    for frames in _outputs(codec, packets):
+        for frame in frames:
+            if index in wanted:
+                kept[index] = rgb.reformat(frame, format="rgb24").to_ndarray()
+            index += 1
+        if len(kept) == len(wanted):
+            break
     return kept
 
 
@@ -206,6 +253,10 @@ class _NalReader:
             out.append(data[i + n])
             i += n + size
         return out
+
+    def idr(self, packet) -> bool:
+        """True for a packet holding an IDR picture (a key frame that no later picture looks past)."""
+        return any(h & 0x1F == 5 for h in self.headers(bytes(packet)))
 
     def disposable(self, packet) -> bool:
         """True for a packet of slices that all have nal_ref_idc 0 (a picture no other is predicted from)."""
@@ -282,37 +333,88 @@ def _stacked(clips: list[torch.Tensor], samples: Sequence[EncodedSample]) -> tor
 
 
 # ----------------------------------------------------------------------------------------------------------- DALI
-def nvdec_ready(data: bytes) -> bytes:
-    """Returns the video with the H.264 SPS frame cropping removed (a remux through FFmpeg's h264_metadata
-    bitstream filter, no decoding); other codecs, uncropped streams and anything PyAV cannot remux come back as is.
+# the container a trimmed video is written in, by codec; videos of other codecs go to DALI whole
+TRIM_CONTAINERS = {"h264": "mp4", "vp8": "webm", "vp9": "webm"}
 
-    Why: an H.264 frame whose width or height is not a multiple of 16 is coded larger and cropped by the SPS
-    (340x256 is coded 352x256). DALI's video decoder caches NVDEC decoders by coded size but files them under the
-    cropped size, so such clips never find a cached decoder and each one creates a new NVDEC decoder, serialized in
-    the driver (~70 ms per clip on an H100, whatever the threads: ~11 clips/s). Uncropped, the decoder is reused.
-    The container still gives the display size, and DALI converts only that top-left area, so the frames and the
-    planned boxes are unchanged.
+
+def dali_ready(sample: EncodedSample) -> EncodedSample:
+    """Returns the sample as DALI's video decoder should get it (the loader's workers call this): only the packets
+    its planned frames need, with the H.264 SPS frame cropping removed, remuxed, and the plan's frame indices
+    renumbered into that stream. Images, and videos that cannot be remuxed, come back as they are.
+
+    Why trim: DALI's `decoders.video` decodes every frame from the first up to the last planned one (no seeking,
+    no skipped pictures) and converts each decoded frame to RGB with a stream synchronize (DALI 2.4,
+    dali/operators/video/frames_decoder_gpu.cc), so a clip costs the frames its stream holds up to the last
+    planned one. The stream handed over holds the spans of `decoding_plan`, restarting only at key frames that
+    close their GOP (IDR pictures in H.264, any VP8/VP9 key frame), so that joined GOPs decode as one stream, and
+    without the unwanted non-reference pictures. Its frames are numbered afresh in presentation order, which is
+    how DALI counts them (the i-th frame it outputs).
+
+    Why uncrop: an H.264 frame whose width or height is not a multiple of 16 is coded larger and cropped by the
+    SPS (340x256 is coded 352x256). DALI's video decoder caches NVDEC decoders by coded size but files them under
+    the cropped size, so such clips never find a cached decoder and each one creates a new NVDEC decoder,
+    serialized in the driver (~70 ms per clip on an H100, whatever the threads: ~11 clips/s). Uncropped (FFmpeg's
+    h264_metadata bitstream filter, no decoding), the decoder is reused. The container still gives the display
+    size, and DALI converts only that top-left area, so the frames and the planned boxes are unchanged.
     """
+    if sample.media != "video":
+        return sample
+    try:
+        data, indices = _dali_video(sample.data, sample.plan.indices)
+    except Exception:  # not remuxable: DALI decodes (or rejects) the original
+        return sample
+    if data is sample.data:
+        return sample
+    return EncodedSample(sample.key, sample.media, data, replace(sample.plan, indices=indices))
+
+
+def _dali_video(data: bytes, indices: Sequence[int]) -> tuple[bytes, tuple[int, ...]]:
+    """(video bytes, frame indices) for DALI: see `dali_ready`."""
     import av
 
-    try:
-        with av.open(io.BytesIO(data)) as source:
-            stream = source.streams.video[0]
-            width, height = stream.codec_context.width, stream.codec_context.height
-            if stream.codec_context.name != "h264" or (width % 16 == 0 and height % 16 == 0):
-                return data
-            out = io.BytesIO()
-            with av.open(out, "w", format="mp4") as target:
-                copy = target.add_stream_from_template(stream)
-                bsf = av.bitstream.BitStreamFilterContext(
-                    "h264_metadata=crop_left=0:crop_right=0:crop_top=0:crop_bottom=0", stream, copy)
-                for packet in source.demux(stream):
-                    for filtered in bsf.filter(packet if packet.size else None):
-                        filtered.stream = copy
-                        target.mux(filtered)
-        return out.getvalue()
-    except Exception:  # not remuxable: DALI decodes (or rejects) the original
-        return data
+    with av.open(io.BytesIO(data)) as source:
+        stream = source.streams.video[0]
+        codec = stream.codec_context
+        cropped = codec.name == "h264" and (codec.width % 16 or codec.height % 16)
+        packets = [p for p in source.demux(stream) if p.size]
+        index_of = _presentation_indices(packets)
+        nals = _nal_reader(codec)
+        kept = list(range(len(packets)))
+        if index_of and codec.name in TRIM_CONTAINERS and (nals or codec.name != "h264"):
+            plan = decoding_plan(packets, index_of, sorted(set(indices)), nals,
+                                 nals.idr if nals else lambda p: True)
+            kept = [j for span in plan for j in span.positions]
+        trimmed = len(kept) < len(packets)
+        if not trimmed and not cropped:
+            return data, tuple(indices)
+        out = io.BytesIO()
+        with av.open(out, "w", format=TRIM_CONTAINERS[codec.name] if trimmed else "mp4") as target:
+            copy = target.add_stream_from_template(stream)
+            uncrop = av.bitstream.BitStreamFilterContext(
+                "h264_metadata=crop_left=0:crop_right=0:crop_top=0:crop_bottom=0", stream, copy) if cropped else None
+            chosen = [packets[j] for j in kept]
+            if trimmed:
+                indices = _renumbered(chosen, index_of, indices)
+            for packet in chosen + [None]:
+                for ready in (uncrop.filter(packet) if uncrop else [packet] if packet else []):
+                    ready.stream = copy
+                    target.mux(ready)
+    return out.getvalue(), tuple(indices)
+
+
+def _renumbered(chosen: list, index_of: dict, indices: Sequence[int]) -> list[int]:
+    """Gives the `chosen` packets (decode order) consecutive timestamps in their presentation order, decode
+    timestamps that rise and never pass them, and returns `indices` as positions in that order."""
+    order = sorted(range(len(chosen)), key=lambda k: chosen[k].pts)
+    rank = {k: r for r, k in enumerate(order)}
+    stamps = sorted(p.pts for p in chosen)
+    step = min((b - a for a, b in zip(stamps, stamps[1:]) if b > a), default=1)
+    delay = max(k - rank[k] for k in range(len(chosen)))  # how far decoding runs ahead of presentation
+    new_index = {chosen[k].pts: rank[k] for k in range(len(chosen))}
+    pts_of = {i: pts for pts, i in index_of.items()}
+    for k, packet in enumerate(chosen):
+        packet.pts, packet.dts = rank[k] * step, (k - delay) * step
+    return [new_index[pts_of[i]] for i in indices]
 
 
 def dali_available() -> bool:

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, CpuDecoder, DaliDecoder, DecodeError,
-                                  EncodedSample, dali_device, nvdec_ready, probe, resolved_decoder_name)
+                                  EncodedSample, dali_device, dali_ready, probe, resolved_decoder_name)
 from pipeline.data.stream import (Corpus, Layout, RawSample, SlotStream, StreamSpec, exclusions_from_state,
                                   exclusions_to_state, keep_counts, known_counts, relayout, resolved_corpus,
                                   split_sources)
@@ -132,8 +132,8 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
         try:
             encoded, text, captions = planner.planned(raw)
             clip = decoder.pixels_one(encoded) if decoder else None
-            if decoder is None and encoded.media == "video":  # for DALI, in the workers: see nvdec_ready
-                encoded.data = nvdec_ready(encoded.data)
+            if decoder is None:  # for DALI, in the workers: see dali_ready
+                encoded = dali_ready(encoded)
         except DecodeError as e:
             skips[e.kind] += 1
             skipping_since = skipping_since or epochs_of(stream)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.data import build_loader
-from pipeline.data.decode import CpuDecoder, DecodeError, EncodedSample, dali_available, nvdec_ready, probe
+from pipeline.data.decode import CpuDecoder, DecodeError, EncodedSample, dali_available, dali_ready, probe
 from pipeline.data.transforms import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, MULTISCALE_SCALES, ClipPlan,
                                       clip_plan, denormalized, multiscale_box, normalized, planned_clip, planned_pixels,
                                       random_resized_box, resampled_frames, segment_frames)
@@ -197,12 +197,14 @@ def frames_in_order(data: bytes) -> list[np.ndarray]:
 def packets_fed(data: bytes, targets: list[int], skip_disposable: bool = False) -> int:
     """How many packets `video_frames`'s decoding sends to the decoder for these frames (passing over unwanted
     non-reference pictures, as `video_frames` does, with `skip_disposable`)."""
-    from pipeline.data.decode import _decoded_frames, _nal_reader
+    from pipeline.data.decode import _nal_reader, _planned_frames, _presentation_indices, decoding_plan
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         nals = _nal_reader(stream.codec_context) if skip_disposable else None
         packets = [p for p in container.demux(stream) if p.size]
+        index_of = _presentation_indices(packets)
+        plan = decoding_plan(packets, index_of, sorted(set(targets)), nals, lambda p: True)
         fed = []
         decode = stream.codec_context.decode
 
@@ -214,7 +216,7 @@ def packets_fed(data: bytes, targets: list[int], skip_disposable: bool = False) 
             def flush_buffers(self):
                 stream.codec_context.flush_buffers()
 
-        kept = _decoded_frames(Counting(), packets, sorted(set(targets)), nals)
+        kept = _planned_frames(Counting(), packets, plan, index_of, sorted(set(targets)))
         assert sorted(kept) == sorted(set(targets))
         return sum(p is not None for p in fed)
 
@@ -247,7 +249,7 @@ def test_video_frames_of_a_clip_with_one_key_frame_decode_in_order():
     assert packets_fed(data, [7, 33, 50]) >= 51
 
 
-def h264_in(container: str, frames: int) -> bytes:
+def h264_in(container: str, frames: int, keyint: int = 250) -> bytes:
     """H.264 with x264's B-frames (the synthetic corpus's encoder settings) in `container`: mp4 and matroska store
     length-prefixed NAL units, avi start codes (Annex B)."""
     from shards.synth import ENCODERS
@@ -258,7 +260,7 @@ def h264_in(container: str, frames: int) -> bytes:
         stream = target.add_stream("libx264", rate=30)
         stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = ENCODERS["h264"][1]
+        stream.options = {**ENCODERS["h264"][1], "g": str(keyint)}
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(base[i % 24:i % 24 + 64, :64]), format="rgb24")
             frame.pts = i
@@ -321,18 +323,36 @@ def frames_at_coded_size(data: bytes) -> np.ndarray:
     return np.stack([f.to_ndarray(format="rgb24") for f in frames])
 
 
-def test_nvdec_ready_drops_the_sps_crop_and_keeps_every_pixel():
+def test_dali_ready_drops_the_sps_crop_and_keeps_every_pixel():
     from shards.synth import encode_mp4
 
     frames = np.random.default_rng(0).integers(0, 256, (6, 40, 50, 3), dtype=np.uint8)
     cropped = encode_mp4(frames)  # coded as 64x48 macroblocks, cropped to 50x40 by the SPS
-    ready = nvdec_ready(cropped)
-    before, after = frames_at_coded_size(cropped), frames_at_coded_size(ready)
+    every = ClipPlan(tuple(range(6)), (0, 0, 50, 40), False, 32)
+    ready = dali_ready(EncodedSample("k", "video", cropped, every))
+    before, after = frames_at_coded_size(cropped), frames_at_coded_size(ready.data)
     assert before.shape == (6, 40, 50, 3) and after.shape == (6, 48, 64, 3)
     assert np.array_equal(after[:, :40, :50], before)  # a remux: the same coded pixels
-    assert probe(ready, "video").width == 50  # the container still gives the display size
-    uncropped = encode_mp4(frames[:, :32, :48])
-    assert nvdec_ready(uncropped) is uncropped and nvdec_ready(b"not a video") == b"not a video"
+    assert probe(ready.data, "video").width == 50 and ready.plan == every  # the display size; nothing trimmed
+    uncropped = EncodedSample("k", "video", encode_mp4(frames[:, :32, :48]), every)
+    assert dali_ready(uncropped) is uncropped
+    garbage = EncodedSample("k", "video", b"not a video", every)
+    assert dali_ready(garbage) is garbage
+
+
+@pytest.mark.parametrize("codec,frames,keyint", [("h264", 90, 250), ("h264", 300, 30), ("vp9", 300, 30)])
+def test_dali_ready_hands_over_only_the_packets_the_plan_needs(codec, frames, keyint):
+    """The trimmed stream, its frames counted in output order as DALI counts them, gives at the renumbered
+    indices the very frames the plan wants: without the unwanted non-reference pictures of H.264, and with the
+    GOPs between the planned frames of a long clip left out."""
+    data = encoded_clip(frames, keyint=keyint, codec=codec) if codec == "vp9" else h264_in("mp4", frames, keyint)
+    reference = frames_in_order(data)
+    indices = (frames - 7, 3, frames // 3, frames // 3, frames // 2, 20, frames - 40, frames - 20)
+    ready = dali_ready(EncodedSample("k", "video", data, ClipPlan(indices, (0, 0, 64, 64), True, 32)))
+    trimmed = frames_in_order(ready.data)
+    assert ready.plan.box == (0, 0, 64, 64) and ready.plan.flip
+    assert all(np.array_equal(trimmed[new], reference[old]) for new, old in zip(ready.plan.indices, indices))
+    assert len(trimmed) <= (0.8 if codec == "h264" and keyint > frames else 0.5) * max(indices)
 
 
 @needs_dali
@@ -354,6 +374,21 @@ def test_dali_cpu_backend_gives_the_pyav_frames_on_vp9(clip_vp9, jpg_bytes):
     # (28 levels apart here), box or flip moves the mean far above this.
     diff = (dali - cpu).abs()
     assert diff.mean() < 0.04 and diff.flatten().quantile(0.9) < 0.1
+
+
+@needs_dali
+def test_dali_decodes_the_trimmed_stream_to_the_frames_of_the_whole_one():
+    """DALI itself (its CPU backend, VP9) on a long clip with short GOPs: the trimmed stream and its renumbered
+    indices give exactly the clip the whole stream gives."""
+    from pipeline.data.decode import DaliDecoder
+
+    data = encoded_clip(300, keyint=30, codec="vp9")
+    whole = EncodedSample("k", "video", data, ClipPlan((290, 5, 100, 100, 150, 230, 231, 20), (2, 4, 60, 58), True, 24))
+    trimmed = dali_ready(whole)
+    assert len(trimmed.data) < 0.5 * len(data)
+    decoder = DaliDecoder("cpu", max_batch=1)
+    (a, a_fail), (b, b_fail) = decoder.decode([whole]), decoder.decode([trimmed])
+    assert a_fail == b_fail == [] and torch.equal(a, b)
 
 
 @needs_dali
