@@ -11,6 +11,8 @@
 #                                                          # (4 runs, ~4 min on the H200)
 #   device call:  bash bench/gpu_train_step.sh images      # stage 2 on batches of 1-frame images (data.mix=batch),
 #                                                          # then images and clips in turn (~2 min)
+#   device call:  bash bench/gpu_train_step.sh loader      # the loader per decoder (dali, cpu, hybrid): ceilings
+#                                                          # and the stage-1 step it feeds (~4 min)
 #
 # Packages come from /tmp/site (../shared/GPU.md: deepspeed, open-clip-torch, DALI, av, webdataset, ...). `all` (the
 # default) tries everything in one call; no step runs past DEADLINE (575 s from the start, 40 s of it kept for the
@@ -106,14 +108,18 @@ print(json.dumps(record))
 PY
 }
 
-ours() {
+shards() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
   local keyint=()
   [ -n "${SOURCE_KEYINT:-}" ] && keyint=(--source-keyint "$SOURCE_KEYINT")
   step shards 120 python3 -m bench.train_step --make-shards "$data" --shards-only --source-videos "$videos" \
     --source-frames "${SOURCE_FRAMES:-90}" "${keyint[@]}"
-  local common=(--data synthetic dali cpu --shards "$data/shards/index.json" --cpu-workers "$cpu_workers"
+}
+
+ours() {
+  shards
+  local common=(--data synthetic dali cpu hybrid --shards "$data/shards/index.json" --cpu-workers "$cpu_workers"
                 --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1 --cpu-steps 3)
   # the loader's ceilings once (a property of the loader, clips/s per decoder): in the stage-1 process
   step stage1 "$stage_limit" python3 -m bench.train_step --stage 1 "${common[@]}" --loader-ceiling --ceiling-clips 512 \
@@ -146,6 +152,14 @@ grads() {  # the optimizer-step lever (bench/RESULTS.md, issue 23): each stage o
   done
 }
 
+loader() {  # the loader alone (ceilings) and feeding the stage-1 step, per decoder: DALI (streams trimmed to the
+            # planned frames), PyAV in the workers (8-bit hand-over), hybrid (both); no split or profile (~4 min)
+  shards
+  step stage1_loader "$stage_limit" python3 -m bench.train_step --stage 1 --data synthetic dali cpu hybrid \
+    --shards "$data/shards/index.json" --cpu-workers "$cpu_workers" --steps "$steps" --warmup 3 --split-steps 0 \
+    --profile-steps 0 --cpu-steps 3 --loader-ceiling --ceiling-clips 512 --json "$out/train_step_stage1_loader.json"
+}
+
 images() {  # what whole batches of 1-frame images cost in stage 2 (data.mix=batch mask.image_ratio=0.5, the
             # official image batches): all images, then images and clips in turn (each kind its own CUDA graphs)
   local common=(--stage 2 --data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
@@ -161,7 +175,8 @@ case "$phase" in
   official) official_phase;;
   grads) grads;;
   images) images;;
-  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official|grads|images]" >&2; exit 2;;
+  loader) loader;;
+  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official|grads|images|loader]" >&2; exit 2;;
 esac
 step summary 60 python3 -m bench.train_step --summary "$out"
 cp "$out/summary.log" "$out/summary.md" 2>/dev/null

@@ -1,7 +1,8 @@
 """Stage 1 and stage 2 training steps at the paper's setting on one GPU: clips/s, where the step's time goes, GPU busy
 fraction, peak memory, model FLOPs utilization, the loader's ceiling, and a projection to many GPUs (issue 23).
 
-    python -m bench.train_step --stage 1|2 [--data synthetic dali cpu] [--shards DIR/index.json | --make-shards DIR]
+    python -m bench.train_step --stage 1|2 [--data synthetic dali cpu hybrid]
+                               [--shards DIR/index.json | --make-shards DIR]
                                [--batch B] [--steps N] [--split-steps N] [--profile-steps N] [--no-cuda-graphs]
                                [--ops-steps N] [--images | --alternate] [--loader-ceiling] [--json OUT.json] [--quick]
     python -m bench.train_step --summary OUT_DIR      # the tables of every JSON in OUT_DIR (ours and the official's)
@@ -16,8 +17,9 @@ stage YAML, the backbone's blocks as CUDA graphs unless --no-cuda-graphs) on bat
   frame, no temporal embedding, half the patches masked), to time what an image batch costs; with `--alternate`
   image and clip batches take turns, one kind a step as `data.mix=batch` runs them (each kind replays CUDA graphs of
   its own: `train.cuda_graph_shapes`), FLOPs per sample the mean of the two;
-- `dali` / `cpu`: the real loader (`pipeline.data.build_loader`) over real shards, decoded by DALI on the GPU or by
-  PyAV in the DataLoader's workers.
+- `dali` / `cpu` / `hybrid`: the real loader (`pipeline.data.build_loader`) over real shards, decoded by DALI on
+  the GPU, by PyAV in the DataLoader's workers, or by both (`data.decoder=hybrid`: the workers decode the batches
+  DALI has no room for; the record says how many samples each decoded).
 Random weights throughout: the teacher is the recipe's open_clip ViT-B-16-quickgelu created without pretrained
 weights, the text encoder a BERT-base-shaped random BERT (12 layers of 768, 30,522 ids, written once to a temporary
 folder). `--make-shards DIR` writes the shards first with the project's own machinery (`shards.synth.write_corpus`:
@@ -372,8 +374,8 @@ class SyntheticBatches:
 
 
 def loader_data(cfg, decoder: str, cpu_workers: Optional[int]):
-    """The stage's data config with `decoder`, and `cpu_workers` DataLoader workers for the CPU decoder."""
-    workers = cpu_workers if decoder == "cpu" and cpu_workers is not None else cfg.data.num_workers
+    """The stage's data config with `decoder`, and `cpu_workers` DataLoader workers where they decode (cpu, hybrid)."""
+    workers = cpu_workers if decoder in ("cpu", "hybrid") and cpu_workers is not None else cfg.data.num_workers
     return dataclasses.replace(cfg.data, decoder=decoder, num_workers=workers)
 
 
@@ -574,6 +576,7 @@ class RunResult:
     top_kernels: Optional[str] = None
     mfu: Optional[float] = None
     ops_per_step: Optional[dict] = None  # mode "ops": aten ops the host dispatched per step, by part
+    decoded: Optional[dict] = None  # samples each decoder gave over the loader's life ({"cpu": n, "dali": m})
 
 
 def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, mode: str, steps: int,
@@ -760,16 +763,18 @@ def measure_stage(args) -> dict:
             if not args.shards:
                 record["notes"].append(f"--data {data} needs --shards or --make-shards: skipped")
                 continue
-            if data == "dali" and not dali_ready():
-                record["notes"].append("--data dali: DALI is not installed here: skipped")
+            if data in ("dali", "hybrid") and not dali_ready():
+                record["notes"].append(f"--data {data}: DALI is not installed here: skipped")
                 continue
-            steps = args.steps if data == "dali" else args.cpu_steps
+            steps = args.cpu_steps if data == "cpu" else args.steps
             iterator = None
             try:
                 loader = real_loader(cfg, data, args.cpu_workers)
                 iterator = iter(loader)
                 warmup = args.warmup + in_flight_batches(data, loader.num_workers)  # steady state, not the prefetch
                 more(iterator, data, "unsplit", steps, warmup)
+                if loader.decoded:
+                    runs[-1].decoded = dict(loader.decoded)
                 if args.split_steps and data == "dali":
                     more(iterator, data, "split", args.split_steps, 0)
                 if args.profile_steps and data == "dali":
@@ -800,27 +805,30 @@ def dali_ready() -> bool:
 def in_flight_batches(decoder: str, workers: int) -> int:
     """Batches the loader holds ready or in the making before the consumer asks: the DataLoader's workers x its
     prefetch factor (2) decode ahead with the CPU decoder; with DALI the workers only read bytes and DALI decodes
-    its pipelines' groups plus one ahead (pipeline.data.loader.DaliSettings). A measurement starts after them, or it
-    times batches made during the warm-up."""
+    its pipelines' groups plus one ahead (pipeline.data.loader.DaliSettings); hybrid decoding holds both. A
+    measurement starts after them, or it times batches made during the warm-up."""
     from pipeline.data.loader import default_dali_settings
 
-    return max(1, workers) * 2 if decoder == "cpu" else default_dali_settings().pipelines + 1
+    cpu, dali = max(1, workers) * 2, default_dali_settings().pipelines + 1
+    return {"cpu": cpu, "dali": dali}.get(decoder, cpu + dali)
 
 
 def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float, notes: list) -> list[dict]:
     """Clips/s of the loader alone (no model), per decoder, against what the synthetic step consumes: the loader's
     in-flight batches are drawn first, then `--ceiling-clips` clips are timed (a synchronize at the end for DALI's
     CUDA batches). The CPU decoder's ceiling is timed at batch 8 (its cost is per clip; a smaller batch keeps its
-    in-flight clips, 2 x workers batches, few), DALI's at the training batch (its groups are whole batches)."""
+    in-flight clips, 2 x workers batches, few), DALI's and the hybrid's at the training batch (DALI's groups are
+    whole batches)."""
     from pipeline.data import build_loader
 
     out = []
-    for decoder in [d for d in args.data if d in ("dali", "cpu")]:
-        if decoder == "dali" and not dali_ready():
+    for decoder in [d for d in args.data if d in ("dali", "cpu", "hybrid")]:
+        if decoder != "cpu" and not dali_ready():
             continue
         data = loader_data(cfg, decoder, args.cpu_workers)
-        size = batch if decoder == "dali" else min(batch, 8)
-        loader = iter(build_loader(data, size, rank=0, world_size=1, seed=cfg.train.seed, train=True))
+        size = min(batch, 8) if decoder == "cpu" else batch
+        built = build_loader(data, size, rank=0, world_size=1, seed=cfg.train.seed, train=True)
+        loader = iter(built)
         warm = in_flight_batches(decoder, data.num_workers) + 2
         try:
             for _ in range(warm):
@@ -837,7 +845,7 @@ def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float, notes: list)
         finally:
             loader.close()
         out.append({"decoder": decoder, "workers": data.num_workers, "batch": size, "warmup_batches": warm,
-                    "clips": done, "clips_per_s": rate,
+                    "clips": done, "clips_per_s": rate, "decoded": dict(built.decoded),
                     "x_step": rate / step_clips_per_s if step_clips_per_s else None})
     return out
 
@@ -928,8 +936,10 @@ def table(record: dict) -> str:
             lines += ["", f"top kernels ({r['data']}, GPU busy {_fmt(r['busy_ms'], '.1f')} ms a step):",
                       r["top_kernels"]]
     if record.get("loader"):
-        lines += ["", "| loader ceiling | workers | clips/s | x the synthetic step |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['decoder']} | {r['workers']} | {r['clips_per_s']:.1f} | {_fmt(r['x_step'], '.2f')} |"
+        lines += ["", "| loader ceiling | workers | clips/s | x the synthetic step | samples decoded by |",
+                  "|---|---:|---:|---:|---|"]
+        lines += [f"| {r['decoder']} | {r['workers']} | {r['clips_per_s']:.1f} | {_fmt(r['x_step'], '.2f')} | "
+                  f"{', '.join(f'{k} {v}' for k, v in sorted(r.get('decoded', {}).items()))} |"
                   for r in record["loader"]]
     if record.get("projection"):
         lines += ["", "| GPUs | nodes | grad sync ms | embed gather ms | step ms | efficiency | clips/s |",
@@ -1031,9 +1041,9 @@ def summary(folder: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", type=int, choices=[1, 2], default=1)
-    parser.add_argument("--data", nargs="+", choices=["synthetic", "dali", "cpu"], default=["synthetic"],
+    parser.add_argument("--data", nargs="+", choices=["synthetic", "dali", "cpu", "hybrid"], default=["synthetic"],
                         help="what feeds the step; synthetic always runs first (the step alone)")
-    parser.add_argument("--shards", default=None, help="a shard index.json for --data dali/cpu")
+    parser.add_argument("--shards", default=None, help="a shard index.json for --data dali/cpu/hybrid")
     parser.add_argument("--make-shards", default=None, metavar="DIR",
                         help="write the synthetic corpus's shards into DIR first (and use them)")
     parser.add_argument("--shards-only", action="store_true", help="with --make-shards: write them, then stop")
@@ -1049,7 +1059,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="per GPU (default: the recipe's, 64 / 128)")
     parser.add_argument("--workers", type=int, default=None, help="data.num_workers (default: the stage YAML's)")
     parser.add_argument("--cpu-workers", type=int, default=None,
-                        help="DataLoader workers of --data cpu (PyAV decodes in them; default: --workers)")
+                        help="DataLoader workers of --data cpu and hybrid (PyAV decodes in them; default: --workers)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per unsplit run")
     parser.add_argument("--cpu-steps", type=int, default=4, help="timed steps of --data cpu")
     parser.add_argument("--warmup", type=int, default=3)

@@ -83,7 +83,9 @@ class DataConfig:
     img_size: int = ranged(224, ge=1)
     # resample to this frame rate before segment sampling; None keeps the source's
     fps: Optional[float] = ranged(None, gt=0)
-    decoder: Literal["auto", "cpu", "dali"] = "auto"
+    # auto: DALI where it and a GPU are present, else cpu (PyAV in the workers); hybrid: DALI plus the workers
+    # decoding the batches DALI has no room for (pipeline/data/loader.py)
+    decoder: Literal["auto", "cpu", "dali", "hybrid"] = "auto"
     num_workers: int = ranged(2, ge=0)
     shuffle_buffer: int = ranged(256, ge=0)
     epochs: Optional[int] = ranged(None, ge=1)  # None streams forever (training is bounded by train.max_steps)

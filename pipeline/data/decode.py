@@ -555,11 +555,12 @@ def _dali_pipeline(media: str, look: tuple, device: str, **pipeline_kwargs):
 
 # ---------------------------------------------------------------------------------------------------------- choice
 def resolved_decoder_name(name: str) -> str:
-    """Returns "dali" or "cpu" for a config's `auto|cpu|dali`: auto picks DALI where DALI and a GPU are present."""
+    """Returns "dali", "hybrid" or "cpu" for a config's `auto|cpu|dali|hybrid`: auto picks DALI where DALI and a
+    GPU are present."""
     if name == "auto":
         return "dali" if dali_available() and torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "dali"):
-        raise ValueError(f"data.decoder must be auto, cpu or dali, got {name!r}")
+    if name not in ("cpu", "dali", "hybrid"):
+        raise ValueError(f"data.decoder must be auto, cpu, dali or hybrid, got {name!r}")
     return name
 
 

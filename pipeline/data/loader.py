@@ -12,10 +12,12 @@ those an uninterrupted run would have yielded next (same world size and worker c
 With the CPU decoder the workers hand over 8-bit pixels (a quarter of float32's bytes through the workers' shared
 memory; pinned where there is a GPU) and the main process copies them to the device it hands clips out on (the
 current GPU, else the CPU) and normalizes them there. With the DALI decoder the workers hand over encoded bytes and
-plans, and the main process decodes on the GPU:
+plans (`dali_ready`: the stream trimmed to the packets the plan needs), and the main process decodes on the GPU:
 background threads decode groups of consecutive batches (`DaliSettings`) while the training step runs, and the
 batches are handed out in their original order; a batch's position (and the skips DALI met in it) counts only when
-the batch is handed out, so prefetching changes neither the resume position nor `stats()`.
+the batch is handed out, so prefetching changes neither the resume position nor `stats()`. With `hybrid` decoding
+both run: each worker hands its next batch on encoded while DALI has room (`DaliBacklog`) and decodes it itself
+otherwise, so the CPU cores add their clips to what NVDEC decodes; `decoded` counts the samples each one gave.
 Skipped samples are counted by kind in the worker that met them (part of its position); `stats()` sums them.
 Kinds: corrupt_video, corrupt_image, empty_video (no video stream or no frames), missing_caption (no usable
 `{key}.json` "captions" nor `{key}.txt`), bad_metadata (`{key}.json` not JSON, or "captions" not strings),
@@ -29,6 +31,7 @@ them: an endless stream would otherwise wait forever for a batch that cannot com
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import queue
 from collections import Counter, deque
@@ -117,22 +120,26 @@ class SamplePlanner:
 
 # ------------------------------------------------------------------------------------------- one worker's batches
 def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, planner: SamplePlanner,
-                 decode_here: bool) -> Iterator[dict]:
+                 decode_here: bool, backlog: Optional["DaliBacklog"] = None) -> Iterator[dict]:
     """Yields the batches of one slot from `state` on, each with the slot's state after it under "state".
+
+    The clips are decoded here (`decode_here`) or handed on encoded for DALI; with a `backlog` (hybrid decoding)
+    that is decided batch by batch: a batch is decoded here when DALI already has enough samples waiting.
 
     The last batch (without samples when the stream ended on a full batch) has "done" in its state, and carries
     the skips met after the last sample, so no skip goes uncounted and the main process knows the slot finished.
     """
     stream = SlotStream(spec, slot, state.get("stream"))
     skips = Counter(state.get("skips", {}))
-    decoder = CpuDecoder() if decode_here else None
+    cpu = CpuDecoder()
+    here = decode_here if backlog is None else backlog.full()
     items: list[tuple] = []
     skipping_since: Optional[list[int]] = None  # the corpora's epochs at the first skip after a usable sample
     for raw in stream:
         try:
             encoded, text, captions = planner.planned(raw)
-            clip = decoder.pixels_one(encoded) if decoder else None
-            if decoder is None:  # for DALI, in the workers: see dali_ready
+            clip = cpu.pixels_one(encoded) if here else None
+            if not here:  # for DALI, in the workers: see dali_ready
                 encoded = dali_ready(encoded)
         except DecodeError as e:
             skips[e.kind] += 1
@@ -146,8 +153,13 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
         items.append((encoded, text, captions, clip))
         if len(items) == batch_size:
             stream.end_batch()  # data.mix=batch: the next batch draws its corpus anew
+            if backlog is not None and not here:
+                backlog.add(len(items))
             yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
             items = []
+            here = decode_here if backlog is None else backlog.full()
+    if backlog is not None and not here:
+        backlog.add(len(items))
     yield collated(items, {"stream": stream.state(), "skips": dict(skips), "done": True})
 
 
@@ -182,9 +194,9 @@ class WorkerBatches(IterableDataset):
     """The DataLoader's dataset: worker k plays logical worker (first + k) % n of this rank."""
 
     def __init__(self, spec: StreamSpec, rank: int, states: list[dict], first: int, batch_size: int,
-                 planner: SamplePlanner, decode_here: bool):
+                 planner: SamplePlanner, decode_here: bool, backlog: Optional["DaliBacklog"] = None):
         self.spec, self.rank, self.states, self.first = spec, rank, states, first
-        self.batch_size, self.planner, self.decode_here = batch_size, planner, decode_here
+        self.batch_size, self.planner, self.decode_here, self.backlog = batch_size, planner, decode_here, backlog
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -192,7 +204,7 @@ class WorkerBatches(IterableDataset):
         logical = (self.first + (info.id if info else 0)) % n
         slot = self.rank * n + logical
         for batch in slot_batches(self.spec, slot, self.states[logical], self.batch_size, self.planner,
-                                  self.decode_here):
+                                  self.decode_here, self.backlog):
             batch["worker"] = logical
             yield batch
 
@@ -214,10 +226,43 @@ class DaliSettings:
     batch: int = 32
     threads: int = 8
     pipelines: int = 2
+    # hybrid decoding: a worker decodes a batch itself while this many samples wait for DALI (None: what DALI
+    # works on at once, batch x (pipelines + 1))
+    backlog: Optional[int] = None
 
     def __post_init__(self):
         if self.batch < 1 or self.threads < 1 or self.pipelines < 1:
             raise ValueError(f"DALI settings must be positive, got {self}")
+        if self.backlog is not None and 0 < self.backlog < self.batch:
+            # a DALI run would wait for samples that the workers hold back while the backlog is full
+            raise ValueError(f"the DALI backlog must be 0 (every batch on the CPU) or at least the DALI batch "
+                             f"({self.batch}), got {self.backlog}")
+        if self.backlog is not None and self.backlog < 0:
+            raise ValueError(f"the DALI backlog must not be negative, got {self.backlog}")
+
+    def backlog_limit(self) -> int:
+        return self.batch * (self.pipelines + 1) if self.backlog is None else self.backlog
+
+
+class DaliBacklog:
+    """The samples handed on for DALI and not decoded yet, counted across the loader's processes (hybrid
+    decoding): the workers add the samples of each batch they hand on encoded, the main process takes them off as
+    DALI decodes them, and a worker decodes its next batch itself while the count is at `limit`. So DALI gets all
+    it can take and the CPU workers the rest, whatever the machine's balance of cores and decoders."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._waiting = multiprocessing.Value("l", 0)
+
+    def full(self) -> bool:
+        return self._waiting.value >= self.limit
+
+    def add(self, samples: int) -> None:
+        with self._waiting.get_lock():
+            self._waiting.value += samples
+
+    def done(self, samples: int) -> None:
+        self.add(-samples)
 
 
 def default_dali_settings() -> DaliSettings:
@@ -227,10 +272,15 @@ def default_dali_settings() -> DaliSettings:
 def batch_groups(batches: Iterable[dict], samples: int) -> Iterator[list[dict]]:
     """Yields consecutive worker batches in groups holding at least `samples` encoded samples (the last group may
     hold fewer), each group of clips of one frame count (one decode stacks them: with data.mix=batch an image
-    batch's clips have one frame); batches without samples ride along in their place."""
+    batch's clips have one frame); batches without encoded samples (decoded in the workers, or empty) ride along
+    in their place, or go on at once, in a group of their own, when no encoded sample is waiting before them."""
     group, count, frames = [], 0, None
     for batch in batches:
         encoded = batch.get("encoded", ())
+        if not encoded and not count:
+            yield group + [batch]
+            group = []
+            continue
         if encoded and count and len(encoded[0].plan.indices) != frames:
             yield group
             group, count = [], 0
@@ -281,6 +331,8 @@ class StreamingLoader:
         self.planner, self.decoder_name = planner, decoder
         self.dali = dali or default_dali_settings()
         self._dali_decoders: list[DaliDecoder] = []
+        self._backlog: Optional[DaliBacklog] = None
+        self.decoded: Counter = Counter()  # samples handed out, by the decoder that decoded them ("cpu", "dali")
         self._reset()
 
     def _reset(self) -> None:
@@ -302,12 +354,16 @@ class StreamingLoader:
             if "pixels" in batch:
                 batch["video"] = normalized(batch.pop("pixels").to(handed_device(), non_blocking=True),
                                             *NORMALIZATIONS[self.planner.normalize])
+                self.decoded["cpu"] += len(batch["key"])
+            elif batch["key"]:
+                self.decoded["dali"] += len(batch["key"])
             if batch["key"]:
                 yield batch
 
     def _worker_batches(self) -> Iterator[dict]:
+        self._backlog = DaliBacklog(self.dali.backlog_limit()) if self.decoder_name == "hybrid" else None
         dataset = WorkerBatches(self.spec, self.rank, self._slots, self._next, self.batch_size, self.planner,
-                                decode_here=self.decoder_name == "cpu")
+                                decode_here=self.decoder_name == "cpu", backlog=self._backlog)
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
@@ -322,6 +378,7 @@ class StreamingLoader:
         free: queue.SimpleQueue = queue.SimpleQueue()
         for decoder in self._decoders():
             free.put(decoder)
+        backlog = self._backlog
 
         def decoded(group: list[dict]) -> list[dict]:
             encoded = [s for batch in group for s in batch.get("encoded", ())]
@@ -334,6 +391,8 @@ class StreamingLoader:
                     torch.cuda.current_stream(video.device).synchronize()
             finally:
                 free.put(decoder)
+                if backlog is not None:
+                    backlog.done(len(encoded))
             return split_decoded(group, video, failures)
 
         pending: deque = deque()

@@ -37,17 +37,21 @@ def check_run(run, batch):
 
 
 def test_stage1_quick_on_synthetic_input_and_through_dali(tmp_path):
-    """DALI here is its CPU backend, which reads VP9 (the GPU run reads H.264 through NVDEC)."""
+    """DALI here is its CPU backend, which reads VP9 (the GPU run reads H.264 through NVDEC); hybrid decoding adds
+    the CPU decoder in the workers."""
     out = tmp_path / "train_step_stage1.json"
-    proc = run_bench("--stage", "1", "--data", "dali", "--make-shards", str(tmp_path / "data"), "--source-codec",
-                     "vp9", "--loader-ceiling", "--json", str(out))
+    proc = run_bench("--stage", "1", "--data", "dali", "hybrid", "--make-shards", str(tmp_path / "data"),
+                     "--source-codec", "vp9", "--loader-ceiling", "--json", str(out))
     record = json.loads(out.read_text())
     assert record["stage"] == 1 and record["device"] == "cpu" and record["batch"] == 2
     assert [(r["data"], r["mode"]) for r in record["runs"]] == [
         ("synthetic", "unsplit"), ("synthetic", "split"), ("synthetic", "profile"), ("dali", "unsplit"),
-        ("dali", "split"), ("dali", "profile")]
-    (ceiling,) = record["loader"]
-    assert ceiling["decoder"] == "dali" and ceiling["clips_per_s"] > 0
+        ("dali", "split"), ("dali", "profile"), ("hybrid", "unsplit")]
+    assert record["runs"][3]["decoded"]["dali"] >= 2 * record["runs"][3]["steps"]
+    assert set(record["runs"][6]["decoded"]) <= {"cpu", "dali"} and sum(record["runs"][6]["decoded"].values()) >= 2
+    dali, hybrid = record["loader"]
+    assert dali["decoder"] == "dali" and dali["clips_per_s"] > 0 and set(dali["decoded"]) == {"dali"}
+    assert hybrid["decoder"] == "hybrid" and hybrid["clips_per_s"] > 0 and sum(hybrid["decoded"].values()) > 0
     for run in record["runs"]:
         check_run(run, 2)
     split = record["runs"][1]["parts_ms"]

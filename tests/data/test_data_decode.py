@@ -415,6 +415,36 @@ def test_loader_with_the_dali_decoder_matches_the_cpu_decoder(shard_writer, data
 
 
 @needs_dali
+@pytest.mark.parametrize("workers", [0, 2])
+def test_hybrid_decoding_gives_the_batches_of_either_decoder_in_order(shard_writer, data_cfg, clip_vp9, workers):
+    """decoder: hybrid hands out the same batches, in the same order, as the CPU decoder: with no backlog allowed
+    every batch is decoded in the workers, with an endless one every batch by DALI, and by default the split
+    follows how busy DALI is (here, with 2 workers, it is usually half and half)."""
+    from pipeline.data.loader import DaliSettings
+
+    index = shard_writer.corpus("w", shards=4, per_shard=6, clip=clip_vp9)
+    reference = list(build_loader(data_cfg(index, decoder="cpu", epochs=1, num_workers=workers), 3, rank=0,
+                                  world_size=1, seed=5))
+    for backlog, used in ((0, {"cpu"}), (10 ** 6, {"dali"}), (None, None)):
+        loader = build_loader(data_cfg(index, decoder="hybrid", epochs=1, num_workers=workers), 3, rank=0,
+                              world_size=1, seed=5)
+        loader.dali = DaliSettings(batch=3, threads=1, pipelines=1, backlog=backlog)
+        batches = list(loader)
+        assert [b["key"] for b in batches] == [b["key"] for b in reference] and loader.stats() == {}
+        assert sum(loader.decoded.values()) == 24 and (used is None or set(loader.decoded) == used)
+        for a, b in zip(reference, batches):
+            assert a["text"] == b["text"] and (a["video"] - b["video"]).abs().mean() < 0.04
+
+
+def test_a_dali_backlog_below_one_dali_run_is_refused():
+    from pipeline.data.loader import DaliSettings
+
+    with pytest.raises(ValueError, match="at least the DALI batch"):
+        DaliSettings(batch=32, backlog=8)
+    assert DaliSettings(batch=32, pipelines=2).backlog_limit() == 96 and DaliSettings(backlog=0).backlog_limit() == 0
+
+
+@needs_dali
 @pytest.mark.parametrize("normalize,mean,std", [("imagenet", IMAGENET_MEAN, IMAGENET_STD),
                                                 ("clip", CLIP_MEAN, CLIP_STD)])
 def test_data_normalize_reaches_the_frames_of_both_decoders(shard_writer, data_cfg, normalize, mean, std):
