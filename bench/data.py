@@ -5,10 +5,11 @@
 
 It writes a small corpus of real clips (PyAV; H.264, or VP9 where DALI must run on its CPU backend) into WebDataset
 shards in a temporary folder and times the training loader over it end to end: tar reading, planning, decoding the
-T planned frames, random resized crop, flip, CLIP normalization and batching (DALI on the GPU hands CUDA tensors
-over; the time includes a synchronize; --dali lists the `DaliSettings` to time, default the loader's). Before timing DALI it decodes one sample with both decoders under the same
-plan and prints their max / mean difference (normalized units and grey levels): DALI's mixed (GPU) decoder on
-H.264 with --device cuda, its CPU backend on VP9 otherwise.
+T planned frames, random resized crop, flip, normalization and batching (with --device cuda every decoder hands
+CUDA tensors over and the time includes a synchronize; --dali lists the `DaliSettings` to time, default the
+loader's). Before timing DALI it decodes one sample with both decoders under the same plan and prints their
+max / mean difference (normalized units and grey levels): DALI's mixed (GPU) decoder on H.264 with --device cuda,
+its CPU backend on VP9 otherwise.
 
 With --step-clips-per-s (the clips/s one training step consumes: bench/backbone.py's clips/s for the model, frames
 and device at hand) the table also gives each row's multiple of it; the goal for DALI on one GPU is at least 3x
@@ -162,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for t in frames_list:
                 cfg = DataConfig(train=index, num_frames=t, img_size=args.size, decoder=decoder, num_workers=workers,
                                  shuffle_buffer=16)
-                rate = clips_per_second(cfg, args.batch_size, clips, cuda and decoder == "dali", dali)
+                rate = clips_per_second(cfg, args.batch_size, clips, cuda, dali)
                 where = ("gpu" if cuda else "cpu backend") if decoder == "dali" else "cpu"
                 how = f"{dali.batch} x {dali.threads} x {dali.pipelines}" if dali else "-"
                 row = f"| {decoder} | {where} | {how} | {t} | {args.size} | {workers} | {rate:.1f} |"
