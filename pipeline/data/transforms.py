@@ -6,6 +6,7 @@ DALI decoders apply the very same plan and give the same frames within their rou
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -225,10 +226,17 @@ def planned_pixels(frames: torch.Tensor, plan: ClipPlan) -> torch.Tensor:
 def normalized(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Returns float (..., 3, T, H, W) clips normalized by per-channel `mean`/`std` (0-1 scale) from uint8 pixels,
     on the pixels' device."""
-    shape = (3, 1, 1, 1)
-    scale = 1.0 / (255.0 * torch.tensor(std, device=pixels.device)).view(shape)
-    shift = (torch.tensor(mean, device=pixels.device) / torch.tensor(std, device=pixels.device)).view(shape)
+    scale, shift = _affine(tuple(mean), tuple(std), pixels.device)
     return pixels.float().mul_(scale).sub_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of the normalization as (3, 1, 1, 1) tensors on `device`, made once: a tensor made on a GPU
+    from host values waits for the GPU's queue, which the loader must not do before every batch."""
+    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float64))
+    shift = torch.tensor(mean, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)
+    return scale.float().view(3, 1, 1, 1).to(device), shift.float().view(3, 1, 1, 1).to(device)
 
 
 def planned_clip(frames: torch.Tensor, plan: ClipPlan) -> torch.Tensor:
