@@ -231,7 +231,8 @@ def normalized(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
 
 
 @functools.lru_cache(maxsize=16)
-def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine(mean: tuple[float, ...], std: tuple[float, ...],
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of the normalization as (3, 1, 1, 1) tensors on `device`, made once: a tensor made on a GPU
     from host values waits for the GPU's queue, which the loader must not do before every batch."""
     scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float64))
