@@ -148,6 +148,7 @@ class VideoTextObjective:
         tokens = self.tokenizer(batch["text"], self.max_len)
         ids, attention_mask = tokens.ids.to(video.device), tokens.attention_mask.to(video.device)
         keys = sample_ids(batch["key"], video.device) if "key" in batch else None
+        net = getattr(model, "module", model)  # the heads below run outside the engine's forward
         targets, attention = None, None
         if self.alignment is not None:
             targets, attention = self.alignment.teacher_targets(video)
@@ -155,19 +156,28 @@ class VideoTextObjective:
         if ratio > 0:
             mask = build_mask(self.mask_kind, ratio, grid_of(video, self.grid), video.shape[0], attention=attention)
             mask = mask.to(video.device)
-        out = model(video, mask, ids, attention_mask)
-        net = getattr(model, "module", model)  # the heads below run outside the engine's forward
-        video_all, text_all, keys_all, offset = gathered_embeddings(out.video_embed, out.text_embed, keys)
-        parts: dict[str, Tensor] = {"vtc": contrastive_loss(out.video_embed, out.text_embed, out.temp, video_all,
-                                                            text_all, offset, keys, keys_all)}
-        if self.weights.get("vtm", 0) > 0 and video.shape[0] >= 2:
-            parts["vtm"] = self._matching_loss(net, out, attention_mask, keys)
+        masked = positions = labels = None
         if self.weights.get("mlm", 0) > 0:
             maskable = attention_mask.bool() & (ids != self.tokenizer.cls_token_id)
             masked, positions, labels = mlm_masked(ids, maskable, self.tokenizer.mask_token_id,
                                                    net.text_encoder.vocab_size, self.mlm_prob)
-            logits = net.mlm_logits(masked, attention_mask, out.video_tokens, positions)
-            parts["mlm"] = F.cross_entropy(logits.float(), labels)
+        out = model(video, mask, ids, attention_mask, masked)
+        video_all, text_all, keys_all, offset = gathered_embeddings(out.video_embed, out.text_embed, keys)
+        parts: dict[str, Tensor] = {"vtc": contrastive_loss(out.video_embed, out.text_embed, out.temp, video_all,
+                                                            text_all, offset, keys, keys_all)}
+        rows = []  # (text states, text mask, video tokens) for one pass of the fusion layers: VTM's, then MLM's
+        if self.weights.get("vtm", 0) > 0 and video.shape[0] >= 2:
+            rows.append(self._matching_rows(out, attention_mask, keys))
+        matching = rows[0][0].shape[0] if rows else 0
+        if masked is not None:
+            rows.append((out.masked_hidden, attention_mask, out.video_tokens))
+        if rows:
+            text, text_mask, video_rows = (torch.cat(part) for part in zip(*rows))
+            match, words = net.fused_heads(text, text_mask, video_rows, matching, positions)
+            if matching:
+                parts["vtm"] = F.cross_entropy(match.float(), matching_labels(video.shape[0], match.device))
+            if words is not None:
+                parts["mlm"] = F.cross_entropy(words.float(), labels)
         if self.alignment is not None:
             parts["align"] = alignment_loss(out.aligned, self.alignment.visible(targets, mask),
                                             self.alignment.loss_kind)
@@ -175,14 +185,18 @@ class VideoTextObjective:
         return loss, {name: float(value.detach()) for name, value in parts.items()}
 
     @staticmethod
-    def _matching_loss(net, out, attention_mask: Tensor, keys: Optional[Tensor]) -> Tensor:
-        """Cross-entropy of the matching head on the B positive pairs and 2B hard negatives (criterions.py vtm_loss:
-        [video, negative video, video] x [text, text, negative text])."""
+    def _matching_rows(out, attention_mask: Tensor, keys: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The matching head's 3B rows (text states, text mask, video tokens) on hard negatives, the B positive pairs
+        first (criterions.py vtm_loss: [video, negative video, video] x [text, text, negative text], labels 1 then
+        0, 0)."""
         neg_text, neg_video = hard_negatives(out.video_embed, out.text_embed, out.temp.detach(), keys)
         text = torch.cat([out.text_hidden, out.text_hidden, out.text_hidden[neg_text]])
         text_mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
         video = torch.cat([out.video_tokens, out.video_tokens[neg_video], out.video_tokens])
-        logits = net.match_logits(text, text_mask, video)
-        b = out.video_tokens.shape[0]
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
-        return F.cross_entropy(logits.float(), labels)
+        return text, text_mask, video
+
+
+def matching_labels(batch: int, device: torch.device) -> Tensor:
+    """The matching head's targets for `_matching_rows`: 1 ("matches") for the B positive pairs, 0 for the 2B hard
+    negatives."""
+    return torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(device)

@@ -42,11 +42,13 @@ class VideoTextOutput:
     text_hidden: Tensor  # (B, L, H) of the text-only layers
     aligned: Optional[Tensor]  # (B, [1 +] N_visible, teacher width) ([cls] first with align_cls) or None
     temp: Tensor  # (1,) the temperature: logits are similarity / temp
+    masked_hidden: Optional[Tensor] = None  # (B, L, H) of the text-only layers on the MLM-masked ids, when given
 
 
 class VideoTextModel(nn.Module):
-    """The trained module of stage 2. `forward(video, mask, ids, attention_mask)` encodes both sides; `match_logits`
-    and `mlm_logits` run the fusion layers for the matching and masked-language heads."""
+    """The trained module of stage 2. `forward(video, mask, ids, attention_mask[, masked_ids])` encodes both sides;
+    `fused_heads` runs the fusion layers for the matching and masked-language heads (`match_logits`: matching
+    only)."""
 
     def __init__(self, backbone: VideoMamba, text_encoder: BertTextEncoder, embed_dim: int = 512,
                  temp: float = 0.07, teacher_dim: Optional[int] = None, align_cls: bool = True,
@@ -82,24 +84,42 @@ class VideoTextModel(nn.Module):
     def encode_text(self, ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Returns the normalized text embedding (B, E) (from [CLS]) and the text-only hidden states (B, L, H)."""
         hidden = self.text_encoder.encode(ids, attention_mask)
-        return F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1), hidden
+        return self._text_embed(hidden), hidden
 
-    def forward(self, video: Tensor, mask: Optional[Tensor], ids: Tensor, attention_mask: Tensor) -> VideoTextOutput:
+    def _text_embed(self, hidden: Tensor) -> Tensor:
+        return F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+
+    def forward(self, video: Tensor, mask: Optional[Tensor], ids: Tensor, attention_mask: Tensor,
+                masked_ids: Optional[Tensor] = None) -> VideoTextOutput:
+        """Encodes both sides; with `masked_ids` (the MLM's masked copy of `ids`) the text-only layers run once over
+        the captions and their masked copies together (the official MLMLoss runs them on the masked ids in a pass
+        of its own; rows are independent, so this gives the same states with half the kernel launches)."""
         if self.training:
             with torch.no_grad():
                 self.temp.clamp_(*TEMP_RANGE)
         video_embed, video_tokens, aligned = self.encode_video(video, mask)
-        text_embed, text_hidden = self.encode_text(ids, attention_mask)
-        return VideoTextOutput(video_embed, text_embed, video_tokens, text_hidden, aligned, self.temp)
+        if masked_ids is None:
+            text_hidden, masked_hidden = self.text_encoder.encode(ids, attention_mask), None
+        else:
+            hidden = self.text_encoder.encode(torch.cat([ids, masked_ids]), attention_mask.repeat(2, 1))
+            text_hidden, masked_hidden = hidden.split(ids.shape[0])
+        return VideoTextOutput(video_embed, self._text_embed(text_hidden), video_tokens, text_hidden, aligned,
+                               self.temp, masked_hidden)
+
+    def fused_heads(self, text_hidden: Tensor, attention_mask: Tensor, video_tokens: Tensor, matching: int,
+                    positions: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """One pass of the fusion layers over paired rows (text states (R, L, H), their mask, video tokens
+        (R, N, D)): the matching head's (matching, 2) logits of "the text does not / does describe the video" for
+        the first `matching` rows, and the MLM head's vocabulary logits (M, V) at `positions` (M, 2) = (row,
+        column), rows counted after those (None without positions). The official code runs the matching pairs and
+        the MLM's masked texts through the fusion layers in separate passes; rows are independent, so one pass
+        gives the same logits with half the kernel launches."""
+        fused = self.text_encoder.fuse(text_hidden, attention_mask, video_tokens)
+        match = self.itm_head(fused[:matching, 0])
+        if positions is None:
+            return match, None
+        return match, self.text_encoder.mlm_logits(fused[matching + positions[:, 0], positions[:, 1]])
 
     def match_logits(self, text_hidden: Tensor, attention_mask: Tensor, video_tokens: Tensor) -> Tensor:
         """(B, 2) logits of "the text does not / does describe the video" for paired rows."""
-        return self.itm_head(self.text_encoder.fuse(text_hidden, attention_mask, video_tokens)[:, 0])
-
-    def mlm_logits(self, masked_ids: Tensor, attention_mask: Tensor, video_tokens: Tensor,
-                   positions: Tensor) -> Tensor:
-        """Vocabulary logits (M, V) at the masked positions (M, 2) = (row, column) of the masked text, fused with
-        the video (the official MLMLoss: text-only layers on the masked ids, then the fusion layers)."""
-        hidden = self.text_encoder.encode(masked_ids, attention_mask)
-        fused = self.text_encoder.fuse(hidden, attention_mask, video_tokens)
-        return self.text_encoder.mlm_logits(fused[positions[:, 0], positions[:, 1]])
+        return self.fused_heads(text_hidden, attention_mask, video_tokens, text_hidden.shape[0])[0]

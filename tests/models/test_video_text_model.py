@@ -32,8 +32,37 @@ def test_forward_shapes_and_embeddings(tiny_bert_dir):
     positions = torch.tensor([[0, 1], [2, 3]])
     masked = tokens.ids.clone()
     masked[0, 1] = masked[2, 3] = tokenizer.mask_token_id
-    logits = model.mlm_logits(masked, tokens.attention_mask, out.video_tokens, positions)
+    out = model(video, mask, tokens.ids, tokens.attention_mask, masked)
+    assert out.masked_hidden.shape == out.text_hidden.shape == (3, 8, 32)
+    _, logits = model.fused_heads(out.masked_hidden, tokens.attention_mask, out.video_tokens, 0, positions)
     assert logits.shape == (2, tokenizer.vocab_size)
+
+
+def test_one_pass_over_all_rows_gives_what_separate_passes_give(tiny_bert_dir):
+    """The text-only layers over the captions and their masked copies at once, and the fusion layers over the
+    matching rows and the MLM rows at once (half the kernel launches), give the states and logits of the official
+    separate passes (the text encoder, then the matching pairs, then the masked texts)."""
+    model, tokenizer = tiny_model(tiny_bert_dir)
+    model.eval()  # no dropout: the same rows give the same numbers
+    video = torch.randn(3, 3, 2, 32, 32)
+    tokens = tokenizer(["a red ball", "two blue squares move up slowly", "a green circle"], 8)
+    masked = tokens.ids.clone()
+    masked[:, 1] = tokenizer.mask_token_id
+    positions = torch.tensor([[0, 1], [1, 1], [2, 1]])
+    with torch.no_grad():
+        out = model(video, None, tokens.ids, tokens.attention_mask, masked)
+        alone = model(video, None, tokens.ids, tokens.attention_mask)
+        masked_alone = model.text_encoder.encode(masked, tokens.attention_mask)
+        torch.testing.assert_close(out.text_hidden, alone.text_hidden)
+        torch.testing.assert_close(out.text_embed, alone.text_embed)
+        torch.testing.assert_close(out.masked_hidden, masked_alone)
+        pairs = out.video_tokens.flip(0)
+        rows = (torch.cat([out.text_hidden, out.masked_hidden]), tokens.attention_mask.repeat(2, 1),
+                torch.cat([pairs, out.video_tokens]))
+        match, words = model.fused_heads(*rows, 3, positions)
+        torch.testing.assert_close(match, model.match_logits(out.text_hidden, tokens.attention_mask, pairs))
+        fused = model.text_encoder.fuse(masked_alone, tokens.attention_mask, out.video_tokens)
+        torch.testing.assert_close(words, model.text_encoder.mlm_logits(fused[:, 1]))
 
 
 def test_a_whole_clip_is_pooled_per_frame_and_similarities_averaged(tiny_bert_dir):
