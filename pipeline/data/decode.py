@@ -438,7 +438,7 @@ class DaliDecoder:
 
     def __init__(self, device: str = "gpu", max_batch: int = 32, threads: int = 8, device_id: Optional[int] = None):
         if not dali_available():
-            raise RuntimeError("decoder 'dali' needs nvidia-dali (pip install nvidia-dali-cuda130)")
+            raise RuntimeError("data.decoder dali and hybrid need nvidia-dali (pip install nvidia-dali-cuda130)")
         if device not in ("gpu", "cpu"):
             raise ValueError(f"DALI device must be 'gpu' or 'cpu', got {device!r}")
         if device == "gpu" and device_id is None:
