@@ -119,7 +119,7 @@ shards() {
 
 ours() {
   shards
-  local common=(--data synthetic dali cpu hybrid --shards "$data/shards/index.json" --cpu-workers "$cpu_workers"
+  local common=(--data synthetic dali cpu --shards "$data/shards/index.json" --cpu-workers "$cpu_workers"
                 --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1 --cpu-steps 3)
   # the loader's ceilings once (a property of the loader, clips/s per decoder): in the stage-1 process
   step stage1 "$stage_limit" python3 -m bench.train_step --stage 1 "${common[@]}" --loader-ceiling --ceiling-clips 512 \
