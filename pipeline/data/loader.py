@@ -326,9 +326,10 @@ class StreamingLoader:
     """Iterable of batches with `state_dict()`, `load_state_dict()` and `stats()` (see the module docstring)."""
 
     def __init__(self, spec: StreamSpec, rank: int, num_workers: int, batch_size: int, planner: SamplePlanner,
-                 decoder: str, dali: Optional[DaliSettings] = None):
+                 decoder: str, dali: Optional[DaliSettings] = None, device: Optional[torch.device] = None):
         self.spec, self.rank, self.num_workers, self.batch_size = spec, rank, num_workers, batch_size
         self.planner, self.decoder_name = planner, decoder
+        self.device = device  # where the CPU decoder's clips are handed out; None: `handed_device()`
         self.dali = dali or default_dali_settings()
         self._dali_decoders: list[DaliDecoder] = []
         self._backlog: Optional[DaliBacklog] = None
@@ -352,7 +353,7 @@ class StreamingLoader:
             self._next = (batch.pop("worker") + 1) % len(self._slots)
             self._main_skips.update(batch.pop("decode_skips", ()))
             if "pixels" in batch:
-                batch["video"] = normalized(batch.pop("pixels").to(handed_device(), non_blocking=True),
+                batch["video"] = normalized(batch.pop("pixels").to(self._device(), non_blocking=True),
                                             *NORMALIZATIONS[self.planner.normalize])
                 self.decoded["cpu"] += len(batch["key"])
             elif batch["key"]:
@@ -367,7 +368,7 @@ class StreamingLoader:
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-                               prefetch_factor=2, pin_memory=handed_device().type == "cuda",
+                               prefetch_factor=2, pin_memory=self._device().type == "cuda",
                                # the workers' base seed must not come from the global RNG: the DataLoader starts on
                                # the first batch, after a resumed trainer restored that RNG, and would shift it
                                generator=torch.Generator()))
@@ -415,6 +416,9 @@ class StreamingLoader:
             self._dali_decoders.append(DaliDecoder(dali_device(), max_batch=self.dali.batch,
                                                    threads=self.dali.threads))
         return self._dali_decoders[:self.dali.pipelines]
+
+    def _device(self) -> torch.device:
+        return self.device or handed_device()
 
     def _finished(self) -> bool:
         """True when every slot has done its epochs (iterating again then starts over)."""
@@ -504,10 +508,12 @@ def corpus_weights(corpora: list[Corpus], weights: Optional[list[float]]) -> lis
 
 
 def build_loader(data_cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
-                 train: bool = True, run_dir: Optional[str] = None) -> StreamingLoader:
+                 train: bool = True, run_dir: Optional[str] = None,
+                 device: Optional[torch.device] = None) -> StreamingLoader:
     """Returns the loader of this rank (see the module docstring and docs/CONTRACTS.md). With `run_dir`, the sample
     counts of URL-pattern corpora are read from it when an earlier start kept them there, else found (stats files,
-    a parallel scan) and kept there by rank 0, so that a resume does not scan the tars again."""
+    a parallel scan) and kept there by rank 0, so that a resume does not scan the tars again. `device`: where the
+    CPU decoder's clips are handed out (the training device; default the current GPU where there is one)."""
     sources = split_sources(data_cfg.train)
     if not sources:
         raise ConfigError("data.train is empty: give a shard index.json or a brace URL pattern")
@@ -527,4 +533,4 @@ def build_loader(data_cfg: DataConfig, batch_size: int, rank: int, world_size: i
     planner = SamplePlanner(corpora, seed, data_cfg.num_frames, data_cfg.img_size, data_cfg.fps, train,
                             data_cfg.crop, data_cfg.normalize, image_frames=1 if data_cfg.mix == "batch" else None)
     decoder = resolved_decoder_name(data_cfg.decoder)
-    return StreamingLoader(spec, rank, data_cfg.num_workers, batch_size, planner, decoder)
+    return StreamingLoader(spec, rank, data_cfg.num_workers, batch_size, planner, decoder, device=device)

@@ -50,7 +50,7 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
     info = begin_run(cfg)
     parts = align_parts(cfg, teacher)
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
-                        run_dir=cfg.train.out)
+                        run_dir=cfg.train.out, device=info.device)
     summary = Trainer(parts.model, parts.objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
                       graph_modules=parts.graph_modules).fit(resume)
     return run_summary(cfg, summary)

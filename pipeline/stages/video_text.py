@@ -48,7 +48,7 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
                                     cfg.data.normalize)
                 if cfg.train.eval_every > 0 else None)
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
-                        run_dir=cfg.train.out)
+                        run_dir=cfg.train.out, device=info.device)
     summary = Trainer(parts.model, parts.objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
                       graph_modules=parts.graph_modules, evaluate=evaluate).fit(resume)
     return run_summary(cfg, summary)

@@ -436,6 +436,19 @@ def test_hybrid_decoding_gives_the_batches_of_either_decoder_in_order(shard_writ
             assert a["text"] == b["text"] and (a["video"] - b["video"]).abs().mean() < 0.04
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_cpu_decoders_clips_are_normalized_on_the_device_the_loader_is_given(shard_writer, data_cfg, workers):
+    """The workers hand over 8-bit pixels; the main process moves them to the loader's device (the stage's training
+    device: here "meta", which holds no data) and normalizes them there."""
+    index = shard_writer.corpus("w", shards=1, per_shard=4)
+    cfg = data_cfg(index, epochs=1, num_workers=workers)
+    (batch,) = list(build_loader(cfg, 4, rank=0, world_size=1, seed=0, device=torch.device("meta")))
+    assert batch["video"].device.type == "meta" and batch["video"].dtype == torch.float32
+    assert batch["video"].shape == (4, 3, 4, 32, 32) and "pixels" not in batch
+    (here,) = list(build_loader(cfg, 4, rank=0, world_size=1, seed=0))
+    assert here["video"].device.type == "cpu" and here["video"].min() < 0  # normalized
+
+
 def test_a_dali_backlog_below_one_dali_run_is_refused():
     from pipeline.data.loader import DaliSettings
 
