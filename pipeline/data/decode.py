@@ -405,16 +405,15 @@ def _dali_video(data: bytes, indices: Sequence[int]) -> tuple[bytes, tuple[int, 
 def _renumbered(chosen: list, index_of: dict, indices: Sequence[int]) -> list[int]:
     """Gives the `chosen` packets (decode order) consecutive timestamps in their presentation order, decode
     timestamps that rise and never pass them, and returns `indices` as positions in that order."""
-    order = sorted(range(len(chosen)), key=lambda k: chosen[k].pts)
-    rank = {k: r for r, k in enumerate(order)}
     stamps = sorted(p.pts for p in chosen)
+    rank = {pts: r for r, pts in enumerate(stamps)}  # a chosen packet's position in presentation order
     step = min((b - a for a, b in zip(stamps, stamps[1:]) if b > a), default=1)
-    delay = max(k - rank[k] for k in range(len(chosen)))  # how far decoding runs ahead of presentation
-    new_index = {chosen[k].pts: rank[k] for k in range(len(chosen))}
+    ranks = [rank[p.pts] for p in chosen]
+    delay = max(k - r for k, r in enumerate(ranks))  # how far decoding runs ahead of presentation
     pts_of = {i: pts for pts, i in index_of.items()}
-    for k, packet in enumerate(chosen):
-        packet.pts, packet.dts = rank[k] * step, (k - delay) * step
-    return [new_index[pts_of[i]] for i in indices]
+    for k, (packet, r) in enumerate(zip(chosen, ranks)):
+        packet.pts, packet.dts = r * step, (k - delay) * step
+    return [rank[pts_of[i]] for i in indices]
 
 
 def dali_available() -> bool:

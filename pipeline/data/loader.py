@@ -132,7 +132,16 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
     stream = SlotStream(spec, slot, state.get("stream"))
     skips = Counter(state.get("skips", {}))
     cpu = CpuDecoder()
-    here = decode_here if backlog is None else backlog.full()
+
+    def decodes_here() -> bool:  # where the next batch is decoded
+        return decode_here if backlog is None else backlog.full()
+
+    def handed_on(state: dict) -> dict:  # the batch of `items`, its samples counted in the backlog when DALI's
+        if backlog is not None and not here:
+            backlog.add(len(items))
+        return collated(items, state)
+
+    here = decodes_here()
     items: list[tuple] = []
     skipping_since: Optional[list[int]] = None  # the corpora's epochs at the first skip after a usable sample
     for raw in stream:
@@ -153,14 +162,10 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
         items.append((encoded, text, captions, clip))
         if len(items) == batch_size:
             stream.end_batch()  # data.mix=batch: the next batch draws its corpus anew
-            if backlog is not None and not here:
-                backlog.add(len(items))
-            yield collated(items, {"stream": stream.state(), "skips": dict(skips)})
+            yield handed_on({"stream": stream.state(), "skips": dict(skips)})
             items = []
-            here = decode_here if backlog is None else backlog.full()
-    if backlog is not None and not here:
-        backlog.add(len(items))
-    yield collated(items, {"stream": stream.state(), "skips": dict(skips), "done": True})
+            here = decodes_here()
+    yield handed_on({"stream": stream.state(), "skips": dict(skips), "done": True})
 
 
 class NoUsableSamples(RuntimeError):
