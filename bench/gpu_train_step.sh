@@ -13,6 +13,10 @@
 #                                                          # then images and clips in turn (~2 min)
 #   device call:  bash bench/gpu_train_step.sh loader      # the loader per decoder (dali, cpu, hybrid): ceilings
 #                                                          # and the stage-1 step it feeds (~4 min)
+#   device call:  bash bench/gpu_train_step.sh text        # stage 2's BERT layers as CUDA graphs: the GPU tests of
+#                                                          # the chains, then stage 2 with the backbone's graphs
+#                                                          # only and with text + fusion too, on clips and on
+#                                                          # images and clips in turn (~6 min)
 #
 # Packages come from /tmp/site (../shared/GPU.md: deepspeed, open-clip-torch, DALI, av, webdataset, ...). `all` (the
 # default) tries everything in one call; no step runs past DEADLINE (575 s from the start, 40 s of it kept for the
@@ -169,6 +173,19 @@ images() {  # what whole batches of 1-frame images cost in stage 2 (data.mix=bat
   done
 }
 
+text() {  # train.cuda_graph_chains: BERT's text-only and fusion layers replayed as CUDA graphs beside the backbone's
+          # (stage 2's GPU-busy lever, bench/RESULTS.md); first the chains' GPU tests (replayed against eager)
+  step graph_tests 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_graphs.py tests/models/test_text.py
+  local common=(--stage 2 --data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
+  step stage2_backbone_graphs "$stage_limit" python3 -m bench.train_step "${common[@]}" \
+    --override "train.cuda_graph_chains=[backbone]" --json "$out/train_step_stage2_backbone_graphs.json"
+  step stage2_text_graphs "$stage_limit" python3 -m bench.train_step "${common[@]}" \
+    --override "train.cuda_graph_chains=[backbone,text,fusion]" --json "$out/train_step_stage2_text_graphs.json"
+  step stage2_alternate_text_graphs "$stage_limit" python3 -m bench.train_step "${common[@]}" --alternate \
+    --override "train.cuda_graph_chains=[backbone,text,fusion]" \
+    --json "$out/train_step_stage2_alternate_text_graphs.json"
+}
+
 case "$phase" in
   all) start_build; ours; official_phase; ours_backbone;;
   ours) start_build; ours; ours_backbone;;
@@ -176,7 +193,8 @@ case "$phase" in
   grads) grads;;
   images) images;;
   loader) loader;;
-  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official|grads|images|loader]" >&2; exit 2;;
+  text) text;;
+  *) echo "usage: bash bench/gpu_train_step.sh [all|ours|official|grads|images|loader|text]" >&2; exit 2;;
 esac
 step summary 60 python3 -m bench.train_step --summary "$out"
 cp "$out/summary.log" "$out/summary.md" 2>/dev/null

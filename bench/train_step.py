@@ -702,7 +702,7 @@ def measure_stage(args) -> dict:
             try:
                 parts = built_parts(args.stage, cfg, args.quick, folder)
                 trainer = Trainer(parts.model, parts.objective, SyntheticBatches(1, 1, 1, torch.device("cpu")),
-                                  cfg.train, cfg.deepspeed, cfg.train.out, graph_modules=parts.graph_modules)
+                                  cfg.train, cfg.deepspeed, cfg.train.out, graph_chains=parts.graph_chains)
                 trainer.build()
                 synthetic = SyntheticBatches(batch, 1 if args.images else cfg.data.num_frames, cfg.data.img_size,
                                              device, images=args.images, alternate=args.alternate)
@@ -736,9 +736,9 @@ def measure_stage(args) -> dict:
                 counted = r["mode"] == "ops"  # slowed by the counting
                 r["mfu"] = (flops.per_clip * r["clips_per_s"] / H200_BF16_DENSE_FLOPS) if cuda and not counted else None
             record["projection"] = projection(runs[0].step_ms / 1e3, batch, record["params"]["trained"], args.stage)
-            if trainer.graphs is not None:  # replayed or eager: --alternate's kinds should both replay
-                record["graphs"] = {"captures": len(trainer.graphs.captures), "replays": trainer.graphs.replays,
-                                    "eager_calls": trainer.graphs.eager_calls}
+            if trainer.graphs:  # replayed or eager: --alternate's kinds should both replay
+                record["graphs"] = {name: {"captures": len(chain.captures), "replays": chain.replays,
+                                           "eager_calls": chain.eager_calls} for name, chain in trainer.graphs.items()}
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(record, indent=1))
@@ -851,9 +851,14 @@ def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float, notes: list)
 
 
 def graph_counts(record: dict) -> str:
-    """' (N captures, R replays, E eager calls)' of the backbone's CUDA graphs over the whole process, or ''."""
+    """' (backbone: N captures, R replays, E eager calls; text: ...)' of each chain's CUDA graphs over the whole
+    process, or ''. Records before the text chains hold the backbone's counts alone."""
     g = record.get("graphs")
-    return f" ({g['captures']} captures, {g['replays']:,} replays, {g['eager_calls']:,} eager calls)" if g else ""
+    if not g:
+        return ""
+    chains = {"backbone": g} if "captures" in g else g
+    return " (" + "; ".join(f"{name}: {c['captures']} captures, {c['replays']:,} replays, {c['eager_calls']:,} "
+                            f"eager calls" for name, c in chains.items()) + ")"
 
 
 def media_of(args: argparse.Namespace) -> str:
@@ -865,7 +870,7 @@ def settings_of(cfg) -> dict:
     keys = {"model": ("size", "depth", "embed_dim", "drop_path_rate", "scan_backend"),
             "data": ("num_frames", "img_size", "num_workers", "decoder"),
             "train": ("batch_size", "precision", "grad_accum_dtype", "lr", "betas", "weight_decay", "clip_grad",
-                      "cuda_graphs"),
+                      "cuda_graphs", "cuda_graph_chains"),
             "deepspeed": ("zero_stage",), "teacher": ("model", "img_size"), "mask": ("kind", "ratio")}
     if hasattr(cfg, "text"):
         keys["text"] = ("fusion_layer", "max_len", "embed_dim")

@@ -141,6 +141,10 @@ class TrainConfig:
     # with cuda_graphs, how many input shapes get graphs of their own (each captured at its first step, in its own
     # memory): 2 covers data.mix=batch's image and video batches; a shape past these runs eagerly
     cuda_graph_shapes: int = ranged(2, ge=1)
+    # with cuda_graphs, which of the stage's chains of modules replay: the backbone's blocks (both stages), BERT's
+    # text-only layers and its fusion layers (stage 2; each runs once a step over all its rows). A name the stage
+    # lacks is warned about and runs eagerly. text and fusion have not yet run on a GPU (bench/RESULTS.md)
+    cuda_graph_chains: list[Literal["backbone", "text", "fusion"]] = field(default_factory=lambda: ["backbone"])
     # every this many optimizer steps, the stage's evaluation (stage 2: zero-shot retrieval on `eval.annotations`)
     # runs on the training model and its R@1 goes to metrics.jsonl; 0: never. Every rank runs it (ZeRO-3 gathers
     # weights collectively); it touches neither the data position nor the RNG streams, so exact resume holds

@@ -7,12 +7,13 @@ about 100 ms a step eager and 17 ms with its blocks replayed from graphs (bench/
     chain = graph_chain(backbone.chained_blocks())   # in place: the modules keep their parameters, names, state dicts
 
 A chain is a list of modules called one after another in each training step, module i+1 on module i's outputs
-(VideoMamba's blocks: (hidden, residual) -> (hidden, residual)). At the first call of the first module with grad
-enabled on CUDA tensors the whole chain is captured, in the order it will replay: two eager warm-up passes on a side
-stream (Triton compiles, cuBLAS sets up), then every forward in order, each reading its inputs from the previous
-module's static outputs (as autograd leaves of their own), then every backward in reverse order, all in one pool.
-Replaying in that order never overwrites memory that another graph still needs, and a chained input is already in
-place (no copy).
+(VideoMamba's blocks: (hidden, residual) -> (hidden, residual); BERT's layers (hidden, mask[, video, video mask]) ->
+the same, passing on unchanged what they only read; any input or output may be None). At the first call of the first
+module with grad enabled on CUDA tensors the whole chain is captured, in the order it will replay: two eager warm-up
+passes on a side stream (Triton compiles, cuBLAS sets up), then every forward in order, each reading its inputs from
+the previous module's static outputs (as autograd leaves of their own), then every backward in reverse order, all in
+one pool. Replaying in that order never overwrites memory that another graph still needs, and a chained input is
+already in place (no copy).
 
 Graphs are captured per input shape: the first `shapes` distinct input signatures of the first module (shapes,
 dtypes, requires_grad) each get a capture of the whole chain in its own memory pool, at the first call with them.
@@ -89,14 +90,14 @@ class _Replay(torch.autograd.Function):
         link.pending = chain.replays
         ctx.link = link
         ctx.release = _Release(link, chain.replays)
-        return tuple(o.detach() for o in link.outputs)
+        return tuple(None if o is None else o.detach() for o in link.outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor):
         link = ctx.link
         for static, grad in zip(link.grad_outputs, grads):
-            if static is not None and static.data_ptr() != grad.data_ptr():
+            if static is not None and grad is not None and static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
         link.backward.replay()
         link.pending = 0
@@ -211,7 +212,7 @@ class GraphedChain:
                 real = tuple(p for p in module.parameters() if p.requires_grad)
                 links.append(_Link(inputs, outputs, real, graph, signature=_signature(inputs)))
                 inputs = _leaves(outputs)
-            grad_outputs = tuple(torch.zeros_like(o) for o in inputs)
+            grad_outputs = tuple(None if o is None else torch.zeros_like(o) for o in inputs)
             for link, params in zip(reversed(links), reversed(aliases)):
                 link.grad_outputs = grad_outputs
                 grad_outputs = self._capture_backward(link, list(params.values()), pool, stream)
@@ -238,7 +239,8 @@ class GraphedChain:
         their own); returns the static gradients of its inputs (zeros where an input takes none), the previous
         link's gradient outputs."""
         diff_inputs = [t for t in link.inputs if t is not None and t.requires_grad]
-        differentiable = [(o, g) for o, g in zip(link.outputs, link.grad_outputs) if o.requires_grad]
+        differentiable = [(o, g) for o, g in zip(link.outputs, link.grad_outputs)
+                          if o is not None and o.requires_grad]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             grads = torch.autograd.grad([o for o, _ in differentiable], diff_inputs + aliases,

@@ -89,9 +89,11 @@ class _StepResult:
 class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, data: Iterable, train_cfg: TrainConfig,
                  ds_cfg: Optional[DeepSpeedConfig] = None, run_dir: Optional[str] = None,
-                 graph_modules: Sequence[torch.nn.Module] = (), evaluate: Optional[EvaluateFn] = None):
-        """graph_modules: submodules of `model` that each step runs as a chain, each on the previous one's outputs
-        (a backbone's blocks); with `train.cuda_graphs` on a GPU they replay as CUDA graphs (pipeline.engine.graphs).
+                 graph_chains: Optional[dict[str, Sequence[torch.nn.Module]]] = None,
+                 evaluate: Optional[EvaluateFn] = None):
+        """graph_chains: name -> submodules of `model` that each step runs as a chain, each on the previous one's
+        outputs (a backbone's blocks: "backbone"); with `train.cuda_graphs` on a GPU the chains that
+        `train.cuda_graph_chains` names replay as CUDA graphs (pipeline.engine.graphs).
         evaluate: the stage's evaluation, `evaluate(model, step) -> {name: number}`, run every `train.eval_every`
         steps on every rank with the model in eval mode under no_grad; rank 0 logs what it returns with the step."""
         run_dir = run_dir or train_cfg.out
@@ -107,9 +109,9 @@ class Trainer:
         self.cfg = train_cfg
         self.ds_cfg = ds_cfg or DeepSpeedConfig()
         self.run_dir = run_dir
-        self.graph_modules = list(graph_modules)
+        self.graph_chains = {name: list(modules) for name, modules in (graph_chains or {}).items()}
         self.evaluate = evaluate
-        self.graphs: Optional[GraphedChain] = None  # the replayed chain, once fit() has built it with cuda_graphs
+        self.graphs: dict[str, GraphedChain] = {}  # the replayed chains, once fit() has built them with cuda_graphs
         self.engine: Any = None  # the DeepSpeed engine, once fit() or build() has built it
         self.optimizer: Optional[SkippableAdamW] = None  # build()'s optimizer and schedule (fit() keeps its own)
         self.scheduler: Any = None
@@ -160,9 +162,10 @@ class Trainer:
         finally:
             if logs:
                 logs.close()
-            if self.graphs is not None and info.is_main:
-                log.info("CUDA graphs: %d module replays, %d eager calls (the first of each cause logged above)",
-                         self.graphs.replays, self.graphs.eager_calls)
+            if info.is_main:
+                for name, chain in self.graphs.items():
+                    log.info("CUDA graphs, %s: %d module replays, %d eager calls (the first of each cause logged "
+                             "above)", name, chain.replays, chain.eager_calls)
         summary.wall_s = time.perf_counter() - started
         return summary
 
@@ -203,25 +206,29 @@ class Trainer:
                               f"train.batch_size={cfg.batch_size} samples per micro-step: set train.batch_size="
                               f"{engine.train_micro_batch_size_per_gpu()} (or change the file's batch keys)")
         if cfg.cuda_graphs:
-            self.graphs = self._graphed_chain(engine)
+            self.graphs = self._graphed_chains(engine)
         if info.is_main:
             log.info("DeepSpeed: world %d, ZeRO stage %d, micro batch %d, accumulation %d, %s", info.world_size,
                      engine.zero_optimization_stage(), engine.train_micro_batch_size_per_gpu(),
                      engine.gradient_accumulation_steps(), _precision_of(engine))
         return engine, optimizer, scheduler
 
-    def _graphed_chain(self, engine: Any) -> Optional[GraphedChain]:
+    def _graphed_chains(self, engine: Any) -> dict[str, GraphedChain]:
+        """The chains `train.cuda_graph_chains` names, made to replay as CUDA graphs (none off CUDA)."""
         if engine.zero_optimization_stage() == 3:
             raise ConfigError("train.cuda_graphs=true needs ZeRO stage 0, 1 or 2: ZeRO-3 gathers the parameters "
                               "anew for every forward, which a replayed graph cannot do (set deepspeed.zero_stage "
                               "to 2 or train.cuda_graphs=false)")
+        absent = [name for name in self.cfg.cuda_graph_chains if not self.graph_chains.get(name)]
+        if absent:
+            log.warning("train.cuda_graph_chains: this stage's model has no chain %s (its chains: %s); nothing is "
+                        "replayed for %s", ", ".join(absent), ", ".join(self.graph_chains) or "none",
+                        "it" if len(absent) == 1 else "them")
         if engine.device.type != "cuda":
             log.warning("train.cuda_graphs=true is ignored on %s: CUDA graphs need a GPU", engine.device)
-            return None
-        if not self.graph_modules:
-            log.warning("train.cuda_graphs=true: this stage's model names no chain of modules to replay")
-            return None
-        return graph_chain(self.graph_modules, self.cfg.cuda_graph_shapes)
+            return {}
+        return {name: graph_chain(self.graph_chains[name], self.cfg.cuda_graph_shapes)
+                for name in self.cfg.cuda_graph_chains if name not in absent}
 
     # ------------------------------------------------------------------------------------------------ stepping
     def _optimizer_step(self, engine: Any, optimizer: SkippableAdamW, iterator, accum: int,

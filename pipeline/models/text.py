@@ -131,11 +131,16 @@ class BertFusionLayer(nn.Module):
         return hasattr(self, "crossattention")
 
     def forward(self, hidden: Tensor, mask: Tensor, video: Optional[Tensor] = None,
-                video_mask: Optional[Tensor] = None) -> Tensor:
-        hidden = self.attention(hidden, mask)[0]
-        if self.has_cross_attention:
-            hidden = self.crossattention(hidden, None, video, video_mask)[0]
-        return self.output(self.intermediate(hidden), hidden)
+                video_mask: Optional[Tensor] = None) -> tuple[Tensor, ...]:
+        """Returns the new hidden states followed by what the layer only reads, passed on unchanged: (hidden, mask)
+        from a text-only layer, (hidden, mask, video, video_mask) from a fusion layer. So each layer's call takes
+        the previous one's outputs, and a run of layers is a chain that `train.cuda_graph_chains` can replay
+        (pipeline.engine.graphs)."""
+        out = self.attention(hidden, mask)[0]
+        if not self.has_cross_attention:
+            return self.output(self.intermediate(out), out), mask
+        out = self.crossattention(out, None, video, video_mask)[0]
+        return self.output(self.intermediate(out), out), mask, video, video_mask
 
 
 class _Encoder(nn.Module):
@@ -203,12 +208,20 @@ class BertTextEncoder(nn.Module):
         if module is getattr(getattr(self, "cls", None), "predictions", None):
             module.bias.zero_()
 
+    def text_layers(self) -> list[BertFusionLayer]:
+        """The text-only layers, in order: the chain `encode` runs (`train.cuda_graph_chains`'s "text")."""
+        return list(self.bert.encoder.layer[:self.fusion_layer])
+
+    def fusion_layers(self) -> list[BertFusionLayer]:
+        """The cross-attention layers, in order: the chain `fuse` runs (`train.cuda_graph_chains`'s "fusion")."""
+        return list(self.bert.encoder.layer[self.fusion_layer:])
+
     def encode(self, ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token ids (B, L) -> the text-only layers' hidden states (B, L, H) (the official mode="text")."""
         hidden = self.bert.embeddings(input_ids=ids)
         mask = _extended_mask(attention_mask, hidden.dtype)
-        for layer in self.bert.encoder.layer[:self.fusion_layer]:
-            hidden = layer(hidden, mask)
+        for layer in self.text_layers():
+            hidden, mask = layer(hidden, mask)
         return hidden
 
     def fuse(self, hidden: Tensor, attention_mask: Tensor, video: Tensor,
@@ -218,8 +231,8 @@ class BertTextEncoder(nn.Module):
         mask = _extended_mask(attention_mask, hidden.dtype)
         video = video.to(hidden.dtype)
         vmask = None if video_mask is None else _extended_mask(video_mask, hidden.dtype)
-        for layer in self.bert.encoder.layer[self.fusion_layer:]:
-            hidden = layer(hidden, mask, video, vmask)
+        for layer in self.fusion_layers():
+            hidden, mask, video, vmask = layer(hidden, mask, video, vmask)
         return hidden
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:

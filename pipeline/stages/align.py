@@ -52,7 +52,7 @@ def train_align(cfg: AlignStageConfig, resume: Optional[str] = None) -> dict:
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
                         run_dir=cfg.train.out, device=info.device)
     summary = Trainer(parts.model, parts.objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
-                      graph_modules=parts.graph_modules).fit(resume)
+                      graph_chains=parts.graph_chains).fit(resume)
     return run_summary(cfg, summary)
 
 
@@ -67,7 +67,7 @@ def align_parts(cfg: AlignStageConfig, teacher: nn.Module) -> StageParts:
                            cfg.teacher.cls_target, cfg.model.align_head)
     objective = MaskedAlignment(teacher, backbone.patch_grid, cfg.mask.kind, cfg.mask.ratio, cfg.loss.kind,
                                 cfg.model.tubelet_size, guide, cfg.distill.weight, cfg.teacher.cls_target)
-    return StageParts(student, objective, backbone.chained_blocks(), teacher)
+    return StageParts(student, objective, {"backbone": backbone.chained_blocks()}, teacher)
 
 
 def check_config(cfg: AlignStageConfig) -> None:

@@ -39,13 +39,13 @@ class Stage:
 @dataclass
 class StageParts:
     """What a stage hands the engine, built from its config: the trained module, the objective
-    (`loss_fn(model, batch) -> (loss, parts)`), the chain of modules that may replay as CUDA graphs (the backbone's
-    blocks), the frozen teacher the objective runs (None without one) and the text tokenizer (stage 2). The stages'
+    (`loss_fn(model, batch) -> (loss, parts)`), the chains of modules that may replay as CUDA graphs by name (the
+    backbone's blocks; stage 2 also BERT's text-only and fusion layers: `train.cuda_graph_chains`), the frozen teacher the objective runs (None without one) and the text tokenizer (stage 2). The stages'
     training functions build these and train them; bench/train_step.py builds the same parts to time one step."""
 
     model: nn.Module
     objective: Callable
-    graph_modules: list = field(default_factory=list)
+    graph_chains: dict = field(default_factory=dict)
     teacher: Optional[nn.Module] = None
     tokenizer: Any = None
 

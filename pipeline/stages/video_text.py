@@ -50,7 +50,7 @@ def train_video_text(cfg: VideoTextStageConfig, resume: Optional[str] = None) ->
     data = build_loader(cfg.data, cfg.train.batch_size, info.rank, info.world_size, cfg.train.seed,
                         run_dir=cfg.train.out, device=info.device)
     summary = Trainer(parts.model, parts.objective, data, cfg.train, cfg.deepspeed, cfg.train.out,
-                      graph_modules=parts.graph_modules, evaluate=evaluate).fit(resume)
+                      graph_chains=parts.graph_chains, evaluate=evaluate).fit(resume)
     return run_summary(cfg, summary)
 
 
@@ -76,7 +76,9 @@ def video_text_parts(cfg: VideoTextStageConfig, teacher: Optional[nn.Module]) ->
     weights = {"vtc": cfg.loss.vtc, "vtm": cfg.loss.vtm, "mlm": cfg.loss.mlm, "align": cfg.loss.align}
     objective = VideoTextObjective(tokenizer, cfg.text.max_len, grid, cfg.mask.kind, cfg.mask.ratio, weights,
                                    cfg.loss.mlm_prob, alignment, image_ratio=cfg.mask.image_ratio)
-    return StageParts(model, objective, model.backbone.chained_blocks(), teacher, tokenizer)
+    chains = {"backbone": model.backbone.chained_blocks(), "text": model.text_encoder.text_layers(),
+              "fusion": model.text_encoder.fusion_layers()}
+    return StageParts(model, objective, chains, teacher, tokenizer)
 
 
 def _warn_on_another_normalization(cfg: VideoTextStageConfig) -> None:

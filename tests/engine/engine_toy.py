@@ -132,7 +132,7 @@ def train_config(**overrides) -> TrainConfig:
 def build(run_dir: str, rank: int = 0, world_size: int = 1, dropout: float = 0.2, nan_batches=(), zero_stage: int = 0,
           limit: Optional[int] = None, chain: bool = False, evaluate=None, **overrides):
     """Returns a Trainer over a freshly initialised ToyMLP, or with `chain` a ToyChain whose blocks are the
-    Trainer's graph_modules (same weights for the same seed, on every rank)."""
+    Trainer's "backbone" chain (same weights for the same seed, on every rank)."""
     from pipeline.engine import Trainer
 
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def build(run_dir: str, rank: int = 0, world_size: int = 1, dropout: float = 0.2
                     limit=limit)
     model = ToyChain() if chain else ToyMLP(dropout=dropout)
     return Trainer(model, mse_loss, data, cfg, DeepSpeedConfig(zero_stage=zero_stage), run_dir,
-                   graph_modules=model.blocks if chain else (), evaluate=evaluate)
+                   graph_chains={"backbone": model.blocks} if chain else None, evaluate=evaluate)
 
 
 def gather_check() -> dict:

@@ -1,8 +1,8 @@
 """CUDA graphs for a chain of modules (pipeline.engine.graphs) and `train.cuda_graphs` in the trainer. On the CPU:
-the fallback to each module's own forward, the trainer's refusal under ZeRO-3 and its warning off CUDA. On a GPU
-(skipped elsewhere): replayed VideoMamba blocks against eager ones, gradient accumulation, image and video batches
-with a capture each, a second forward before the backward, and a DeepSpeed ZeRO-2 bf16 run with and without
-graphs."""
+the fallback to each module's own forward, the trainer's refusal under ZeRO-3 and its warnings off CUDA and for a
+chain the stage lacks. On a GPU (skipped elsewhere): replayed VideoMamba blocks against eager ones, gradient
+accumulation, image and video batches with a capture each, a second forward before the backward, a DeepSpeed ZeRO-2
+bf16 run with and without graphs, and stage 2's BERT text and fusion layers against eager ones."""
 import copy
 import logging
 
@@ -55,6 +55,14 @@ def test_trainer_refuses_cuda_graphs_under_zero3(tmp_path):
     trainer = toy.build(str(tmp_path), chain=True, zero_stage=3, cuda_graphs=True, max_steps=1)
     with pytest.raises(ConfigError, match="ZeRO stage 0, 1 or 2"):
         trainer.fit()
+
+
+def test_trainer_warns_of_a_named_chain_the_stage_lacks(tmp_path, caplog):
+    trainer = toy.build(str(tmp_path), chain=True, cuda_graphs=True, cuda_graph_chains=["backbone", "fusion"],
+                        max_steps=1, ckpt_every=0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.engine.trainer"):
+        trainer.fit()
+    assert "this stage's model has no chain fusion (its chains: backbone); nothing is replayed for it" in caplog.text
 
 
 def test_trainer_off_cuda_warns_and_trains_as_without_graphs(tmp_path, caplog):
@@ -168,7 +176,8 @@ def test_deepspeed_zero2_bf16_run_with_graphs_matches_the_run_without(tmp_path):
         trainer.fit()
         runs[graphs] = (toy.losses(run_dir), trainer.graphs)
     assert runs[True][0] == pytest.approx(runs[False][0], rel=2e-2)
-    chain = runs[True][1]
+    assert runs[False][1] == {}
+    chain = runs[True][1]["backbone"]
     assert chain.replays == 6 * 2 * 3 and chain.eager_calls == 0  # steps x micro-batches x blocks
 
 
@@ -186,3 +195,43 @@ def test_drop_path_draws_anew_at_each_replay_and_the_capture_leaves_the_generato
     b = [micro_step(second, x) for _ in range(2)]
     assert a[0] != a[1]  # same input and weights: only the drop-path draws differ
     assert b == pytest.approx(a, rel=1e-5)  # as a run resumed with the RNG state of an uninterrupted one
+
+
+@cuda
+def test_replayed_bert_text_and_fusion_layers_match_eager_with_two_video_shapes(tmp_path):
+    """Stage 2's "text" and "fusion" chains (train.cuda_graph_chains): BERT's text-only layers and its fusion layers
+    replayed from graphs give the eager states' loss and gradients (the video tokens' too, which every fusion layer
+    passes on to the next), over updates in place, with image-like and clip-like video memories each replaying a
+    capture of their own."""
+    from pipeline.models.text import build_tiny_bert, load_bert_text_encoder
+
+    directory = build_tiny_bert(["a red ball rolls left", "two squares move up", "a blue triangle"] * 4,
+                                str(tmp_path / "bert"), hidden=64, layers=4, heads=4, dropout=0.0)
+    torch.manual_seed(0)
+    graphed = load_bert_text_encoder(directory, fusion_layer=2, cross_width=48)[0].cuda().train()
+    eager = copy.deepcopy(graphed)
+    chains = [graph_chain(graphed.text_layers(), shapes=2), graph_chain(graphed.fusion_layers(), shapes=2)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (graphed, eager)]
+    ids = torch.randint(5, 30, (6, 16), device="cuda")
+    attention_mask = torch.ones(6, 16, dtype=torch.long, device="cuda")
+    attention_mask[1, 9:] = 0
+    for step, tokens in enumerate([40, 9, 40, 9]):
+        video = torch.randn(6, tokens, 48, device="cuda")
+        results = []
+        for model, opt in zip((graphed, eager), optimizers):
+            opt.zero_grad(set_to_none=True)
+            v = video.clone().requires_grad_()
+            fused = model.fuse(model.encode(ids, attention_mask), attention_mask, v)
+            loss = model.mlm_logits(fused).logsumexp(-1).mean() + fused[:, 0].square().mean()
+            loss.backward()
+            results.append((float(loss.detach()), v.grad))
+        assert results[0][0] == pytest.approx(results[1][0], rel=1e-4), step
+        assert close(results[0][1], results[1][1]) and float(results[1][1].abs().sum()) > 0, step
+        for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+            assert (p.grad is None) == (q.grad is None), (step, name)
+            assert q.grad is None or close(p.grad, q.grad, rel=1e-3), (step, name)
+        for opt in optimizers:
+            opt.step()
+    assert [len(c.captures) for c in chains] == [1, 2]  # the text's shape never changes; the video's does
+    assert [c.eager_calls for c in chains] == [0, 0]
+    assert [c.replays for c in chains] == [4 * 2, 4 * 2]

@@ -117,3 +117,39 @@ def test_a_tiny_bert_keeps_its_weight_scale_and_dropout_and_its_new_cross_attent
     assert words.std().item() == pytest.approx(0.08, rel=0.15) and fresh.std().item() == pytest.approx(0.08, rel=0.1)
     default = build_tiny_bert(TINY_BERT_CAPTIONS * 4, str(tmp_path / "default"), hidden=64, layers=2, heads=2)
     assert load_bert_text_encoder(default, 1, 48)[0].config.initializer_range == 0.02  # BERT's own by default
+
+
+def test_encode_and_fuse_run_their_layers_as_chains_each_layer_on_the_previous_ones_outputs(tiny_bert_dir):
+    """The layers `encode` and `fuse` call are `text_layers()` and `fusion_layers()` themselves, each on the previous
+    layer's outputs, so `train.cuda_graph_chains` can replay them (pipeline.engine.graphs): off CUDA each call falls
+    back to the layer's own forward, counted, with the same states and gradients as the plain encoder."""
+    from pipeline.engine.graphs import graph_chain
+
+    torch.manual_seed(0)
+    graphed, _ = load_bert_text_encoder(tiny_bert_dir, fusion_layer=1, cross_width=24)
+    plain, _ = load_bert_text_encoder(tiny_bert_dir, fusion_layer=1, cross_width=24)
+    plain.load_state_dict(graphed.state_dict())
+    graphed.eval(), plain.eval()
+    chains = [graph_chain(graphed.text_layers()), graph_chain(graphed.fusion_layers())]
+    assert [len(c.modules) for c in chains] == [1, 2]
+    ids = torch.randint(5, 60, (3, 12))
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[0, 7:] = 0
+    video = torch.randn(3, 5, 24)
+    losses = []
+    for encoder in (graphed, plain):
+        v = video.clone().requires_grad_()
+        fused = encoder.fuse(encoder.encode(ids, attention_mask), attention_mask, v)
+        loss = encoder.mlm_logits(fused).logsumexp(-1).mean()
+        loss.backward()
+        losses.append((float(loss.detach()), v.grad))
+    assert losses[0][0] == losses[1][0]
+    assert torch.equal(losses[0][1], losses[1][1]) and float(losses[0][1].abs().sum()) > 0  # the video gets its grad
+    assert [c.eager_calls for c in chains] == [1, 2]  # every layer's call went through its chain
+    for (name, p), q in zip(graphed.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+    layer = graphed.fusion_layers()[0]
+    h, m = torch.randn(3, 12, 32), torch.zeros(3, 1, 1, 12)
+    outputs = layer(h, m, video, None)
+    assert len(outputs) == 4 and outputs[1] is m and outputs[2] is video and outputs[3] is None
+    assert len(graphed.text_layers()[0](h, m)) == 2

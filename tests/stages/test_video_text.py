@@ -181,3 +181,22 @@ def test_stage2_starts_from_a_released_video_mm_checkpoint_file(shards, teacher_
     assert "the whole video-text model" in done.stderr and "temporal_pos_embedding: 8 -> 4" in done.stderr
     assert "clip_teacher.*" in done.stderr and "clip_decoder" not in done.stderr  # loaded into the head
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_stage2_names_its_backbone_text_and_fusion_chains(tiny_bert_dir, tmp_path):
+    """What `train.cuda_graph_chains` picks from: the backbone's blocks, BERT's text-only layers and its fusion
+    layers, each in the order the step runs them."""
+    from pipeline.config import VideoTextStageConfig, load_config
+    from pipeline.stages.base import begin_run
+    from pipeline.stages.video_text import video_text_parts
+
+    cfg = load_config(VideoTextStageConfig, str(REPO / "configs" / "stage2_video_text.yaml"),
+                      ["data.train=unused.tar", "data.img_size=64", "data.num_frames=2", "model.depth=2",
+                       "model.embed_dim=64", "model.scan_backend=torch", f"text.pretrained={tiny_bert_dir}",
+                       "text.fusion_layer=1", "loss.align=0", f"train.out={tmp_path}"])
+    begin_run(cfg)
+    parts = video_text_parts(cfg, None)
+    layers = list(parts.model.text_encoder.bert.encoder.layer)
+    assert parts.graph_chains["text"] == layers[:1] and parts.graph_chains["fusion"] == layers[1:]
+    assert parts.graph_chains["backbone"] == parts.model.backbone.chained_blocks() and len(layers) == 3
+    assert cfg.train.cuda_graph_chains == ["backbone"]  # the text side replays only where a run asks for it
