@@ -214,9 +214,11 @@ class AlignStageConfig:
 class TextConfig:
     kind: Literal["bert"] = "bert"  # UMT's BERT with fusion layers (pipeline/models/text.py)
     # a BERT directory in the transformers layout (config.json, weights, vocab) or a hub name in the local cache;
-    # nothing is downloaded (`huggingface-cli download bert-base-uncased --local-dir DIR` once, then text.pretrained=DIR)
+    # nothing is downloaded (`huggingface-cli download bert-base-uncased --local-dir DIR` once, then
+    # text.pretrained=DIR)
     pretrained: str = "bert-base-uncased"
-    fusion_layer: int = ranged(9, ge=0)  # layers 0..fusion_layer-1 are text-only, the rest cross-attend to the video tokens
+    # layers 0..fusion_layer-1 are text-only, the rest cross-attend to the video tokens
+    fusion_layer: int = ranged(9, ge=0)
     max_len: int = ranged(32, ge=2)  # token ids per text, [CLS] and [SEP] included
     embed_dim: int = ranged(512, ge=1)  # the joint video-text space of the contrastive loss
     temp: float = ranged(0.07, gt=0)  # the initial temperature (learned, clamped to [0.001, 0.5])
@@ -229,7 +231,8 @@ class VideoTextLossConfig:
     mlm: float = ranged(1.0, ge=0)  # masked language modelling on the cross-modal layers
     align: float = ranged(1.0, ge=0)  # stage 1's unmasked-token alignment to the teacher (0: no teacher is loaded)
     align_kind: Literal["mse", "cosine"] = "mse"
-    mlm_prob: float = ranged(0.5, gt=0, lt=1)  # each token but [PAD] / [CLS] is masked with this probability (the official 0.5)
+    # each token but [PAD] / [CLS] is masked with this probability (the official 0.5)
+    mlm_prob: float = ranged(0.5, gt=0, lt=1)
 
 
 @dataclass

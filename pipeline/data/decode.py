@@ -1,5 +1,5 @@
-"""Decoders: encoded sample bytes + a `ClipPlan` -> normalized (3, T, S, S) clips (the plan says how). The only module that talks to
-PyAV, PIL and DALI.
+"""Decoders: encoded sample bytes + a `ClipPlan` -> normalized (3, T, S, S) clips (the plan says how). The only
+module that talks to PyAV, PIL and DALI.
 
 Two implementations of one protocol (`Decoder.decode(samples) -> (video, failures)`):
 - `CpuDecoder`: PyAV (codec threads) for video, PIL for images; runs inside the loader's worker processes, so it is

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -122,6 +123,10 @@ class Trainer:
         """Trains up to `train.max_steps` optimizer steps; `resume` is None, "auto" or a checkpoint/run path."""
         started = time.perf_counter()
         info = self.dist = dist.init_distributed()
+        with _repeatable_off_cuda(info.device):
+            return self._fit(info, resume, started)
+
+    def _fit(self, info: dist.DistInfo, resume: Optional[str], started: float) -> FitSummary:
         check_micro_batch(self.cfg, self.ds_cfg, info.world_size)  # before DeepSpeed starts
         _quiet_deepspeed()
         ckpt.seed_everything(self.cfg.seed + info.rank)
@@ -521,6 +526,29 @@ def _finite_or_none(value: Any) -> Optional[float]:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+@contextmanager
+def _repeatable_off_cuda(device: torch.device):
+    """Off CUDA, torch's deterministic algorithms for the run (warning where an op has none), so that the same run
+    repeats exactly: on a CPU with several threads, the backward of indexing with repeated indices (stage 2's hard
+    negatives) otherwise sums with parallel atomic adds, and the demo's stage 2 drifted from its last run within a
+    dozen steps. Uninitialized memory is not filled (torch's default under the setting, which tripled the demo's
+    CPU step time). On CUDA the setting is left to the user (the scan's backward sums with atomics regardless)."""
+    if device.type == "cuda":
+        yield
+        return
+    import torch.utils.deterministic as memory
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              memory.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    memory.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        memory.fill_uninitialized_memory = before[2]
 
 
 def _quiet_deepspeed() -> None:

@@ -15,8 +15,8 @@ transformers `BertForMaskedLM` directory loads with only the cross-attention lay
 
 Weights and tokenizer come from `text.pretrained`: a local directory in the transformers layout (config.json, model
 weights, vocab.txt / tokenizer files) or a hub name already in the local Hugging Face cache; nothing is downloaded.
-`build_tiny_bert` writes such a directory from a list of captions (a WordPiece vocabulary trained with `tokenizers`
-and a small random BERT), so the demo and the tests run the same code as BERT-base.
+`build_tiny_bert` writes such a directory from a list of captions (a WordPiece vocabulary of their characters and
+words, and a small random BERT), so the demo and the tests run the same code as BERT-base.
 """
 from __future__ import annotations
 
@@ -85,9 +85,9 @@ class Tokenized:
 
 
 class BertTextTokenizer:
-    """The BERT tokenizer of a directory (uncased WordPiece, transformers 5's tokenizers-backed `BertTokenizer`); `__call__(texts, max_len)` pads every text to `max_len`
-    ids and truncates longer ones, as the official `tokenizer(text, padding="max_length", truncation=True,
-    max_length=max_txt_l)`."""
+    """The BERT tokenizer of a directory (uncased WordPiece, transformers 5's tokenizers-backed `BertTokenizer`);
+    `__call__(texts, max_len)` pads every text to `max_len` ids and truncates longer ones, as the official
+    `tokenizer(text, padding="max_length", truncation=True, max_length=max_txt_l)`."""
 
     def __init__(self, path: str):
         from transformers import BertTokenizer
@@ -302,32 +302,55 @@ def width_scaled_init_std(hidden: int) -> float:
     return BERT_INIT_STD * (BERT_BASE_WIDTH / hidden) ** 0.5
 
 
+def tiny_vocabulary(texts: Iterable[str], vocab_size: int) -> list[str]:
+    """A WordPiece vocabulary for `texts`, the same list for the same texts on every run: the special tokens, every
+    character (alone and as a ##continuation, so any word of these characters tokenizes), then the texts' words
+    (split as BERT's uncased tokenizer splits them) by falling count, ties in alphabetical order, up to `vocab_size`
+    ids. `tokenizers`' WordPiece trainer is not used: it breaks ties between equally frequent merges in hash-map
+    order, so each run made another vocabulary and the demo's stage 2 another run. Raises ValueError when the
+    characters alone need more than `vocab_size` ids."""
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, splitter = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = Counter(word for text in texts
+                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in words for c in word})
+    pieces = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    if len(pieces) > vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}: the texts' {len(chars)} characters need {len(pieces)} ids")
+    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    return pieces + ranked[:vocab_size - len(pieces)]
+
+
 def build_tiny_bert(texts: Iterable[str], out_dir: str, hidden: int = 128, layers: int = 4, heads: int = 4,
                     vocab_size: int = 2000, max_positions: int = 64, seed: int = 0,
                     embedding_rows: Optional[int] = None, initializer_range: float = BERT_INIT_STD,
                     dropout: float = 0.1) -> str:
     """Writes a small BERT in the transformers layout to `out_dir` (config.json, model.safetensors, vocab.txt,
-    tokenizer files): an uncased WordPiece vocabulary of at most `vocab_size` ids trained on `texts` with the
-    `tokenizers` library, and a randomly initialised `BertForMaskedLM` (seeded) with one embedding row per id, or
-    `embedding_rows` (e.g. BERT-base's 30,522, for a random model of BERT-base's shape). Its weights are drawn with
-    std `initializer_range`, which config.json keeps, so stage 2's new cross-attention layers are drawn with it too
-    (see `width_scaled_init_std`); `dropout` is its hidden and attention dropout (BERT's 0.1). Loads with
-    `text.pretrained=out_dir` exactly as BERT-base does. Returns `out_dir`."""
-    from tokenizers import BertWordPieceTokenizer
+    tokenizer files): an uncased WordPiece vocabulary of at most `vocab_size` ids made from `texts`
+    (`tiny_vocabulary`: the same files for the same arguments on every run), and a randomly initialised
+    `BertForMaskedLM` (seeded) with one embedding row per id, or `embedding_rows` (e.g. BERT-base's 30,522, for a
+    random model of BERT-base's shape). Its weights are drawn with std `initializer_range`, which config.json keeps,
+    so stage 2's new cross-attention layers are drawn with it too (see `width_scaled_init_std`); `dropout` is its
+    hidden and attention dropout (BERT's 0.1). Loads with `text.pretrained=out_dir` exactly as BERT-base does.
+    Returns `out_dir`."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
     _quiet_transformers()
     os.makedirs(out_dir, exist_ok=True)
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
-                                  show_progress=False)
-    tokenizer = BertTokenizer(vocab=wordpiece.get_vocab(), do_lower_case=True)  # transformers 5: the fast one
+    vocabulary = tiny_vocabulary(texts, vocab_size)
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocabulary)}, do_lower_case=True)
     tokenizer.save_pretrained(out_dir)  # tokenizer.json, tokenizer_config.json
-    wordpiece.save_model(out_dir)  # vocab.txt, for readers of the classic layout
-    config = BertConfig(vocab_size=max(len(tokenizer), embedding_rows or 0), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=max_positions,
-                        pad_token_id=tokenizer.pad_token_id, initializer_range=initializer_range,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:  # for readers of the classic layout
+        f.write("".join(token + "\n" for token in vocabulary))
+    config = BertConfig(vocab_size=max(len(tokenizer), embedding_rows or 0), hidden_size=hidden,
+                        num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
+                        max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+                        initializer_range=initializer_range, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     BertForMaskedLM(config).save_pretrained(out_dir)
     return out_dir

@@ -40,8 +40,9 @@ class Stage:
 class StageParts:
     """What a stage hands the engine, built from its config: the trained module, the objective
     (`loss_fn(model, batch) -> (loss, parts)`), the chains of modules that may replay as CUDA graphs by name (the
-    backbone's blocks; stage 2 also BERT's text-only and fusion layers: `train.cuda_graph_chains`), the frozen teacher the objective runs (None without one) and the text tokenizer (stage 2). The stages'
-    training functions build these and train them; bench/train_step.py builds the same parts to time one step."""
+    backbone's blocks; stage 2 also BERT's text-only and fusion layers: `train.cuda_graph_chains`), the frozen
+    teacher the objective runs (None without one) and the text tokenizer (stage 2). The stages' training functions
+    build these and train them; bench/train_step.py builds the same parts to time one step."""
 
     model: nn.Module
     objective: Callable

@@ -316,3 +316,23 @@ def test_driven_steps_are_fits_steps(tmp_path):
     results = [driven.step(iterator, step) for step in range(1, 5)]
     assert [r.loss for r in results] == pytest.approx(toy.losses(str(tmp_path / "fit")), rel=1e-6)
     assert driven.scheduler.last_epoch == 4 and not (tmp_path / "driven").exists()
+
+
+def test_a_cpu_run_trains_with_deterministic_algorithms_and_gives_the_setting_back(tmp_path):
+    """Off CUDA the steps run under torch's deterministic algorithms (a CPU's index_put with accumulate, the backward
+    of indexing with repeated indices as stage 2's hard negatives do, otherwise adds in parallel with atomics: the
+    demo's stage 2 differed from its previous run within a dozen steps); the process's setting is restored after."""
+    import torch.utils.deterministic as memory
+
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append((torch.are_deterministic_algorithms_enabled(), memory.fill_uninitialized_memory))
+        return toy.mse_loss(model, batch)
+
+    trainer = toy.build(str(tmp_path), max_steps=2, ckpt_every=0)
+    trainer.loss_fn = loss_fn
+    assert not torch.are_deterministic_algorithms_enabled() and memory.fill_uninitialized_memory
+    trainer.fit()
+    assert seen == [(True, False)] * 4  # 2 steps of 2 micro-batches; no NaN fill of every new tensor (3x slower)
+    assert not torch.are_deterministic_algorithms_enabled() and memory.fill_uninitialized_memory

@@ -153,3 +153,30 @@ def test_encode_and_fuse_run_their_layers_as_chains_each_layer_on_the_previous_o
     outputs = layer(h, m, video, None)
     assert len(outputs) == 4 and outputs[1] is m and outputs[2] is video and outputs[3] is None
     assert len(graphed.text_layers()[0](h, m)) == 2
+
+
+def test_a_tiny_bert_is_the_same_files_on_every_build_and_tokenizes_unseen_words(tmp_path):
+    """The demo's text step builds its BERT anew each run; the same captions must give the same vocabulary and ids
+    (tokenizers' trainer ordered equally frequent pieces differently from run to run, so stage 2 did not repeat)."""
+    from pipeline.models.text import build_tiny_bert, tiny_vocabulary
+    from tests.conftest import TINY_BERT_CAPTIONS
+
+    texts = TINY_BERT_CAPTIONS * 4 + ["Zebra's café!"]
+    first = build_tiny_bert(reversed(texts), str(tmp_path / "a"), hidden=32, layers=1, heads=2)
+    second = build_tiny_bert(texts, str(tmp_path / "b"), hidden=32, layers=1, heads=2)
+    for name in ("vocab.txt", "tokenizer.json", "model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    vocabulary = (tmp_path / "a" / "vocab.txt").read_text().split("\n")[:-1]
+    assert vocabulary == tiny_vocabulary(texts, 2000) and len(set(vocabulary)) == len(vocabulary)
+    assert vocabulary[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and "zebra" in vocabulary
+    tokenizer = BertTextTokenizer(first)
+    ids = tokenizer(["zebra's cafe", "abracadabra"], 12).ids
+    pieces = [tokenizer._tok.convert_ids_to_tokens(row) for row in ids.tolist()]
+    assert pieces[0][:6] == ["[CLS]", "zebra", "'", "s", "cafe", "[SEP]"]  # whole words; accents stripped
+    assert "[UNK]" not in pieces[1] and "##b" in pieces[1]  # an unseen word: its characters
+    cut = len(vocabulary) - 3
+    assert tiny_vocabulary(texts, cut) == vocabulary[:cut]  # the least frequent words go first
+    counts = [sum(t.lower().split().count(w) for t in texts) for w in vocabulary[-4:]]
+    assert counts == sorted(counts, reverse=True), counts
+    with pytest.raises(ValueError, match="characters need"):
+        tiny_vocabulary(texts, 20)
