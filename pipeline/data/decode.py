@@ -10,8 +10,8 @@ Two implementations of one protocol (`Decoder.decode(samples) -> (video, failure
   which reads VP8/VP9/MJPEG but not H.264: that is how CI exercises this code path without a GPU.
 Both take the plan computed by the stream (same frames, box and flip), so they agree within their rounding.
 
-`probe` reads a container's header (frame count, rate, size) without decoding; the stream plans with it and counts
-what cannot be read.
+`opened` gives a sample's media as a source opened once: its header (frame count, rate, size: what the stream plans
+with, and counts what cannot be read), then the planned frames or the stream DALI gets, without opening it again.
 """
 from __future__ import annotations
 
@@ -61,66 +61,99 @@ class Decoder(Protocol):
         ...
 
 
-# ---------------------------------------------------------------------------------------------------------- probing
+# ------------------------------------------------------------------------------------------- opening media once
+def opened(data: bytes, media: str) -> "VideoSource | ImageSource":
+    """Returns the encoded `media` bytes as a source to plan from (`info`) and to take frames from, opened once (close
+    it, or use `with`)."""
+    return VideoSource(data) if media == "video" else ImageSource(data)
+
+
 def probe(data: bytes, media: str) -> MediaInfo:
     """Returns the frame count, rate and size of encoded `media` bytes; raises DecodeError for unusable ones."""
-    return _probe_video(data) if media == "video" else _probe_image(data)
+    with opened(data, media) as source:
+        return source.info
 
 
-def _probe_video(data: bytes) -> MediaInfo:
-    import av
+class VideoSource:
+    """A video container opened once (PyAV): its header, its packets (read once, never decoded twice), the planned
+    frames and the stream DALI should get.
 
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if container.format.name.endswith("_pipe") or container.format.name == "image2":
-                raise DecodeError("wrong_type", f"a still image ({container.format.name}) where a video belongs")
-            if not container.streams.video:
-                raise DecodeError("empty_video", "no video stream in the container")
-            stream = container.streams.video[0]
-            frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-            rate = stream.average_rate or stream.guessed_rate or 0
-            width, height = stream.codec_context.width, stream.codec_context.height
-    except DecodeError:
-        raise
-    except Exception as e:  # PyAV raises many kinds (InvalidDataError, ValueError, ...) for a broken container
-        raise DecodeError("corrupt_video", f"unreadable video container: {e}") from None
-    if frames <= 0:
-        raise DecodeError("empty_video", "the video has no frames")
-    if width <= 0 or height <= 0:
-        raise DecodeError("corrupt_video", f"bad frame size {width}x{height}")
-    return MediaInfo(int(frames), float(rate), int(width), int(height))
-
-
-def _probe_image(data: bytes) -> MediaInfo:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception as e:
-        raise DecodeError("corrupt_image", f"unreadable image: {e}") from None
-    return MediaInfo(1, 0.0, int(width), int(height))
-
-
-# ------------------------------------------------------------------------------------------------------ CPU (PyAV)
-def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.ndarray:
-    """Returns the frames at `indices` (in that order, repeats allowed) as (T, H, W, 3) uint8 RGB.
-
-    Decoding is what a clip costs, so no frame is decoded that need not be. The packets are read first (no
-    decoding), which gives each frame's presentation index and the key frames; `decoding_plan` then says which to
-    feed: up to the last wanted frame, restarting at key frames to skip whole GOPs, and passing over H.264's unwanted
-    non-reference pictures. Frames are the same as decoding everything gives (tests/data/test_data_decode.py).
+    Why one open: opening a container makes FFmpeg decode its first frame (`avformat_find_stream_info` learns the
+    stream from it), about a key frame's decoding, so planning from one open and decoding from another paid for a
+    key frame twice per clip. Errors are DecodeErrors of the kind the loader counts.
     """
-    import av
 
-    wanted = sorted(set(indices))
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
+    def __init__(self, data: bytes):
+        self.data = data
+        self._container = None
+        self._packets: Optional[list] = None
+
+    def __enter__(self) -> "VideoSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container, self._packets = None, None
+
+    @property
+    def stream(self):
+        """The first video stream (opened on first use); raises DecodeError for a container that is not a video."""
+        if self._container is None:
+            import av
+
+            try:
+                self._container = av.open(io.BytesIO(self.data))
+            except Exception as e:  # PyAV raises many kinds (InvalidDataError, ValueError, ...)
+                raise DecodeError("corrupt_video", f"unreadable video container: {e}") from None
+            name = self._container.format.name
+            if name.endswith("_pipe") or name == "image2":
+                raise DecodeError("wrong_type", f"a still image ({name}) where a video belongs")
+            if not self._container.streams.video:
+                raise DecodeError("empty_video", "no video stream in the container")
+        return self._container.streams.video[0]
+
+    @property
+    def packets(self) -> list:
+        """The stream's packets with data, in decode order (read, not decoded)."""
+        if self._packets is None:
+            stream = self.stream
+            try:
+                self._packets = [p for p in self._container.demux(stream) if p.size]
+            except Exception as e:
+                raise DecodeError("corrupt_video", f"unreadable video container: {e}") from None
+        return self._packets
+
+    @property
+    def info(self) -> MediaInfo:
+        """Frame count, rate and size, from the header (the packets are counted where it has no frame count)."""
+        stream = self.stream
+        frames = stream.frames or len(self.packets)
+        rate = stream.average_rate or stream.guessed_rate or 0
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if frames <= 0:
+            raise DecodeError("empty_video", "the video has no frames")
+        if width <= 0 or height <= 0:
+            raise DecodeError("corrupt_video", f"bad frame size {width}x{height}")
+        return MediaInfo(int(frames), float(rate), int(width), int(height))
+
+    def frames(self, indices: Sequence[int], threads: int = 0) -> np.ndarray:
+        """Returns the frames at `indices` (in that order, repeats allowed) as (T, H, W, 3) uint8 RGB.
+
+        Decoding is what a clip costs, so no frame is decoded that need not be. The packets give each frame's
+        presentation index and the key frames; `decoding_plan` then says which to feed: up to the last wanted
+        frame, restarting at key frames to skip whole GOPs, and passing over H.264's unwanted non-reference
+        pictures. Frames are the same as decoding everything gives (tests/data/test_data_decode.py).
+        """
+        wanted = sorted(set(indices))
+        stream, packets = self.stream, self.packets
+        try:
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
             codec = stream.codec_context
-            packets = [p for p in container.demux(stream) if p.size]
             index_of = _presentation_indices(packets)
             kept = None
             if index_of:
@@ -131,11 +164,71 @@ def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.nd
                     codec.flush_buffers()
             if kept is None:
                 kept = _frames_in_output_order(codec, packets, wanted)
-    except Exception as e:
-        raise DecodeError("corrupt_video", f"video decoding failed: {e}") from None
-    if len(kept) < len(wanted):
-        raise DecodeError("corrupt_video", f"only {len(kept)} of the {len(wanted)} planned frames decoded")
-    return np.stack([kept[i] for i in indices])
+        except Exception as e:
+            raise DecodeError("corrupt_video", f"video decoding failed: {e}") from None
+        if len(kept) < len(wanted):
+            raise DecodeError("corrupt_video", f"only {len(kept)} of the {len(wanted)} planned frames decoded")
+        return np.stack([kept[i] for i in indices])
+
+    def pixels(self, plan: ClipPlan, threads: int = 0) -> torch.Tensor:
+        """The plan's (3, T, S, S) uint8 pixels."""
+        return planned_pixels(torch.from_numpy(np.ascontiguousarray(self.frames(plan.indices, threads))), plan)
+
+    def dali_ready(self, sample: EncodedSample) -> EncodedSample:
+        """`sample` (of these bytes) as DALI's video decoder should get it: see `dali_ready`. The packets handed
+        on are retimed, so the source lets them go (a later use opens the bytes afresh)."""
+        try:
+            data, indices = _dali_video(self.stream, self.packets, self.data, sample.plan.indices)
+        except Exception:  # not remuxable: DALI decodes (or rejects) the original
+            return sample
+        finally:
+            self.close()
+        if data is sample.data:
+            return sample
+        return EncodedSample(sample.key, sample.media, data, replace(sample.plan, indices=indices))
+
+
+class ImageSource:
+    """An image (PIL), read when its pixels are asked for; the same interface as `VideoSource`."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def info(self) -> MediaInfo:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(self.data)) as image:
+                width, height = image.size
+        except Exception as e:
+            raise DecodeError("corrupt_image", f"unreadable image: {e}") from None
+        return MediaInfo(1, 0.0, int(width), int(height))
+
+    def pixels(self, plan: ClipPlan, threads: int = 0) -> torch.Tensor:
+        """The plan's (3, T, S, S) uint8 pixels: the image repeated over the plan's frames."""
+        frames = image_frames(self.data, len(plan.indices))
+        return planned_pixels(torch.from_numpy(np.ascontiguousarray(frames)), plan)
+
+    def dali_ready(self, sample: EncodedSample) -> EncodedSample:
+        return sample
+
+
+# ------------------------------------------------------------------------------------------------------ CPU (PyAV)
+def video_frames(data: bytes, indices: Sequence[int], threads: int = 0) -> np.ndarray:
+    """Returns the frames at `indices` (in that order, repeats allowed) as (T, H, W, 3) uint8 RGB: see
+    `VideoSource.frames`."""
+    with VideoSource(data) as source:
+        return source.frames(indices, threads)
 
 
 # restarting the decoder at a key frame pays off only when it skips at least this many frames of decoding
@@ -302,18 +395,17 @@ class CpuDecoder:
     def __init__(self, threads: int = 1):
         self.threads = threads
 
-    def pixels_one(self, sample: EncodedSample) -> torch.Tensor:
-        """Returns the sample's planned (3, T, S, S) uint8 pixels, not normalized (what loader workers hand over)."""
-        plan = sample.plan
-        if sample.media == "video":
-            frames = video_frames(sample.data, plan.indices, self.threads)
-        else:
-            frames = image_frames(sample.data, len(plan.indices))
-        return planned_pixels(torch.from_numpy(np.ascontiguousarray(frames)), plan)
+    def pixels_one(self, sample: EncodedSample, source: "VideoSource | ImageSource | None" = None) -> torch.Tensor:
+        """Returns the sample's planned (3, T, S, S) uint8 pixels, not normalized (what loader workers hand over);
+        `source`: the sample's media already opened (`opened`), else it is opened here."""
+        if source is not None:
+            return source.pixels(sample.plan, self.threads)
+        with opened(sample.data, sample.media) as own:
+            return own.pixels(sample.plan, self.threads)
 
-    def decode_one(self, sample: EncodedSample) -> torch.Tensor:
+    def decode_one(self, sample: EncodedSample, source: "VideoSource | ImageSource | None" = None) -> torch.Tensor:
         """Returns the sample's planned (3, T, S, S) float clip, normalized as the plan says."""
-        return normalized(self.pixels_one(sample), sample.plan.mean, sample.plan.std)
+        return normalized(self.pixels_one(sample, source), sample.plan.mean, sample.plan.std)
 
     def decode(self, samples: Sequence[EncodedSample]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
         clips, failures = [], []
@@ -357,48 +449,38 @@ def dali_ready(sample: EncodedSample) -> EncodedSample:
     h264_metadata bitstream filter, no decoding), the decoder is reused. The container still gives the display
     size, and DALI converts only that top-left area, so the frames and the planned boxes are unchanged.
     """
-    if sample.media != "video":
-        return sample
-    try:
-        data, indices = _dali_video(sample.data, sample.plan.indices)
-    except Exception:  # not remuxable: DALI decodes (or rejects) the original
-        return sample
-    if data is sample.data:
-        return sample
-    return EncodedSample(sample.key, sample.media, data, replace(sample.plan, indices=indices))
+    with opened(sample.data, sample.media) as source:
+        return source.dali_ready(sample)
 
 
-def _dali_video(data: bytes, indices: Sequence[int]) -> tuple[bytes, tuple[int, ...]]:
-    """(video bytes, frame indices) for DALI: see `dali_ready`."""
+def _dali_video(stream, packets: list, data: bytes, indices: Sequence[int]) -> tuple[bytes, tuple[int, ...]]:
+    """(video bytes, frame indices) for DALI from an opened video's stream and packets: see `dali_ready`."""
     import av
 
-    with av.open(io.BytesIO(data)) as source:
-        stream = source.streams.video[0]
-        codec = stream.codec_context
-        cropped = codec.name == "h264" and (codec.width % 16 or codec.height % 16)
-        packets = [p for p in source.demux(stream) if p.size]
-        index_of = _presentation_indices(packets)
-        nals = _nal_reader(codec)
-        kept = list(range(len(packets)))
-        if index_of and codec.name in TRIM_CONTAINERS and (nals or codec.name != "h264"):
-            plan = decoding_plan(packets, index_of, sorted(set(indices)), nals,
-                                 nals.idr if nals else lambda p: True)
-            kept = [j for span in plan for j in span.positions]
-        trimmed = len(kept) < len(packets)
-        if not trimmed and not cropped:
-            return data, tuple(indices)
-        out = io.BytesIO()
-        with av.open(out, "w", format=TRIM_CONTAINERS[codec.name] if trimmed else "mp4") as target:
-            copy = target.add_stream_from_template(stream)
-            uncrop = av.bitstream.BitStreamFilterContext(
-                "h264_metadata=crop_left=0:crop_right=0:crop_top=0:crop_bottom=0", stream, copy) if cropped else None
-            chosen = [packets[j] for j in kept]
-            if trimmed:
-                indices = _renumbered(chosen, index_of, indices)
-            for packet in chosen + [None]:
-                for ready in (uncrop.filter(packet) if uncrop else [packet] if packet else []):
-                    ready.stream = copy
-                    target.mux(ready)
+    codec = stream.codec_context
+    cropped = codec.name == "h264" and (codec.width % 16 or codec.height % 16)
+    index_of = _presentation_indices(packets)
+    nals = _nal_reader(codec)
+    kept = list(range(len(packets)))
+    if index_of and codec.name in TRIM_CONTAINERS and (nals or codec.name != "h264"):
+        plan = decoding_plan(packets, index_of, sorted(set(indices)), nals,
+                             nals.idr if nals else lambda p: True)
+        kept = [j for span in plan for j in span.positions]
+    trimmed = len(kept) < len(packets)
+    if not trimmed and not cropped:
+        return data, tuple(indices)
+    out = io.BytesIO()
+    with av.open(out, "w", format=TRIM_CONTAINERS[codec.name] if trimmed else "mp4") as target:
+        copy = target.add_stream_from_template(stream)
+        uncrop = av.bitstream.BitStreamFilterContext(
+            "h264_metadata=crop_left=0:crop_right=0:crop_top=0:crop_bottom=0", stream, copy) if cropped else None
+        chosen = [packets[j] for j in kept]
+        if trimmed:
+            indices = _renumbered(chosen, index_of, indices)
+        for packet in chosen + [None]:
+            for ready in (uncrop.filter(packet) if uncrop else [packet] if packet else []):
+                ready.stream = copy
+                target.mux(ready)
     return out.getvalue(), tuple(indices)
 
 

@@ -36,6 +36,7 @@ import os
 import queue
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -45,7 +46,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, CpuDecoder, DaliDecoder, DecodeError,
-                                  EncodedSample, dali_device, dali_ready, probe, resolved_decoder_name)
+                                  EncodedSample, ImageSource, VideoSource, dali_device, opened,
+                                  resolved_decoder_name)
 from pipeline.data.stream import (Corpus, Layout, RawSample, SlotStream, StreamSpec, exclusions_from_state,
                                   exclusions_to_state, keep_counts, known_counts, relayout, resolved_corpus,
                                   split_sources)
@@ -104,18 +106,22 @@ class SamplePlanner:
         self.image_frames = num_frames if image_frames is None else image_frames
         self.crop, self.normalize = crop, normalize  # data.crop, data.normalize: every decoder follows the plan
 
-    def planned(self, raw: RawSample) -> tuple[EncodedSample, str, list[str]]:
+    @contextmanager
+    def planned(self, raw: RawSample) -> Iterator[tuple[EncodedSample, str, list[str], VideoSource | ImageSource]]:
+        """Yields (EncodedSample, caption, captions, the media opened: decode from it, it was planned from it);
+        closes the media after."""
         if raw.files is None:
             raise DecodeError(raw.problem or "missing_sample", f"sample {raw.index} of shard {raw.shard} unreadable")
         media, data = sample_media(raw, self.media[raw.corpus])
         captions = sample_captions(raw)
-        info = probe(data, media)
-        rng = np.random.default_rng([self.seed, raw.corpus, raw.epoch, raw.shard, raw.index, 3])
-        text = captions[int(rng.integers(len(captions)))]
-        frames = self.image_frames if media == "image" else self.num_frames
-        plan = clip_plan(info.frames, info.fps, info.width, info.height, frames, self.img_size, self.train,
-                         self.fps, rng, crop=self.crop, normalize=self.normalize)
-        return EncodedSample(raw.key, media, data, plan), text, captions
+        with opened(data, media) as source:
+            info = source.info
+            rng = np.random.default_rng([self.seed, raw.corpus, raw.epoch, raw.shard, raw.index, 3])
+            text = captions[int(rng.integers(len(captions)))]
+            frames = self.image_frames if media == "image" else self.num_frames
+            plan = clip_plan(info.frames, info.fps, info.width, info.height, frames, self.img_size, self.train,
+                             self.fps, rng, crop=self.crop, normalize=self.normalize)
+            yield EncodedSample(raw.key, media, data, plan), text, captions, source
 
 
 # ------------------------------------------------------------------------------------------- one worker's batches
@@ -146,10 +152,10 @@ def slot_batches(spec: StreamSpec, slot: int, state: dict, batch_size: int, plan
     skipping_since: Optional[list[int]] = None  # the corpora's epochs at the first skip after a usable sample
     for raw in stream:
         try:
-            encoded, text, captions = planner.planned(raw)
-            clip = cpu.pixels_one(encoded) if here else None
-            if not here:  # for DALI, in the workers: see dali_ready
-                encoded = dali_ready(encoded)
+            with planner.planned(raw) as (encoded, text, captions, source):
+                clip = cpu.pixels_one(encoded, source) if here else None
+                if not here:  # for DALI, in the workers: see dali_ready
+                    encoded = source.dali_ready(encoded)
         except DecodeError as e:
             skips[e.kind] += 1
             skipping_since = skipping_since or epochs_of(stream)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import RetrievalConfig, RetrievalEvalConfig
-from pipeline.data.decode import (CpuDecoder, DaliDecoder, DecodeError, EncodedSample, dali_device, probe,
+from pipeline.data.decode import (CpuDecoder, DaliDecoder, DecodeError, EncodedSample, dali_device, opened,
                                   resolved_decoder_name)
 from pipeline.data.transforms import eval_plan, run_eval_frames
 from pipeline.errors import ConfigError
@@ -232,13 +232,14 @@ class EvalMedia(torch.utils.data.Dataset):
         except FileNotFoundError:
             return _Item(i, kind="missing", reason=f"no such file: {url}")
         try:
-            info = probe(data, self.ann.media)
-            plan = eval_plan(info.frames, info.fps, info.width, info.height, self.num_frames, self.img_size,
-                             self.frames, self.trim)
-            sample = EncodedSample(name, self.ann.media, data, plan)
-            if not self.decode:
-                return _Item(i, sample=sample)
-            return _Item(i, clip=self.decoder.decode_one(sample))
+            with opened(data, self.ann.media) as source:
+                info = source.info
+                plan = eval_plan(info.frames, info.fps, info.width, info.height, self.num_frames, self.img_size,
+                                 self.frames, self.trim)
+                sample = EncodedSample(name, self.ann.media, data, plan)
+                if not self.decode:
+                    return _Item(i, sample=sample)
+                return _Item(i, clip=self.decoder.decode_one(sample, source))
         except DecodeError as e:
             return _Item(i, kind=e.kind, reason=str(e))
 

@@ -25,7 +25,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.decode import probe, video_frames
+from pipeline.data.decode import VideoSource
 from pipeline.data.transforms import centre_box, clip_plan, planned_clip, ClipPlan
 from pipeline.engine.schedule import lr_factor
 from pipeline.losses import contrastive_loss
@@ -158,9 +158,9 @@ def _frame_pools(videos_jsonl: str) -> tuple[FramePool, FramePool]:
     for record in records:
         with fsspec.open(f"{root}/{record['path']}", "rb") as f:
             data = f.read()
-        count = probe(data, "video").frames
-        indices = np.linspace(0, count - 1, FRAMES_PER_CLIP).round().astype(int).tolist()
-        frames.append(video_frames(data, indices))
+        with VideoSource(data) as video:
+            indices = np.linspace(0, video.info.frames - 1, FRAMES_PER_CLIP).round().astype(int).tolist()
+            frames.append(video.frames(indices))
         captions.append(list(record["captions"]))
     held = np.arange(len(records)) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
     stacked = np.stack(frames)

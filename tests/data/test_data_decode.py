@@ -507,3 +507,28 @@ def test_dali_prefetching_hands_out_positions_and_skips_only_with_their_batches(
     assert [b["key"] for b in head + tail] == [b["key"] for b in straight]
     for a, b in zip(straight, head + tail):
         assert torch.equal(a["video"], b["video"])
+
+
+def test_a_worker_opens_a_video_once_to_plan_and_decode_it(monkeypatch):
+    """Opening a container decodes its first frame (FFmpeg's avformat_find_stream_info), so the loader's workers
+    plan and decode from one open; the DALI hand-over retimes the packets it takes, and a later use reads afresh."""
+    from pipeline.data.loader import SamplePlanner
+    from pipeline.data.stream import Corpus, RawSample
+
+    data = h264_in("mp4", 90)
+    opens = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opens.append(a) or real_open(*a, **k))
+    planner = SamplePlanner([Corpus("c", ("c.tar",), (1,), "video")], seed=0, num_frames=8, img_size=32, fps=None,
+                            train=True, crop="multiscale", normalize="clip")
+    raw = RawSample(0, 0, 0, 0, "k", {"mp4": data, "txt": b"a caption"})
+    with planner.planned(raw) as (sample, text, captions, source):
+        pixels = CpuDecoder().pixels_one(sample, source)
+    assert len(opens) == 1 and text == "a caption"
+    assert torch.equal(CpuDecoder().pixels_one(sample), pixels)  # what opening the bytes anew gives
+    opens.clear()
+    with planner.planned(raw) as (sample, _, _, source):
+        ready = source.dali_ready(sample)
+        assert len(opens) == 2 and ready.data is not data  # the source's open and the trimmed stream's writer
+        assert torch.equal(source.pixels(sample.plan, threads=1), pixels)  # opened afresh after the hand-over
+    assert len(opens) == 3
