@@ -180,7 +180,8 @@ def verify(path: str) -> dict:
             raise CorruptCheckpoint(f"checkpoint {path}: file {rel} is missing")
         size = os.path.getsize(full)
         if size != entry["size"]:
-            raise CorruptCheckpoint(f"checkpoint {path}: file {rel} has {size} bytes, the manifest says {entry['size']}")
+            raise CorruptCheckpoint(f"checkpoint {path}: file {rel} has {size} bytes, "
+                                    f"the manifest says {entry['size']}")
         if "sha256" in entry and _sha256(full) != entry["sha256"]:
             raise CorruptCheckpoint(f"checkpoint {path}: file {rel} does not match its sha256 in {MARKER}")
     expected = [TRAINER_STATE] + [rank_file_name(r) for r in range(int(manifest.get("world_size", 1)))]

@@ -6,5 +6,5 @@ from pipeline.models.mamba import BidirectionalMamba, choose_backend
 from pipeline.models.videomamba import (SIZE_DROP_PATH, SIZES, VideoMamba, VideoMambaOutput, build_videomamba,
                                         load_official_checkpoint)
 
-__all__ = ["BidirectionalMamba", "SIZE_DROP_PATH", "SIZES", "VideoMamba", "VideoMambaOutput", "build_from_config", "build_videomamba",
-           "choose_backend", "load_official_checkpoint"]
+__all__ = ["BidirectionalMamba", "SIZE_DROP_PATH", "SIZES", "VideoMamba", "VideoMambaOutput", "build_from_config",
+           "build_videomamba", "choose_backend", "load_official_checkpoint"]

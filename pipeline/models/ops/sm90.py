@@ -1,8 +1,8 @@
-"""The scan kernels of `pipeline.models.ops.bimamba` compiled for an H100/H200 (sm_90) without a GPU, specialized as a launch at
-the given shape specializes them (bf16 inputs, as under autocast): the registers, shared memory and instructions
-the GPU will run. Triton's compiler and its bundled ptxas, nvdisasm and cuobjdump run on any machine. Compiled with
-the device's own Triton version (on PYTHONPATH ahead of the venv's), the register counts match the device's ncu
-exactly (bench/NOTES.md, v7); another version may lay the kernels out differently (v4).
+"""The scan kernels of `pipeline.models.ops.bimamba` compiled for an H100/H200 (sm_90) without a GPU, specialized as
+a launch at the given shape specializes them (bf16 inputs, as under autocast): the registers, shared memory and
+instructions the GPU will run. Triton's compiler and its bundled ptxas, nvdisasm and cuobjdump run on any machine.
+Compiled with the device's own Triton version (on PYTHONPATH ahead of the venv's), the register counts match the
+device's ncu exactly (bench/NOTES.md, v7); another version may lay the kernels out differently (v4).
 
 Used by the layout tests (tests/models/test_bimamba_triton.py) and `bench/sass.py`.
 """

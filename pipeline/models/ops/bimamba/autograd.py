@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.models.ops.bimamba.config import DEFAULT_CONFIG, ScanConfig
-from pipeline.models.ops.bimamba.launch import (_b_and_c, _check_scan_inputs, conv_silu, conv_silu_backward, packed_params,
-                                                scan_backward, scan_forward)
+from pipeline.models.ops.bimamba.launch import (_b_and_c, _check_scan_inputs, conv_silu, conv_silu_backward,
+                                                packed_params, scan_backward, scan_forward)
 
 
 class _BidirectionalScan(torch.autograd.Function):
