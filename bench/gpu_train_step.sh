@@ -27,7 +27,8 @@
 # stage 1's num_workers), SOURCE_VIDEOS (default 256), DEADLINE, STAGE_LIMIT (seconds per stage of ours, default 240),
 # OFFICIAL_LIMIT (default 450), SOURCE_FRAMES (frames per synthetic clip, default 90), SOURCE_KEYINT (shards
 # re-encoded with a key frame every N frames, for the CPU decoder's restarts; default: not re-encoded), STAGES (the
-# grads phase's stages, default "1 2").
+# grads phase's stages, default "1 2"), LOADER_DATA (the loader phase's decoders, default "dali cpu hybrid"; "cpu"
+# needs no DALI on the machine).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 out=${OUT:-/tmp/train-step}; mkdir -p "$out"
@@ -159,7 +160,9 @@ grads() {  # the optimizer-step lever (bench/RESULTS.md, issue 23): each stage o
 loader() {  # the loader alone (ceilings) and feeding the stage-1 step, per decoder: DALI (streams trimmed to the
             # planned frames), PyAV in the workers (8-bit hand-over), hybrid (both); no split or profile (~4 min)
   shards
-  step stage1_loader "$stage_limit" python3 -m bench.train_step --stage 1 --data synthetic dali cpu hybrid \
+  local decoders
+  read -r -a decoders <<< "${LOADER_DATA:-dali cpu hybrid}"
+  step stage1_loader "$stage_limit" python3 -m bench.train_step --stage 1 --data synthetic "${decoders[@]}" \
     --shards "$data/shards/index.json" --cpu-workers "$cpu_workers" --steps "$steps" --warmup 3 --split-steps 0 \
     --profile-steps 0 --cpu-steps 3 --loader-ceiling --ceiling-clips 512 --json "$out/train_step_stage1_loader.json"
 }
