@@ -211,8 +211,8 @@ class _Item:
 
 
 class EvalMedia(torch.utils.data.Dataset):
-    """The listed files read and planned with the test-time plan, and decoded when `decode` (the CPU decoder); one
-    that cannot be read comes back with the reason."""
+    """The listed files read and planned with the test-time plan, and decoded when `decode` (the CPU decoder), else
+    trimmed for DALI (`dali_ready`); one that cannot be read comes back with the reason."""
 
     def __init__(self, root: str, ann: RetrievalAnnotations, num_frames: int, img_size: int, frames, decode: bool):
         self.root, self.ann, self.decode = root.rstrip("/"), ann, decode
@@ -237,8 +237,8 @@ class EvalMedia(torch.utils.data.Dataset):
                 plan = eval_plan(info.frames, info.fps, info.width, info.height, self.num_frames, self.img_size,
                                  self.frames, self.trim)
                 sample = EncodedSample(name, self.ann.media, data, plan)
-                if not self.decode:
-                    return _Item(i, sample=sample)
+                if not self.decode:  # for DALI: only the packets the plan needs (a long video's few GOPs)
+                    return _Item(i, sample=source.dali_ready(sample))
                 return _Item(i, clip=self.decoder.decode_one(sample, source))
         except DecodeError as e:
             return _Item(i, kind=e.kind, reason=str(e))

@@ -79,3 +79,28 @@ def test_allow_missing_both_ways(eval_set, tmp_path, one_thread):
                               progress=False).result
     assert result["coverage"] == "on 5 of 6 videos" and result["counts"]["texts_evaluated"] == 5
     assert result["metrics"]["reranked"]["t2v_queries"] == 5
+
+
+def test_dali_gets_only_the_packets_an_eval_plan_needs_and_decodes_the_same_clip(tmp_path):
+    """A long test video spans many GOPs but the eval plan takes 8 frames: the workers hand DALI the GOPs those
+    frames need (DALI decodes every frame of what it gets), and DALI's clip is the one the whole video gives."""
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+
+    from pipeline.data.decode import DaliDecoder, EncodedSample, probe
+    from pipeline.data.transforms import VIDEOMAMBA_EVAL_FRAMES, eval_plan
+    from pipeline.eval.annotations import RetrievalAnnotations
+    from pipeline.eval.retrieval import EvalMedia
+    from shards.synth import encode_mp4
+
+    base = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    data = encode_mp4(np.stack([np.roll(base, 2 * i, axis=1) for i in range(240)]), fps=30, codec="vp9",
+                      options={"g": "30"})
+    (tmp_path / "long.webm").write_bytes(data)
+    ann = RetrievalAnnotations(["long.webm"], ["a caption"], [0])
+    handed = EvalMedia(str(tmp_path), ann, 8, 32, VIDEOMAMBA_EVAL_FRAMES, decode=False)[0].sample
+    assert probe(handed.data, "video").frames <= 240 // 2  # of 8 GOPs, the ones the 8 frames need
+    plan = eval_plan(240, 30.0, 48, 32, 8, 32, VIDEOMAMBA_EVAL_FRAMES)
+    dali = DaliDecoder("cpu", max_batch=1)
+    trimmed, whole = dali.decode([handed]), dali.decode([EncodedSample("long.webm", "video", data, plan)])
+    assert trimmed[1] == whole[1] == [] and torch.equal(trimmed[0], whole[0])
