@@ -90,14 +90,20 @@ class _Replay(torch.autograd.Function):
         link.pending = chain.replays
         ctx.link = link
         ctx.release = _Release(link, chain.replays)
-        return tuple(None if o is None else o.detach() for o in link.outputs)
+        outputs = tuple(None if o is None else o.detach() for o in link.outputs)
+        # an output the capture computed without grad (an attention mask passed on) stays without it: else the next
+        # module's inputs would not match its capture's signature and it would run eagerly
+        ctx.mark_non_differentiable(*(r for r, o in zip(outputs, link.outputs)
+                                      if o is not None and not o.requires_grad))
+        return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor):
         link = ctx.link
-        for static, grad in zip(link.grad_outputs, grads):
-            if static is not None and grad is not None and static.data_ptr() != grad.data_ptr():
+        for output, static, grad in zip(link.outputs, link.grad_outputs, grads):
+            differentiable = output is not None and output.requires_grad  # the others' grads are zeros
+            if differentiable and grad is not None and static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
         link.backward.replay()
         link.pending = 0
