@@ -815,8 +815,8 @@ def in_flight_batches(decoder: str, workers: int) -> int:
 
 def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float, notes: list) -> list[dict]:
     """Clips/s of the loader alone (no model), per decoder, against what the synthetic step consumes: the loader's
-    in-flight batches are drawn first, then `--ceiling-clips` clips are timed (a synchronize at the end for DALI's
-    CUDA batches). The CPU decoder's ceiling is timed at batch 8 (its cost is per clip; a smaller batch keeps its
+    in-flight batches are drawn first, then `--ceiling-clips` clips are timed, or 3x the in-flight clips where that
+    is more (a synchronize at the end for DALI's CUDA batches). The CPU decoder's ceiling is timed at batch 8 (its cost is per clip; a smaller batch keeps its
     in-flight clips, 2 x workers batches, few), DALI's and the hybrid's at the training batch (DALI's groups are
     whole batches)."""
     from pipeline.data import build_loader
@@ -834,7 +834,10 @@ def loader_ceilings(cfg, batch: int, args, step_clips_per_s: float, notes: list)
             for _ in range(warm):
                 next(loader)
             synchronize()
-            clips, done, start = args.ceiling_clips or 4 * batch, 0, time.perf_counter()
+            # batches made ahead during the warm-up are handed out at once: timing at least 3x what is in flight
+            # bounds their share (the hybrid's CPU workers fill their prefetch while a DALI batch is awaited)
+            clips = max(args.ceiling_clips or 4 * batch, 3 * warm * size)
+            done, start = 0, time.perf_counter()
             while done < clips:
                 done += len(next(loader)["key"])
             synchronize()
@@ -1079,7 +1082,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(data.mix=batch mask.image_ratio=0.5)")
     parser.add_argument("--loader-ceiling", action="store_true", help="also time the loader alone per decoder")
     parser.add_argument("--ceiling-clips", type=int, default=None,
-                        help="clips timed per ceiling, after the loader's in-flight batches (default 4 batches)")
+                        help="clips timed per ceiling, after the loader's in-flight batches (default 4 batches; at "
+                             "least 3x the in-flight clips)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a further stage-config override (repeatable)")
