@@ -83,9 +83,10 @@ class DataConfig:
     img_size: int = ranged(224, ge=1)
     # resample to this frame rate before segment sampling; None keeps the source's
     fps: Optional[float] = ranged(None, gt=0)
-    # auto: DALI where it and a GPU are present, else cpu (PyAV in the workers); hybrid: DALI plus the workers
-    # decoding the batches DALI has no room for (pipeline/data/loader.py)
-    decoder: Literal["auto", "cpu", "dali", "hybrid"] = "auto"
+    # cpu: PyAV in the workers (on the H100 machine, 12 workers fed stage 1 at 540-640 clips/s, DALI 2.4 at 100-110:
+    # bench/RESULTS.md); dali: NVDEC; hybrid: DALI plus the workers decoding the batches DALI has no room for
+    # (pipeline/data/loader.py); auto: DALI where it and a GPU are present, else cpu
+    decoder: Literal["auto", "cpu", "dali", "hybrid"] = "cpu"
     num_workers: int = ranged(2, ge=0)
     shuffle_buffer: int = ranged(256, ge=0)
     epochs: Optional[int] = ranged(None, ge=1)  # None streams forever (training is bounded by train.max_steps)
