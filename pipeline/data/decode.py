@@ -106,14 +106,14 @@ class VideoSource:
             import av
 
             try:
-                self._container = av.open(io.BytesIO(self.data))
+                container = av.open(io.BytesIO(self.data))
             except Exception as e:  # PyAV raises many kinds (InvalidDataError, ValueError, ...)
                 raise DecodeError("corrupt_video", f"unreadable video container: {e}") from None
-            name = self._container.format.name
-            if name.endswith("_pipe") or name == "image2":
-                raise DecodeError("wrong_type", f"a still image ({name}) where a video belongs")
-            if not self._container.streams.video:
-                raise DecodeError("empty_video", "no video stream in the container")
+            problem = _not_a_video(container)
+            if problem:
+                container.close()
+                raise problem
+            self._container = container
         return self._container.streams.video[0]
 
     @property
@@ -151,9 +151,12 @@ class VideoSource:
         wanted = sorted(set(indices))
         stream, packets = self.stream, self.packets
         try:
-            stream.thread_type = "AUTO"
-            stream.codec_context.thread_count = threads
             codec = stream.codec_context
+            if codec.is_open:  # decoded before: start afresh
+                codec.flush_buffers()
+            else:
+                stream.thread_type = "AUTO"
+                codec.thread_count = threads
             index_of = _presentation_indices(packets)
             kept = None
             if index_of:
@@ -186,6 +189,16 @@ class VideoSource:
         if data is sample.data:
             return sample
         return EncodedSample(sample.key, sample.media, data, replace(sample.plan, indices=indices))
+
+
+def _not_a_video(container) -> Optional[DecodeError]:
+    """Why an opened container is no video to decode (a still image, no video stream), or None."""
+    name = container.format.name
+    if name.endswith("_pipe") or name == "image2":
+        return DecodeError("wrong_type", f"a still image ({name}) where a video belongs")
+    if not container.streams.video:
+        return DecodeError("empty_video", "no video stream in the container")
+    return None
 
 
 class ImageSource:

@@ -532,3 +532,15 @@ def test_a_worker_opens_a_video_once_to_plan_and_decode_it(monkeypatch):
         assert len(opens) == 2 and ready.data is not data  # the source's open and the trimmed stream's writer
         assert torch.equal(source.pixels(sample.plan, threads=1), pixels)  # opened afresh after the hand-over
     assert len(opens) == 3
+
+
+def test_a_source_decodes_again_and_keeps_refusing_what_is_no_video(clip_h264, jpg_bytes):
+    from pipeline.data.decode import VideoSource
+
+    with VideoSource(clip_h264) as source:
+        first = source.frames([7, 0, 3], threads=1)
+        assert np.array_equal(source.frames([3, 7], threads=1), first[[2, 0]])  # the decoder starts afresh
+    still = VideoSource(jpg_bytes)
+    for _ in range(2):
+        with pytest.raises(DecodeError, match="still image"):
+            still.info
