@@ -178,7 +178,9 @@ images() {  # what whole batches of 1-frame images cost in stage 2 (data.mix=bat
 
 text() {  # train.cuda_graph_chains: BERT's text-only and fusion layers replayed as CUDA graphs beside the backbone's
           # (stage 2's GPU-busy lever, bench/RESULTS.md); first the chains' GPU tests (replayed against eager)
-  step graph_tests 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_graphs.py tests/models/test_text.py
+  # DS_ACCELERATOR=cuda: the DeepSpeed ZeRO-2 run with graphs is among them (tests/engine/conftest.py defaults to cpu)
+  step graph_tests 150 env DS_ACCELERATOR=cuda python3 -m pytest -q -p no:cacheprovider tests/engine/test_graphs.py \
+    tests/models/test_text.py
   local common=(--stage 2 --data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
   step stage2_backbone_graphs "$stage_limit" python3 -m bench.train_step "${common[@]}" \
     --override "train.cuda_graph_chains=[backbone]" --json "$out/train_step_stage2_backbone_graphs.json"
