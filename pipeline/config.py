@@ -83,9 +83,10 @@ class DataConfig:
     img_size: int = ranged(224, ge=1)
     # resample to this frame rate before segment sampling; None keeps the source's
     fps: Optional[float] = ranged(None, gt=0)
-    # cpu: PyAV in the workers (on the H100 machine, 12 workers fed stage 1 at 540-640 clips/s, DALI 2.4 at 100-110:
+    # cpu: PyAV in the workers (on the H100 machine 12 workers decoded 540-640 clips/s, DALI 2.4 100-110:
     # bench/RESULTS.md); dali: NVDEC; hybrid: DALI plus the workers decoding the batches DALI has no room for
-    # (pipeline/data/loader.py); auto: DALI where it and a GPU are present, else cpu
+    # (pipeline/data/loader.py; there, slower than cpu: batches in order wait for DALI's); auto: DALI where it and a
+    # GPU are present, else cpu
     decoder: Literal["auto", "cpu", "dali", "hybrid"] = "cpu"
     num_workers: int = ranged(2, ge=0)
     shuffle_buffer: int = ranged(256, ge=0)
