@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.masking import kept_index
+
 ALIGN_LOSSES = ("mse", "cosine")
 
 
@@ -40,13 +42,11 @@ def alignment_loss(student_tokens: Tensor, teacher_tokens: Tensor, kind: str = "
     raise ValueError(f"alignment loss kind {kind!r} is not one of {', '.join(ALIGN_LOSSES)}")
 
 
-def visible_targets(teacher_tokens: Tensor, mask: Tensor) -> Tensor:
-    """Returns the teacher tokens (B, N, C) of the tokens the student sees (mask False), in the student's order.
-
-    The backbone keeps visible tokens in ascending token index, which is the order boolean indexing gives.
-    """
-    batch, _, width = teacher_tokens.shape
-    return teacher_tokens[~mask.to(teacher_tokens.device)].reshape(batch, -1, width)
+def visible_targets(teacher_tokens: Tensor, mask: Tensor, count: int) -> Tensor:
+    """Returns the teacher tokens (B, count, C) of the `count` tokens per row the student sees (mask False), in the
+    student's order: the backbone keeps visible tokens in ascending token index."""
+    index = kept_index(mask.to(teacher_tokens.device), count)
+    return teacher_tokens.gather(1, index[..., None].expand(-1, -1, teacher_tokens.shape[-1]))
 
 
 def distillation_loss(student_feats: Tensor, teacher_feats: Tensor, head: Optional[nn.Module] = None) -> Tensor:
@@ -100,12 +100,12 @@ def hard_negatives(video: Tensor, text: Tensor, temp: Tensor, ids: Optional[Tens
         same = rows[:, None] == rows[None, :] if ids is None else ids.view(-1, 1).to(sim.device) == ids.view(1, -1)
         weights_v2t = sim.softmax(dim=1).masked_fill(same, 0.0)
         weights_t2v = sim.T.softmax(dim=1).masked_fill(same, 0.0)
-        for weights in (weights_v2t, weights_t2v):
-            empty = weights.sum(1) <= 0
-            weights[empty] = (~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device))[empty].float()
-        neg_text = torch.multinomial(weights_v2t.cpu(), 1, generator=generator).squeeze(1)
-        neg_video = torch.multinomial(weights_t2v.cpu(), 1, generator=generator).squeeze(1)
-    return neg_text.to(video.device), neg_video.to(video.device)
+        uniform = (~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)).float()
+        # drawn where the similarities are (the official draws on the GPU too), with no round trip to the host
+        neg_text, neg_video = (torch.multinomial(torch.where(w.sum(1, keepdim=True) > 0, w, uniform), 1,
+                                                 generator=generator).squeeze(1)
+                               for w in (weights_v2t, weights_t2v))
+    return neg_text, neg_video
 
 
 def mlm_masked(ids: Tensor, maskable: Tensor, mask_id: int, vocab_size: int, prob: float,

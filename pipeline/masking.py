@@ -91,6 +91,13 @@ def attention_mask(attention: Optional[torch.Tensor], ratio: float, grid: tuple[
     return mask.reshape(batch, t * h * w)
 
 
+def kept_index(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, count) positions of the kept (False) entries of a (B, N) mask, ascending, for rows that keep `count`
+    each. Boolean indexing gives the same rows, but it asks the GPU how many there are and the host waits for the
+    answer; a stable sort does not, so the host can go on queueing the step's work while the GPU runs."""
+    return mask.to(torch.uint8).argsort(dim=1, stable=True)[:, :count]
+
+
 def _units(ratio: float, total: int, what: str) -> int:
     """Returns round(ratio * total), checking that at least one of the `total` units stays visible."""
     if not 0.0 <= ratio < 1.0:

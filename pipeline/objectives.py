@@ -54,30 +54,31 @@ class MaskedAlignment:
         self.mask_kind, self.mask_ratio, self.loss_kind = mask_kind, mask_ratio, loss_kind
         self.guide, self.distill_weight = guide, distill_weight
 
-    def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         video = batch["video"]
         targets, attention = self.teacher_targets(video)
         mask = build_mask(self.mask_kind, self.mask_ratio, grid_of(video, self.grid), video.shape[0],
                           attention=attention)
         mask = mask.to(video.device)
         aligned, distilled = model(video, mask)
-        align = alignment_loss(aligned, self.visible(targets, mask), self.loss_kind)
-        parts = {"align": float(align.detach())}
+        align = alignment_loss(aligned, self.visible(targets, mask, aligned.shape[1]), self.loss_kind)
+        parts = {"align": align.detach()}
         loss = align
         if self.guide is not None:
             self.guide.to(device=video.device, dtype=video.dtype)  # bf16/fp16 batches: the guide runs in kind
             distill = distillation_loss(distilled, self.guide(video, mask=mask))
-            parts["distill"] = float(distill.detach())
+            parts["distill"] = distill.detach()
             loss = loss + self.distill_weight * distill
         return loss, parts
 
-    def visible(self, targets: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """The targets of what the student sees: its visible tokens' (and [cls]'s, first, with cls_target)."""
+    def visible(self, targets: Tensor, mask: Optional[Tensor], count: int) -> Tensor:
+        """The targets of what the student sees, `count` per row (the student's aligned tokens): its visible
+        tokens' (and [cls]'s, first, with cls_target)."""
         if mask is None:
             return targets
         if self.cls_target:
             mask = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
-        return visible_targets(targets, mask)
+        return visible_targets(targets, mask, count)
 
     @torch.no_grad()
     def teacher_targets(self, video: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -143,7 +144,7 @@ class VideoTextObjective:
             return self.image_ratio
         return self.mask_ratio
 
-    def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         video = batch["video"]
         tokens = self.tokenizer(batch["text"], self.max_len)
         ids, attention_mask = tokens.ids.to(video.device), tokens.attention_mask.to(video.device)
@@ -157,10 +158,10 @@ class VideoTextObjective:
             mask = build_mask(self.mask_kind, ratio, grid_of(video, self.grid), video.shape[0], attention=attention)
             mask = mask.to(video.device)
         masked = positions = labels = None
-        if self.weights.get("mlm", 0) > 0:
-            maskable = attention_mask.bool() & (ids != self.tokenizer.cls_token_id)
-            masked, positions, labels = mlm_masked(ids, maskable, self.tokenizer.mask_token_id,
-                                                   net.text_encoder.vocab_size, self.mlm_prob)
+        if self.weights.get("mlm", 0) > 0:  # drawn on the host, where the ids are made: no wait for the GPU
+            maskable = tokens.attention_mask.bool() & (tokens.ids != self.tokenizer.cls_token_id)
+            masked, positions, labels = (t.to(video.device) for t in mlm_masked(
+                tokens.ids, maskable, self.tokenizer.mask_token_id, net.text_encoder.vocab_size, self.mlm_prob))
         out = model(video, mask, ids, attention_mask, masked)
         video_all, text_all, keys_all, offset = gathered_embeddings(out.video_embed, out.text_embed, keys)
         parts: dict[str, Tensor] = {"vtc": contrastive_loss(out.video_embed, out.text_embed, out.temp, video_all,
@@ -179,10 +180,10 @@ class VideoTextObjective:
             if words is not None:
                 parts["mlm"] = F.cross_entropy(words.float(), labels)
         if self.alignment is not None:
-            parts["align"] = alignment_loss(out.aligned, self.alignment.visible(targets, mask),
-                                            self.alignment.loss_kind)
+            seen = self.alignment.visible(targets, mask, out.aligned.shape[1])
+            parts["align"] = alignment_loss(out.aligned, seen, self.alignment.loss_kind)
         loss = sum(self.weights.get(name, 0.0) * value for name, value in parts.items())
-        return loss, {name: float(value.detach()) for name, value in parts.items()}
+        return loss, {name: value.detach() for name, value in parts.items()}
 
     @staticmethod
     def _matching_rows(out, attention_mask: Tensor, keys: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -37,7 +37,7 @@ def test_alignment_loss_rejects_mismatched_shapes_and_kinds():
 def test_visible_targets_are_the_unmasked_tokens_in_ascending_order():
     tokens = torch.arange(2 * 6).float().view(2, 6, 1).expand(2, 6, 3)
     mask = torch.tensor([[True, False, True, False, False, True], [False, True, True, True, False, False]])
-    picked = visible_targets(tokens, mask)
+    picked = visible_targets(tokens, mask, 3)
     assert picked.shape == (2, 3, 3)
     assert picked[..., 0].tolist() == [[1, 3, 4], [6, 10, 11]]
 
@@ -81,6 +81,9 @@ def test_hard_negatives_never_pick_the_same_sample_and_prefer_the_most_similar()
     ids = torch.tensor([7, 7, 8, 9, 10, 11])  # rows 0 and 1 are the same sample: never each other's negative
     picks = torch.stack([hard_negatives(video, text, temp, ids, generator=g)[0] for _ in range(200)])
     assert not (picks[:, 0] == 1).any() and not (picks[:, 1] == 0).any() and not (picks == torch.arange(6)).any()
+    every = torch.tensor([5, 5, 5, 5, 5, 5])  # one sample: no other row to draw from, so uniformly over the others
+    picks = torch.stack([torch.stack(hard_negatives(video, text, temp, every, generator=g)) for _ in range(200)])
+    assert not (picks == torch.arange(6)).any() and set(picks[:, 0, 0].tolist()) == {1, 2, 3, 4, 5}
 
 
 def test_mlm_masking_is_the_officials_and_returns_the_originals():

@@ -125,3 +125,13 @@ def test_same_generator_seed_gives_the_same_mask():
 def test_bad_arguments_are_named(kind, ratio, attention, message):
     with pytest.raises(ValueError, match=message):
         build_mask(kind, ratio, GRID, B, torch.Generator().manual_seed(0), attention=attention)
+
+
+@pytest.mark.parametrize("kind", ["random", "tube", "frame_row"])
+def test_kept_index_is_what_boolean_indexing_keeps(kind):
+    from pipeline.masking import kept_index
+
+    mask = build_mask(kind, 0.75, (4, 4, 4), 3, generator=torch.Generator().manual_seed(1))
+    tokens = torch.arange(3 * 64).view(3, 64)
+    count = int((~mask[0]).sum())
+    assert torch.equal(tokens.gather(1, kept_index(mask, count)), tokens[~mask].view(3, count))

@@ -50,7 +50,7 @@ from pipeline.engine.schedule import build_scheduler, move_to_step
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[Any, Any], "tuple[torch.Tensor, dict[str, float]]"]
+LossFn = Callable[[Any, Any], "tuple[torch.Tensor, dict[str, torch.Tensor | float]]"]
 EvaluateFn = Callable[[torch.nn.Module, int], "dict[str, float]"]  # (module, step) -> numbers to log
 
 
@@ -238,23 +238,21 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ stepping
     def _optimizer_step(self, engine: Any, optimizer: SkippableAdamW, iterator, accum: int,
                         step: int) -> _StepResult:
-        """Runs `accum` micro-batches and one optimizer update (or none, for a skipped non-finite step)."""
-        loss_sum, parts_sum, nonfinite = 0.0, {}, 0
+        """Runs `accum` micro-batches and one optimizer update (or none, for a skipped non-finite step).
+
+        The losses are read once, after the last backward: reading one makes the host wait for the GPU, and until
+        then the host queues the backward (and the next micro-batch) while the GPU still runs the forward."""
+        seen: list[tuple[torch.Tensor, dict]] = []
         for i in range(accum):
             batch = self._next_batch(iterator, step)
             loss, parts = self.loss_fn(engine, _to_device(batch, engine.device, _float_dtype_of(engine)))
-            value = float(loss.detach())
-            nonfinite += not math.isfinite(value)
-            loss_sum += value
-            for name, v in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0.0) + float(v)
+            seen.append((loss.detach(), parts))
+            engine.backward(loss)
             last = i == accum - 1
             if last:
-                result = self._reduced(loss_sum, parts_sum, nonfinite, accum)
+                result = self._reduced(*_summed(seen), accum)
                 if result.nonfinite:
                     self._on_nonfinite(step, result)
-            engine.backward(loss)
-            if last:
                 result.grad_norm = _plain_grad_norm(engine)
             with optimizer.skipped(last and result.nonfinite):  # the update happens (or not) in this step()
                 engine.step()
@@ -510,6 +508,18 @@ def _float_dtype_of(engine: Any) -> Optional[torch.dtype]:
 
 def _precision_of(engine: Any) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[_float_dtype_of(engine)]
+
+
+def _summed(seen: list[tuple[torch.Tensor, dict]]) -> tuple[float, dict[str, float], int]:
+    """(sum of the micro-batches' losses, of each part, how many losses were non-finite), read from the device at
+    once."""
+    names = sorted({name for _, parts in seen for name in parts})
+    values = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=loss.device)
+                                       for v in [loss] + [parts.get(n, 0.0) for n in names]])
+                          for loss, parts in seen]).cpu()
+    losses = values[:, 0].tolist()
+    return (sum(losses), dict(zip(names, values[:, 1:].sum(0).tolist())),
+            sum(not math.isfinite(v) for v in losses))
 
 
 def _plain_grad_norm(engine: Any) -> Optional[float]:

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from pipeline.masking import kept_index
 from pipeline.models.videomamba import VideoMambaOutput
 
 HEAD_KINDS = ("clip_decoder", "norm_linear")
@@ -62,8 +63,8 @@ class ClipDecoder(nn.Module):
         if mask is None:
             pos = table[None].expand(batch, -1, -1)
         else:  # the rows of the tokens the backbone kept: [cls] (always) and the visible patches, ascending
-            kept = torch.cat([mask.new_zeros(batch, 1), mask], dim=1).to(stream.device)
-            pos = table[None].expand(batch, -1, -1)[~kept].reshape(batch, tokens, width)
+            dropped = torch.cat([mask.new_zeros(batch, 1), mask], dim=1).to(stream.device)
+            pos = table[kept_index(dropped, tokens)]
         x = stream + pos.to(stream.dtype)
         if not with_cls:
             x = x[:, 1:]
