@@ -62,7 +62,7 @@ class Decoder(Protocol):
 
 
 # ------------------------------------------------------------------------------------------- opening media once
-def opened(data: bytes, media: str) -> "VideoSource | ImageSource":
+def opened(data: bytes, media: str) -> "MediaSource":
     """Returns the encoded `media` bytes as a source to plan from (`info`) and to take frames from, opened once (close
     it, or use `with`)."""
     return VideoSource(data) if media == "video" else ImageSource(data)
@@ -74,7 +74,32 @@ def probe(data: bytes, media: str) -> MediaInfo:
         return source.info
 
 
-class VideoSource:
+class MediaSource:
+    """What a video and an image source share: `frames(indices, threads)` (subclasses), the plan's pixels from them,
+    `with` closing it."""
+
+    def __enter__(self) -> "MediaSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def frames(self, indices: Sequence[int], threads: int = 0) -> np.ndarray:
+        raise NotImplementedError
+
+    def pixels(self, plan: ClipPlan, threads: int = 0) -> torch.Tensor:
+        """The plan's (3, T, S, S) uint8 pixels."""
+        return planned_pixels(torch.from_numpy(np.ascontiguousarray(self.frames(plan.indices, threads))), plan)
+
+    def dali_ready(self, sample: EncodedSample) -> EncodedSample:
+        """`sample` (of these bytes) as DALI's decoder should get it: see `dali_ready`."""
+        return sample
+
+
+class VideoSource(MediaSource):
     """A video container opened once (PyAV): its header, its packets (read once, never decoded twice), the planned
     frames and the stream DALI should get.
 
@@ -87,12 +112,6 @@ class VideoSource:
         self.data = data
         self._container = None
         self._packets: Optional[list] = None
-
-    def __enter__(self) -> "VideoSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._container is not None:
@@ -173,21 +192,18 @@ class VideoSource:
             raise DecodeError("corrupt_video", f"only {len(kept)} of the {len(wanted)} planned frames decoded")
         return np.stack([kept[i] for i in indices])
 
-    def pixels(self, plan: ClipPlan, threads: int = 0) -> torch.Tensor:
-        """The plan's (3, T, S, S) uint8 pixels."""
-        return planned_pixels(torch.from_numpy(np.ascontiguousarray(self.frames(plan.indices, threads))), plan)
-
     def dali_ready(self, sample: EncodedSample) -> EncodedSample:
         """`sample` (of these bytes) as DALI's video decoder should get it: see `dali_ready`. The packets handed
         on are retimed, so the source lets them go (a later use opens the bytes afresh)."""
         try:
-            data, indices = _dali_video(self.stream, self.packets, self.data, sample.plan.indices)
+            ready = _dali_video(self.stream, self.packets, sample.plan.indices)
         except Exception:  # not remuxable: DALI decodes (or rejects) the original
             return sample
         finally:
             self.close()
-        if data is sample.data:
+        if ready is None:
             return sample
+        data, indices = ready
         return EncodedSample(sample.key, sample.media, data, replace(sample.plan, indices=indices))
 
 
@@ -201,20 +217,11 @@ def _not_a_video(container) -> Optional[DecodeError]:
     return None
 
 
-class ImageSource:
-    """An image (PIL), read when its pixels are asked for; the same interface as `VideoSource`."""
+class ImageSource(MediaSource):
+    """An image (PIL), read when its frames are asked for; DALI gets it as it is."""
 
     def __init__(self, data: bytes):
         self.data = data
-
-    def __enter__(self) -> "ImageSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     @property
     def info(self) -> MediaInfo:
@@ -227,13 +234,9 @@ class ImageSource:
             raise DecodeError("corrupt_image", f"unreadable image: {e}") from None
         return MediaInfo(1, 0.0, int(width), int(height))
 
-    def pixels(self, plan: ClipPlan, threads: int = 0) -> torch.Tensor:
-        """The plan's (3, T, S, S) uint8 pixels: the image repeated over the plan's frames."""
-        frames = image_frames(self.data, len(plan.indices))
-        return planned_pixels(torch.from_numpy(np.ascontiguousarray(frames)), plan)
-
-    def dali_ready(self, sample: EncodedSample) -> EncodedSample:
-        return sample
+    def frames(self, indices: Sequence[int], threads: int = 0) -> np.ndarray:
+        """The image as one frame per index: see `image_frames`."""
+        return image_frames(self.data, len(indices))
 
 
 # ------------------------------------------------------------------------------------------------------ CPU (PyAV)
@@ -408,7 +411,7 @@ class CpuDecoder:
     def __init__(self, threads: int = 1):
         self.threads = threads
 
-    def pixels_one(self, sample: EncodedSample, source: "VideoSource | ImageSource | None" = None) -> torch.Tensor:
+    def pixels_one(self, sample: EncodedSample, source: Optional[MediaSource] = None) -> torch.Tensor:
         """Returns the sample's planned (3, T, S, S) uint8 pixels, not normalized (what loader workers hand over);
         `source`: the sample's media already opened (`opened`), else it is opened here."""
         if source is not None:
@@ -416,7 +419,7 @@ class CpuDecoder:
         with opened(sample.data, sample.media) as own:
             return own.pixels(sample.plan, self.threads)
 
-    def decode_one(self, sample: EncodedSample, source: "VideoSource | ImageSource | None" = None) -> torch.Tensor:
+    def decode_one(self, sample: EncodedSample, source: Optional[MediaSource] = None) -> torch.Tensor:
         """Returns the sample's planned (3, T, S, S) float clip, normalized as the plan says."""
         return normalized(self.pixels_one(sample, source), sample.plan.mean, sample.plan.std)
 
@@ -466,8 +469,9 @@ def dali_ready(sample: EncodedSample) -> EncodedSample:
         return source.dali_ready(sample)
 
 
-def _dali_video(stream, packets: list, data: bytes, indices: Sequence[int]) -> tuple[bytes, tuple[int, ...]]:
-    """(video bytes, frame indices) for DALI from an opened video's stream and packets: see `dali_ready`."""
+def _dali_video(stream, packets: list, indices: Sequence[int]) -> Optional[tuple[bytes, tuple[int, ...]]]:
+    """(video bytes, frame indices) for DALI from an opened video's stream and packets, None when the video is fine
+    as it is: see `dali_ready`."""
     import av
 
     codec = stream.codec_context
@@ -481,7 +485,7 @@ def _dali_video(stream, packets: list, data: bytes, indices: Sequence[int]) -> t
         kept = [j for span in plan for j in span.positions]
     trimmed = len(kept) < len(packets)
     if not trimmed and not cropped:
-        return data, tuple(indices)
+        return None
     out = io.BytesIO()
     with av.open(out, "w", format=TRIM_CONTAINERS[codec.name] if trimmed else "mp4") as target:
         copy = target.add_stream_from_template(stream)

@@ -46,8 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, CpuDecoder, DaliDecoder, DecodeError,
-                                  EncodedSample, ImageSource, VideoSource, dali_device, opened,
-                                  resolved_decoder_name)
+                                  EncodedSample, MediaSource, dali_device, opened, resolved_decoder_name)
 from pipeline.data.stream import (Corpus, Layout, RawSample, SlotStream, StreamSpec, exclusions_from_state,
                                   exclusions_to_state, keep_counts, known_counts, relayout, resolved_corpus,
                                   split_sources)
@@ -107,7 +106,7 @@ class SamplePlanner:
         self.crop, self.normalize = crop, normalize  # data.crop, data.normalize: every decoder follows the plan
 
     @contextmanager
-    def planned(self, raw: RawSample) -> Iterator[tuple[EncodedSample, str, list[str], VideoSource | ImageSource]]:
+    def planned(self, raw: RawSample) -> Iterator[tuple[EncodedSample, str, list[str], MediaSource]]:
         """Yields (EncodedSample, caption, captions, the media opened: decode from it, it was planned from it);
         closes the media after."""
         if raw.files is None:
