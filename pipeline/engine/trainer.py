@@ -250,7 +250,7 @@ class Trainer:
             engine.backward(loss)
             last = i == accum - 1
             if last:
-                result = self._reduced(*_summed(seen), accum)
+                result = self._reduced(seen, accum)
                 if result.nonfinite:
                     self._on_nonfinite(step, result)
                 result.grad_norm = _plain_grad_norm(engine)
@@ -272,10 +272,15 @@ class Trainer:
                                 "lower train.max_steps or let the stream repeat (data.epochs: null)")
         return batch
 
-    def _reduced(self, loss_sum: float, parts_sum: dict, nonfinite: int, accum: int) -> _StepResult:
-        names = sorted(parts_sum)
-        local = torch.tensor([loss_sum, float(nonfinite)] + [parts_sum[n] for n in names], dtype=torch.float64,
-                             device=self.dist.device)
+    def _reduced(self, seen: list[tuple[torch.Tensor, dict]], accum: int) -> _StepResult:
+        """The step's mean loss and parts over micro-batches and ranks, and whether any loss was non-finite: summed
+        on the device and read once."""
+        names = sorted({name for _, parts in seen for name in parts})
+        rows = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.dist.device)
+                                         for v in [loss, *(parts.get(n, 0.0) for n in names)]])
+                            for loss, parts in seen])
+        losses = rows[:, 0]
+        local = torch.cat([losses.sum()[None], (~torch.isfinite(losses)).sum()[None].double(), rows[:, 1:].sum(0)])
         total = dist.all_reduce_sum(local).cpu().tolist()
         n = accum * dist.world_size()
         return _StepResult(loss=total[0] / n, parts={k: v / n for k, v in zip(names, total[2:])},
@@ -508,18 +513,6 @@ def _float_dtype_of(engine: Any) -> Optional[torch.dtype]:
 
 def _precision_of(engine: Any) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[_float_dtype_of(engine)]
-
-
-def _summed(seen: list[tuple[torch.Tensor, dict]]) -> tuple[float, dict[str, float], int]:
-    """(sum of the micro-batches' losses, of each part, how many losses were non-finite), read from the device at
-    once."""
-    names = sorted({name for _, parts in seen for name in parts})
-    values = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=loss.device)
-                                       for v in [loss] + [parts.get(n, 0.0) for n in names]])
-                          for loss, parts in seen]).cpu()
-    losses = values[:, 0].tolist()
-    return (sum(losses), dict(zip(names, values[:, 1:].sum(0).tolist())),
-            sum(not math.isfinite(v) for v in losses))
 
 
 def _plain_grad_norm(engine: Any) -> Optional[float]:
