@@ -107,6 +107,7 @@ g x 64 or g x 128 clips (the official runs used 32 x 64 and 16 x 128).
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import gc
@@ -426,13 +427,21 @@ def synchronize() -> None:
 class PartTimer:
     """Attributes wall time to nested regions: time goes to the innermost open region ("other" when none), and, when
     `split`, every boundary synchronizes the GPU first, so a region's time is its own work. Unsplit, only `data` (the
-    host's wait for the next batch) is kept."""
+    host's wait for the next batch) is kept. With `annotate` (the profiled steps), every change of the innermost
+    region is also marked in the profiler's trace (a `part=NAME` range of no length, opened and closed where the change
+    happens, in whichever thread: autograd's backward runs in its own), so `idle_by_part` can tell where the host was
+    when the GPU ran dry; nothing is synchronized."""
 
-    def __init__(self, split: bool):
-        self.split = split
+    def __init__(self, split: bool, annotate: bool = False):
+        self.split, self.annotate = split, annotate
         self.totals: dict[str, float] = defaultdict(float)
         self.stack = ["other"]
         self.last = time.perf_counter()
+
+    def _mark(self) -> None:
+        if self.annotate:
+            with torch.profiler.record_function(PART_MARK + self.stack[-1]):
+                pass
 
     def _charge(self) -> None:
         if self.split:
@@ -442,19 +451,22 @@ class PartTimer:
         self.last = now
 
     def enter(self, name: str) -> None:
-        if self.split or name == "data":
+        if self.split or self.annotate or name == "data":
             self._charge()
             self.stack.append(name)
+            self._mark()
 
     def leave(self, name: str) -> None:
         if self.stack[-1] == name:
             self._charge()
             self.stack.pop()
+            self._mark()
 
     def switch(self, old: str, new: str) -> None:
         if self.stack[-1] == old:
             self._charge()
             self.stack[-1] = new
+            self._mark()
 
     @contextlib.contextmanager
     def region(self, name: str):
@@ -574,6 +586,7 @@ class RunResult:
     busy_fraction: Optional[float] = None
     busy_ms: Optional[float] = None
     top_kernels: Optional[str] = None
+    idle_ms: Optional[dict] = None  # mode "profile": the GPU's idle ms per step, by where the host was (idle_by_part)
     mfu: Optional[float] = None
     ops_per_step: Optional[dict] = None  # mode "ops": aten ops the host dispatched per step, by part
     decoded: Optional[dict] = None  # samples each decoder gave over the loader's life ({"cpu": n, "dali": m})
@@ -583,7 +596,7 @@ def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, 
               warmup: int, first_step: int) -> RunResult:
     """Runs `warmup` then `steps` optimizer steps of `trainer` on `iterator` and measures them as `mode` says."""
     split = mode in ("split", "ops")
-    timer = PartTimer(split)
+    timer = PartTimer(split, annotate=mode == "profile")
     timed = TimedIterator(iterator, timer)
     for i in range(warmup):
         trainer.step(timed, first_step + i)
@@ -593,8 +606,8 @@ def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, 
     step_times, losses, skipped = [], [], 0
     profiler = _profiler() if mode == "profile" else contextlib.nullcontext()
     counter = OpCounter(timer) if mode == "ops" else contextlib.nullcontext()
-    with profiler as prof, (instrumented(stage, parts, trainer, timer) if split else contextlib.nullcontext()), \
-            counter:
+    with profiler as prof, (instrumented(stage, parts, trainer, timer) if split or timer.annotate
+                            else contextlib.nullcontext()), counter:
         timer.reset()
         start = last = timer.last
         for i in range(steps):
@@ -620,7 +633,7 @@ def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, 
                     parts_ms=parts_ms, peak_allocated_gib=peak[0], peak_reserved_gib=peak[1],
                     skipped_steps=skipped, losses=[round(float(v), 5) for v in losses])
     if mode == "profile":
-        out.busy_ms, out.busy_fraction, out.top_kernels = profile_summary(prof, steps)
+        out.busy_ms, out.busy_fraction, out.top_kernels, out.idle_ms = profile_summary(prof, steps)
     if mode == "ops":
         out.ops_per_step = {k: v / steps for k, v in sorted(counter.counts.items())}
     return out
@@ -634,6 +647,7 @@ def _profiler():
 
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+PART_MARK = "part="  # PartTimer's marks in a profiled trace
 
 
 def interval_union(intervals: list[tuple[float, float]]) -> float:
@@ -664,8 +678,42 @@ def busy_from_trace(trace: dict) -> tuple[Optional[float], float]:
     return interval_union(clipped), end - start
 
 
-def profile_summary(prof, steps: int) -> tuple[Optional[float], Optional[float], str]:
-    """(GPU busy ms per step, busy fraction of the wall time, the top kernels table)."""
+def idle_by_part(trace: dict) -> dict[str, float]:
+    """The GPU's idle µs within the profiled steps, by the part of the step the host was in when it launched the work
+    that ended each idle stretch (the `part=NAME` marks of an annotating PartTimer; "other" before the first): where
+    the host fell behind the GPU, or waited for it and then had to refill its queue. Kernels, copies and sets are
+    tied to their launches by the trace's correlation ids; a stretch whose launch is not in the trace goes to
+    "unknown"."""
+    events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict) and "ts" in e]
+    steps = [e for e in events if e.get("name") == "train_step" and e.get("cat") in ("user_annotation", "cpu_op")]
+    if not steps:
+        return {}
+    start = min(float(e["ts"]) for e in steps)
+    end = max(float(e["ts"]) + float(e.get("dur", 0)) for e in steps)
+    marks = sorted((float(e["ts"]), e["name"][len(PART_MARK):]) for e in events
+                   if str(e.get("name", "")).startswith(PART_MARK))
+    launched = {e["args"]["correlation"]: float(e["ts"]) for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    device = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("args", {}).get("correlation"))
+                    for e in events if e.get("cat") in DEVICE_CATEGORIES and start <= float(e["ts"]) < end)
+    idle: dict[str, float] = defaultdict(float)
+    busy_until = start
+    for begin, stop, correlation in device:
+        if begin > busy_until:
+            idle[_part_at(marks, launched.get(correlation))] += begin - busy_until
+        busy_until = max(busy_until, stop)
+    return dict(idle)
+
+
+def _part_at(marks: list[tuple[float, str]], when: Optional[float]) -> str:
+    if when is None:
+        return "unknown"
+    i = bisect.bisect_right(marks, (when, "\uffff"))
+    return marks[i - 1][1] if i else "other"
+
+
+def profile_summary(prof, steps: int) -> tuple[Optional[float], Optional[float], str, dict]:
+    """(GPU busy ms per step, busy fraction of the wall time, the top kernels table, idle ms per step by part)."""
     from bench.step_profile import kernel_table
 
     with tempfile.TemporaryDirectory() as folder:
@@ -675,9 +723,10 @@ def profile_summary(prof, steps: int) -> tuple[Optional[float], Optional[float],
             trace = json.load(f)
     busy_us, wall_us = busy_from_trace(trace)
     table, _ = kernel_table(prof, steps, 15)
+    idle = {part: round(us / 1e3 / steps, 3) for part, us in sorted(idle_by_part(trace).items())}
     if busy_us is None or wall_us <= 0:
-        return None, None, table
-    return busy_us / 1e3 / steps, busy_us / wall_us, table
+        return None, None, table, idle
+    return busy_us / 1e3 / steps, busy_us / wall_us, table, idle
 
 
 # ================================================================================================ one stage
@@ -943,6 +992,12 @@ def table(record: dict) -> str:
         if r["mode"] == "profile" and r.get("top_kernels"):
             lines += ["", f"top kernels ({r['data']}, GPU busy {_fmt(r['busy_ms'], '.1f')} ms a step):",
                       r["top_kernels"]]
+        if r["mode"] == "profile" and r.get("idle_ms"):
+            total = sum(r["idle_ms"].values())
+            lines += ["", f"GPU idle ({r['data']}, ms per step, by where the host was when it launched the work that "
+                      f"ended each idle stretch) of {total:.1f}:", "| part | idle ms | share |", "|---|---:|---:|"]
+            lines += [f"| {k} | {v:.2f} | {v / total:.1%} |" for k, v in
+                      sorted(r["idle_ms"].items(), key=lambda kv: -kv[1])]
     if record.get("loader"):
         lines += ["", "| loader ceiling | workers | clips/s | x the synthetic step | samples decoded by |",
                   "|---|---:|---:|---:|---|"]

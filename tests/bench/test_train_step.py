@@ -12,8 +12,10 @@ from pathlib import Path
 import av
 import pytest
 
-from bench.train_step import (busy_from_trace, interval_union, mamba_block_flops, projection, vit_layer_flops,
-                              with_official_mask_count)
+import torch
+
+from bench.train_step import (PartTimer, busy_from_trace, idle_by_part, interval_union, mamba_block_flops, projection,
+                              vit_layer_flops, with_official_mask_count)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -194,6 +196,37 @@ def test_gpu_busy_is_the_union_of_device_intervals_over_the_steps():
     assert busy == 40 + 20 and wall == 110
     assert busy_from_trace({"traceEvents": [{"name": "train_step", "cat": "user_annotation", "ts": 0,
                                              "dur": 5}]}) == (None, 5)
+
+
+def test_gpu_idle_goes_to_the_part_the_host_was_in_when_it_launched_the_work_that_ended_it():
+    trace = {"traceEvents": [
+        {"name": "train_step", "cat": "user_annotation", "ts": 100, "dur": 100},
+        {"name": "part=teacher", "cat": "user_annotation", "ts": 101, "dur": 0},
+        {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ts": 102, "dur": 1, "args": {"correlation": 1}},
+        {"name": "part=student_bwd", "cat": "user_annotation", "ts": 120, "dur": 0},
+        {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ts": 140, "dur": 1, "args": {"correlation": 2}},
+        {"name": "cudaGraphLaunch", "cat": "cuda_runtime", "ts": 141, "dur": 1, "args": {"correlation": 3}},
+        {"name": "k1", "cat": "kernel", "ts": 110, "dur": 20, "args": {"correlation": 1}},  # 10 idle: teacher's
+        {"name": "k2", "cat": "kernel", "ts": 145, "dur": 5, "args": {"correlation": 2}},  # 15 idle: student_bwd's
+        {"name": "k3", "cat": "kernel", "ts": 148, "dur": 10, "args": {"correlation": 3}},  # overlaps k2: none
+        {"name": "k4", "cat": "kernel", "ts": 170, "dur": 5, "args": {"correlation": 9}},  # launch not traced
+        {"name": "k0", "cat": "kernel", "ts": 50, "dur": 5, "args": {"correlation": 8}}]}  # before the steps
+    assert idle_by_part(trace) == {"teacher": 10, "student_bwd": 15, "unknown": 12}
+    assert idle_by_part({"traceEvents": []}) == {}
+
+
+def test_an_annotating_part_timer_marks_each_change_of_part_in_the_profilers_trace(tmp_path):
+    timer = PartTimer(split=False, annotate=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with timer.region("teacher"):
+            torch.ones(4).sum()
+        timer.enter("text_bwd")
+        timer.switch("text_bwd", "student_bwd")
+        timer.leave("student_bwd")
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    marks = [e["name"] for e in sorted(events, key=lambda e: e.get("ts", 0)) if e.get("name", "").startswith("part=")]
+    assert marks == ["part=teacher", "part=other", "part=text_bwd", "part=student_bwd", "part=other"]
 
 
 def test_projection_adds_communication_and_never_gains():
