@@ -14,9 +14,11 @@
 #   device call:  bash bench/gpu_train_step.sh loader      # the loader per decoder (dali, cpu, hybrid): ceilings
 #                                                          # and the stage-1 step it feeds (~4 min)
 #   device call:  bash bench/gpu_train_step.sh text        # stage 2's BERT layers as CUDA graphs: the GPU tests of
-#                                                          # the chains, then stage 2 with the backbone's graphs
-#                                                          # only and with text + fusion too, on clips and on
-#                                                          # images and clips in turn (~6 min)
+#                                                          # the chains and flat bf16 gradients, then stage 2 with
+#                                                          # the backbone's graphs only, with text + fusion too,
+#                                                          # the same with DeepSpeed's per-tensor gradient fold,
+#                                                          # stage 1, and stage 2 on images and clips in turn
+#                                                          # (~8 min)
 #
 # Packages come from /tmp/site (../shared/GPU.md: deepspeed, open-clip-torch, DALI, av, webdataset, ...). `all` (the
 # default) tries everything in one call; no step runs past DEADLINE (575 s from the start, 40 s of it kept for the
@@ -177,16 +179,22 @@ images() {  # what whole batches of 1-frame images cost in stage 2 (data.mix=bat
 }
 
 text() {  # train.cuda_graph_chains: BERT's text-only and fusion layers replayed as CUDA graphs beside the backbone's
-          # (stage 2's GPU-busy lever, bench/RESULTS.md); first the chains' GPU tests (replayed against eager)
+          # (stage 2's GPU-busy lever, bench/RESULTS.md); first the chains' GPU tests (replayed against eager) and the
+          # flat bf16 gradients' (pipeline.engine.flat_grads); then stage 2 with the flat gradients and each set of
+          # chains, DeepSpeed's per-tensor fold for comparison, and stage 1
   # DS_ACCELERATOR=cuda: the DeepSpeed ZeRO-2 run with graphs is among them (tests/engine/conftest.py defaults to cpu)
   step graph_tests 150 env DS_ACCELERATOR=cuda python3 -m pytest -q -p no:cacheprovider tests/engine/test_graphs.py \
-    tests/models/test_text.py
-  local common=(--stage 2 --data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
-  step stage2_backbone_graphs "$stage_limit" python3 -m bench.train_step "${common[@]}" \
+    tests/models/test_text.py tests/engine/test_flat_grads.py
+  local common=(--data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
+  step stage2_backbone_graphs "$stage_limit" python3 -m bench.train_step --stage 2 "${common[@]}" \
     --override "train.cuda_graph_chains=[backbone]" --json "$out/train_step_stage2_backbone_graphs.json"
-  step stage2_text_graphs "$stage_limit" python3 -m bench.train_step "${common[@]}" \
+  step stage2_text_graphs "$stage_limit" python3 -m bench.train_step --stage 2 "${common[@]}" \
     --override "train.cuda_graph_chains=[backbone,text,fusion]" --json "$out/train_step_stage2_text_graphs.json"
-  step stage2_alternate_text_graphs "$stage_limit" python3 -m bench.train_step "${common[@]}" --alternate \
+  step stage2_text_graphs_per_tensor_grads "$stage_limit" python3 -m bench.train_step --stage 2 "${common[@]}" \
+    --per-tensor-grads --override "train.cuda_graph_chains=[backbone,text,fusion]" \
+    --json "$out/train_step_stage2_text_graphs_per_tensor_grads.json"
+  step stage1 "$stage_limit" python3 -m bench.train_step --stage 1 "${common[@]}" --json "$out/train_step_stage1.json"
+  step stage2_alternate_text_graphs "$stage_limit" python3 -m bench.train_step --stage 2 "${common[@]}" --alternate \
     --override "train.cuda_graph_chains=[backbone,text,fusion]" \
     --json "$out/train_step_stage2_alternate_text_graphs.json"
 }

@@ -739,6 +739,9 @@ def measure_stage(args) -> dict:
     record: dict[str, Any] = {"stage": args.stage, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                               "torch": torch.__version__, "quick": args.quick, "runs": [], "loader": [],
                               "notes": []}
+    if args.per_tensor_grads:  # DeepSpeed's own fold, for comparison (pipeline.engine.flat_grads)
+        import pipeline.engine.trainer as trainer_module
+        trainer_module.flatten_bf16_grads = lambda optimizer: False
     with tempfile.TemporaryDirectory(prefix="train_step_") as folder:
         bert_dir = random_bert(os.path.join(folder, "bert"), args.quick) if args.stage == 2 else None
         batch = args.batch
@@ -774,7 +777,8 @@ def measure_stage(args) -> dict:
                       params={"trained": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
                               "teacher": sum(p.numel() for p in parts.teacher.parameters())
                               if parts.teacher is not None else 0},
-                      cuda_graphs=bool(cfg.train.cuda_graphs), media=media_of(args))
+                      cuda_graphs=bool(cfg.train.cuda_graphs), media=media_of(args),
+                      flat_bf16_grads=hasattr(trainer.engine.optimizer, "_flat_bf16_grads"))
         step = 1 + args.warmup + args.steps
         runs = [run]
 
@@ -967,6 +971,7 @@ def table(record: dict) -> str:
     media = kinds.get(record.get("media"), "")
     lines = [f"stage {record['stage']} on {record['device']}: batch {record['batch']}{media}, "
              f"CUDA graphs {record.get('cuda_graphs')}{graph_counts(record)}, "
+             f"flat bf16 gradients {record.get('flat_bf16_grads')}, "
              f"trained parameters {record['params']['trained'] / 1e6:.1f}M, "
              f"teacher {record['params']['teacher'] / 1e6:.1f}M; model GFLOP per clip (fwd+bwd) "
              f"{record['flops']['per_clip_fwd_bwd'] / 1e9:.1f} (teacher {record['flops']['teacher_fwd'] / 1e9:.1f}, "
@@ -1140,6 +1145,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="clips timed per ceiling, after the loader's in-flight batches (default 4 batches; at "
                              "least 3x the in-flight clips)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--per-tensor-grads", action="store_true",
+                        help="fold bf16 gradients into fp32 a tensor at a time, as DeepSpeed's BF16_Optimizer does "
+                             "(pipeline.engine.flat_grads off), for comparison")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a further stage-config override (repeatable)")
     parser.add_argument("--json", default=None, help="write the record here")

@@ -43,6 +43,7 @@ from pipeline.config import ConfigError, DeepSpeedConfig, TrainConfig
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine import dist
 from pipeline.engine.ds_config import check_micro_batch, deepspeed_config
+from pipeline.engine.flat_grads import flatten_bf16_grads
 from pipeline.engine.graphs import GraphedChain, graph_chain
 from pipeline.engine.metrics import MetricsLog, ProgressBar, TensorBoardLog
 from pipeline.engine.optim import SkippableAdamW, build_optimizer
@@ -205,6 +206,7 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, self.ds_cfg))
         self.engine = engine
+        flatten_bf16_grads(engine.optimizer)  # train.grad_accum_dtype=fp32: one gradient fold per group, not per tensor
         if engine.train_micro_batch_size_per_gpu() != cfg.batch_size:
             raise ConfigError(f"deepspeed.config ({self.ds_cfg.config}) makes the micro batch "
                               f"{engine.train_micro_batch_size_per_gpu()} per process, but the data yields "
