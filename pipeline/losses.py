@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.masking import kept_index
+from pipeline.masking import drawn_without_replacement, kept_index
 
 ALIGN_LOSSES = ("mse", "cosine")
 
@@ -101,9 +101,10 @@ def hard_negatives(video: Tensor, text: Tensor, temp: Tensor, ids: Optional[Tens
         weights_v2t = sim.softmax(dim=1).masked_fill(same, 0.0)
         weights_t2v = sim.T.softmax(dim=1).masked_fill(same, 0.0)
         uniform = (~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)).float()
-        # drawn where the similarities are (the official draws on the GPU too), with no round trip to the host
-        neg_text, neg_video = (torch.multinomial(torch.where(w.sum(1, keepdim=True) > 0, w, uniform), 1,
-                                                 generator=generator).squeeze(1)
+        # drawn where the similarities are (the official draws on the GPU too, torch.multinomial), with no round
+        # trip to the host
+        neg_text, neg_video = (drawn_without_replacement(torch.where(w.sum(1, keepdim=True) > 0, w, uniform), 1,
+                                                         generator=generator).squeeze(1)
                                for w in (weights_v2t, weights_t2v))
     return neg_text, neg_video
 

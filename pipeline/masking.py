@@ -13,7 +13,7 @@ The kinds (VideoMamba, mask ablation; UMT for the attention-guided mask):
 - ``clip_row``: the same rows masked in every frame; ``round(ratio * H)`` rows.
 - ``attention``: UMT / VideoMamba's attention-guided mask: in every frame, ``H*W - round(ratio * H*W)`` patches stay
   visible, drawn without replacement with probability proportional to the teacher's [cls]->patch attention
-  (``torch.multinomial``, as video_sm/engines/engine_for_pretraining_videomamba.py and video_mm umt_videomamba.py
+  (``torch.multinomial``'s draw, `drawn_without_replacement`, as video_sm/engines/engine_for_pretraining_videomamba.py and video_mm umt_videomamba.py
   encode_teacher; from torch's global RNG, on the attention's device). Needs the teacher's attention.
 - ``attention_topk``: the deterministic variant: the most-attended patches of every frame stay visible.
 
@@ -83,12 +83,24 @@ def attention_mask(attention: Optional[torch.Tensor], ratio: float, grid: tuple[
     scores = attention.detach().float().reshape(batch, t, h * w)
     keep = h * w - _units(ratio, h * w, "patches per frame")
     if sample:
-        kept = torch.multinomial(scores.reshape(batch * t, h * w).clamp_min(1e-12), keep).reshape(batch, t, keep)
+        kept = drawn_without_replacement(scores.reshape(batch * t, h * w).clamp_min(1e-12), keep
+                                         ).reshape(batch, t, keep)
     else:
         kept = scores.topk(keep, dim=-1).indices
     mask = torch.ones(batch, t, h * w, dtype=torch.bool, device=scores.device)
     mask.scatter_(-1, kept, False)
     return mask.reshape(batch, t * h * w)
+
+
+def drawn_without_replacement(weights: torch.Tensor, count: int,
+                              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """`torch.multinomial(weights, count, generator=generator)`: per row of the (R, N) non-negative `weights`, `count`
+    distinct indices drawn in proportion to them. The same indices from the same RNG state, drawn as torch draws them
+    (the `count` largest of weights / Exp(1) noise, the Gumbel top-k rule) but without its checks that no weight is
+    negative or infinite and no row sums to 0, which read the weights on the host: on a GPU, a wait for everything
+    queued before them. Callers pass weights that pass those checks by construction."""
+    keys = weights / torch.empty_like(weights).exponential_(generator=generator)
+    return keys.argmax(-1, keepdim=True) if count == 1 else keys.topk(count, dim=-1).indices
 
 
 def kept_index(mask: torch.Tensor, count: int) -> torch.Tensor:

@@ -135,3 +135,23 @@ def test_kept_index_is_what_boolean_indexing_keeps(kind):
     tokens = torch.arange(3 * 64).view(3, 64)
     count = int((~mask[0]).sum())
     assert torch.equal(tokens.gather(1, kept_index(mask, count)), tokens[~mask].view(3, count))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA generator's draws need a GPU"))])
+@pytest.mark.parametrize("shape,count", [((32, 196), 39), ((8, 8), 1), ((64, 196), 40)])
+def test_drawn_without_replacement_is_torch_multinomial_without_its_host_checks(device, shape, count):
+    """The same indices from the same RNG state, and the same state after (the masks and hard negatives of a run
+    drawn before this change are drawn again)."""
+    from pipeline.masking import drawn_without_replacement
+
+    for seed in range(3):
+        weights = torch.rand(shape, generator=torch.Generator().manual_seed(100 + seed)).to(device)
+        weights[0, 0] = 0.0  # never drawn
+        ours, torch_own = (torch.Generator(device).manual_seed(seed) for _ in range(2))
+        drawn = drawn_without_replacement(weights, count, generator=ours)
+        assert torch.equal(drawn, torch.multinomial(weights, count, generator=torch_own))
+        assert torch.equal(torch.rand(4, generator=ours, device=device),
+                           torch.rand(4, generator=torch_own, device=device))
+        assert drawn.shape == (shape[0], count) and 0 not in drawn[0].tolist()
+        assert all(len(set(row.tolist())) == count for row in drawn)
