@@ -55,7 +55,7 @@ def test_every_gradient_is_a_view_of_its_groups_flat_tensor_and_a_replaced_one_i
     optimizer.clear_lp_grads()
     optimizer.clear_hp_grads()
     trainer.engine.module.zero_grad(set_to_none=True)
-    x = torch.randn(4, toy.DIM, dtype=torch.bfloat16)
+    x = torch.randn(4, toy.DIM, dtype=torch.bfloat16, device=trainer.engine.device)
     trainer.engine.module(x).float().pow(2).mean().backward()
     expected = [[p.grad.float().clone() for p in params] for params, _, _ in groups]
     assert all(p.grad is not v for params, (_, views), _ in groups for p, v in zip(params, views))
