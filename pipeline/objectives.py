@@ -59,7 +59,7 @@ class MaskedAlignment:
         targets, attention = self.teacher_targets(video)
         mask = build_mask(self.mask_kind, self.mask_ratio, grid_of(video, self.grid), video.shape[0],
                           attention=attention)
-        mask = mask.to(video.device)
+        mask = moved(mask, video.device)
         aligned, distilled = model(video, mask)
         align = alignment_loss(aligned, self.visible(targets, mask, aligned.shape[1]), self.loss_kind)
         parts = {"align": align.detach()}
@@ -103,7 +103,16 @@ class MaskedAlignment:
 # ------------------------------------------------------------------------------------------------ stage 2
 def sample_ids(keys: list[str], device: torch.device) -> Tensor:
     """Stable int64 identities of samples (CRC-32 of their keys): the official VTC's `idx`."""
-    return torch.tensor([zlib.crc32(k.encode()) for k in keys], dtype=torch.long, device=device)
+    return moved(torch.tensor([zlib.crc32(k.encode()) for k in keys], dtype=torch.long), device)
+
+
+def moved(t: Tensor, device: torch.device) -> Tensor:
+    """`t` (made on the host) on `device`. To a GPU it goes from pinned memory without blocking: a copy from ordinary
+    host memory first waits for everything queued on the GPU (CUDA's rule for pageable copies), and made after the
+    teacher's forward was queued, it would hold the host until that forward ends."""
+    if t.device.type != "cpu" or torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def gathered_embeddings(video: Tensor, text: Tensor, ids: Optional[Tensor] = None
@@ -147,7 +156,7 @@ class VideoTextObjective:
     def __call__(self, model, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         video = batch["video"]
         tokens = self.tokenizer(batch["text"], self.max_len)
-        ids, attention_mask = tokens.ids.to(video.device), tokens.attention_mask.to(video.device)
+        ids, attention_mask = moved(tokens.ids, video.device), moved(tokens.attention_mask, video.device)
         keys = sample_ids(batch["key"], video.device) if "key" in batch else None
         net = getattr(model, "module", model)  # the heads below run outside the engine's forward
         targets, attention = None, None
@@ -156,11 +165,11 @@ class VideoTextObjective:
         mask, ratio = None, self.ratio_of(batch)
         if ratio > 0:
             mask = build_mask(self.mask_kind, ratio, grid_of(video, self.grid), video.shape[0], attention=attention)
-            mask = mask.to(video.device)
+            mask = moved(mask, video.device)
         masked = positions = labels = None
         if self.weights.get("mlm", 0) > 0:  # drawn on the host, where the ids are made: no wait for the GPU
             maskable = tokens.attention_mask.bool() & (tokens.ids != self.tokenizer.cls_token_id)
-            masked, positions, labels = (t.to(video.device) for t in mlm_masked(
+            masked, positions, labels = (moved(t, video.device) for t in mlm_masked(
                 tokens.ids, maskable, self.tokenizer.mask_token_id, net.text_encoder.vocab_size, self.mlm_prob))
         out = model(video, mask, ids, attention_mask, masked)
         video_all, text_all, keys_all, offset = gathered_embeddings(out.video_embed, out.text_embed, keys)
@@ -200,4 +209,6 @@ class VideoTextObjective:
 def matching_labels(batch: int, device: torch.device) -> Tensor:
     """The matching head's targets for `_matching_rows`: 1 ("matches") for the B positive pairs, 0 for the 2B hard
     negatives."""
-    return torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(device)
+    labels = torch.zeros(3 * batch, dtype=torch.long, device=device)  # made there: no copy from the host
+    labels[:batch] = 1
+    return labels

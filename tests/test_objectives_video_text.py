@@ -3,6 +3,7 @@ that learns them and re-ranks by the column the evaluation reads, and why the de
 weight scale (with BERT's 0.02 at a small width the head stays at its prior: the demo's VTM 0.65 -> 0.64)."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig
@@ -94,3 +95,15 @@ def test_with_berts_init_at_a_small_width_the_matching_head_stays_at_its_prior(o
     initializer_range 0.02 is made for 768 wide; at 64 the same 200 steps leave the head at the constant guess."""
     _, loss, _, _, _ = _trained_head(0.02, dropout=0.1)
     assert abs(loss - PRIOR) < 0.01
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="pinned memory and a GPU"))])
+def test_host_tensors_reach_the_device_unchanged_and_device_tensors_stay(device):
+    from pipeline.objectives import moved
+
+    host = torch.arange(12).view(3, 4)
+    there = moved(host, torch.device(device))
+    assert there.device.type == device and torch.equal(there.cpu(), host)
+    assert moved(there, torch.device(device)) is there  # already there: no copy
+    assert torch.equal(matching_labels(3, torch.device(device)).cpu(), torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0]))

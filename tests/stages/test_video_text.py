@@ -201,4 +201,4 @@ def test_stage2_names_its_backbone_text_and_fusion_chains(tiny_bert_dir, tmp_pat
     layers = list(parts.model.text_encoder.bert.encoder.layer)
     assert parts.graph_chains["text"] == layers[:1] and parts.graph_chains["fusion"] == layers[1:]
     assert parts.graph_chains["backbone"] == parts.model.backbone.chained_blocks() and len(layers) == 3
-    assert cfg.train.cuda_graph_chains == ["backbone"]  # the text side replays only where a run asks for it
+    assert cfg.train.cuda_graph_chains == ["backbone", "text", "fusion"]  # all three under train.cuda_graphs
