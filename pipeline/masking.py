@@ -13,8 +13,9 @@ The kinds (VideoMamba, mask ablation; UMT for the attention-guided mask):
 - ``clip_row``: the same rows masked in every frame; ``round(ratio * H)`` rows.
 - ``attention``: UMT / VideoMamba's attention-guided mask: in every frame, ``H*W - round(ratio * H*W)`` patches stay
   visible, drawn without replacement with probability proportional to the teacher's [cls]->patch attention
-  (``torch.multinomial``'s draw, `drawn_without_replacement`, as video_sm/engines/engine_for_pretraining_videomamba.py and video_mm umt_videomamba.py
-  encode_teacher; from torch's global RNG, on the attention's device). Needs the teacher's attention.
+  (``torch.multinomial``'s draw, made by `drawn_without_replacement`, as video_sm/engines/
+  engine_for_pretraining_videomamba.py and video_mm umt_videomamba.py encode_teacher; from torch's global RNG, on
+  the attention's device). Needs the teacher's attention.
 - ``attention_topk``: the deterministic variant: the most-attended patches of every frame stay visible.
 
 Rounding: the structured kinds mask whole units (a patch per frame, a row per frame), so their actual ratio is the
