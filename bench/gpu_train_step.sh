@@ -185,7 +185,8 @@ text() {  # train.cuda_graph_chains: BERT's text-only and fusion layers replayed
   # DS_ACCELERATOR=cuda: the DeepSpeed ZeRO-2 run with graphs is among them (tests/engine/conftest.py defaults to cpu)
   step graph_tests 150 env DS_ACCELERATOR=cuda python3 -m pytest -q -p no:cacheprovider tests/engine/test_graphs.py \
     tests/models/test_text.py tests/engine/test_flat_grads.py tests/test_masking.py
-  local common=(--data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1)
+  local common=(--data synthetic --steps "$steps" --warmup 3 --split-steps 3 --profile-steps 2 --ops-steps 1
+                --trace-dir "$out/traces")
   step stage2_text_graphs "$stage_limit" python3 -m bench.train_step --stage 2 "${common[@]}" \
     --override "train.cuda_graph_chains=[backbone,text,fusion]" --json "$out/train_step_stage2_text_graphs.json"
   step stage2_text_graphs_per_tensor_grads "$stage_limit" python3 -m bench.train_step --stage 2 "${common[@]}" \

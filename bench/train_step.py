@@ -111,9 +111,11 @@ import bisect
 import contextlib
 import dataclasses
 import gc
+import gzip
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -593,8 +595,9 @@ class RunResult:
 
 
 def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, mode: str, steps: int,
-              warmup: int, first_step: int) -> RunResult:
-    """Runs `warmup` then `steps` optimizer steps of `trainer` on `iterator` and measures them as `mode` says."""
+              warmup: int, first_step: int, trace: Optional[str] = None) -> RunResult:
+    """Runs `warmup` then `steps` optimizer steps of `trainer` on `iterator` and measures them as `mode` says; a
+    profiled run's Chrome trace goes to `trace` (gzipped) when given."""
     split = mode in ("split", "ops")
     timer = PartTimer(split, annotate=mode == "profile")
     timed = TimedIterator(iterator, timer)
@@ -633,7 +636,7 @@ def run_steps(stage: int, parts, trainer, iterator, batch: int, data_name: str, 
                     parts_ms=parts_ms, peak_allocated_gib=peak[0], peak_reserved_gib=peak[1],
                     skipped_steps=skipped, losses=[round(float(v), 5) for v in losses])
     if mode == "profile":
-        out.busy_ms, out.busy_fraction, out.top_kernels, out.idle_ms = profile_summary(prof, steps)
+        out.busy_ms, out.busy_fraction, out.top_kernels, out.idle_ms = profile_summary(prof, steps, trace)
     if mode == "ops":
         out.ops_per_step = {k: v / steps for k, v in sorted(counter.counts.items())}
     return out
@@ -712,8 +715,10 @@ def _part_at(marks: list[tuple[float, str]], when: Optional[float]) -> str:
     return marks[i - 1][1] if i else "other"
 
 
-def profile_summary(prof, steps: int) -> tuple[Optional[float], Optional[float], str, dict]:
-    """(GPU busy ms per step, busy fraction of the wall time, the top kernels table, idle ms per step by part)."""
+def profile_summary(prof, steps: int, keep: Optional[str] = None
+                    ) -> tuple[Optional[float], Optional[float], str, dict]:
+    """(GPU busy ms per step, busy fraction of the wall time, the top kernels table, idle ms per step by part); the
+    trace is also written gzipped to `keep` (for chrome://tracing or Perfetto) when given."""
     from bench.step_profile import kernel_table
 
     with tempfile.TemporaryDirectory() as folder:
@@ -721,6 +726,10 @@ def profile_summary(prof, steps: int) -> tuple[Optional[float], Optional[float],
         prof.export_chrome_trace(path)
         with open(path) as f:
             trace = json.load(f)
+        if keep:
+            Path(keep).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "rb") as f, gzip.open(keep, "wb") as out:
+                shutil.copyfileobj(f, out)
     busy_us, wall_us = busy_from_trace(trace)
     table, _ = kernel_table(prof, steps, 15)
     idle = {part: round(us / 1e3 / steps, 3) for part, us in sorted(idle_by_part(trace).items())}
@@ -799,7 +808,10 @@ def measure_stage(args) -> dict:
         def more(iterator, data: str, mode: str, steps: int, warmup: int) -> None:
             nonlocal step
             try:
-                result = run_steps(args.stage, parts, trainer, iterator, batch, data, mode, steps, warmup, step)
+                trace = os.path.join(args.trace_dir, f"stage{args.stage}_{media_of(args)}_{data}.json.gz") \
+                    if args.trace_dir and mode == "profile" else None
+                result = run_steps(args.stage, parts, trainer, iterator, batch, data, mode, steps, warmup, step,
+                                   trace)
             except Exception as e:  # noted; the other runs go on
                 record["notes"].append(f"{data} {mode} run failed: {type(e).__name__}: {e}")
                 raise
@@ -1151,6 +1163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a further stage-config override (repeatable)")
     parser.add_argument("--json", default=None, help="write the record here")
+    parser.add_argument("--trace-dir", default=None, metavar="DIR",
+                        help="keep each profiled run's Chrome trace here (stageS_MEDIA_DATA.json.gz)")
     parser.add_argument("--summary", default=None, metavar="DIR", help="print the tables of the JSON files in DIR")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 2 steps per run: every code path on a CPU in seconds")

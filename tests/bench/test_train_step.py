@@ -1,6 +1,7 @@
 """bench/train_step.py on the CPU: every code path of the measured step in its --quick shapes (synthetic input, real
 tiny shards through the CPU decoder, the split, the profiler, the loader's ceiling), and the arithmetic of its
 report (FLOPs, GPU busy from a trace, the multi-GPU projection)."""
+import gzip
 import io
 import json
 import os
@@ -43,7 +44,8 @@ def test_stage1_quick_on_synthetic_input_and_through_dali(tmp_path):
     the CPU decoder in the workers."""
     out = tmp_path / "train_step_stage1.json"
     proc = run_bench("--stage", "1", "--data", "dali", "hybrid", "--make-shards", str(tmp_path / "data"),
-                     "--source-codec", "vp9", "--loader-ceiling", "--json", str(out))
+                     "--source-codec", "vp9", "--loader-ceiling", "--json", str(out), "--trace-dir",
+                     str(tmp_path / "traces"))
     record = json.loads(out.read_text())
     assert record["stage"] == 1 and record["device"] == "cpu" and record["batch"] == 2
     assert [(r["data"], r["mode"]) for r in record["runs"]] == [
@@ -58,6 +60,11 @@ def test_stage1_quick_on_synthetic_input_and_through_dali(tmp_path):
         check_run(run, 2)
     split = record["runs"][1]["parts_ms"]
     assert {"teacher", "student_fwd", "student_bwd", "optimizer"} <= set(split) and "text_fwd" not in split
+    traces = sorted(p.name for p in (tmp_path / "traces").iterdir())  # the profiled runs' traces, with part marks
+    assert traces == ["stage1_video_dali.json.gz", "stage1_video_synthetic.json.gz"]
+    with gzip.open(tmp_path / "traces" / traces[1], "rt") as f:
+        names = {e.get("name") for e in json.load(f)["traceEvents"]}
+    assert {"train_step", "part=teacher", "part=student_fwd", "part=student_bwd", "part=optimizer"} <= names
     flops = record["flops"]
     assert flops["per_clip_fwd_bwd"] == pytest.approx(flops["teacher_fwd"] + 3 * flops["student_fwd"])
     assert flops["backbone_tokens"] == 1 + 2 * (16 - 12)  # 2 frames of 4x4 patches, 12 of 16 masked (official count)
