@@ -808,7 +808,8 @@ def measure_stage(args) -> dict:
         def more(iterator, data: str, mode: str, steps: int, warmup: int) -> None:
             nonlocal step
             try:
-                trace = os.path.join(args.trace_dir, f"stage{args.stage}_{media_of(args)}_{data}.json.gz") \
+                run_name = Path(args.json).stem if args.json else f"stage{args.stage}_{media_of(args)}"
+                trace = os.path.join(args.trace_dir, f"{run_name}_{data}.json.gz") \
                     if args.trace_dir and mode == "profile" else None
                 result = run_steps(args.stage, parts, trainer, iterator, batch, data, mode, steps, warmup, step,
                                    trace)
@@ -1164,7 +1165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a further stage-config override (repeatable)")
     parser.add_argument("--json", default=None, help="write the record here")
     parser.add_argument("--trace-dir", default=None, metavar="DIR",
-                        help="keep each profiled run's Chrome trace here (stageS_MEDIA_DATA.json.gz)")
+                        help="keep each profiled run's Chrome trace here (named after --json's file, and the data)")
     parser.add_argument("--summary", default=None, metavar="DIR", help="print the tables of the JSON files in DIR")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 2 steps per run: every code path on a CPU in seconds")

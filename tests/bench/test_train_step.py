@@ -61,7 +61,7 @@ def test_stage1_quick_on_synthetic_input_and_through_dali(tmp_path):
     split = record["runs"][1]["parts_ms"]
     assert {"teacher", "student_fwd", "student_bwd", "optimizer"} <= set(split) and "text_fwd" not in split
     traces = sorted(p.name for p in (tmp_path / "traces").iterdir())  # the profiled runs' traces, with part marks
-    assert traces == ["stage1_video_dali.json.gz", "stage1_video_synthetic.json.gz"]
+    assert traces == ["train_step_stage1_dali.json.gz", "train_step_stage1_synthetic.json.gz"]
     with gzip.open(tmp_path / "traces" / traces[1], "rt") as f:
         names = {e.get("name") for e in json.load(f)["traceEvents"]}
     assert {"train_step", "part=teacher", "part=student_fwd", "part=student_bwd", "part=optimizer"} <= names
