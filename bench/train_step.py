@@ -664,17 +664,25 @@ def interval_union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def annotated_steps(events: list[dict]) -> Optional[tuple[float, float]]:
+    """(start, end) µs of the `train_step` annotations among a trace's events, from the first's start to the last's
+    end, or None without any."""
+    steps = [e for e in events if e.get("name") == "train_step" and e.get("cat") in ("user_annotation", "cpu_op")]
+    if not steps:
+        return None
+    return (min(float(e["ts"]) for e in steps), max(float(e["ts"]) + float(e.get("dur", 0)) for e in steps))
+
+
 def busy_from_trace(trace: dict) -> tuple[Optional[float], float]:
     """(GPU busy µs, wall µs) from a Chrome trace of profiled steps: the union of the device's kernel / memcpy /
     memset intervals, and the span from the first `train_step` annotation's start to the last device event's or
     annotation's end. Busy is None without device events (a CPU run)."""
     events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict) and "ts" in e and "dur" in e]
-    steps = [e for e in events if e.get("name") == "train_step" and e.get("cat") in ("user_annotation", "cpu_op")]
     device = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events if e.get("cat") in DEVICE_CATEGORIES]
-    if not steps:
+    span = annotated_steps(events)
+    if span is None:
         return None, 0.0
-    start = min(float(e["ts"]) for e in steps)
-    end = max([float(e["ts"]) + float(e["dur"]) for e in steps] + [stop for _, stop in device])
+    start, end = span[0], max([span[1]] + [stop for _, stop in device])
     if not device:
         return None, end - start
     clipped = [(max(a, start), min(b, end)) for a, b in device if b > start and a < end]
@@ -688,11 +696,10 @@ def idle_by_part(trace: dict) -> dict[str, float]:
     tied to their launches by the trace's correlation ids; a stretch whose launch is not in the trace goes to
     "unknown"."""
     events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict) and "ts" in e]
-    steps = [e for e in events if e.get("name") == "train_step" and e.get("cat") in ("user_annotation", "cpu_op")]
-    if not steps:
+    span = annotated_steps(events)
+    if span is None:
         return {}
-    start = min(float(e["ts"]) for e in steps)
-    end = max(float(e["ts"]) + float(e.get("dur", 0)) for e in steps)
+    start, end = span
     marks = sorted((float(e["ts"]), e["name"][len(PART_MARK):]) for e in events
                    if str(e.get("name", "")).startswith(PART_MARK))
     launched = {e["args"]["correlation"]: float(e["ts"]) for e in events
